@@ -1,0 +1,1 @@
+"""pyqmail: qmail, the mail transfer agent, rebuilt in Python."""

@@ -1,0 +1,1 @@
+"""Administration: the `qmail` front command, the installer, qmail-showctl."""

@@ -1,0 +1,46 @@
+"""qmail: the front command of a pyqmail installation.
+
+usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
+                  [--create-users] [--single-user] [FQDN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyqmail.entry import program
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pyqmail.admin import install
+
+    p = argparse.ArgumentParser(prog="qmail", description="Set up and run a pyqmail installation.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    i = sub.add_parser("init", help="install and configure a qmail home (qmail's install + config-fast)")
+    i.add_argument("--home", default=None, help="the home to create (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+    i.add_argument("--user", default=None, help="the user postmaster, mailer-daemon and root mail goes to")
+    i.add_argument("--split", type=int, default=install.DEFAULT_SPLIT, help="queue split (conf-split, default 23)")
+    i.add_argument("--force", action="store_true", help="overwrite existing control and alias files")
+    i.add_argument("--create-users", action="store_true", help="as root, create missing qmail users and groups")
+    i.add_argument("--single-user", action="store_true", help="everything owned by and run as the invoking user")
+    i.add_argument("fqdn", nargs="?", default=None, metavar="FQDN", help="this host's fully qualified name (default: from DNS)")
+    return p
+
+
+@program("qmail", crash=111)
+def main(argv: list[str]) -> int:
+    """Run a qmail subcommand."""
+    try:
+        args = _parser().parse_args(argv[1:])
+    except SystemExit as e:
+        return 0 if e.code == 0 else 100
+    if args.command == "init":
+        from pyqmail.admin import install
+
+        opts = install.Options(
+            home=args.home or install.default_home(), fqdn=args.fqdn, user=args.user,
+            split=args.split, force=args.force, create_users=args.create_users,
+            single_user=args.single_user)
+        return install.init(opts, sys.stdout, sys.stderr)
+    return 100

@@ -1,0 +1,75 @@
+"""The entry shim every program runs through (STYLE principle 2).
+
+A crash must never look like a permanent failure: qmail-lspawn and
+qmail-rspawn read most exit codes as "bounce the mail". `program` wraps a
+program's `main(argv) -> int` so that any uncaught exception becomes the
+program's documented temporary failure, with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+Main = Callable[[list[str]], int]
+
+
+def _flush_std() -> bool:
+    """Flush sys.stdout and sys.stderr; return False if stdout could not be flushed."""
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            if stream is sys.stdout:
+                ok = False
+    return ok
+
+
+def program(name: str, crash: int, on_crash: Callable[[str], None] | None = None) -> Callable[[Main], Callable[..., int]]:
+    """Wrap main so that a crash exits `crash` (after calling on_crash with the reason)."""
+
+    def wrap(fn: Main) -> Callable[..., int]:
+        def main(argv: list[str] | None = None) -> int:
+            if argv is None:
+                argv = list(sys.argv)
+            try:
+                rc = fn(argv)
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else crash)
+            except BaseException as e:  # noqa: BLE001 - the one place a crash is caught
+                reason = f"{name}: fatal: internal error: {type(e).__name__}: {e}"
+                if on_crash is not None:
+                    try:
+                        on_crash(reason)
+                    except BaseException:  # noqa: BLE001
+                        pass
+                try:
+                    os.write(2, (reason + "\n").encode("utf-8", "backslashreplace"))
+                except OSError:
+                    pass
+                rc = crash
+            if not _flush_std():
+                rc = crash if rc == 0 else rc
+            return rc
+
+        main.__name__ = fn.__name__
+        main.__doc__ = fn.__doc__
+        main.__wrapped__ = fn  # type: ignore[attr-defined]
+        return main
+
+    return wrap
+
+
+def stub(module: str, home: str) -> None:
+    """Run a QMAILHOME/bin stub: import module, call its main, exit with its code."""
+    from pyqmail import home as _home
+
+    _home.set_default(home)
+    mod = __import__(module, fromlist=["main"])
+    rc = mod.main(list(sys.argv))
+    _flush_std()
+    os._exit(rc & 0xFF)

@@ -1,0 +1,1 @@
+"""Injection: qmail-inject, sendmail, datemail, mailsubj, predate."""

@@ -1,0 +1,83 @@
+"""qmail-queue(8) exit codes, and what programs that queue report for each."""
+
+from __future__ import annotations
+
+import enum
+
+
+class QueueExit(enum.IntEnum):
+    """qmail-queue(8) exit codes."""
+
+    OK = 0
+    ADDR_TOO_LONG = 11
+    PERM_REFUSED = 31
+    NOMEM = 51
+    TIMEOUT = 52
+    WRITE_ERROR = 53
+    READ_ERROR = 54
+    CONFIG_ERROR = 55
+    NETWORK_ERROR = 56
+    HOME_ERROR = 61
+    QUEUE_ERROR = 62
+    PID_ERROR = 63
+    MESS_ERROR = 64
+    INTD_ERROR = 65
+    TODO_ERROR = 66
+    TEMP_REFUSED = 71
+    CONN_TIMEOUT = 72
+    CONN_REJECTED = 73
+    COMM_FAILED = 74
+    BUG = 81
+    CUSTOM = 82
+    ENVELOPE_FORMAT = 91
+
+    @property
+    def permanent(self) -> bool:
+        return 11 <= self <= 40
+
+
+def report(code: int, custom: bytes = b"") -> bytes:
+    """Return the D/Z report a queueing program gives for qmail-queue exit code.
+
+    The text is what qmail's programs say (qmail-smtpd answers it, qmail-inject
+    prints it, qmail-local bounces or defers with it). Code 82 takes its text
+    from descriptor 6: a string starting with D (permanent) or Z (temporary).
+    """
+    if code == 0:
+        return b""
+    if code in (11, 115):
+        return b"Denvelope address too long for qq (#5.1.3)"
+    if code == 31:
+        return b"Dmail server permanently rejected message (#5.3.0)"
+    if code == 82 and custom[:1] in (b"D", b"Z"):
+        return custom.split(b"\0", 1)[0].rstrip(b"\n")
+    table = {
+        51: b"Zqq out of memory (#4.3.0)",
+        52: b"Zqq timeout (#4.3.0)",
+        53: b"Zqq write error or disk full (#4.3.0)",
+        54: b"Zqq read error (#4.3.0)",
+        55: b"Zqq unable to read configuration (#4.3.0)",
+        56: b"Zqq trouble making network connection (#4.3.0)",
+        61: b"Zqq trouble in home directory (#4.3.0)",
+        62: b"Zqq trouble creating files in queue (#4.3.0)",
+        63: b"Zqq trouble creating files in queue (#4.3.0)",
+        64: b"Zqq trouble creating files in queue (#4.3.0)",
+        65: b"Zqq trouble creating files in queue (#4.3.0)",
+        66: b"Zqq trouble creating files in queue (#4.3.0)",
+        71: b"Zmail server temporarily rejected message (#4.3.0)",
+        72: b"Zconnection to mail server timed out (#4.4.1)",
+        73: b"Zconnection to mail server rejected (#4.4.1)",
+        74: b"Zcommunication with mail server failed (#4.4.2)",
+        81: b"Zqq internal bug (#4.3.0)",
+        91: b"Zqq internal bug (#4.3.0)",
+        120: b"Zunable to run qmail-queue (#4.3.0)",
+    }
+    if code in table:
+        return table[code]
+    if 11 <= code <= 40:
+        return b"Dqq permanent problem (#5.3.0)"
+    return b"Zqq temporary problem (#4.3.0)"
+
+
+CRASHED = b"Zqq crashed (#4.3.0)"
+WAIT_FAILED = b"Zqq waitpid surprise (#4.3.0)"

@@ -1,0 +1,307 @@
+"""qmail-queue: queue a mail message for delivery (qmail-queue(8), INTERNALS.md).
+
+The message comes on descriptor 0, the envelope on descriptor 1. The steps
+follow INTERNALS.md's states: pid/ file created (its inode is the message
+number), renamed to mess/ (S2), message written and fsync'd, intd/ created
+(S3) with the envelope, fsync'd, linked to todo/ (S4), trigger pulled. Any
+failure removes what was made and exits with the code of qmail-queue(8).
+
+Run as root, qmail-queue writes the queue as qmailq. Run as another local
+user in a root-mode installation, it cannot write the queue itself (Python
+cannot be setuid), so it hands its two descriptors to qmail-queued over a UNIX
+socket; the server learns the caller's uid from the kernel (SO_PEERCRED) and
+writes the queue exactly as here, naming that uid in the Received line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from pyqmail import durable
+from pyqmail import home as _home
+from pyqmail.entry import program
+from pyqmail.privs import Credentials, drop
+from pyqmail.queue import layout
+from pyqmail.queue.exits import QueueExit
+
+FD_MESSAGE = 0
+FD_ENVELOPE = 1
+FD_ERRSTR = 6
+ADDR_MAX = 1003  # bytes of an envelope address, its terminating NUL included
+SUICIDE_SECONDS = 86400
+SOCKET = "run/qmail-queue.sock"
+_CHUNK = 65536
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class Die(Exception):
+    """Stop queueing with exit code `code`."""
+
+    def __init__(self, code: QueueExit) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def date822(when: float) -> str:
+    """Return qmail's RFC 822 date: '22 Nov 2026 15:23:38 -0000' in UTC."""
+    t = time.gmtime(when)
+    return f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} {t.tm_hour:02}:{t.tm_min:02}:{t.tm_sec:02} -0000"
+
+
+def received_line(pid: int, uid: int, inst: _home.Install, when: float) -> bytes:
+    """Return the Received line qmail-queue puts on top of every message."""
+    if not inst.single and uid == inst.uid("alias"):
+        who = "invoked by alias"
+    elif not inst.single and uid == inst.uid("qmaild"):
+        who = "invoked from network"
+    elif not inst.single and uid == inst.uid("qmails"):
+        who = "invoked for bounce"
+    else:
+        who = f"invoked by uid {uid}"
+    return f"Received: (qmail {pid} {who}); {date822(when)}\n".encode()
+
+
+class _Envelope:
+    """Read the envelope from a descriptor, one bounded address at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self) -> None:
+        try:
+            data = os.read(self._fd, _CHUNK)
+        except OSError:
+            raise Die(QueueExit.READ_ERROR) from None
+        if not data:
+            raise Die(QueueExit.READ_ERROR)
+        self._buf = self._buf[self._pos:] + data
+        self._pos = 0
+
+    def byte(self) -> int:
+        if self._pos >= len(self._buf):
+            self._fill()
+        b = self._buf[self._pos]
+        self._pos += 1
+        return b
+
+    def address(self) -> bytes:
+        """Return the next address with its NUL; Die(11) past ADDR_MAX bytes."""
+        while True:
+            end = self._buf.find(b"\0", self._pos, self._pos + ADDR_MAX)
+            if end != -1:
+                addr = self._buf[self._pos:end + 1]
+                self._pos = end + 1
+                return addr
+            if len(self._buf) - self._pos >= ADDR_MAX:
+                raise Die(QueueExit.ADDR_TOO_LONG)
+            self._fill()
+
+
+class _Queuer:
+    """One message on its way from S1 to S4; cleanup() takes it back to S1."""
+
+    def __init__(self) -> None:
+        self.mess_fd = -1
+        self.intd_fd = -1
+        self.mess_fn = ""
+        self.intd_fn = ""
+
+    def cleanup(self) -> None:
+        if self.intd_fd != -1:
+            try:
+                durable.trunc_unlink(self.intd_fd, self.intd_fn)
+            except OSError:
+                return
+        if self.mess_fd != -1:
+            try:
+                durable.trunc_unlink(self.mess_fd, self.mess_fn)
+            except OSError:
+                return
+
+
+def _write(fd: int, data: bytes | memoryview) -> None:
+    try:
+        durable.write_all(fd, data)
+    except OSError:
+        raise Die(QueueExit.WRITE_ERROR) from None
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError:
+        raise Die(QueueExit.WRITE_ERROR) from None
+
+
+def _open_pid(pid: int, start: int) -> tuple[int, str]:
+    for seq in range(1, 10):
+        name = f"pid/{pid}.{start}.{seq}"
+        try:
+            return durable.create_excl(name), name
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+    raise Die(QueueExit.PID_ERROR)
+
+
+def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
+                  inst: _home.Install, now: float | None = None) -> QueueExit:
+    """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
+
+    The working directory becomes QMAILHOME/queue.
+    """
+    q = _Queuer()
+    try:
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now)
+    except Die as e:
+        q.cleanup()
+        return e.code
+    except BaseException:
+        q.cleanup()
+        raise
+
+
+def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
+           inst: _home.Install, now: float | None) -> QueueExit:
+    if now is None:
+        now = time.time()
+    try:
+        os.chdir(qmail_home)
+    except OSError:
+        raise Die(QueueExit.HOME_ERROR) from None
+    try:
+        os.chdir("queue")
+    except OSError:
+        raise Die(QueueExit.QUEUE_ERROR) from None
+
+    fd, pid_fn = _open_pid(pid, int(now))
+    try:
+        messnum = os.fstat(fd).st_ino
+    except OSError:
+        os.close(fd)
+        raise Die(QueueExit.PID_ERROR) from None
+    mess_fn = layout.split_name("mess", messnum, inst.split)
+    try:
+        os.link(pid_fn, mess_fn)
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(pid_fn)
+        except OSError:
+            pass
+        raise Die(QueueExit.MESS_ERROR) from None
+    q.mess_fd, q.mess_fn = fd, mess_fn  # S2: from here on, cleanup removes mess/N
+    try:
+        os.unlink(pid_fn)
+    except OSError:
+        raise Die(QueueExit.PID_ERROR) from None
+
+    # The message, behind its Received line.
+    buf = bytearray(received_line(pid, uid, inst, now))
+    while True:
+        try:
+            chunk = os.read(msg_fd, _CHUNK)
+        except OSError:
+            raise Die(QueueExit.READ_ERROR) from None
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) >= _CHUNK:
+            _write(fd, buf)
+            buf.clear()
+    _write(fd, buf)
+    _fsync(fd)
+
+    intd_fn = f"intd/{messnum}"
+    try:
+        ifd = durable.create_excl(intd_fn)
+    except OSError:
+        raise Die(QueueExit.INTD_ERROR) from None
+    q.intd_fd, q.intd_fn = ifd, intd_fn  # S3
+
+    env = _Envelope(env_fd)
+    out = bytearray(f"u{uid}\0p{pid}\0".encode())
+    if env.byte() != ord("F"):
+        raise Die(QueueExit.ENVELOPE_FORMAT)
+    out += b"F" + env.address()
+    while True:
+        kind = env.byte()
+        if kind == 0:
+            break
+        if kind != ord("T"):
+            raise Die(QueueExit.ENVELOPE_FORMAT)
+        out += b"T" + env.address()
+        if len(out) >= _CHUNK:
+            _write(ifd, out)
+            out.clear()
+    _write(ifd, out)
+    _fsync(ifd)
+
+    # mess/N must be on disk before todo/N names it.
+    try:
+        durable.fsync_dir(os.path.dirname(mess_fn))
+    except OSError:
+        raise Die(QueueExit.WRITE_ERROR) from None
+    try:
+        os.link(intd_fn, f"todo/{messnum}")
+    except OSError:
+        raise Die(QueueExit.TODO_ERROR) from None
+    # S4: queued. From here on nothing is removed, whatever happens.
+    q.intd_fd = q.mess_fd = -1
+    try:
+        durable.fsync_dir("todo")
+    except OSError:
+        pass  # the link exists; a crash before the directory reaches the disk is qmail's risk
+    os.close(ifd)
+    os.close(fd)
+    layout.pull_trigger(".")
+    return QueueExit.OK
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise Die(QueueExit.TIMEOUT)
+
+
+def hand_to_server(qmail_home: str) -> int:
+    """Pass descriptors 0 and 1 to qmail-queued; return the exit code it answers."""
+    path = os.path.join(qmail_home, SOCKET)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+    except OSError:
+        return QueueExit.QUEUE_ERROR
+    with s:
+        try:
+            socket.send_fds(s, [b"Q"], [FD_MESSAGE, FD_ENVELOPE])
+            answer = s.recv(1)
+        except OSError:
+            return QueueExit.BUG
+    return answer[0] if answer else QueueExit.BUG
+
+
+@program("qmail-queue", crash=QueueExit.BUG)
+def main(argv: list[str]) -> int:
+    """Queue the message on descriptor 0 for the envelope on descriptor 1."""
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(SUICIDE_SECONDS)
+    inst = _home.install()
+    qmail_home = _home.home()
+    uid = os.getuid()
+    if not inst.single and os.geteuid() != 0 and uid != inst.uid("qmailq"):
+        return hand_to_server(qmail_home)
+    if not inst.single and os.geteuid() == 0:
+        q = inst.users.get("qmailq")
+        if q is None:
+            return QueueExit.HOME_ERROR
+        drop(Credentials(q.uid, q.gid))
+    os.umask(0o033)
+    try:
+        return queue_message(qmail_home, FD_MESSAGE, FD_ENVELOPE, uid, os.getpid(), inst)
+    finally:
+        signal.alarm(0)

@@ -1,0 +1,249 @@
+"""Starting programs without paying for an interpreter (ARCHITECTURE decision 5).
+
+`spawn` runs a program by path with argv, environment, descriptors, cwd,
+credentials and umask. If the path is one of pyqmail's QMAILHOME/bin stubs it
+forks and calls the program's `main` in the child; anything else (a user's
+wrapper, /bin/sh for a |program line) is exec'd. Both paths set the child up
+identically: the descriptors named in `fds` and no others, the environment
+given and no other, signals as a new process sees them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from pyqmail.privs import Credentials, drop
+
+STUB_MARKER = b"# pyqmail-program "
+_STUB_HEAD = 512
+_SPAWN_FAILED = 127
+
+# Cache of stub parses, keyed by (path, mtime_ns, inode): a stub can be
+# replaced by an administrator's wrapper at any time.
+_stub_cache: dict[str, tuple[tuple[int, int], Stub | None]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Stub:
+    """What a QMAILHOME/bin stub names: the program, its module and its home."""
+
+    name: str
+    module: str
+    home: str
+
+
+def stub_text(python: str, sys_path: Sequence[str], name: str, module: str, home: str) -> str:
+    """Return the text of the stub for program name in home."""
+    return (
+        f"#!{python} -IS\n"
+        f"{STUB_MARKER.decode()}{name} {module} {home}\n"
+        "import sys\n"
+        f"sys.path[0:0] = {list(sys_path)!r}\n"
+        "from pyqmail.entry import stub\n"
+        f"stub({module!r}, {home!r})\n"
+    )
+
+
+def read_stub(path: str) -> Stub | None:
+    """Return the Stub that path is, or None if it is any other file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_mtime_ns, st.st_ino)
+    hit = _stub_cache.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    stub = None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_STUB_HEAD)
+    except OSError:
+        head = b""
+    lines = head.split(b"\n", 2)
+    if len(lines) >= 2 and lines[0].startswith(b"#!") and lines[1].startswith(STUB_MARKER):
+        fields = lines[1][len(STUB_MARKER):].decode("utf-8", "surrogateescape").split(" ", 2)
+        if len(fields) == 3:
+            stub = Stub(*fields)
+    _stub_cache[path] = (key, stub)
+    return stub
+
+
+def _which(path: str, env: Mapping[str, str]) -> str:
+    if "/" in path:
+        return path
+    for d in env.get("PATH", os.defpath).split(":"):
+        cand = os.path.join(d or ".", path)
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            return cand
+    return path
+
+
+def _arrange_fds(fds: Mapping[int, int]) -> None:
+    import fcntl
+
+    floor = max(fds, default=2) + 1
+    staged = {child: fcntl.fcntl(parent, fcntl.F_DUPFD_CLOEXEC, floor) for child, parent in fds.items()}
+    for child, tmp in staged.items():
+        os.dup2(tmp, child, inheritable=True)
+    keep = set(fds)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _reset_signals(fast: bool) -> None:
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            handler = signal.getsignal(signum)
+        except (ValueError, OSError):
+            continue
+        if callable(handler) or handler is None:
+            signal.signal(signum, signal.SIG_DFL)
+    if fast:
+        # What a new Python process has: SIGINT raises KeyboardInterrupt,
+        # SIGPIPE and SIGXFSZ are ignored (writes fail with an error instead).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _fresh_std_streams() -> None:
+    import io
+
+    def open_std(fd: int, mode: str, errors: str) -> io.TextIOWrapper | None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return None
+        raw = io.FileIO(fd, mode, closefd=False)
+        buffered: io.BufferedReader | io.BufferedWriter
+        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+        return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors,
+                                line_buffering=(fd == 2), write_through=(fd == 2))
+
+    sys.stdin = open_std(0, "r", "surrogateescape")  # type: ignore[assignment]
+    sys.stdout = open_std(1, "w", "surrogateescape")  # type: ignore[assignment]
+    sys.stderr = open_std(2, "w", "backslashreplace")  # type: ignore[assignment]
+
+
+def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+          fds: Mapping[int, int] | None = None, cwd: str | None = None,
+          creds: Credentials | None = None, umask: int | None = None,
+          fast: bool = True) -> int:
+    """Start path as a new process and return its pid.
+
+    fds maps each child descriptor to a parent descriptor (default: 0, 1, 2
+    as they are); every other descriptor is closed in the child. env defaults
+    to os.environ. Raise OSError if the program cannot be started (no such
+    file, not executable, cwd or credentials refused), as exec would.
+    """
+    env = dict(os.environ if env is None else env)
+    fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
+    target = _which(path, env)
+    stub = read_stub(target) if fast else None
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    rpipe, wpipe = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fds_with_pipe = dict(fds)
+            # Keep the error pipe through the fd shuffle at a descriptor the
+            # child does not use; it is close-on-exec, so exec closes it.
+            report = max(list(fds_with_pipe) + [wpipe, 2]) + 1
+            os.dup2(wpipe, report, inheritable=False)
+            fds_with_pipe[report] = report
+            _arrange_fds(fds_with_pipe)
+            os.set_inheritable(report, False)
+            if umask is not None:
+                os.umask(umask)
+            if creds is not None:
+                drop(creds, allow_root=True)
+            if cwd is not None:
+                os.chdir(cwd)
+            _reset_signals(stub is not None)
+            if stub is None:
+                os.execve(target, list(argv), env)
+            from pyqmail import home as _home
+
+            os.environ.clear()
+            os.environ.update(env)
+            _home.set_default(stub.home)
+            sys.argv = list(argv)
+            _fresh_std_streams()
+            mod = __import__(stub.module, fromlist=["main"])
+            os.close(report)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.ENOEXEC
+            try:
+                os.write(report, code.to_bytes(4, "little") + str(e).encode("utf-8", "replace")[:400])
+            finally:
+                os._exit(_SPAWN_FAILED)
+        rc = 111
+        try:
+            rc = mod.main(list(argv))
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    if stream is not None:
+                        stream.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
+            os._exit(rc & 0xFF)
+    os.close(wpipe)
+    try:
+        data = b""
+        while True:
+            chunk = os.read(rpipe, 512)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(rpipe)
+    if data:
+        os.waitpid(pid, 0)
+        code = int.from_bytes(data[:4], "little")
+        raise OSError(code, os.strerror(code) + ": " + data[4:].decode("utf-8", "replace"), path)
+    return pid
+
+
+def exit_code(status: int) -> int:
+    """Return the exit code of a wait status; -N for death by signal N."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def wait(pid: int) -> int:
+    """Wait for pid; return its exit code, or -N if signal N killed it."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            return exit_code(status)
+        except InterruptedError:
+            continue
+
+
+def run(path: str, argv: Sequence[str], **kw: object) -> int:
+    """spawn() and wait(); return the exit code (-N for signal N)."""
+    return wait(spawn(path, argv, **kw))  # type: ignore[arg-type]
