@@ -124,7 +124,7 @@ class _Queuer:
                 return
 
 
-def _write(fd: int, data: bytes | memoryview) -> None:
+def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
     try:
         durable.write_all(fd, data)
     except OSError:
