@@ -1,0 +1,1 @@
+"""Local delivery: qmail-lspawn, qmail-local, qmail-getpw, users, dot-qmail, Maildir, mbox."""

@@ -1,0 +1,1 @@
+"""Remote delivery: qmail-rspawn, qmail-remote, DNS, smtproutes, tcpto."""

@@ -1,0 +1,1 @@
+"""Delivery scheduling: qmail-start and qmail-send."""

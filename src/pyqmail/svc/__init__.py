@@ -1,0 +1,1 @@
+"""Supervision and logging: supervise, svscan, multilog, splogger, ..."""

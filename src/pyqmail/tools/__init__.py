@@ -1,0 +1,1 @@
+"""The small local tools: preline, forward, condredirect, bouncesaying, except, maildirmake, ..."""
