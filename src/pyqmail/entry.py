@@ -64,10 +64,28 @@ def program(name: str, crash: int, on_crash: Callable[[str], None] | None = None
     return wrap
 
 
+def _undo_locale_coercion() -> None:
+    """Remove the LC_CTYPE that Python's start-up added (PEP 538) but our caller did not pass.
+
+    A program's environment is its interface: qmail-local hands it on to
+    |program deliveries, so it must be exactly what the caller gave.
+    """
+    if "LC_CTYPE" not in os.environ:
+        return
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            initial = f.read()
+    except OSError:
+        return
+    if not initial.startswith(b"LC_CTYPE=") and b"\0LC_CTYPE=" not in initial:
+        del os.environ["LC_CTYPE"]
+
+
 def stub(module: str, home: str) -> None:
     """Run a QMAILHOME/bin stub: import module, call its main, exit with its code."""
     from pyqmail import home as _home
 
+    _undo_locale_coercion()
     _home.set_default(home)
     mod = __import__(module, fromlist=["main"])
     rc = mod.main(list(sys.argv))

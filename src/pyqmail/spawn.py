@@ -189,6 +189,8 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
             os.environ.clear()
             os.environ.update(env)
             _home.set_default(stub.home)
+            # As exec of a script does: the interpreter's argv[0] is the script's path.
+            argv = [target, *argv[1:]]
             sys.argv = list(argv)
             _fresh_std_streams()
             mod = __import__(stub.module, fromlist=["main"])
