@@ -11,9 +11,12 @@ error is a ControlError, which programs treat as a temporary failure.
 from __future__ import annotations
 
 import os
-from typing import Iterable
 
 from pyqmail import home as _home
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 ENCODING = "latin-1"
 

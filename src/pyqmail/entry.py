@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-Main = Callable[[list[str]], int]
+    Main = Callable[[list[str]], int]
 
 
 def _flush_std() -> bool:

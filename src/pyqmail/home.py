@@ -10,7 +10,6 @@ at compile time: the queue split and the qmail users' ids.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 DEFAULT_HOME = "/var/qmail"
 INSTALL_FILE = "conf/install"
@@ -47,24 +46,38 @@ def home() -> str:
     return _home
 
 
-@dataclass(frozen=True, slots=True)
+# Records on the start-up path of every program are plain slotted classes:
+# importing dataclasses costs several milliseconds per process start.
+
 class Account:
     """A qmail user as the installer found it."""
 
-    name: str
-    uid: int
-    gid: int
-    home: str
+    __slots__ = ("name", "uid", "gid", "home")
+
+    def __init__(self, name: str, uid: int, gid: int, home: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.home = home
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Account) and (self.name, self.uid, self.gid, self.home) == (
+            other.name, other.uid, other.gid, other.home)
+
+    def __repr__(self) -> str:
+        return f"Account({self.name!r}, {self.uid}, {self.gid}, {self.home!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class Install:
     """What `qmail init` recorded about an installation."""
 
-    single: bool  # single-user mode: everything runs as one ordinary user
-    split: int
-    users: dict[str, Account]
-    groups: dict[str, int]
+    __slots__ = ("single", "split", "users", "groups")
+
+    def __init__(self, single: bool, split: int, users: dict[str, Account], groups: dict[str, int]) -> None:
+        self.single = single  # single-user mode: everything runs as one ordinary user
+        self.split = split
+        self.users = users
+        self.groups = groups
 
     def uid(self, role: str) -> int:
         """Return the uid of a qmail role; -1 where this install has none."""

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 
 class PrivilegeError(Exception):
     """A privilege drop did not take effect, or was asked to become root."""
 
 
-@dataclass(frozen=True, slots=True)
 class Credentials:
-    """The identity a process should run under."""
+    """The identity a process should run under (a plain class: see home.Account)."""
 
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
+    __slots__ = ("uid", "gid", "groups")
+
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.uid}, {self.gid}, {self.groups})"
 
 
 def drop(creds: Credentials, allow_root: bool = False) -> None:

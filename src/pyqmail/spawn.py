@@ -11,30 +11,35 @@ given and no other, signals as a new process sees them.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
-import signal
 import sys
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
+from pyqmail import sig as signal
 from pyqmail.privs import Credentials, drop
 
 STUB_MARKER = b"# pyqmail-program "
 _STUB_HEAD = 512
 _SPAWN_FAILED = 127
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
 # Cache of stub parses, keyed by (path, mtime_ns, inode): a stub can be
 # replaced by an administrator's wrapper at any time.
 _stub_cache: dict[str, tuple[tuple[int, int], Stub | None]] = {}
 
 
-@dataclass(frozen=True, slots=True)
 class Stub:
     """What a QMAILHOME/bin stub names: the program, its module and its home."""
 
-    name: str
-    module: str
-    home: str
+    __slots__ = ("name", "module", "home")
+
+    def __init__(self, name: str, module: str, home: str) -> None:
+        self.name = name
+        self.module = module
+        self.home = home
 
 
 def stub_text(python: str, sys_path: Sequence[str], name: str, module: str, home: str) -> str:
@@ -85,24 +90,24 @@ def _which(path: str, env: Mapping[str, str]) -> str:
 
 
 def _arrange_fds(fds: Mapping[int, int]) -> None:
-    import fcntl
-
     floor = max(fds, default=2) + 1
+    # Stage every source above all targets first, so that no dup2 clobbers
+    # a source still to be moved.
     staged = {child: fcntl.fcntl(parent, fcntl.F_DUPFD_CLOEXEC, floor) for child, parent in fds.items()}
     for child, tmp in staged.items():
         os.dup2(tmp, child, inheritable=True)
-    keep = set(fds)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    low = 0
+    for fd in sorted(fds):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _MAX_FD)
 
 
 def _reset_signals(fast: bool) -> None:
-    for signum in signal.valid_signals():
+    # Handlers set in this process become SIG_DFL, as exec makes them;
+    # ignored signals stay ignored, as exec leaves them.
+    for signum in range(1, signal.NSIG):
         if signum in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
@@ -110,7 +115,10 @@ def _reset_signals(fast: bool) -> None:
         except (ValueError, OSError):
             continue
         if callable(handler) or handler is None:
-            signal.signal(signum, signal.SIG_DFL)
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
     if fast:
         # What a new Python process has: SIGINT raises KeyboardInterrupt,
         # SIGPIPE and SIGXFSZ are ignored (writes fail with an error instead).
@@ -120,10 +128,11 @@ def _reset_signals(fast: bool) -> None:
     else:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _fresh_std_streams() -> None:
+    """Give the child the sys.stdin/stdout/stderr a new process would have on fds 0-2."""
     import io
 
     def open_std(fd: int, mode: str, errors: str) -> io.TextIOWrapper | None:
@@ -137,9 +146,30 @@ def _fresh_std_streams() -> None:
         return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors,
                                 line_buffering=(fd == 2), write_through=(fd == 2))
 
+    def reusable(stream: object, original: object, fd: int) -> bool:
+        # The interpreter's own writer on this descriptor number, flushed
+        # before the fork, serves the child's new descriptor as well.
+        try:
+            return stream is original and stream is not None and stream.fileno() == fd  # type: ignore[attr-defined]
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    # stdin is always new: the parent's reader may hold read-ahead.
     sys.stdin = open_std(0, "r", "surrogateescape")  # type: ignore[assignment]
-    sys.stdout = open_std(1, "w", "surrogateescape")  # type: ignore[assignment]
-    sys.stderr = open_std(2, "w", "backslashreplace")  # type: ignore[assignment]
+    if not reusable(sys.stdout, sys.__stdout__, 1):
+        sys.stdout = open_std(1, "w", "surrogateescape")  # type: ignore[assignment]
+    if not reusable(sys.stderr, sys.__stderr__, 2):
+        sys.stderr = open_std(2, "w", "backslashreplace")  # type: ignore[assignment]
+
+
+def _set_environ(env: Mapping[str, str]) -> None:
+    """Make os.environ (and the C environment) exactly env, touching only what differs."""
+    current = os.environ
+    for key in [k for k in current if k not in env]:
+        del current[key]
+    for key, value in env.items():
+        if current.get(key) != value:
+            current[key] = value
 
 
 def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
@@ -163,6 +193,14 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                 stream.flush()
             except (OSError, ValueError):
                 pass
+    mod = None
+    if stub is not None:
+        # Import in the parent, once: every later child inherits the module
+        # and pays nothing for it. Modules have no import-time side effects.
+        try:
+            mod = __import__(stub.module, fromlist=["main"])
+        except ImportError:
+            mod = None
     rpipe, wpipe = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -186,14 +224,14 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                 os.execve(target, list(argv), env)
             from pyqmail import home as _home
 
-            os.environ.clear()
-            os.environ.update(env)
+            _set_environ(env)
             _home.set_default(stub.home)
             # As exec of a script does: the interpreter's argv[0] is the script's path.
             argv = [target, *argv[1:]]
             sys.argv = list(argv)
             _fresh_std_streams()
-            mod = __import__(stub.module, fromlist=["main"])
+            if mod is None:
+                mod = __import__(stub.module, fromlist=["main"])
             os.close(report)
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             code = e.errno if isinstance(e, OSError) and e.errno else errno.ENOEXEC

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 
-
-class QueueExit(enum.IntEnum):
-    """qmail-queue(8) exit codes."""
+class QueueExit:
+    """qmail-queue(8) exit codes (plain ints: enum costs milliseconds per process start)."""
 
     OK = 0
     ADDR_TOO_LONG = 11
@@ -31,9 +29,11 @@ class QueueExit(enum.IntEnum):
     CUSTOM = 82
     ENVELOPE_FORMAT = 91
 
-    @property
-    def permanent(self) -> bool:
-        return 11 <= self <= 40
+
+
+def permanent(code: int) -> bool:
+    """Return True if a qmail-queue exit code is a permanent failure (11 to 40)."""
+    return 11 <= code <= 40
 
 
 def report(code: int, custom: bytes = b"") -> bytes:

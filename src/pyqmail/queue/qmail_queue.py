@@ -16,8 +16,7 @@ writes the queue exactly as here, naming that uid in the Received line.
 from __future__ import annotations
 
 import os
-import signal
-import socket
+from pyqmail import sig as signal
 import time
 
 from pyqmail import durable
@@ -40,7 +39,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 class Die(Exception):
     """Stop queueing with exit code `code`."""
 
-    def __init__(self, code: QueueExit) -> None:
+    def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
 
@@ -151,7 +150,7 @@ def _open_pid(pid: int, start: int) -> tuple[int, str]:
 
 
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-                  inst: _home.Install, now: float | None = None) -> QueueExit:
+                  inst: _home.Install, now: float | None = None) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
 
     The working directory becomes QMAILHOME/queue.
@@ -168,7 +167,7 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
 
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-           inst: _home.Install, now: float | None) -> QueueExit:
+           inst: _home.Install, now: float | None) -> int:
     if now is None:
         now = time.time()
     try:
@@ -270,6 +269,8 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 def hand_to_server(qmail_home: str) -> int:
     """Pass descriptors 0 and 1 to qmail-queued; return the exit code it answers."""
+    import socket
+
     path = os.path.join(qmail_home, SOCKET)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

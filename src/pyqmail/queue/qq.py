@@ -9,11 +9,14 @@ code into the D/Z report qmail's programs give (exits.report).
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
 
 from pyqmail import durable, spawn
 from pyqmail import home as _home
 from pyqmail.queue import exits
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 FD_ERRSTR = 6
 

@@ -1,0 +1,41 @@
+"""Shared bits of the bench scripts: a fresh single-user home and timing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+BIN = os.path.dirname(sys.executable)
+
+
+def fresh_home(fqdn: str = "bench.example.com") -> str:
+    """Create a single-user installation in a temporary directory; return its path."""
+    base = tempfile.mkdtemp(prefix="pyqmail-bench-")
+    os.chmod(base, 0o755)
+    home = os.path.join(base, "qmail")
+    subprocess.run([os.path.join(BIN, "qmail"), "init", "--single-user", "--home", home, fqdn],
+                   check=True, stdout=subprocess.DEVNULL)
+    return home
+
+
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Return the wall time of each of repeat calls of fn."""
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def report(label: str, samples: list[float], unit: str = "ms", scale: float = 1000.0) -> float:
+    """Print min/median/max of samples; return the median (unscaled)."""
+    med = statistics.median(samples)
+    print(f"{label}: median {med * scale:.3f} {unit}  min {min(samples) * scale:.3f}  "
+          f"max {max(samples) * scale:.3f}  (n={len(samples)})")
+    return med
