@@ -1,0 +1,334 @@
+"""qmail-pw2u(8): turn a V7 passwd file on stdin into a qmail-users(5) assign file on stdout.
+
+Options: -o (default) skip users whose home is missing or not theirs; -h
+stop if a home is missing; -H do not check homes; -U (default) skip names
+with uppercase letters; -u allow them; -cCHAR use CHAR as the extension
+break; -C no extensions; -/ use .qmail-/ instead of .qmail-. The files
+include, exclude, mailnames, subusers and append in QMAILHOME/users change
+the rules as the man page says. Errors exit 111 (usage: 100).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from pyqmail import home as _home
+from pyqmail.entry import program
+from pyqmail.local import users
+from pyqmail.sgetopt import Getopt
+
+EXIT_USAGE = 100
+EXIT_TEMP = 111
+OUTSIZE = 8192  # qmail's SUBSTDIO_OUTSIZE: what is written before a fatal error depends on it
+MAX_INPUT = 1 << 30
+
+HOME_SKIP = 2  # -o: skip if home does not exist; skip if not owned
+HOME_STOP = 1  # -h: stop if home does not exist; skip if not owned
+HOME_IGNORE = 0  # -H
+
+FATAL = b"qmail-pw2u: fatal: "
+
+
+class Fatal(Exception):
+    """qmail-pw2u must stop; the message follows 'qmail-pw2u: fatal: '."""
+
+    def __init__(self, text: bytes) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _ascii_lower(s: bytes) -> bytes:
+    return s.lower()
+
+
+class ConstMap:
+    """qmail's constmap: case-insensitive (A-Z) keys; the last entry of a key wins."""
+
+    def __init__(self, entries: list[bytes], flagcolon: bool) -> None:
+        self._map: dict[bytes, bytes] = {}
+        for e in entries:
+            if flagcolon:
+                colon = e.find(b":")
+                if colon == -1:
+                    continue
+                key, value = e[:colon], e[colon + 1:]
+            else:
+                key, value = e, b""
+            self._map[_ascii_lower(key)] = value
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._map.get(_ascii_lower(key))
+
+    def __contains__(self, key: bytes) -> bool:
+        return _ascii_lower(key) in self._map
+
+
+class Out:
+    """Standard output buffered as qmail's substdio, so a fatal error leaves the same prefix written."""
+
+    def __init__(self, fd: int = 1, size: int = OUTSIZE) -> None:
+        self.fd = fd
+        self.size = size
+        self.buf = bytearray()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError:
+                raise Fatal(b"unable to write output") from None
+            view = view[n:]
+
+    def flush(self) -> None:
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._write(data)
+
+    def put(self, data: bytes) -> None:
+        if len(data) > self.size - len(self.buf):
+            self.flush()
+            while len(data) > self.size:
+                self._write(data[:self.size])
+                data = data[self.size:]
+        self.buf += data
+
+
+def read_control_file(path: str) -> list[bytes] | None:
+    """Read a qmail control list as control_readfile does: None if missing; raise Fatal if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raise Fatal(b"unable to read controls") from None
+    buf = bytearray()
+    for line in _getlines(data):
+        line = line.rstrip(b"\n \t")
+        if line[:1] not in (b"", b"\0", b"#"):
+            buf += line + b"\0"
+    # constmap splits its input at every NUL, including one inside a line.
+    return bytes(buf).split(b"\0")[:-1]
+
+
+def _getlines(data: bytes) -> list[bytes]:
+    """Split data as qmail's getln loop sees it: lines with newlines, then a final partial (maybe empty)."""
+    lines = data.split(b"\n")
+    out = [line + b"\n" for line in lines[:-1]]
+    out.append(lines[-1])
+    return out
+
+
+def scan_ulong(s: bytes) -> int:
+    """Return the leading decimal number of s (0 if none), wrapping as a 64-bit unsigned long."""
+    n = 0
+    for c in s:
+        if not 48 <= c <= 57:
+            break
+        n = (n * 10 + c - 48) & 0xFFFFFFFFFFFFFFFF
+    return n
+
+
+@dataclass
+class Options:
+    """qmail-pw2u's settings."""
+
+    dashcolon: bytes = b"-:"
+    noupper: bool = True
+    homestrategy: int = HOME_SKIP
+    brk: bytes = users.BREAK
+
+
+@dataclass
+class State:
+    """What the passwd pass leaves for the subusers pass."""
+
+    flagalias: bool = False
+    allusers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def home_owner(path: bytes) -> int | None:
+    """Return the owner of path; None if it does not exist; raise OSError otherwise."""
+    try:
+        return os.stat(path).st_uid
+    except FileNotFoundError:
+        return None
+
+
+def do_account(line: bytes, opts: Options, incl: ConstMap | None, excl: ConstMap | None,
+               mana: ConstMap | None, state: State, out: Out, alias_name: bytes) -> None:
+    """Print the assignments for one passwd line, or nothing if the rules skip it."""
+    if b"\0" in line:
+        return
+    fields = line.split(b":", 6)
+    if len(fields) < 7:
+        return
+    user, _pw, uidstr, gidstr, _gecos, home = fields[:6]
+    uid = scan_ulong(uidstr)
+    if not uid:
+        return
+    if opts.noupper and any(65 <= c <= 90 for c in user):
+        return
+    if incl is not None and user not in incl:
+        return
+    if excl is not None and user in excl:
+        return
+    if opts.homestrategy != HOME_IGNORE:
+        try:
+            owner = home_owner(home)
+        except OSError:
+            raise Fatal(b"unable to stat " + home) from None
+        if owner is None:
+            if opts.homestrategy == HOME_STOP:
+                raise Fatal(b"unable to stat " + home)
+            return
+        if owner != uid:
+            return
+
+    uugh = b":" + user + b":" + uidstr + b":" + gidstr + b":" + home + b":"
+    # The subusers pass looks users up case-insensitively; the last one wins.
+    state.allusers[_ascii_lower(user)] = uugh
+
+    if user == alias_name:
+        out.put(b"+" + uugh + opts.dashcolon + b":\n")
+        state.flagalias = True
+
+    names = mana.get(user) if mana is not None else None
+    if names is None:
+        names = user
+    for name in names.split(b":"):
+        if not name:
+            continue
+        out.put(b"=" + name + uugh + b"::\n")
+        if opts.brk:
+            out.put(b"+" + name + opts.brk + uugh + opts.dashcolon + b":\n")
+
+
+def do_subuser(line: bytes, opts: Options, state: State, out: Out) -> None:
+    """Print the assignments for one users/subusers line."""
+    first = line.find(b":")
+    if first == -1:
+        return
+    sub = line[:first]
+    second = line.find(b":", first + 1)
+    if second == -1:
+        return
+    owner = line[first + 1:second]
+    uugh = state.allusers.get(_ascii_lower(owner))
+    if uugh is None:
+        raise Fatal(b"unable to find " + owner + b" user for subuser")
+    third = line.find(b":", second + 1)
+    if third == -1:
+        return
+    pre = line[second + 1:third]
+    # constmap hands back a C string: a NUL inside the stored entry cuts it.
+    uugh = uugh.split(b"\0", 1)[0]
+    out.put(b"=" + sub + uugh + opts.dashcolon + pre + b":\n")
+    if opts.brk:
+        out.put(b"+" + sub + opts.brk + uugh + opts.dashcolon + pre + b"-:\n")
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            raise Fatal(b"unable to read input") from None
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > MAX_INPUT:
+            raise Fatal(b"out of memory")
+        chunks.append(chunk)
+
+
+def _read_users_file(name: str) -> bytes | None:
+    try:
+        with open(os.path.join("users", name), "rb") as f:
+            return f.read(MAX_INPUT)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raise Fatal(b"unable to read controls") from None
+
+
+def alias_user_name() -> bytes:
+    """Return the name of this installation's catch-all user (qmail's auto_usera)."""
+    acct = _home.install().users.get("alias")
+    return acct.name.encode() if acct is not None else users.ALIAS_USER.encode()
+
+
+def pw2u(opts: Options, out: Out) -> None:
+    """Run the three passes (passwd on stdin, subusers, append) in the current directory."""
+    incl_l = read_control_file("users/include")
+    excl_l = read_control_file("users/exclude")
+    mana_l = read_control_file("users/mailnames")
+    incl = ConstMap(incl_l, False) if incl_l is not None else None
+    excl = ConstMap(excl_l, False) if excl_l is not None else None
+    mana = ConstMap(mana_l, True) if mana_l is not None else None
+    alias_name = alias_user_name()
+    state = State()
+    for line in _getlines(_read_all(0)):
+        do_account(line, opts, incl, excl, mana, state, out, alias_name)
+    if not state.flagalias:
+        raise Fatal(b"unable to find " + alias_name + b" user")
+    subusers = _read_users_file("subusers")
+    if subusers is not None:
+        for line in _getlines(subusers):
+            do_subuser(line, opts, state, out)
+    append = _read_users_file("append")
+    if append is not None:
+        out.put(append)
+    out.put(b".\n")
+    out.flush()
+
+
+def parse_options(argv: list[str]) -> Options | None:
+    """Return the options of argv, or None after a usage complaint."""
+    opts = Options()
+    g = Getopt(argv, "/ohHuUc:C")
+    for c, arg in g:
+        if c == "/":
+            opts.dashcolon = b"-/:"
+        elif c == "o":
+            opts.homestrategy = HOME_SKIP
+        elif c == "h":
+            opts.homestrategy = HOME_STOP
+        elif c == "H":
+            opts.homestrategy = HOME_IGNORE
+        elif c == "u":
+            opts.noupper = False
+        elif c == "U":
+            opts.noupper = True
+        elif c == "c":
+            opts.brk = os.fsencode(arg or "")[:1]
+        elif c == "C":
+            opts.brk = b""
+        else:
+            return None
+    return opts
+
+
+@program("qmail-pw2u", crash=EXIT_TEMP)
+def main(argv: list[str]) -> int:
+    """Print the assign file for the passwd file on stdin."""
+    opts = parse_options(argv)
+    if opts is None:
+        return EXIT_USAGE
+    try:
+        os.chdir(_home.home())
+    except OSError:
+        os.write(2, FATAL + b"unable to chdir\n")
+        return EXIT_TEMP
+    out = Out()
+    try:
+        pw2u(opts, out)
+    except Fatal as e:
+        os.write(2, FATAL + e.text + b"\n")
+        return EXIT_TEMP
+    return 0

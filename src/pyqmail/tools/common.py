@@ -1,0 +1,84 @@
+"""What the small qmail tools share: strerr-style messages, children, the environment.
+
+qmail's tools report with strerr: ``prog: fatal: what: error text`` on
+stderr, then exit with a qmail-command(8) code (0, 99, 100, 111). `Die`
+carries such an exit through `main`; `fail` builds one from an OSError with
+qmail's error words.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+from pyqmail import errors, spawn
+
+EXIT_OK = 0
+EXIT_IGNORE = 99  # qmail-command: success, ignore the rest of .qmail
+EXIT_PERM = 100
+EXIT_TEMP = 111
+MAX_MESSAGE = 1 << 40  # bounded only by the disk: tools copy, they do not hold
+
+
+class Die(Exception):
+    """Stop the program: write text (if any) and a newline to stderr, exit code."""
+
+    def __init__(self, code: int, text: bytes | None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+    def report(self) -> int:
+        """Write the message; return the exit code."""
+        if self.text is not None:
+            try:
+                os.write(2, self.text + b"\n")
+            except OSError:
+                pass
+        return self.code
+
+
+def b(s: str) -> bytes:
+    """Return the bytes of an argv or environment string."""
+    return os.fsencode(s)
+
+
+def fail(code: int, prefix: bytes, what: bytes, e: OSError | int) -> Die:
+    """Return Die(code, prefix + what + qmail's words for e)."""
+    return Die(code, prefix + what + errors.describe(e).encode())
+
+
+def env(name: str, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """Return environment variable name as bytes, or None if unset."""
+    value = (os.environ if environ is None else environ).get(name)
+    return None if value is None else os.fsencode(value)
+
+
+def start(argv: Sequence[str], fds: Mapping[int, int] | None = None,
+          environ: Mapping[str, str] | None = None) -> int:
+    """Start argv[0] as execvp would (PATH search) with the current environment; return the pid.
+
+    Raise OSError if it cannot be run.
+    """
+    return spawn.spawn(argv[0], list(argv), env=dict(os.environ if environ is None else environ),
+                       fds=fds or {0: 0, 1: 1, 2: 2}, fast=True)
+
+
+def run_for_status(argv: Sequence[str]) -> int:
+    """Run argv as condredirect/bouncesaying/except do; return its exit code, -N for a signal.
+
+    A program that cannot be run exits 111 if the reason is temporary, else 100.
+    """
+    try:
+        pid = start(argv)
+    except OSError as e:
+        return EXIT_TEMP if errors.temporary(e) else EXIT_PERM
+    return spawn.wait(pid)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of data to fd."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -1,0 +1,52 @@
+"""condredirect(1): if a program says so, redirect the message to a new address.
+
+``condredirect newaddress program [ arg ... ]`` runs program on the message.
+Exit 0 from it: the message is queued for newaddress (sender $SENDER, with
+$DTLINE on top) and condredirect exits 99 so qmail-local does nothing more;
+exit 111: temporary failure; any other exit: condredirect exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyqmail.entry import program
+from pyqmail.tools import common
+from pyqmail.tools.common import EXIT_IGNORE, EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
+from pyqmail.tools.forward import queue_stdin
+
+FATAL = b"condredirect: fatal: "
+USAGE = b"condredirect: usage: condredirect newaddress program [ arg ... ]"
+
+
+def condredirect(argv: list[str]) -> Die:
+    """Run the test program, then redirect or not; return the Die that ends the program."""
+    if len(argv) < 3:
+        return Die(EXIT_PERM, USAGE)
+    code = common.run_for_status(argv[2:])
+    if code < 0:
+        return Die(EXIT_TEMP, FATAL + b"child crashed")
+    if code == EXIT_TEMP:
+        return Die(EXIT_TEMP, FATAL + b"temporary child error")
+    if code != 0:
+        return Die(EXIT_OK, None)
+    try:
+        os.lseek(0, 0, os.SEEK_SET)
+    except OSError as e:
+        return common.fail(EXIT_TEMP, FATAL, b"unable to rewind: ", e)
+    sender = common.env("SENDER")
+    if sender is None:
+        return Die(EXIT_PERM, FATAL + b"SENDER not set")
+    dtline = common.env("DTLINE")
+    if dtline is None:
+        return Die(EXIT_PERM, FATAL + b"DTLINE not set")
+    return queue_stdin(FATAL, sender, dtline, [common.b(argv[1])], EXIT_IGNORE, b"condredirect: qp ")
+
+
+@program("condredirect", crash=EXIT_TEMP)
+def main(argv: list[str]) -> int:
+    """Redirect stdin to argv[1] if the program argv[2:] exits 0."""
+    try:
+        return condredirect(argv).report()
+    except Die as e:
+        return e.report()

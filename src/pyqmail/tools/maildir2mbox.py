@@ -1,0 +1,268 @@
+"""maildir2mbox(1): move the messages of $MAILDIR (new and cur) to the end of the mbox $MAIL.
+
+$MAIL is locked, copied with the new messages appended (oldest first) into
+$MAILTMP, which is fsync'd and renamed over $MAIL; only then are the
+messages removed from the maildir. Errors exit 111 with qmail's words.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pyqmail import errors
+from pyqmail.entry import program
+from pyqmail.tools import common
+from pyqmail.tools.common import EXIT_TEMP, Die
+
+FATAL = b"maildir2mbox: fatal: "
+WARNING = b"maildir2mbox: warning: "
+TMP_MAX_AGE = 129600  # 36 hours: maildir(5)'s rule for abandoned tmp files
+BUFSIZE = 8192
+
+_DAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def myctime(t: int) -> bytes:
+    """Return qmail's ctime of t in UTC: 'Thu Jan 01 00:00:00 1970\\n'."""
+    tm = time.gmtime(t)
+    return (f"{_DAYS[(tm.tm_wday + 1) % 7]} {_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:02d} "
+            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {tm.tm_year}\n").encode()
+
+
+def gfrom(line: bytes) -> bool:
+    """Return True if line, after any '>'s, starts with 'From ' (it needs one more '>')."""
+    return line.lstrip(b">").startswith(b"From ")
+
+
+@dataclass
+class _Elt:
+    dt: int
+    name: str
+
+
+class PrioQ:
+    """qmail's prioq: a binary heap on dt, with qmail's exact order among equal times."""
+
+    def __init__(self) -> None:
+        self.p: list[_Elt] = []
+
+    def insert(self, e: _Elt) -> None:
+        p = self.p
+        p.append(e)
+        j = len(p) - 1
+        while j:
+            i = (j - 1) // 2
+            if p[i].dt <= e.dt:
+                break
+            p[j] = p[i]
+            j = i
+        p[j] = e
+
+    def min(self) -> _Elt | None:
+        return self.p[0] if self.p else None
+
+    def delmin(self) -> None:
+        p = self.p
+        n = len(p)
+        if not n:
+            return
+        i = 0
+        n -= 1
+        while True:
+            j = i + i + 2
+            if j > n:
+                break
+            if p[j - 1].dt <= p[j].dt:
+                j -= 1
+            if p[n].dt <= p[j].dt:
+                break
+            p[i] = p[j]
+            i = j
+        p[i] = p[n]
+        p.pop()
+
+
+def ufline_for(first: bytes, complete: bool, dt: int) -> bytes:
+    """Return the From_ line for a message whose first line is first (complete: ends in newline)."""
+    ufline = b"From XXX "
+    if complete and first.startswith(b"Return-Path: <"):
+        if first[14:15] == b">":
+            ufline = b"From MAILER-DAEMON "
+        else:
+            addr = first[14:len(first) - 2]
+            ufline = b"From " + addr.replace(b" ", b"-").replace(b"\t", b"-") + b" "
+    return ufline + myctime(dt)
+
+
+def mbox_entry(message: bytes, dt: int) -> bytes:
+    """Return message as maildir2mbox appends it: From_ line, '>From ' quoting, blank line after.
+
+    As qmail's maildir2mbox, only newline-terminated lines are copied: a
+    final line without a newline is left out.
+    """
+    lines = message.split(b"\n")[:-1]
+    if not lines:
+        return ufline_for(message, False, dt) + b"\n"
+    out = [ufline_for(lines[0] + b"\n", True, dt)]
+    for line in lines:
+        out.append((b">" if gfrom(line) else b"") + line + b"\n")
+    out.append(b"\n")
+    return b"".join(out)
+
+
+def clean_tmp(now: int) -> None:
+    """Remove files in tmp/ not accessed for 36 hours (qmail's maildir_clean)."""
+    try:
+        names = os.listdir("tmp")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = "tmp/" + name
+        try:
+            if now > os.stat(path).st_atime + TMP_MAX_AGE:
+                os.unlink(path)
+        except OSError:
+            continue
+
+
+def scan(now: int) -> tuple[PrioQ, list[str]]:
+    """Queue new/ and cur/ messages older than now, by mtime; raise Die if a directory cannot be read."""
+    pq = PrioQ()
+    names: list[str] = []
+    for sub in ("new", "cur"):
+        try:
+            entries = os.listdir(sub)
+        except OSError as e:
+            raise common.fail(EXIT_TEMP, FATAL, b"unable to scan $MAILDIR/" + sub.encode() + b": ", e) from None
+        for name in entries:
+            if name.startswith("."):
+                continue
+            path = sub + "/" + name
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            # A message from this very second could be followed by an older-looking one.
+            if int(st.st_mtime) < now:
+                pq.insert(_Elt(int(st.st_mtime), path))
+                names.append(path)
+    return pq, names
+
+
+def _read_message(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to read $MAILDIR/" + common.b(path) + b": ", e) from None
+
+
+def maildir2mbox(environ: dict[str, str], clock: Callable[[], float] = time.time) -> None:
+    """Move the maildir's messages into the mbox; raise Die on failure."""
+    mbox = environ.get("MAIL")
+    if mbox is None:
+        raise Die(EXIT_TEMP, FATAL + b"MAIL not set")
+    mboxtmp = environ.get("MAILTMP")
+    if mboxtmp is None:
+        raise Die(EXIT_TEMP, FATAL + b"MAILTMP not set")
+    maildir = environ.get("MAILDIR")
+    if maildir is None:
+        raise Die(EXIT_TEMP, FATAL + b"MAILDIR not set")
+    try:
+        os.chdir(maildir)
+    except OSError as e:
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to chdir to " + common.b(maildir) + b": ", e) from None
+    now = int(clock())
+    clean_tmp(now)
+    pq, _ = scan(int(clock()))
+    if pq.min() is None:
+        return
+    bmbox, btmp = common.b(mbox), common.b(mboxtmp)
+    try:
+        fdlock = os.open(mbox, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fdlock, fcntl.LOCK_EX)
+    except OSError as e:
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to lock " + bmbox + b": ", e) from None
+    try:
+        _copy(mbox, mboxtmp, bmbox, btmp, pq)
+    finally:
+        os.close(fdlock)
+
+
+def _copy(mbox: str, mboxtmp: str, bmbox: bytes, btmp: bytes, pq: PrioQ) -> None:
+    def write_error(e: OSError) -> Die:
+        return common.fail(EXIT_TEMP, FATAL, b"unable to write to " + btmp + b": ", e)
+
+    try:
+        fdold = os.open(mbox, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to read " + bmbox + b": ", e) from None
+    try:
+        try:
+            fdnew = os.open(mboxtmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise common.fail(EXIT_TEMP, FATAL, b"unable to create " + btmp + b": ", e) from None
+        try:
+            while True:
+                try:
+                    chunk = os.read(fdold, 65536)
+                except OSError as e:
+                    raise common.fail(EXIT_TEMP, FATAL, b"unable to read " + bmbox + b": ", e) from None
+                if not chunk:
+                    break
+                try:
+                    common.write_all(fdnew, chunk)
+                except OSError as e:
+                    raise write_error(e) from None
+            done: list[str] = []
+            while (elt := pq.min()) is not None:
+                pq.delmin()
+                done.append(elt.name)
+                entry = mbox_entry(_read_message(elt.name), elt.dt)
+                try:
+                    common.write_all(fdnew, entry)
+                except OSError as e:
+                    raise write_error(e) from None
+            try:
+                os.fsync(fdnew)
+            except OSError as e:
+                raise write_error(e) from None
+        finally:
+            try:
+                os.close(fdnew)
+            except OSError:
+                pass
+    finally:
+        os.close(fdold)
+    try:
+        os.rename(mboxtmp, mbox)
+    except OSError as e:
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to move " + btmp + b" to " + bmbox + b": ", e) from None
+    for name in done:
+        try:
+            os.unlink(name)
+        except OSError as e:
+            msg = (WARNING + b"$MAILDIR/" + common.b(name) + b" will be delivered twice; unable to unlink: "
+                   + errors.describe(e).encode())
+            try:
+                os.write(2, msg + b"\n")
+            except OSError:
+                pass
+
+
+@program("maildir2mbox", crash=EXIT_TEMP)
+def main(argv: list[str]) -> int:
+    """Move $MAILDIR's messages to $MAIL through $MAILTMP."""
+    os.umask(0o077)
+    try:
+        maildir2mbox(dict(os.environ))
+    except Die as e:
+        return e.report()
+    return 0
