@@ -2,6 +2,8 @@
 
 usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
                   [--create-users] [--single-user] [FQDN]
+       qmail up [--home DIR]
+       qmail down [--home DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--create-users", action="store_true", help="as root, create missing qmail users and groups")
     i.add_argument("--single-user", action="store_true", help="everything owned by and run as the invoking user")
     i.add_argument("fqdn", nargs="?", default=None, metavar="FQDN", help="this host's fully qualified name (default: from DNS)")
+    for name, text in (("up", "run the mail system until Ctrl-C or `qmail down`"),
+                       ("down", "stop what `qmail up` started")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
     return p
 
 
@@ -43,4 +49,11 @@ def main(argv: list[str]) -> int:
             split=args.split, force=args.force, create_users=args.create_users,
             single_user=args.single_user)
         return install.init(opts, sys.stdout, sys.stderr)
+    if args.command in ("up", "down"):
+        import os
+
+        from pyqmail.admin import install, up
+
+        qhome = os.path.abspath(args.home or install.default_home())
+        return up.up(qhome) if args.command == "up" else up.down(qhome)
     return 100
