@@ -258,9 +258,16 @@ def _read_users_file(name: str) -> bytes | None:
 
 
 def alias_user_name() -> bytes:
-    """Return the name of this installation's catch-all user (qmail's auto_usera)."""
-    acct = _home.install().users.get("alias")
-    return acct.name.encode() if acct is not None else users.ALIAS_USER.encode()
+    """Return the account name of the catch-all user in a passwd file (qmail's auto_usera).
+
+    A root-mode installation records its alias account; a single-user one
+    has no alias account, and a passwd file names the catch-all "alias".
+    """
+    inst = _home.install()
+    acct = inst.users.get("alias")
+    if acct is None or inst.single:
+        return users.ALIAS_USER.encode()
+    return acct.name.encode()
 
 
 def pw2u(opts: Options, out: Out) -> None:
