@@ -10,7 +10,10 @@ prog being the last component of argv[0].
 from __future__ import annotations
 
 import os
-from typing import Iterator
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class Getopt:
