@@ -70,7 +70,7 @@ def report(code: int, custom: bytes = b"") -> bytes:
         74: b"Zcommunication with mail server failed (#4.4.2)",
         81: b"Zqq internal bug (#4.3.0)",
         91: b"Zqq internal bug (#4.3.0)",
-        120: b"Zunable to run qmail-queue (#4.3.0)",
+        120: b"Zunable to exec qq (#4.3.0)",
     }
     if code in table:
         return table[code]

@@ -38,10 +38,15 @@ class QQ:
         self._err, err_w = os.pipe2(os.O_CLOEXEC)
         self._failed = False
         self._buf = bytearray()
+        self._start_error = 120
         try:
-            self.pid = spawn.spawn(prog, [prog], env=self._env, fds={0: msg_r, 1: env_r, 2: 2, FD_ERRSTR: err_w})
+            # qmail-queue runs in QMAILHOME, as qmail's programs start it.
+            self.pid = spawn.spawn(prog, [prog], env=self._env, fds={0: msg_r, 1: env_r, 2: 2, FD_ERRSTR: err_w},
+                                   cwd=_home.home())
         except OSError:
             self.pid = -1
+            if not os.path.isdir(_home.home()):
+                self._start_error = 61
             for fd in (self._msg, self._envfd, self._err):
                 os.close(fd)
         finally:
@@ -66,7 +71,7 @@ class QQ:
     def close(self, sender: bytes, recipients: Iterable[bytes]) -> bytes:
         """Send the envelope, wait for qmail-queue; return b"" or its D/Z report."""
         if self.pid == -1:
-            return exits.report(120)
+            return exits.report(self._start_error)
         self._flush()
         os.close(self._msg)
         envelope = bytearray(b"F" + sender + b"\0")
