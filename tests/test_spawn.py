@@ -127,3 +127,11 @@ def test_replaced_stub_is_execd(qhome: QHome) -> None:
     wrapper.rename(stub)
     rc, data, _ = _run_probe(stub, True)
     assert rc == 3 and data == {"wrapped": True}
+
+
+def test_non_executable_stub_fails_like_exec(qhome: QHome) -> None:
+    stub = _probe_stub(qhome.path)
+    stub.chmod(0o644)
+    for fast in (True, False):
+        with pytest.raises(PermissionError):
+            spawn.spawn(str(stub), ["spawn-probe"], fast=fast)

@@ -17,6 +17,7 @@ import sys
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from typing import NoReturn
 
 from pyqmail import sig as signal
 from pyqmail.privs import Credentials, drop
@@ -129,6 +130,12 @@ def _reset_signals(fast: bool) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        # A daemon's signal wakeup descriptor (selectors loops) must not
+        # follow the child: its number may name one of the child's files.
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
 
 
 def _fresh_std_streams() -> None:
@@ -187,6 +194,8 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
     fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
     target = _which(path, env)
     stub = read_stub(target) if fast else None
+    if stub is not None and not os.access(target, os.X_OK):
+        stub = None  # exec it, so that it fails exactly as exec fails (EACCES)
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             try:
@@ -265,6 +274,62 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
         code = int.from_bytes(data[:4], "little")
         raise OSError(code, os.strerror(code) + ": " + data[4:].decode("utf-8", "replace"), path)
     return pid
+
+
+def become(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+           fds: Mapping[int, int] | None = None, cwd: str | None = None,
+           creds: Credentials | None = None, umask: int | None = None,
+           fast: bool = True) -> NoReturn:
+    """Turn this process into path, as exec does; never return, raise OSError if it cannot start.
+
+    The process is set up exactly as spawn() sets up its child (descriptors,
+    credentials, cwd, signals, environment); a stub's program then runs in
+    this process and its exit code ends it. Descriptors and credentials may
+    already be changed when OSError is raised: the caller should only exit.
+    """
+    env = dict(os.environ if env is None else env)
+    fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
+    target = _which(path, env)
+    stub = read_stub(target) if fast else None
+    if stub is not None and not os.access(target, os.X_OK):
+        stub = None  # exec it, so that it fails exactly as exec fails (EACCES)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    mod = None
+    if stub is not None:
+        mod = __import__(stub.module, fromlist=["main"])
+    _arrange_fds(fds)
+    if umask is not None:
+        os.umask(umask)
+    if creds is not None:
+        drop(creds, allow_root=True)
+    if cwd is not None:
+        os.chdir(cwd)
+    _reset_signals(stub is not None)
+    if stub is None or mod is None:
+        os.execve(target, list(argv), env)
+    from pyqmail import home as _home
+
+    _set_environ(env)
+    _home.set_default(stub.home)
+    argv = [target, *argv[1:]]
+    sys.argv = list(argv)
+    _fresh_std_streams()
+    rc = 111
+    try:
+        rc = mod.main(list(argv))
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(rc & 0xFF)
 
 
 def exit_code(status: int) -> int:
