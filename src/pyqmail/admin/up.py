@@ -104,10 +104,23 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
     with open(pidfile, "w") as f:
         f.write(f"{os.getpid()}\n")
 
-    user = pwd.getpwuid(os.getuid()).pw_name
-    me = open(os.path.join(qmail_home, "control", "me"), encoding="latin-1").read().strip()
+    pw = pwd.getpwuid(os.getuid())
+    user = pw.pw_name
+    with open(os.path.join(qmail_home, "control", "me"), encoding="latin-1") as f:
+        me = f.read().strip()
     if inst.single:
-        _maildir(os.path.join(os.path.expanduser("~"), "Maildir"))
+        # Where qmail-lspawn will deliver: the passwd home, not $HOME.
+        maildir = os.path.join(pw.pw_dir, "Maildir")
+        _maildir(maildir)
+    else:
+        # As root, mail for postmaster, root and mailer-daemon goes to the
+        # alias user's default delivery.
+        user = "postmaster"
+        alias = inst.users["alias"]
+        maildir = os.path.join(alias.home, "Maildir")
+        _maildir(maildir)
+        for sub in ("", "tmp", "new", "cur"):
+            os.chown(os.path.join(maildir, sub), alias.uid, alias.gid)
     env = {"PATH": f"{qmail_home}/bin:/usr/local/bin:/usr/bin:/bin"}
     services = _services(qmail_home, inst)
     stopping = False
@@ -122,7 +135,7 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
         for s in services:
             s.start(qmail_home, env, out)
         print(f"qmail up: running in {qmail_home} ({'single-user' if inst.single else 'root'} mode)", file=out)
-        print(f"qmail up: mail to {user}@{me} is delivered to {os.path.expanduser('~')}/Maildir/", file=out)
+        print(f"qmail up: mail to {user}@{me} is delivered to {maildir}/", file=out)
         print(f"qmail up: send one with: echo 'Subject: hello' | {qmail_home}/bin/qmail-inject {user}", file=out)
         print(f"qmail up: stop with Ctrl-C or: qmail down --home {qmail_home}", file=out, flush=True)
         while not stopping:
