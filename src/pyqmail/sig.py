@@ -12,17 +12,17 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from signal import (NSIG, SIG_DFL, SIG_IGN, SIG_SETMASK, SIGALRM, SIGCHLD, SIGHUP, SIGINT,
                         SIGKILL, SIGPIPE, SIGSTOP, SIGTERM, SIGXFSZ, alarm, default_int_handler,
-                        getsignal, pthread_sigmask, signal)
+                        getsignal, pthread_sigmask, set_wakeup_fd, signal)
 else:
     try:
         from _signal import (NSIG, SIG_DFL, SIG_IGN, SIG_SETMASK, SIGALRM, SIGCHLD, SIGHUP, SIGINT,
                              SIGKILL, SIGPIPE, SIGSTOP, SIGTERM, SIGXFSZ, alarm, default_int_handler,
-                             getsignal, pthread_sigmask, signal)
+                             getsignal, pthread_sigmask, set_wakeup_fd, signal)
     except ImportError:  # another Python implementation
         from signal import (NSIG, SIG_DFL, SIG_IGN, SIG_SETMASK, SIGALRM, SIGCHLD, SIGHUP, SIGINT,
                             SIGKILL, SIGPIPE, SIGSTOP, SIGTERM, SIGXFSZ, alarm, default_int_handler,
-                            getsignal, pthread_sigmask, signal)
+                            getsignal, pthread_sigmask, set_wakeup_fd, signal)
 
 __all__ = ["NSIG", "SIG_DFL", "SIG_IGN", "SIG_SETMASK", "SIGALRM", "SIGCHLD", "SIGHUP", "SIGINT",
            "SIGKILL", "SIGPIPE", "SIGSTOP", "SIGTERM", "SIGXFSZ", "alarm", "default_int_handler",
-           "getsignal", "pthread_sigmask", "signal"]
+           "getsignal", "pthread_sigmask", "set_wakeup_fd", "signal"]
