@@ -265,6 +265,13 @@ def test_directory_and_dangling_qmail_are_absent(qhome: QHome, home: Home) -> No
     ok(qlocal(qhome, local_args(home, b"j-fifo", b"-", b"fifo")), b"default fifo\ndid 0+0+1\n")
 
 
+def test_extension_bytes_are_kept(qhome: QHome, home: Home) -> None:
+    # Not UTF-8, not ASCII: qmail takes bytes, and so does everything here.
+    home.write(os.fsdecode(b".qmail-\xe4\xff-default"), b"|printf '%s|%s' \"$EXT\" \"$DEFAULT\" > out\n")
+    ok(qlocal(qhome, local_args(home, b"j-\xe4\xff-\xc4X", b"-", b"\xe4\xff-\xc4X")), b"did 0+0+1\n")
+    assert (home.path / "out").read_bytes() == b"\xe4\xff-\xc4X|\xc4X"
+
+
 def test_very_long_extension(qhome: QHome, home: Home) -> None:
     ext = b"x" * 5000
     home.write(".qmail-default", b"|echo ${#DEFAULT}\n")
@@ -404,6 +411,15 @@ def test_forward_lines(qhome: QHome, home: Home, qqout: Path) -> None:
     assert _envelope(out) == (SENDER, [b"me@new.job.com", b"bare@example.org", b"", b"9number@example.org"])
     # No Return-Path when forwarding: only the new Delivered-To line on top.
     assert (out / "msg").read_bytes() == b"Delivered-To: joe-fwd@test.example.com\n" + MESSAGE
+    # qmail-queue (or QMAILQUEUE) runs in QMAILHOME, not in the recipient's home.
+    assert (out / "cwd").read_text() == f"{qhome.path}\n"
+
+
+def test_forward_with_unrunnable_qmailqueue(qhome: QHome, home: Home, qqout: Path) -> None:
+    home.write(".qmail", b"&a@example.org\n")
+    (qqout / "qq").chmod(0o644)
+    fails(qlocal(qhome, local_args(home), env={"PATH": PATH, "QMAILQUEUE": str(qqout / "qq")}), 111,
+          b"Unable to forward message: unable to exec qq (#4.3.0).\n")
 
 
 @pytest.mark.parametrize("sender, files_, expected", [
