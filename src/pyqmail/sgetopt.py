@@ -79,6 +79,11 @@ class Getopt:
                 self.optind += 1
         return c
 
+    def skip_rest(self) -> None:
+        """Skip what is left of the current word (an optional argument glued to an option)."""
+        if self._pos and self.optind < len(self.argv):
+            self._pos = len(self.argv[self.optind])
+
     def _problem(self, c: str, illegal: bool) -> str:
         if self.complain:
             what = ": illegal option -- " if illegal else ": option requires an argument -- "

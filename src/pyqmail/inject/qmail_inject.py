@@ -1,0 +1,381 @@
+"""qmail-inject(8): preprocess a message's header and queue the message.
+
+usage: qmail-inject [ -nNaAhH ] [ -fsender ] [ recip ... ]
+
+Reads a message on descriptor 0, rewrites its header as qmail-header(5)
+says (header.Header), and hands it to qmail-queue (or, with -n, prints it).
+Exits 0, 100 for a usage or severe syntax error, 111 for a temporary error.
+
+This program runs once per message sent through sendmail, so its import path
+is kept to what every run needs: no typing, re, enum or email at start-up,
+and the queue client is imported only when the message is queued.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pyqmail import control
+from pyqmail import home as _home
+from pyqmail.entry import program
+from pyqmail.inject import header as hdr
+from pyqmail.inject import token822 as t822
+from pyqmail.sgetopt import Getopt
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from pyqmail.queue.qq import QQ
+
+EXIT_OK = 0
+EXIT_PERM = 100
+EXIT_TEMP = 111
+
+FATAL = b"qmail-inject: fatal: "
+MSG_NOMEM = b"out of memory\n"
+MSG_READ = b"read error\n"
+MSG_QQT = b"unable to run qmail-queue\n"
+MSG_CHDIR = b"internal bug\n"
+MSG_PARSE_LINE = b"unable to parse this line:\n"
+MSG_PARSE_ADDR = b"unable to parse address: "
+MSG_INVALID = b"invalid header field: "
+
+OPTIONS = "aAhHnNf:"
+RECIP_DEFAULT, RECIP_ARGS, RECIP_HEADER, RECIP_AH = 1, 2, 3, 4
+
+FD_IN = 0
+FD_OUT = 1
+FD_ERR = 2
+READ_SIZE = 65536
+OUT_SIZE = 65536
+
+
+class Fatal(Exception):
+    """qmail-inject gives up: args are (exit code, the text after 'qmail-inject: fatal: ')."""
+
+
+def _die_read(e: OSError) -> Fatal:
+    import errno
+
+    if e.errno == errno.ENOMEM:
+        return Fatal(EXIT_TEMP, MSG_NOMEM)
+    return Fatal(EXIT_TEMP, MSG_READ)
+
+
+class Input:
+    """Descriptor 0 read in bounded chunks, as lines or as raw remaining bytes."""
+
+    def __init__(self, fd: int = FD_IN) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.eof = False
+
+    def _fill(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            chunk = os.read(self.fd, READ_SIZE)
+        except OSError as e:
+            raise _die_read(e) from None
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        return True
+
+    def line(self) -> bytes | None:
+        """Return the next line with its newline (added if the input ends without one), or None at the end."""
+        scanned = 0
+        while True:
+            nl = self.buf.find(b"\n", scanned)
+            if nl >= 0:
+                out = bytes(self.buf[:nl + 1])
+                del self.buf[:nl + 1]
+                return out
+            scanned = len(self.buf)
+            if not self._fill():
+                if not self.buf:
+                    return None
+                out = bytes(self.buf) + b"\n"
+                self.buf.clear()
+                return out
+
+    def chunk(self) -> bytes | None:
+        """Return the bytes buffered or else the next chunk read as they are, or None at the end."""
+        if self.buf or self._fill():
+            out = bytes(self.buf)
+            self.buf.clear()
+            return out
+        return None
+
+
+class Output:
+    """Where the message goes: standard output (-n, errors ignored as qmail does) or qmail-queue."""
+
+    def __init__(self) -> None:
+        self.qq: QQ | None = None
+        self.buf = bytearray()
+
+    def start_queue(self) -> None:
+        """Start qmail-queue; raise Fatal if no pipe or process can be made."""
+        from pyqmail.queue.qq import QQ
+
+        try:
+            self.qq = QQ()
+        except OSError:
+            raise Fatal(EXIT_TEMP, MSG_QQT) from None
+
+    def put(self, data: bytes) -> None:
+        if self.qq is not None:
+            self.qq.write(data)
+            return
+        self.buf += data
+        if len(self.buf) >= OUT_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what standard output holds; a failed write is ignored, as qmail-inject does."""
+        view = memoryview(self.buf)
+        try:
+            while view:
+                n = os.write(FD_OUT, view)
+                view = view[n:]
+        except OSError:
+            pass
+        view.release()
+        self.buf.clear()
+
+
+def _env(name: bytes) -> bytes | None:
+    return os.environb.get(name)
+
+
+def settings_from_env(starttime: int, pid: int) -> hdr.Settings:
+    """Return the header settings that QMAILINJECT and the user variables give."""
+    s = hdr.Settings()
+    for letter in _env(b"QMAILINJECT") or b"":
+        if letter == 0x63:  # c
+            s.name_comment = True
+        elif letter == 0x73:  # s
+            s.delete_sender = True
+        elif letter == 0x66:  # f
+            s.delete_from = True
+        elif letter == 0x69:  # i
+            s.delete_messid = True
+        elif letter == 0x72:  # r
+            s.hack_recip = True
+        elif letter == 0x6D:  # m
+            s.hack_mess = True
+    s.mailhost = _first(b"QMAILHOST", b"MAILHOST")
+    s.mailrhost = _first(b"QMAILSHOST")
+    if s.mailrhost is None:
+        s.mailrhost = s.mailhost
+    user = _first(b"QMAILUSER", b"MAILUSER", b"USER", b"LOGNAME")
+    s.mailuser = b"anonymous" if user is None else user
+    ruser = _first(b"QMAILSUSER")
+    s.mailruser = s.mailuser if ruser is None else ruser
+    s.fullname = _first(b"QMAILNAME", b"MAILNAME", b"NAME")
+    s.starttime = starttime
+    s.pid = pid
+    return s
+
+
+def _first(*names: bytes) -> bytes | None:
+    for name in names:
+        value = os.environb.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def read_mft(path: bytes) -> frozenset[bytes] | None:
+    """Return the lowercased addresses of QMAILMFTFILE, None if it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _die_read(e) from None
+    boxes: set[bytes] = set()
+    for line in data.split(b"\n"):
+        line = line.rstrip(b" \t")
+        if line and line[:1] != b"#":
+            # qmail keeps each line as a C string: a NUL splits it.
+            boxes.update(part.lower() for part in line.split(b"\0"))
+    return frozenset(boxes)
+
+
+def _control(name: str, env: bytes) -> bytes:
+    try:
+        value = control.read_default(name, name)
+    except control.ControlError:
+        raise Fatal(EXIT_TEMP, MSG_READ) from None
+    override = _env(env)
+    if override is not None:
+        return override
+    return (value or "").encode(control.ENCODING)
+
+
+def get_controls(s: hdr.Settings) -> hdr.Rewriter:
+    """Read QMAILMFTFILE, then the control files with their environment overrides."""
+    mft = _env(b"QMAILMFTFILE")
+    if mft is not None:
+        s.mft = read_mft(mft)
+    try:
+        os.chdir(_home.home())
+    except OSError:
+        raise Fatal(EXIT_TEMP, MSG_CHDIR) from None
+    try:
+        control.me()
+    except control.ControlError:
+        raise Fatal(EXIT_TEMP, MSG_READ) from None
+    defaultdomain = _control("defaultdomain", b"QMAILDEFAULTDOMAIN")
+    try:
+        dd = hdr.parse_fixed(b"." + defaultdomain)
+        defaulthost = _control("defaulthost", b"QMAILDEFAULTHOST")
+        dh = hdr.parse_fixed(b"@" + defaulthost)
+        plusdomain = _control("plusdomain", b"QMAILPLUSDOMAIN")
+        pd = hdr.parse_fixed(b"." + plusdomain)
+    except hdr.ParseError as e:
+        raise Fatal(EXIT_PERM, MSG_PARSE_LINE + e.args[0]) from None
+    s.idhost = _control("idhost", b"QMAILIDHOST")
+    return hdr.Rewriter(dh, dd, pd)
+
+
+def envelope_address(rw: hdr.Rewriter, arg: bytes) -> bytes | None:
+    """Return arg (a -f sender or recipient argument) rewritten, or None if it cannot be parsed."""
+    toks = t822.tokenize(t822.quote2(arg))
+    if toks is None:
+        return None
+    rw.generic(toks)
+    return t822.unquote(toks)
+
+
+def read_header(inp: Input, h: hdr.Header) -> bytes | None:
+    """Feed the header fields of the input to h; return the body's first bytes (None: no body).
+
+    A field runs on over lines starting with a space or tab; a line starting
+    "From " becomes an MBOX-Line field; the header ends at a blank line, at
+    the end of the input, or at a line that is not a field (a blank line is
+    then put in before it).
+    """
+    field: bytes | None = None
+    while True:
+        line = inp.line()
+        if line is None:
+            if field is not None:
+                h.field(field)
+            return None
+        if field is not None:
+            if line[:1] == b" " or line[:1] == b"\t":
+                field += line
+                continue
+            h.field(field)
+            field = None
+        if line == b"\n":
+            return line
+        if line[:5] == b"From ":
+            field = b"MBOX-Line: " + line
+        elif hdr.field_valid(line):
+            field = line
+        else:
+            return b"\n" + line
+
+
+def inject(argv: list[str]) -> int:
+    """Run qmail-inject; raise Fatal to give up."""
+    starttime = int(time.time())
+    s = settings_from_env(starttime, os.getpid())
+    rw = get_controls(s)
+
+    strategy = RECIP_DEFAULT
+    queue = True
+    sender: bytes | None = None
+    opts = Getopt(argv, OPTIONS)
+    while True:
+        opt = opts.next()
+        if opt is None:
+            break
+        if opt == "a":
+            strategy = RECIP_ARGS
+        elif opt == "A":
+            strategy = RECIP_DEFAULT
+        elif opt == "h":
+            strategy = RECIP_HEADER
+        elif opt == "H":
+            strategy = RECIP_AH
+        elif opt == "n":
+            queue = False
+        elif opt == "N":
+            queue = True
+        elif opt == "f":
+            arg = os.fsencode(opts.optarg or "")
+            sender = envelope_address(rw, arg)
+            if sender is None:
+                raise Fatal(EXIT_PERM, MSG_PARSE_LINE + t822.quote2(arg))
+        else:
+            return EXIT_PERM
+    args = [os.fsencode(a) for a in argv[opts.optind:]]
+    if strategy == RECIP_DEFAULT:
+        strategy = RECIP_ARGS if args else RECIP_HEADER
+    recips: list[bytes] = []
+    if strategy != RECIP_HEADER:
+        for arg in args:
+            box = envelope_address(rw, arg)
+            if box is None:
+                raise Fatal(EXIT_PERM, MSG_PARSE_ADDR + arg + b"\n")
+            recips.append(box)
+    header_recips = strategy != RECIP_ARGS
+
+    h = hdr.Header(rw, s, sender)
+    inp = Input()
+    out = Output()
+    try:
+        body = read_header(inp, h)
+        head = h.finish(show_return_path=not queue)
+    except hdr.ParseError as e:
+        raise Fatal(EXIT_PERM, MSG_PARSE_LINE + e.args[0]) from None
+    except hdr.InvalidField as e:
+        raise Fatal(EXIT_PERM, MSG_INVALID + e.args[0]) from None
+    if queue:
+        out.start_queue()
+    out.put(head)
+    if body is not None:
+        out.put(body)
+        last = b"\n"
+        while True:
+            chunk = inp.chunk()
+            if chunk is None:
+                break
+            out.put(chunk)
+            last = chunk[-1:]
+        if last != b"\n":
+            out.put(b"\n")  # the last line of the body gets its newline
+    if not queue:
+        out.flush()
+        return EXIT_OK
+    if header_recips:
+        recips += h.recipients()
+    assert out.qq is not None
+    report = out.qq.close(hdr.c_string(h.sender or b""), [hdr.c_string(r) for r in recips])
+    if report:
+        code = EXIT_PERM if report[:1] == b"D" else EXIT_TEMP
+        raise Fatal(code, report[1:] + b"\n")
+    return EXIT_OK
+
+
+@program("qmail-inject", crash=EXIT_TEMP)
+def main(argv: list[str]) -> int:
+    """Run qmail-inject with argv; return its exit code."""
+    try:
+        return inject(argv)
+    except Fatal as e:
+        code, text = e.args
+    except MemoryError:
+        code, text = EXIT_TEMP, MSG_NOMEM
+    try:
+        os.write(FD_ERR, FATAL + text)
+    except OSError:
+        pass
+    return int(code)
