@@ -607,9 +607,11 @@ def test_other_writable_home(qhome: QHome, home: Home) -> None:
     fails(qlocal(qhome, ["-n", *local_args(home)]), 111, HOME_WRITABLE + b"\n")
 
 
-def test_group_writable_home_is_accepted(qhome: QHome, home: Home) -> None:
+def test_group_writable_home_defers(qhome: QHome, home: Home) -> None:
+    # dot-qmail(5): "temporarily defer ... if your home directory is sticky
+    # (or group-writable or other-writable ...)".
     home.path.chmod(0o775)
-    ok(qlocal(qhome, local_args(home)), b"did 1+0+0\n")
+    fails(qlocal(qhome, local_args(home)), 111, HOME_WRITABLE + b"\n")
 
 
 def test_blank_first_line(qhome: QHome, home: Home) -> None:

@@ -42,7 +42,11 @@ EXIT_TEMPORARY = 111
 PROGRAM_STOP = 99  # delivered; ignore the rest of the .qmail file
 PROGRAM_HARD = frozenset({64, 65, 70, 76, 77, 78, 100, 112})  # permanent; any other nonzero is temporary
 
-PATRN = 0o002  # qmail's conf-patrn: mode bits refused on the home directory and on .qmail files
+# dot-qmail(5): delivery is deferred if the home directory is "group-writable
+# or other-writable", and .qmail must not be world-writable. (C qmail 1.03
+# uses one conf-patrn, 002, for both; where the man page speaks it is the spec.)
+HOME_PATRN = 0o022
+PATRN = 0o002  # mode bits refused on .qmail files
 STICKY = 0o1000
 CUTABLE = 0o100  # the owner's x bit on .qmail: forwarding only
 DOTQMAIL_MAX = 64 << 20  # bytes of a .qmail file read; more is answered as qmail answers no memory
@@ -295,7 +299,7 @@ def _check_home(doit: bool) -> None:
         st = os.stat(".")
     except OSError as e:
         raise Stop(EXIT_TEMPORARY, HOME_STAT % _err(e)) from None
-    if st.st_mode & PATRN:
+    if st.st_mode & HOME_PATRN:
         raise Stop(EXIT_TEMPORARY, HOME_WRITABLE)
     if st.st_mode & STICKY:
         if doit:
