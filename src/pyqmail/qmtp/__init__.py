@@ -1,0 +1,1 @@
+"""QMTP and QMQP: qmail-qmtpd, qmail-qmqpd, qmail-qmqpc."""

@@ -1,0 +1,1 @@
+"""Receiving over SMTP: qmail-smtpd, qmail-newmrh."""

@@ -1,0 +1,1 @@
+"""UCSPI-TCP: tcpserver, tcprules, tcprulescheck, rblsmtpd, recordio, tcp-env."""
