@@ -6,7 +6,8 @@ Creates a fresh single-user home with `qmail init --single-user`, then runs
 N sequential injections of a SIZE-byte message (default 1000 of 4096) from
 /bin/sh, each a new process as a mail program would start it:
 `qmail-inject rcpt`, `sendmail -t -i -f sender`, and, for comparison, the
-bare interpreter start `python -IS -c pass`. Prints messages/s for each and
+bare interpreter start `python -IS -c pass` and `qmail-inject -n` (the header
+work without queueing). Prints messages/s for each and
 checks that every message reached the queue.
 """
 
@@ -53,6 +54,9 @@ def main() -> None:
         f.flush()
         base = loop(f"{sys.executable} -IS -c pass", n, f.name)
         print(f"python -IS -c pass:        {n / base:7.1f} starts/s    ({base / n * 1000:.2f} ms each)")
+        took = loop(f"{bindir}/qmail-inject -n rcpt@bench.example >/dev/null", n, f.name)
+        print(f"qmail-inject -n (no queue): {n / took:6.1f} messages/s  ({took / n * 1000:.2f} ms each, "
+              f"{(took - base) / n * 1000:.2f} ms above the interpreter start)")
         for label, command in (("qmail-inject rcpt", f"{bindir}/qmail-inject rcpt@bench.example"),
                                ("sendmail -t -i -f sender", f"{bindir}/sendmail -t -i -f sender@bench.example")):
             before = queued(home)

@@ -499,6 +499,15 @@ def test_queue_program_missing(home: QHome, tmp_path: Path) -> None:
     check(run, 111, b"", FATAL + b"unable to exec qq (#4.3.0)\n")
 
 
+def test_no_descriptors_for_qmail_queue(home: QHome) -> None:
+    import resource
+
+    argv = [os.fspath(home.bin("qmail-inject")), "r@x.y"]
+    p = subprocess.run(argv, input=b"To: a@b.c\n\nbody\n", capture_output=True, env=BASE_ENV, timeout=60,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (6, 6)))
+    assert (p.returncode, p.stdout, p.stderr) == (111, b"", FATAL + b"unable to run qmail-queue\n")
+
+
 def test_queue_program_that_stops_reading(home: QHome, tmp_path: Path) -> None:
     run = inject(home, b"To: a@b.c\n\n" + b"x" * 1000000 + b"\n", env={"QMAILQUEUE": script(tmp_path, "exit 0")})
     check(run, 111, b"", FATAL + b"qq read error (#4.3.0)\n")

@@ -41,6 +41,9 @@ MSG_PARSE_ADDR = b"unable to parse address: "
 MSG_INVALID = b"invalid header field: "
 
 OPTIONS = "aAhHnNf:"
+# qmail-inject(8)'s QMAILINJECT letters and the header.Settings flag each sets.
+QMAILINJECT_LETTERS = {ord("c"): "name_comment", ord("s"): "delete_sender", ord("f"): "delete_from",
+                       ord("i"): "delete_messid", ord("r"): "hack_recip", ord("m"): "hack_mess"}
 RECIP_DEFAULT, RECIP_ARGS, RECIP_HEADER, RECIP_AH = 1, 2, 3, 4
 
 FD_IN = 0
@@ -135,15 +138,13 @@ class Output:
 
     def flush(self) -> None:
         """Write what standard output holds; a failed write is ignored, as qmail-inject does."""
-        view = memoryview(self.buf)
+        data = memoryview(bytes(self.buf))
+        self.buf.clear()
         try:
-            while view:
-                n = os.write(FD_OUT, view)
-                view = view[n:]
+            while data:
+                data = data[os.write(FD_OUT, data):]
         except OSError:
             pass
-        view.release()
-        self.buf.clear()
 
 
 def _env(name: bytes) -> bytes | None:
@@ -154,18 +155,9 @@ def settings_from_env(starttime: int, pid: int) -> hdr.Settings:
     """Return the header settings that QMAILINJECT and the user variables give."""
     s = hdr.Settings()
     for letter in _env(b"QMAILINJECT") or b"":
-        if letter == 0x63:  # c
-            s.name_comment = True
-        elif letter == 0x73:  # s
-            s.delete_sender = True
-        elif letter == 0x66:  # f
-            s.delete_from = True
-        elif letter == 0x69:  # i
-            s.delete_messid = True
-        elif letter == 0x72:  # r
-            s.hack_recip = True
-        elif letter == 0x6D:  # m
-            s.hack_mess = True
+        flag = QMAILINJECT_LETTERS.get(letter)
+        if flag is not None:
+            setattr(s, flag, True)
     s.mailhost = _first(b"QMAILHOST", b"MAILHOST")
     s.mailrhost = _first(b"QMAILSHOST")
     if s.mailrhost is None:
