@@ -128,6 +128,12 @@ def test_missing_qmail_inject(qhome: QHome) -> None:
     assert res.stderr == b"sendmail: fatal: unable to run qmail-inject\n"
 
 
+def test_qmail_inject_not_executable(qhome: QHome) -> None:
+    qhome.bin("qmail-inject").chmod(0o644)
+    res = expect(sendmail(qhome, ["r@x.y"]), 111)
+    assert res.stderr == b"sendmail: fatal: unable to run qmail-inject\n"
+
+
 # --- -bp, -bs, mailq, newaliases ----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [["-bp"], ["-bp", "-I"], ["-t", "-bpx", "r@x.y"]])

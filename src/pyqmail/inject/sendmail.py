@@ -60,8 +60,8 @@ def run_in_place(path: str, argv: list[str]) -> int:
     from pyqmail import spawn
 
     stub = spawn.read_stub(path)
-    if stub is None:
-        os.execv(path, argv)
+    if stub is None or not os.access(path, os.X_OK):
+        os.execv(path, argv)  # also what fails, as exec would, on a stub that is not executable
     assert stub is not None
     module = __import__(stub.module, fromlist=["main"])
     _home.set_default(stub.home)
