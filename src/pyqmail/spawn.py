@@ -217,7 +217,8 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
             fds_with_pipe = dict(fds)
             # Keep the error pipe through the fd shuffle at a descriptor the
             # child does not use; it is close-on-exec, so exec closes it.
-            report = max(list(fds_with_pipe) + [wpipe, 2]) + 1
+            # Above every target and every source, so that it clobbers none of them.
+            report = max([*fds_with_pipe, *fds_with_pipe.values(), wpipe, 2]) + 1
             os.dup2(wpipe, report, inheritable=False)
             fds_with_pipe[report] = report
             _arrange_fds(fds_with_pipe)

@@ -37,6 +37,7 @@ class QQ:
         env_r, self._envfd = os.pipe2(os.O_CLOEXEC)
         self._err, err_w = os.pipe2(os.O_CLOEXEC)
         self._failed = False
+        self._abandoned = False
         self._buf = bytearray()
         self._start_error = 120
         try:
@@ -61,6 +62,10 @@ class QQ:
         if len(self._buf) >= 65536:
             self._flush()
 
+    def fail(self) -> None:
+        """Abandon the message: close() then gives qmail-queue no envelope, so nothing is queued."""
+        self._abandoned = True
+
     def _flush(self) -> None:
         try:
             durable.write_all(self._msg, self._buf)
@@ -79,7 +84,8 @@ class QQ:
             envelope += b"T" + r + b"\0"
         envelope += b"\0"
         try:
-            durable.write_all(self._envfd, envelope)
+            if not self._abandoned:
+                durable.write_all(self._envfd, envelope)
         except OSError:
             self._failed = True
         os.close(self._envfd)
@@ -96,6 +102,6 @@ class QQ:
         code = spawn.wait(self.pid)
         if code < 0:
             return exits.CRASHED
-        if code == 0 and self._failed:
+        if code == 0 and (self._failed or self._abandoned):
             return exits.report(54)
         return exits.report(code, bytes(custom))

@@ -1,0 +1,1075 @@
+"""qmail-send: deliver mail messages from the queue (qmail-send(8), INTERNALS.md).
+
+One single-threaded select loop, as qmail's. Each turn it writes pending
+commands to qmail-lspawn (descriptor 1) and qmail-rspawn (3), reads their
+reports (2, 4), preprocesses one message of todo/ (rewriting recipients into
+info/N, local/N, remote/N, then asking qmail-clean (5, answers on 6) to
+remove todo/N), starts the deliveries that are due, finishes messages whose
+recipients are all done (bounce, then info/N, then mess/N) and cleans up
+what a crash left behind. The activity record of qmail-log(5) goes to
+descriptor 0, a whole line per write.
+
+Signals are handled in one place, the top of the loop: TERM stops new work
+and exits once running deliveries have reported; ALRM makes every recipient
+due now; HUP rereads locals and virtualdomains. Time comes from a clock
+object, so tests replace it; schedule.py, bounce.py and log.py hold the
+decisions and texts.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import os
+import select
+import time
+
+from pyqmail import control, durable
+from pyqmail import home as _home
+from pyqmail import sig as signal
+from pyqmail.entry import program
+from pyqmail.queue import layout
+from pyqmail.queue.qmail_queue import date822
+from pyqmail.queue.qq import QQ
+from pyqmail.send import bounce, log, schedule, spawnproto
+from pyqmail.send.schedule import CHANNELS, LOCAL, REMOTE
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+FD_LOG = 0
+CHANFDOUT = (1, 3)
+CHANFDIN = (2, 4)
+FD_TOCLEAN = 5
+FD_FROMCLEAN = 6
+CHANDIR = ("local", "remote")
+
+SLEEP_TODO = 1500  # scan todo/ at least this often, trigger or not
+SLEEP_FUZZ = 1  # slop on sleeps, against the Zeno effect
+SLEEP_FOREVER = 86400  # the longest select()
+SLEEP_CLEANUP = 76431  # between two cleanup passes over mess/
+SLEEP_SYSFAIL = 123  # before retrying after a failed system call
+SLEEP_ALERT = 10  # after an alert: a full disk, an unreadable directory
+OSSIFIED = 129600  # 36 hours: must exceed qmail-queue's 24-hour suicide timer
+RECORD_MAX = 1 << 20  # bytes of one envelope record read (qmail-queue writes at most 1004)
+EXIT_TEMPORARY = 111
+
+
+class Controls:
+    """What qmail-send reads from QMAILHOME/control at start."""
+
+    __slots__ = ("lifetime", "concurrency", "bouncefrom", "bouncehost", "doublebounceto", "rewriter")
+
+    def __init__(self, lifetime: int, concurrency: list[int], bouncefrom: bytes, bouncehost: bytes,
+                 doublebounceto: bytes, rewriter: schedule.Rewriter) -> None:
+        self.lifetime = lifetime
+        self.concurrency = concurrency
+        self.bouncefrom = bouncefrom
+        self.bouncehost = bouncehost
+        self.doublebounceto = doublebounceto
+        self.rewriter = rewriter
+
+
+def _b(s: str) -> bytes:
+    return s.encode(control.ENCODING)
+
+
+def _lines(name: str, flag_me: bool = False) -> list[bytes] | None:
+    found = control.read_lines(name, flag_me=flag_me)
+    return None if found is None else [_b(x) for x in found]
+
+
+def read_controls() -> Controls | None:
+    """Read the control files in the current home; None if they cannot be read or locals has no default."""
+    try:
+        lifetime = control.read_int("queuelifetime", schedule.DEFAULT_LIFETIME)
+        concurrency = [control.read_int("concurrencylocal", schedule.DEFAULT_CONCURRENCY[LOCAL]),
+                       control.read_int("concurrencyremote", schedule.DEFAULT_CONCURRENCY[REMOTE])]
+        envnoathost = control.read_default("envnoathost", "envnoathost") or ""
+        bouncefrom = control.read_default("bouncefrom", "MAILER-DAEMON", flag_me=False) or ""
+        bouncehost = control.read_default("bouncehost", "bouncehost") or ""
+        dbhost = control.read_default("doublebouncehost", "doublebouncehost") or ""
+        dbto = control.read_default("doublebounceto", "postmaster", flag_me=False) or ""
+        locals_ = _lines("locals", flag_me=True)
+        if locals_ is None:
+            return None
+        rewriter = schedule.Rewriter(_b(envnoathost), locals_, _lines("percenthack") or [],
+                                     _lines("virtualdomains") or [], _lines("recipientmap") or [])
+    except control.ControlError:
+        return None
+    return Controls(lifetime, concurrency, _b(bouncefrom), _b(bouncehost), _b(dbto) + b"@" + _b(dbhost), rewriter)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    """Return the stat of path, None if it does not exist; raise OSError on any other error."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _records(fd: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, record) for every NUL-terminated record on fd; a last unterminated one is dropped.
+
+    Raise OSError on a read error or a record longer than RECORD_MAX.
+    """
+    buf = b""
+    base = 0  # file offset of buf[0]
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        buf += chunk
+        start = 0
+        while True:
+            end = buf.find(b"\0", start)
+            if end == -1:
+                break
+            yield base + start, buf[start:end]
+            start = end + 1
+        base += start
+        buf = buf[start:]
+        if len(buf) > RECORD_MAX:
+            raise OSError(errno.E2BIG, "envelope record too long")
+
+
+class Job:
+    """One pass over one message's recipient list in one channel, and its deliveries."""
+
+    __slots__ = ("refs", "id", "channel", "retry", "sender", "numtodo", "hiteof", "dying")
+
+    def __init__(self) -> None:
+        self.refs = 0  # 0: this slot is free
+        self.id = 0
+        self.channel = 0
+        self.retry = 0
+        self.sender = b""
+        self.numtodo = 0
+        self.hiteof = False
+        self.dying = False
+
+
+class Delivery:
+    """A delivery slot of one channel: the job, the delivery number, where to mark it done, the recipient."""
+
+    __slots__ = ("job", "delid", "mpos", "recip")
+
+    def __init__(self, job: Job, delid: int, mpos: int, recip: bytes) -> None:
+        self.job = job
+        self.delid = delid
+        self.mpos = mpos
+        self.recip = recip
+
+
+class Pass:
+    """The recipient list being read in one channel."""
+
+    __slots__ = ("id", "job", "fd", "records", "fn")
+
+    def __init__(self) -> None:
+        self.id = 0  # 0: no pass under way
+        self.job: Job | None = None
+        self.fd = -1
+        self.records: Iterator[tuple[int, bytes]] | None = None
+        self.fn = ""
+
+
+class Send:
+    """qmail-send's state and loop. Runs in QMAILHOME/queue; time comes from clock()."""
+
+    def __init__(self, controls: Controls, split: int, clock: Callable[[], int],
+                 sleep: Callable[[float], None] = time.sleep, spawn_max: tuple[int, int] = (255, 255)) -> None:
+        self.c = controls
+        self.split = split
+        self.clock = clock
+        self.sleep = sleep
+        self.concurrency = [min(controls.concurrency[ch], spawn_max[ch]) for ch in CHANNELS]
+        self.used = [0, 0]
+        self.alive = [True, True]
+        self.exitasap = False
+        self.runasap = False
+        self.readasap = False
+        self.recent = clock()
+        self.masterdelid = 1
+        self.dels: list[list[Delivery | None]] = [[None] * n for n in self.concurrency]
+        self.jobs = [Job() for _ in range(sum(self.concurrency))]
+        self.free_jobs = len(self.jobs)
+        self.passes = [Pass(), Pass()]
+        self.pqchan: list[list[tuple[int, int, int]]] = [[], []]
+        self.pqdone: list[tuple[int, int, int]] = []
+        self.pqfail: list[tuple[int, int, int]] = []
+        self._seq = 0
+        self.comm = [bytearray(), bytearray()]
+        self.reports = [spawnproto.ReportReader(), spawnproto.ReportReader()]
+        self.trigger = -1
+        self.tododir: Iterator[os.DirEntry[str]] | None = None
+        self.nexttodorun = 0
+        self.cleanupdir: Iterator[int] | None = None
+        self.cleanuptime = 0
+        self.wake = -1
+
+    # Names in the queue ------------------------------------------------------------
+
+    def fn_split(self, kind: str, messid: int) -> str:
+        return f"{kind}/{messid % self.split}/{messid}"
+
+    # The log -----------------------------------------------------------------------
+
+    def log(self, line: bytes) -> None:
+        """Write one line of the activity record; a dead logger is not qmail-send's problem."""
+        view = memoryview(line)
+        while view:
+            try:
+                n = os.write(FD_LOG, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            view = view[n:]
+
+    def status(self) -> None:
+        self.log(log.status(self.used, self.concurrency, self.exitasap))
+
+    def pause(self, line: bytes) -> None:
+        """Log an alert and sleep before trying again."""
+        self.log(line)
+        self.sleep(SLEEP_ALERT)
+
+    # Priority queues ---------------------------------------------------------------
+
+    def _push(self, pq: list[tuple[int, int, int]], dt: int, messid: int) -> None:
+        self._seq += 1
+        heapq.heappush(pq, (dt, self._seq, messid))
+
+    def pqadd(self, messid: int) -> None:
+        """Schedule a preprocessed message found at start (or after a stat failure)."""
+        fn = self.fn_split("info", messid)
+        try:
+            if _stat(fn) is None:
+                return  # someone yanking our chain
+            fn = f"todo/{messid}"
+            if _stat(fn) is not None:
+                return  # preprocessing was interrupted: the todo scan redoes it
+            found = []
+            for c in CHANNELS:
+                fn = self.fn_split(CHANDIR[c], messid)
+                st = _stat(fn)
+                if st is not None:
+                    found.append((c, int(st.st_mtime)))
+        except OSError:
+            self.log(log.unable(b"stat", fn.encode(), later=True))
+            self._push(self.pqfail, self.clock() + SLEEP_SYSFAIL, messid)
+            return
+        for c, dt in found:
+            self._push(self.pqchan[c], dt, messid)
+        if not found:
+            self._push(self.pqdone, self.clock(), messid)
+
+    def pqstart(self) -> None:
+        """Schedule every preprocessed message in the queue."""
+        for messid in self._subdir_ids("info"):
+            self.pqadd(messid)
+
+    def pqfinish(self) -> None:
+        """Record each waiting recipient list's next retry time as its mtime."""
+        for c in CHANNELS:
+            while self.pqchan[c]:
+                dt, _, messid = heapq.heappop(self.pqchan[c])
+                fn = self.fn_split(CHANDIR[c], messid)
+                try:
+                    os.utime(fn, (dt, dt))
+                except OSError:
+                    self.log(log.utime_trouble(fn.encode()))
+
+    def pqrun(self) -> None:
+        """Make every waiting recipient list due now (SIGALRM)."""
+        for c in CHANNELS:
+            self.pqchan[c] = [(self.recent, seq, messid) for _, seq, messid in self.pqchan[c]]
+            heapq.heapify(self.pqchan[c])
+
+    def _subdir_ids(self, kind: str) -> Iterator[int]:
+        """Yield the message numbers in every split subdirectory of kind, pausing while one cannot be read."""
+        for i in range(self.split):
+            name = f"{kind}/{i}"
+            while True:
+                try:
+                    names = os.listdir(name)
+                    break
+                except OSError:
+                    self.pause(log.opendir(name.encode()))
+            for n in names:
+                if n.isdigit() and n.isascii():
+                    yield int(n)
+
+    # Talking to qmail-clean -----------------------------------------------------------
+
+    def clean(self, kind: str, messid: int) -> bytes | None:
+        """Ask qmail-clean to remove kind/N; return its answer byte, None if it is gone."""
+        try:
+            durable.write_all(FD_TOCLEAN, spawnproto.clean_command(kind, messid))
+            while True:
+                try:
+                    answer = os.read(FD_FROMCLEAN, 1)
+                    break
+                except InterruptedError:
+                    continue
+        except OSError:
+            answer = b""
+        if not answer:
+            self.log(log.LOST_CLEAN)
+            self.exitasap = True
+            return None
+        return answer
+
+    # Talking to the spawners ---------------------------------------------------------
+
+    def spawndied(self, c: int) -> None:
+        self.log(log.LOST_SPAWN)
+        self.alive[c] = False
+        self.exitasap = True
+
+    def comm_canwrite(self, c: int) -> bool:
+        return not self.comm[c]
+
+    def comm_flush(self, c: int) -> None:
+        """Write what the spawner of channel c can take now."""
+        buf = self.comm[c]
+        while buf and self.alive[c]:
+            try:
+                n = os.write(CHANFDOUT[c], buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except BrokenPipeError:
+                self.spawndied(c)
+                return
+            except OSError:
+                return  # as qmail: an odd error is retried when select says writable
+            del buf[:n]
+
+    def del_avail(self, c: int) -> bool:
+        return self.alive[c] and self.comm_canwrite(c) and self.used[c] < self.concurrency[c]
+
+    def del_canexit(self) -> bool:
+        return all(not self.alive[c] or not self.used[c] for c in CHANNELS)
+
+    def del_start(self, job: Job, mpos: int, recip: bytes) -> None:
+        """Start delivering job's message to recip, whose record is at mpos."""
+        c = job.channel
+        if not self.alive[c] or not self.comm_canwrite(c):
+            return
+        slots = self.dels[c]
+        try:
+            i = slots.index(None)
+        except ValueError:
+            return
+        delid = self.masterdelid
+        self.masterdelid += 1
+        slots[i] = Delivery(job, delid, mpos, recip)
+        job.refs += 1
+        self.used[c] += 1
+        messid = f"{job.id % self.split}/{job.id}".encode()
+        self.comm[c] += spawnproto.command(i, messid, schedule.verp_sender(job.sender, recip), recip)
+        self.comm_flush(c)
+        self.log(log.starting(delid, job.id, c, recip))
+        self.status()
+
+    def markdone(self, c: int, messid: int, pos: int) -> None:
+        """Mark the recipient record at pos done ('T' becomes 'D'), durably."""
+        fn = self.fn_split(CHANDIR[c], messid)
+        try:
+            fd = os.open(fn, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self.log(log.trouble_marking(fn.encode()))
+            return
+        try:
+            os.pwrite(fd, b"D", pos)
+            os.fsync(fd)
+        except OSError:
+            self.log(log.trouble_marking(fn.encode()))
+        finally:
+            os.close(fd)
+
+    def addbounce(self, messid: int, recip: bytes, report: bytes) -> None:
+        """Append a permanent failure to bounce/N; a full disk is waited out, never ignored."""
+        text = bounce.paragraph(self.c.rewriter.strip_prepend(recip), report)
+        fn = f"bounce/{messid}"
+        while True:
+            try:
+                fd = os.open(fn, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                break
+            except OSError:
+                self.pause(log.BOUNCE_APPEND)
+        try:
+            view = memoryview(text)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except OSError:
+                    self.pause(log.BOUNCE_APPEND)
+            # Beyond qmail: the note must be on disk before the recipient is marked done.
+            while True:
+                try:
+                    os.fsync(fd)
+                    break
+                except OSError:
+                    self.pause(log.BOUNCE_APPEND)
+        finally:
+            os.close(fd)
+
+    def del_dochan(self, c: int) -> None:
+        """Read and act on the reports of channel c."""
+        try:
+            data = os.read(CHANFDIN[c], 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if not data:
+            self.spawndied(c)
+            return
+        for slot, report in self.reports[c].feed(data):
+            d = self.dels[c][slot] if slot < self.concurrency[c] else None
+            if d is None:
+                self.log(log.REPORT_OUT_OF_RANGE)
+                continue
+            job = d.job
+            if report[:1] == b"Z" and job.dying:
+                report = b"D" + report[1:] + schedule.TOO_LONG
+            letter, text = report[:1], report[1:]
+            if letter == b"K":
+                self.log(log.success(d.delid, text))
+                self.markdone(c, job.id, d.mpos)
+                job.numtodo -= 1
+            elif letter == b"Z":
+                self.log(log.deferral(d.delid, text))
+            elif letter == b"D":
+                self.log(log.failure(d.delid, text))
+                self.addbounce(job.id, d.recip, text)
+                self.markdone(c, job.id, d.mpos)
+                job.numtodo -= 1
+            else:
+                self.log(log.mangled(d.delid))
+            self.job_close(job)
+            self.dels[c][slot] = None
+            self.used[c] -= 1
+            self.status()
+
+    # Jobs --------------------------------------------------------------------------
+
+    def job_open(self, messid: int, c: int) -> Job:
+        for job in self.jobs:
+            if not job.refs:
+                break
+        else:
+            raise RuntimeError("no free job")  # callers check job_avail first
+        job.refs = 1
+        job.id = messid
+        job.channel = c
+        job.numtodo = 0
+        job.hiteof = False
+        self.free_jobs -= 1
+        return job
+
+    def job_close(self, job: Job) -> None:
+        job.refs -= 1
+        if job.refs > 0:
+            return
+        self.free_jobs += 1
+        dt = job.retry
+        if job.hiteof and not job.numtodo:
+            fn = self.fn_split(CHANDIR[job.channel], job.id)
+            try:
+                os.unlink(fn)
+            except OSError:
+                self.log(log.unable(b"unlink", fn.encode(), later=True))
+                dt = self.clock() + SLEEP_SYSFAIL
+            else:
+                for other in CHANNELS:
+                    if other == job.channel:
+                        continue
+                    fn = self.fn_split(CHANDIR[other], job.id)
+                    try:
+                        if _stat(fn) is not None:
+                            return  # more channels going
+                    except OSError:
+                        self.log(log.unable(b"stat", fn.encode()))
+                        break
+                self._push(self.pqdone, self.clock(), job.id)
+                return
+        self._push(self.pqchan[job.channel], dt, job.id)
+
+    # Passes over recipient lists ------------------------------------------------------
+
+    def getinfo(self, messid: int) -> tuple[bytes, int] | None:
+        """Return (sender, birth) from info/N, None if it cannot be read."""
+        try:
+            fd = os.open(self.fn_split("info", messid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            for _, rec in _records(fd):
+                if rec[:1] != b"F":
+                    return None
+                return rec[1:], int(st.st_mtime)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return None
+
+    def pass_dochan(self, c: int) -> None:
+        """Start the due deliveries of channel c, as many as it has room for."""
+        if self.exitasap:
+            return
+        p = self.passes[c]
+        if not p.id:
+            if not self.free_jobs or not self.pqchan[c]:
+                return
+            dt, _, messid = self.pqchan[c][0]
+            if dt > self.recent:
+                return
+            heapq.heappop(self.pqchan[c])
+            fn = self.fn_split(CHANDIR[c], messid)
+            try:
+                fd = os.open(fn, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            info = self.getinfo(messid) if fd != -1 else None
+            if info is None:
+                if fd != -1:
+                    os.close(fd)
+                self.log(log.trouble(b"opening", fn.encode(), later=True))
+                self._push(self.pqchan[c], self.recent + SLEEP_SYSFAIL, messid)
+                return
+            sender, birth = info
+            opened = self.job_open(messid, c)
+            opened.retry = schedule.next_retry(birth, self.recent, c)
+            opened.dying = schedule.dying(birth, self.recent, self.c.lifetime)
+            opened.sender = sender
+            p.id, p.job, p.fd, p.fn, p.records = messid, opened, fd, fn, _records(fd)
+        job = p.job
+        assert job is not None and p.records is not None
+        while self.del_avail(c):
+            try:
+                pos, rec = next(p.records)
+            except StopIteration:
+                job.hiteof = True
+                self._end_pass(p)
+                return
+            except OSError:
+                self.log(log.trouble(b"reading", p.fn.encode(), later=True))
+                self._end_pass(p)
+                return
+            kind = rec[:1]
+            if kind == b"T":
+                job.numtodo += 1
+                self.del_start(job, pos, rec[1:])
+            elif kind != b"D":
+                self.log(log.unknown_record(p.fn.encode(), bang=True))
+                self._end_pass(p)
+                return
+
+    def _end_pass(self, p: Pass) -> None:
+        os.close(p.fd)
+        job = p.job
+        p.id, p.job, p.fd, p.records = 0, None, -1, None
+        if job is not None:
+            self.job_close(job)
+
+    def messdone(self, messid: int) -> None:
+        """Finish a message whose recipient lists are gone: bounce, info/N, mess/N."""
+        try:
+            for c in CHANNELS:
+                fn = self.fn_split(CHANDIR[c], messid)
+                if _stat(fn) is not None:
+                    return  # false alarm
+            fn = f"todo/{messid}"
+            if _stat(fn) is not None:
+                return
+            fn = self.fn_split("info", messid)
+            if _stat(fn) is None:
+                return
+        except OSError:
+            self.log(log.unable(b"stat", fn.encode(), later=True))
+            self._push(self.pqdone, self.clock() + SLEEP_SYSFAIL, messid)
+            return
+        if not self.injectbounce(messid):
+            self._push(self.pqdone, self.clock() + SLEEP_SYSFAIL, messid)
+            return
+        self.log(log.end_msg(messid))
+        fn = self.fn_split("info", messid)
+        try:
+            os.unlink(fn)
+        except OSError:
+            self.log(log.unable(b"unlink", fn.encode(), later=True))
+            self._push(self.pqdone, self.clock() + SLEEP_SYSFAIL, messid)
+            return
+        answer = self.clean("foop", messid)
+        if answer is not None and answer != spawnproto.CLEAN_DONE:
+            self.log(log.clean_trouble(f"foop/{messid}".encode()))
+
+    def injectbounce(self, messid: int) -> bool:
+        """Queue the bounce of message N if bounce/N exists and remove it; return False to try later."""
+        info = self.getinfo(messid)
+        if info is None:
+            return False
+        sender = bounce.vanilla_sender(info[0])
+        bfn = f"bounce/{messid}"
+        try:
+            if _stat(bfn) is None:
+                return True
+        except OSError:
+            self.log(log.unable(b"stat", bfn.encode()))
+            return False
+        if bounce.is_triple(sender):
+            self.log(log.triple_bounce(bfn.encode()))
+        else:
+            qq = QQ()
+            if qq.pid == -1:
+                self.log(log.QQ_START)
+                return False
+            bsender, brecip = bounce.envelope(sender, self.c.doublebounceto)
+            double = not sender
+            qq.write(bounce.head(date822(self.clock()).encode(), self.c.bouncefrom, self.c.bouncehost,
+                                 brecip, double))
+            if not self._copy(bfn, qq):
+                qq.fail()
+            qq.write(bounce.middle(sender, double))
+            if not self._copy(self.fn_split("mess", messid), qq):
+                qq.fail()
+            if qq.close(bsender, [brecip]):
+                self.log(log.QQ_TROUBLE)
+                return False
+            self.log(log.bounce_msg(messid, qq.pid))
+        try:
+            os.unlink(bfn)
+        except OSError:
+            self.log(log.unable(b"unlink", bfn.encode()))
+            return False
+        return True
+
+    @staticmethod
+    def _copy(fn: str, qq: QQ) -> bool:
+        """Write the file fn into qq; return False if it could not be read."""
+        try:
+            fd = os.open(fn, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return True
+                qq.write(chunk)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def pass_do(self) -> None:
+        for c in CHANNELS:
+            self.pass_dochan(c)
+        if self.pqfail and self.pqfail[0][0] <= self.recent:
+            _, _, messid = heapq.heappop(self.pqfail)
+            self.pqadd(messid)
+        if self.pqdone and self.pqdone[0][0] <= self.recent:
+            _, _, messid = heapq.heappop(self.pqdone)
+            self.messdone(messid)
+
+    def pass_wakeup(self, wakeup: int) -> int:
+        if self.exitasap:
+            return wakeup
+        for c in CHANNELS:
+            if self.passes[c].id and self.del_avail(c):
+                return 0
+        if self.free_jobs:
+            for c in CHANNELS:
+                if not self.passes[c].id and self.pqchan[c]:
+                    wakeup = min(wakeup, self.pqchan[c][0][0])
+        if self.pqfail:
+            wakeup = min(wakeup, self.pqfail[0][0])
+        if self.pqdone:
+            wakeup = min(wakeup, self.pqdone[0][0])
+        return wakeup
+
+    # todo/: preprocessing ------------------------------------------------------------
+
+    def trigger_set(self) -> None:
+        """(Re)open lock/trigger, so that the next pull wakes the loop."""
+        if self.trigger != -1:
+            os.close(self.trigger)
+        try:
+            self.trigger = os.open(layout.TRIGGER, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.trigger = -1
+
+    def todo_do(self, pulled: bool) -> None:
+        """Preprocess the next message of todo/, starting a scan when triggered or due."""
+        if self.exitasap:
+            return
+        if self.tododir is None:
+            if not pulled and self.recent < self.nexttodorun:
+                return
+            self.trigger_set()
+            try:
+                self.tododir = os.scandir("todo")
+            except OSError:
+                self.pause(log.opendir(b"todo"))
+                return
+            self.nexttodorun = self.recent + SLEEP_TODO
+        for entry in self.tododir:
+            name = entry.name
+            if name.isdigit() and name.isascii():
+                self.preprocess(int(name))
+                return
+        self.tododir.close()  # type: ignore[attr-defined]
+        self.tododir = None
+
+    def preprocess(self, messid: int) -> None:
+        """Turn todo/N into info/N, local/N and remote/N, then have qmail-clean remove todo/N (S4 -> S5)."""
+        todo = f"todo/{messid}"
+        try:
+            fd = os.open(todo, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.log(log.unable(b"open", todo.encode()))
+            return
+        fds: list[int] = [fd]
+        try:
+            self._preprocess(messid, fd, fds)
+        finally:
+            for x in fds:
+                os.close(x)
+
+    def _preprocess(self, messid: int, fd: int, fds: list[int]) -> None:
+        mess = self.fn_split("mess", messid)
+        try:
+            size = os.stat(mess).st_size  # just for the statistics
+        except OSError:
+            self.log(log.unable(b"stat", mess.encode()))
+            return
+        for fn in (self.fn_split("local", messid), self.fn_split("remote", messid), self.fn_split("info", messid)):
+            try:
+                os.unlink(fn)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.log(log.unable(b"unlink", fn.encode()))
+                return
+        info_fn = self.fn_split("info", messid)
+        try:
+            info = durable.create_excl(info_fn)
+        except OSError:
+            self.log(log.unable(b"create", info_fn.encode()))
+            return
+        fds.append(info)
+        self.log(log.new_msg(messid))
+        chan_fn = [self.fn_split(CHANDIR[c], messid) for c in CHANNELS]
+        chan_fd = [-1, -1]
+        chan_buf = [bytearray(), bytearray()]
+        info_buf = bytearray()
+        uid = pid = 0
+        try:
+            for _, rec in _records(fd):
+                kind = rec[:1]
+                if kind == b"u":
+                    uid = _scan_ulong(rec[1:])
+                elif kind == b"p":
+                    pid = _scan_ulong(rec[1:])
+                elif kind == b"F":
+                    info_buf += rec + b"\0"
+                    self.log(log.info_msg(messid, size, rec[1:], pid, uid))
+                elif kind == b"T":
+                    c, addr = self.c.rewriter.rewrite(rec[1:])
+                    if chan_fd[c] == -1:
+                        try:
+                            chan_fd[c] = durable.create_excl(chan_fn[c])
+                        except OSError:
+                            self.log(log.unable(b"create", chan_fn[c].encode()))
+                            return
+                        fds.append(chan_fd[c])
+                    chan_buf[c] += b"T" + addr + b"\0"
+                else:
+                    self.log(log.unknown_record(f"todo/{messid}".encode(), bang=False))
+                    return
+        except OSError:
+            self.log(log.trouble(b"reading", f"todo/{messid}".encode()))
+            return
+        for out, buf, fn in [(info, info_buf, info_fn)] + [
+                (chan_fd[c], chan_buf[c], chan_fn[c]) for c in CHANNELS if chan_fd[c] != -1]:
+            try:
+                durable.write_all(out, buf)
+            except OSError:
+                self.log(log.trouble(b"writing to", fn.encode()))
+                return
+            try:
+                os.fsync(out)
+            except OSError:
+                self.log(log.trouble(b"fsyncing", fn.encode()))
+                return
+        # Beyond qmail: the new names must be on disk before todo/N goes.
+        for fn in [info_fn] + [chan_fn[c] for c in CHANNELS if chan_fd[c] != -1]:
+            try:
+                durable.fsync_dir(os.path.dirname(fn))
+            except OSError:
+                self.log(log.trouble(b"fsyncing", fn.encode()))
+                return
+        answer = self.clean("todo", messid)
+        if answer is None:
+            return
+        if answer != spawnproto.CLEAN_DONE:
+            self.log(log.clean_trouble(f"todo/{messid}".encode()))
+            return
+        now = self.clock()
+        flagged = [c for c in CHANNELS if chan_fd[c] != -1]
+        for c in flagged:
+            self._push(self.pqchan[c], now, messid)
+        if not flagged:
+            self._push(self.pqdone, now, messid)
+
+    # Cleanups ------------------------------------------------------------------------
+
+    def cleanup_do(self, budget: int = 50) -> None:
+        """Remove messages a crash left in S2 or S3 for 36 hours, a few per turn."""
+        if self.cleanupdir is None:
+            if self.recent < self.cleanuptime:
+                return
+            self.cleanupdir = self._subdir_ids("mess")
+        for _ in range(budget):
+            try:
+                messid = next(self.cleanupdir)
+            except StopIteration:
+                self.cleanupdir = None
+                self.cleanuptime = self.recent + SLEEP_CLEANUP
+                return
+            try:
+                st = _stat(self.fn_split("mess", messid))
+                if st is None or self.recent <= st.st_atime + OSSIFIED:
+                    continue
+                if _stat(self.fn_split("info", messid)) is not None:
+                    continue
+                if _stat(f"todo/{messid}") is not None:
+                    continue
+            except OSError:
+                continue
+            answer = self.clean("foop", messid)
+            if answer is None:
+                return
+            if answer != spawnproto.CLEAN_DONE:
+                self.log(log.clean_trouble(f"foop/{messid}".encode()))
+
+    # Controls ------------------------------------------------------------------------
+
+    def reread(self, qmail_home: str) -> None:
+        """Reread locals and virtualdomains (SIGHUP); keep the old ones if they cannot be read."""
+        try:
+            os.chdir(qmail_home)
+        except OSError:
+            self.log(log.REREAD_HOME)
+            return
+        try:
+            try:
+                locals_ = _lines("locals", flag_me=True)
+            except control.ControlError:
+                locals_ = None
+            if locals_ is None:
+                self.log(log.REREAD_LOCALS)
+                return
+            try:
+                vdoms = _lines("virtualdomains") or []
+            except control.ControlError:
+                self.log(log.REREAD_VDOMS)
+                return
+            self.c.rewriter.reread(locals_, vdoms)
+        finally:
+            while True:
+                try:
+                    os.chdir("queue")
+                    break
+                except OSError:
+                    self.pause(log.SWITCH_BACK)
+
+    # The loop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prepare the loop: nonblocking spawner pipes, the queue's state, the first status line."""
+        for c in CHANNELS:
+            try:
+                fl = fcntl.fcntl(CHANFDOUT[c], fcntl.F_GETFL)
+                fcntl.fcntl(CHANFDOUT[c], fcntl.F_SETFL, fl | os.O_NONBLOCK)
+            except OSError:
+                self.spawndied(c)  # drastic, but better than risking deadlock
+        self.pqstart()
+        self.status()
+        self.nexttodorun = self.clock()
+        self.trigger_set()
+        self.cleanuptime = self.clock()
+
+    def step(self, max_wait: float | None = None, qmail_home: str = "") -> None:
+        """Run one turn of the loop, waiting at most max_wait seconds (None: as long as due)."""
+        self.recent = self.clock()
+        if self.runasap:
+            self.runasap = False
+            self.pqrun()
+        if self.readasap:
+            self.readasap = False
+            self.reread(qmail_home or _home.home())
+        wakeup = self.recent + SLEEP_FOREVER
+        rfds: list[int] = []
+        wfds: list[int] = []
+        for c in CHANNELS:
+            if self.alive[c]:
+                rfds.append(CHANFDIN[c])
+                if self.comm[c]:
+                    wfds.append(CHANFDOUT[c])
+        wakeup = self.pass_wakeup(wakeup)
+        if not self.exitasap:
+            if self.trigger != -1:
+                rfds.append(self.trigger)
+            if self.tododir is not None:
+                wakeup = 0
+            wakeup = min(wakeup, self.nexttodorun)
+        if self.cleanupdir is not None:
+            wakeup = 0
+        wakeup = min(wakeup, self.cleanuptime)
+        if self.wake != -1:
+            rfds.append(self.wake)
+        timeout: float = 0 if wakeup <= self.recent else wakeup - self.recent + SLEEP_FUZZ
+        if max_wait is not None:
+            timeout = min(timeout, max_wait)
+        try:
+            readable, writable, _ = select.select(rfds, wfds, [], timeout)
+        except OSError:
+            self.log(log.SELECT_TROUBLE)
+            return
+        self.recent = self.clock()
+        if self.wake != -1 and self.wake in readable:
+            _drain(self.wake)
+        for c in CHANNELS:
+            if CHANFDOUT[c] in writable:
+                self.comm_flush(c)
+        for c in CHANNELS:
+            if self.alive[c] and CHANFDIN[c] in readable:
+                self.del_dochan(c)
+        self.todo_do(self.trigger != -1 and self.trigger in readable)
+        self.pass_do()
+        self.cleanup_do()
+
+    def done(self) -> bool:
+        """Return True once TERM (or a lost daemon) has come and no delivery is running."""
+        return self.exitasap and self.del_canexit()
+
+    def finish(self) -> None:
+        """Save the retry times and say goodbye."""
+        self.pqfinish()
+        self.log(log.STATUS_EXITING)
+
+
+def _scan_ulong(field: bytes) -> int:
+    n = 0
+    for c in field:
+        if not 48 <= c <= 57:
+            break
+        n = n * 10 + c - 48
+    return n
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+
+
+def _die(line: bytes) -> int:
+    try:
+        os.write(FD_LOG, line)
+    except OSError:
+        pass
+    return EXIT_TEMPORARY
+
+
+def _read_spawn_max(fd: int) -> int | None:
+    while True:
+        try:
+            data = os.read(fd, 1)
+            return data[0] if data else None
+        except InterruptedError:
+            continue
+        except OSError:
+            return None
+
+
+def _log_crash(reason: str) -> None:
+    os.write(FD_LOG, b"alert: " + reason.encode("utf-8", "backslashreplace") + b"\n")
+
+
+def _clock() -> int:
+    return int(time.time())
+
+
+@program("qmail-send", crash=EXIT_TEMPORARY, on_crash=_log_crash)
+def main(argv: list[str]) -> int:
+    """Deliver the queue until TERM; return 0, or 111 if qmail-send cannot start."""
+    qmail_home = _home.home()
+    try:
+        os.chdir(qmail_home)
+    except OSError:
+        return _die(log.CANNOT_START_HOME)
+    controls = read_controls()
+    if controls is None:
+        return _die(log.CANNOT_START_CONTROLS)
+    try:
+        os.chdir("queue")
+    except OSError:
+        return _die(log.CANNOT_START_QUEUE)
+    # Until the loop's state exists the handlers note the signal here.
+    early = {"exit": False, "run": False, "read": False}
+
+    def on_term(signum: int, frame: object) -> None:
+        early["exit"] = True
+
+    def on_alrm(signum: int, frame: object) -> None:
+        early["run"] = True
+
+    def on_hup(signum: int, frame: object) -> None:
+        early["read"] = True
+
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGALRM, on_alrm)
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.umask(0o077)
+    try:
+        mutex = os.open(layout.SENDMUTEX, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return _die(log.CANNOT_START_MUTEX)
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return _die(log.CANNOT_START_RUNNING)
+    spawn_max = []
+    for c in CHANNELS:
+        n = _read_spawn_max(CHANFDIN[c])
+        if n is None:
+            return _die(log.CANNOT_START_SPAWN)
+        spawn_max.append(n)
+    send = Send(controls, _home.install().split, _clock, spawn_max=(spawn_max[0], spawn_max[1]))
+    send.wake = wake_r
+    send.exitasap, send.runasap, send.readasap = early["exit"], early["run"], early["read"]
+    # From here on the handlers set the loop's flags themselves, as qmail's do.
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(send, "exitasap", True))
+    signal.signal(signal.SIGALRM, lambda signum, frame: setattr(send, "runasap", True))
+    signal.signal(signal.SIGHUP, lambda signum, frame: setattr(send, "readasap", True))
+    send.start()
+    while not send.done():
+        send.step(qmail_home=qmail_home)
+    send.finish()
+    return 0

@@ -1,0 +1,116 @@
+"""qmail-start: turn on mail delivery (qmail-start(8)).
+
+    qmail-start [ defaultdelivery [ logger arg ... ] ]
+
+Starts qmail-lspawn (with defaultdelivery, ./Mailbox if none), qmail-rspawn
+and qmail-clean, wired by pipes to the descriptors of qmail-send(8), and
+then becomes qmail-send itself, so that its process is the one a supervisor
+signals. qmail-send's activity record goes to qmail-start's descriptor 1,
+or through logger (run with its arguments, found on $PATH) when one is
+given. Run as root in a root-mode installation every daemon gets its qmail
+ids, as qmail's: the qmail group for all; qmail-send as qmails, qmail-clean
+as qmailq, qmail-rspawn as qmailr, qmail-lspawn stays root (it delivers as
+each recipient); the logger runs as qmaill in group nofiles. Otherwise
+(single-user mode) everything runs as the invoking user. qmail-start prints
+nothing, even on failure. qmail-queued, the injection server of root mode,
+is not started here: `qmail up` runs it beside qmail-start.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyqmail import home as _home
+from pyqmail import spawn
+from pyqmail.entry import program
+from pyqmail.privs import Credentials, drop
+
+DEFAULT_DELIVERY = "./Mailbox"
+EXIT_FAIL = 111
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _ids(inst: _home.Install) -> dict[str, Credentials] | None:
+    """Return the credentials of each process, or None if the install record lacks some."""
+    need = ("qmaill", "qmailq", "qmailr", "qmails")
+    if any(r not in inst.users for r in need) or "qmail" not in inst.groups or "nofiles" not in inst.groups:
+        return None
+    gid_q, gid_n = inst.groups["qmail"], inst.groups["nofiles"]
+    return {
+        "start": Credentials(0, gid_q),
+        "logger": Credentials(inst.users["qmaill"].uid, gid_n),
+        "qmail-lspawn": Credentials(0, gid_q),
+        "qmail-rspawn": Credentials(inst.users["qmailr"].uid, gid_q),
+        "qmail-clean": Credentials(inst.users["qmailq"].uid, gid_q),
+        "qmail-send": Credentials(inst.users["qmails"].uid, gid_q),
+    }
+
+
+@program("qmail-start", crash=EXIT_FAIL)
+def main(argv: list[str]) -> int:
+    """Start the delivery daemons and become qmail-send; return 111 only if that fails."""
+    try:
+        os.chdir("/")
+    except OSError:
+        return EXIT_FAIL
+    os.umask(0o077)
+    qmail_home = _home.home()
+    inst = _home.install()
+    creds: dict[str, Credentials] | None = None
+    if not inst.single and os.geteuid() == 0:
+        creds = _ids(inst)
+        if creds is None:
+            return EXIT_FAIL
+        try:
+            drop(creds["start"], allow_root=True)
+        except OSError:
+            return EXIT_FAIL
+
+    def who(name: str) -> Credentials | None:
+        return None if creds is None else creds[name]
+
+    args = argv[1:]
+    delivery = args[0] if args else DEFAULT_DELIVERY
+    logger = args[1:]
+    stderr = {2: 2} if _open(2) else {}
+    bindir = os.path.join(qmail_home, "bin")
+
+    log_fd = 1
+    if logger:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            spawn.spawn(logger[0], logger, fds={0: r, **({1: 1} if _open(1) else {}), **stderr},
+                        creds=who("logger"))
+        except OSError:
+            pass  # as qmail: the logger's failure is silent; qmail-send writes into the void
+        finally:
+            os.close(r)
+        log_fd = w
+
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(6)]
+    (l_cmd_r, l_cmd_w), (l_rep_r, l_rep_w), (r_cmd_r, r_cmd_w), (r_rep_r, r_rep_w), \
+        (c_cmd_r, c_cmd_w), (c_rep_r, c_rep_w) = pipes
+    daemons = [("qmail-lspawn", [delivery], l_cmd_r, l_rep_w),
+               ("qmail-rspawn", [], r_cmd_r, r_rep_w),
+               ("qmail-clean", [], c_cmd_r, c_rep_w)]
+    for name, extra, cmd_r, rep_w in daemons:
+        try:
+            spawn.spawn(os.path.join(bindir, name), [name, *extra], fds={0: cmd_r, 1: rep_w, **stderr},
+                        creds=who(name))
+        except OSError:
+            pass  # qmail-send finds out and says so in its log
+        finally:
+            os.close(cmd_r)
+            os.close(rep_w)
+    send_fds = {0: log_fd, 1: l_cmd_w, 2: l_rep_r, 3: r_cmd_w, 4: r_rep_r, 5: c_cmd_w, 6: c_rep_r}
+    try:
+        spawn.become(os.path.join(bindir, "qmail-send"), ["qmail-send"], fds=send_fds, creds=who("qmail-send"))
+    except OSError:
+        return EXIT_FAIL
