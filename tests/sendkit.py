@@ -110,3 +110,104 @@ def only_todo(home: QHome) -> int:
 def maildir_messages(maildir: Path) -> list[bytes]:
     """Return the contents of every message in maildir/new, in name order."""
     return [p.read_bytes() for p in sorted((maildir / "new").iterdir())]
+
+
+class Running:
+    """qmail-start running for a site: its activity record read as it comes."""
+
+    def __init__(self, site: Site, args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        import signal as _signal  # noqa: F401 - tests may use it through this module
+
+        self.site = site
+        self._r, w = os.pipe()
+        self._err = open(site.base / "qmail-start.stderr", "wb")
+        kw: dict[str, object] = {}
+        if site.user is not None:
+            kw = {"user": site.uid, "group": site.gid, "extra_groups": []}
+        self.proc = subprocess.Popen([str(site.home.bin("qmail-start")), *(args or ["./Maildir/"])],
+                                     stdin=subprocess.DEVNULL, stdout=w, stderr=self._err,
+                                     env=env or site.env(), **kw)  # type: ignore[call-overload]
+        os.close(w)
+        os.set_blocking(self._r, False)
+        self.log = b""
+        self._closed = False
+
+    def _read(self, timeout: float) -> bool:
+        """Read what is there within timeout; return False at end of the log."""
+        import select
+
+        if self._closed:
+            return False
+        ready, _, _ = select.select([self._r], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self._r, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            self._closed = True
+            return False
+        self.log += data
+        return True
+
+    def lines(self) -> list[bytes]:
+        return self.log.split(b"\n")[:-1]
+
+    def wait_for(self, pred: object, timeout: float = 60.0) -> list[bytes]:
+        """Read the log until pred(lines) is true (or a line equals pred, if bytes); return the lines."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()
+            if (pred in lines) if isinstance(pred, bytes) else pred(lines):  # type: ignore[operator]
+                return lines
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(min(left, 1.0)) and self._closed:
+                raise AssertionError(f"waited in vain for {pred!r}; log so far:\n" + self.log.decode("latin-1")
+                                     + "\nstderr:\n" + (self.site.base / "qmail-start.stderr").read_text("latin-1"))
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """TERM qmail-send, read the log to its end; return the exit code."""
+        import signal as _signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._to_eof()
+        self.close()
+        return rc
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for qmail-send to exit by itself; return the exit code."""
+        rc = self.proc.wait(timeout)
+        self._to_eof()
+        self.close()
+        return rc
+
+    def _to_eof(self, timeout: float = 30.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self._closed and time.monotonic() < deadline:
+            self._read(1.0)
+
+    def kill(self) -> None:
+        """SIGKILL qmail-send (the process qmail-start became)."""
+        import signal as _signal
+
+        self.proc.send_signal(_signal.SIGKILL)
+        self.proc.wait(60)
+        self._to_eof()
+        self.close()
+
+    def close(self) -> None:
+        if self._r != -1:
+            os.close(self._r)
+            self._r = -1
+            self._closed = True
+        self._err.close()
