@@ -1,0 +1,64 @@
+"""Every reply qmail-smtpd sends, byte for byte as netqmail 1.06's (qmail 1.03 plus the HELP text).
+
+Tests import these same constants (STYLE principle 3).
+"""
+
+from __future__ import annotations
+
+CRLF = b"\r\n"
+
+# Deaths: the reply, then the connection is dropped (exit 1).
+TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+NOMEM = b"421 out of memory (#4.3.0)\r\n"
+CONTROL = b"421 unable to read controls (#4.3.0)\r\n"
+IPME = b"421 unable to figure out my IP addresses (#4.3.0)\r\n"
+STRAY_NEWLINE = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+
+# Refusals; the session goes on.
+BADMAILFROM = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+NOGATEWAY = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
+UNIMPLEMENTED = b"502 unimplemented (#5.5.1)\r\n"
+SYNTAX = b"555 syntax error (#5.5.4)\r\n"
+WANT_MAIL = b"503 MAIL first (#5.5.1)\r\n"
+WANT_RCPT = b"503 RCPT first (#5.5.1)\r\n"
+QQT_FAILURE = b"451 qqt failure (#4.3.0)\r\n"
+TOO_MANY_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
+DATABYTES = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+
+# Successes.
+OK = b"250 ok\r\n"
+FLUSHED = b"250 flushed\r\n"
+VRFY = b"252 send some mail, i'll try my best\r\n"
+HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
+GO_AHEAD = b"354 go ahead\r\n"
+EHLO_EXTENSIONS = b"250-PIPELINING\r\n250 8BITMIME\r\n"
+
+
+def greeting(text: bytes) -> bytes:
+    """Return the 220 line for control/smtpgreeting text."""
+    return b"220 " + text + b" ESMTP\r\n"
+
+
+def helo(text: bytes) -> bytes:
+    """Return the reply to HELO."""
+    return b"250 " + text + CRLF
+
+
+def ehlo(text: bytes) -> bytes:
+    """Return the reply to EHLO: the greeting, then PIPELINING and 8BITMIME."""
+    return b"250-" + text + CRLF + EHLO_EXTENSIONS
+
+
+def quit(text: bytes) -> bytes:
+    """Return the reply to QUIT."""
+    return b"221 " + text + CRLF
+
+
+def accepted(when: int, qp: int) -> bytes:
+    """Return the reply for a queued message: the time and qmail-queue's pid."""
+    return b"250 ok %d qp %d\r\n" % (when, qp)
+
+
+def qq_failure(report: bytes) -> bytes:
+    """Return the reply for a D (554) or Z (451) report of qmail-queue."""
+    return (b"554 " if report[:1] == b"D" else b"451 ") + report[1:] + CRLF
