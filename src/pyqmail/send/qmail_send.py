@@ -180,7 +180,11 @@ class Send:
     """qmail-send's state and loop. Runs in QMAILHOME/queue; time comes from clock()."""
 
     def __init__(self, controls: Controls, split: int, clock: Callable[[], int],
-                 sleep: Callable[[float], None] = time.sleep, spawn_max: tuple[int, int] = (255, 255)) -> None:
+                 sleep: Callable[[float], None] = time.sleep, spawn_max: tuple[int, int] = (255, 255),
+                 fds: tuple[int, tuple[int, int], tuple[int, int], int, int] | None = None) -> None:
+        # Descriptors: log, commands to the spawners, their reports, to and from qmail-clean.
+        self.fd_log, self.chanout, self.chanin, self.fd_toclean, self.fd_fromclean = (
+            fds or (FD_LOG, CHANFDOUT, CHANFDIN, FD_TOCLEAN, FD_FROMCLEAN))
         self.c = controls
         self.split = split
         self.clock = clock
@@ -222,7 +226,7 @@ class Send:
         view = memoryview(line)
         while view:
             try:
-                n = os.write(FD_LOG, view)
+                n = os.write(self.fd_log, view)
             except InterruptedError:
                 continue
             except OSError:
@@ -308,10 +312,10 @@ class Send:
     def clean(self, kind: str, messid: int) -> bytes | None:
         """Ask qmail-clean to remove kind/N; return its answer byte, None if it is gone."""
         try:
-            durable.write_all(FD_TOCLEAN, spawnproto.clean_command(kind, messid))
+            durable.write_all(self.fd_toclean, spawnproto.clean_command(kind, messid))
             while True:
                 try:
-                    answer = os.read(FD_FROMCLEAN, 1)
+                    answer = os.read(self.fd_fromclean, 1)
                     break
                 except InterruptedError:
                     continue
@@ -338,7 +342,7 @@ class Send:
         buf = self.comm[c]
         while buf and self.alive[c]:
             try:
-                n = os.write(CHANFDOUT[c], buf)
+                n = os.write(self.chanout[c], buf)
             except (BlockingIOError, InterruptedError):
                 return
             except BrokenPipeError:
@@ -421,7 +425,7 @@ class Send:
     def del_dochan(self, c: int) -> None:
         """Read and act on the reports of channel c."""
         try:
-            data = os.read(CHANFDIN[c], 65536)
+            data = os.read(self.chanin[c], 65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -897,8 +901,8 @@ class Send:
         """Prepare the loop: nonblocking spawner pipes, the queue's state, the first status line."""
         for c in CHANNELS:
             try:
-                fl = fcntl.fcntl(CHANFDOUT[c], fcntl.F_GETFL)
-                fcntl.fcntl(CHANFDOUT[c], fcntl.F_SETFL, fl | os.O_NONBLOCK)
+                fl = fcntl.fcntl(self.chanout[c], fcntl.F_GETFL)
+                fcntl.fcntl(self.chanout[c], fcntl.F_SETFL, fl | os.O_NONBLOCK)
             except OSError:
                 self.spawndied(c)  # drastic, but better than risking deadlock
         self.pqstart()
@@ -921,9 +925,9 @@ class Send:
         wfds: list[int] = []
         for c in CHANNELS:
             if self.alive[c]:
-                rfds.append(CHANFDIN[c])
+                rfds.append(self.chanin[c])
                 if self.comm[c]:
-                    wfds.append(CHANFDOUT[c])
+                    wfds.append(self.chanout[c])
         wakeup = self.pass_wakeup(wakeup)
         if not self.exitasap:
             if self.trigger != -1:
@@ -948,10 +952,10 @@ class Send:
         if self.wake != -1 and self.wake in readable:
             _drain(self.wake)
         for c in CHANNELS:
-            if CHANFDOUT[c] in writable:
+            if self.chanout[c] in writable:
                 self.comm_flush(c)
         for c in CHANNELS:
-            if self.alive[c] and CHANFDIN[c] in readable:
+            if self.alive[c] and self.chanin[c] in readable:
                 self.del_dochan(c)
         self.todo_do(self.trigger != -1 and self.trigger in readable)
         self.pass_do()
