@@ -242,11 +242,10 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     _write(ifd, out)
     _fsync(ifd)
 
-    # mess/N must be on disk before todo/N names it.
-    try:
-        durable.fsync_dir(os.path.dirname(mess_fn))
-    except OSError:
-        raise Die(QueueExit.WRITE_ERROR) from None
+    # mess/N must be on disk before todo/N names it. Both files' data is
+    # fsync'd above; the two directory entries are made durable together by
+    # the fsync of todo/ below: ext4 and xfs commit metadata in order, so a
+    # journal commit that holds the todo link holds the earlier mess link.
     try:
         os.link(intd_fn, f"todo/{messnum}")
     except OSError:
