@@ -21,8 +21,8 @@ from conftest import QHome, Result, make_home
 from inject_cases import CASES, FQDN, Case
 from queuefmt import RECEIVED, files, parse_todo
 
+from pyqmail import rfc822
 from pyqmail.inject import header as hdr
-from pyqmail.inject import token822 as t822
 
 BASE_ENV = {"PATH": "/usr/bin:/bin", "QMAILUSER": "joe"}
 FATAL = b"qmail-inject: fatal: "
@@ -100,44 +100,44 @@ def test_header_case(home: QHome, case: Case) -> None:
 # --- pure units: tokens, folding, quoting, stamps -----------------------------------------
 
 def test_tokenize_kinds() -> None:
-    toks = t822.tokenize(b'a "q\\"x" [1.2] (c (d)) , @ . < > ; :')
-    assert toks == [(t822.ATOM, b"a"), (t822.QUOTE, b'q"x'), (t822.LITERAL, b"1.2"), (t822.COMMENT, b"c d"),
-                    (t822.COMMA, b""), (t822.AT, b""), (t822.DOT, b""), (t822.LEFT, b""), (t822.RIGHT, b""),
-                    (t822.SEMI, b""), (t822.COLON, b"")]
+    toks = rfc822.tokenize(b'a "q\\"x" [1.2] (c (d)) , @ . < > ; :')
+    assert toks == [(rfc822.ATOM, b"a"), (rfc822.QUOTE, b'q"x'), (rfc822.LITERAL, b"1.2"),
+                    (rfc822.COMMENT, b"c d"), (rfc822.COMMA, b""), (rfc822.AT, b""), (rfc822.DOT, b""),
+                    (rfc822.LEFT, b""), (rfc822.RIGHT, b""), (rfc822.SEMI, b""), (rfc822.COLON, b"")]
 
 
 @pytest.mark.parametrize("text", [b'"abc', b"(abc", b"[abc", b'"abc\\', b")", b"]", b"a ]", b"((a)"])
 def test_tokenize_failures(text: bytes) -> None:
-    assert t822.tokenize(text) is None
+    assert rfc822.tokenize(text) is None
 
 
 def test_atoms_with_unprintable_bytes_become_quoted() -> None:
-    assert t822.tokenize(b"a\x01b c\x80 d]e f\\\\g") == [
-        (t822.QUOTE, b"a\x01b"), (t822.QUOTE, b"c\x80"), (t822.QUOTE, b"d]e"), (t822.QUOTE, b"f\\g")]
-    assert t822.tokenize(b"ab\\") == [(t822.ATOM, b"ab")]  # a trailing backslash is dropped
-    assert t822.tokenize(b"a\\ b") == [(t822.ATOM, b"a b")]
+    assert rfc822.tokenize(b"a\x01b c\x80 d]e f\\\\g") == [
+        (rfc822.QUOTE, b"a\x01b"), (rfc822.QUOTE, b"c\x80"), (rfc822.QUOTE, b"d]e"), (rfc822.QUOTE, b"f\\g")]
+    assert rfc822.tokenize(b"ab\\") == [(rfc822.ATOM, b"ab")]  # a trailing backslash is dropped
+    assert rfc822.tokenize(b"a\\ b") == [(rfc822.ATOM, b"a b")]
 
 
 def test_unparse_escapes_and_spacing() -> None:
-    toks = [(t822.ATOM, b"To"), (t822.COLON, b""), (t822.QUOTE, b'a"(b)'), (t822.LEFT, b""),
-            (t822.ATOM, b"x"), (t822.AT, b""), (t822.LITERAL, b"1]"), (t822.RIGHT, b""),
-            (t822.COMMENT, b"c\n")]
-    assert t822.unparse(toks) == b'To: "a\\"\\(b\\)" <x@[1\\]]>(c\\\n)\n'
+    toks = [(rfc822.ATOM, b"To"), (rfc822.COLON, b""), (rfc822.QUOTE, b'a"(b)'), (rfc822.LEFT, b""),
+            (rfc822.ATOM, b"x"), (rfc822.AT, b""), (rfc822.LITERAL, b"1]"), (rfc822.RIGHT, b""),
+            (rfc822.COMMENT, b"c\n")]
+    assert rfc822.unparse(toks) == b'To: "a\\"\\(b\\)" <x@[1\\]]>(c\\\n)\n'
 
 
 def test_unparse_without_limit_keeps_one_line() -> None:
-    toks = t822.tokenize(b"To: " + b", ".join([b"x" * 50] * 4))
+    toks = rfc822.tokenize(b"To: " + b", ".join([b"x" * 50] * 4))
     assert toks is not None
-    assert t822.unparse(toks, 0) == b"To: " + b", ".join([b"x" * 50] * 4) + b"\n"
+    assert rfc822.unparse(toks, 0) == b"To: " + b", ".join([b"x" * 50] * 4) + b"\n"
 
 
 def test_addrlist_calls_back_right_to_left() -> None:
     seen: list[bytes] = []
-    toks = t822.tokenize(b"To: a, b <c>, g: d, e;, f")
+    toks = rfc822.tokenize(b"To: a, b <c>, g: d, e;, f")
     assert toks is not None
-    out = t822.addrlist(toks, lambda addr: seen.append(t822.unquote(addr)))
+    out = rfc822.addrlist(toks, lambda addr: seen.append(rfc822.unquote(addr)))
     assert seen == [b"f", b"e", b"d", b"c", b"a"]
-    assert out is not None and t822.unparse(out) == b"To: a, b <c>, g: d, e;, f\n"
+    assert out is not None and rfc822.unparse(out) == b"To: a, b <c>, g: d, e;, f\n"
 
 
 @pytest.mark.parametrize("box,needed", [
@@ -146,14 +146,14 @@ def test_addrlist_calls_back_right_to_left() -> None:
     (b"a/b!#$%&'*?^_`{|}~", False),
 ])
 def test_quote_need(box: bytes, needed: bool) -> None:
-    assert t822.quote_need(box) is needed
+    assert rfc822.quote_need(box) is needed
 
 
 def test_quote2_quotes_the_part_before_the_last_at() -> None:
-    assert t822.quote2(b"") == b""
-    assert t822.quote2(b"a@b@c") == b'"a@b"@c'
-    assert t822.quote2(b'x"y\\z\r\n@h') == b'"x\\"y\\\\z\\\r\\\n"@h'
-    assert t822.quote2(b"plain@h") == b"plain@h"
+    assert rfc822.quote2(b"") == b""
+    assert rfc822.quote2(b"a@b@c") == b'"a@b"@c'
+    assert rfc822.quote2(b'x"y\\z\r\n@h') == b'"x\\"y\\\\z\\\r\\\n"@h'
+    assert rfc822.quote2(b"plain@h") == b"plain@h"
 
 
 def test_stamps_in_qmails_format() -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 
-from pyqmail.inject import token822 as t822
+from pyqmail import rfc822
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pyqmail.inject.token822 import Token
+    from pyqmail.rfc822 import Token
 
 LINELEN = 80
 
@@ -98,7 +98,7 @@ def msgid_field(when: int, pid: int, idhost: bytes) -> bytes:
 
 def parse_fixed(text: bytes) -> list[Token]:
     """Tokenize a control value such as '@defaulthost'; raise ParseError if impossible."""
-    toks = t822.tokenize(text)
+    toks = rfc822.tokenize(text)
     if toks is None:
         raise ParseError(text)
     return toks
@@ -119,37 +119,37 @@ class Rewriter:
         """Rewrite the tokens of one address in place, as qmail-header(5) says."""
         if not addr:
             return  # <> stays <>
-        if len(addr) >= 2 and addr[-2][0] == t822.AT and addr[-1] == (t822.LITERAL, b""):
+        if len(addr) >= 2 and addr[-2][0] == rfc822.AT and addr[-1] == (rfc822.LITERAL, b""):
             return  # <foo@[]> is left alone
-        if addr[0][0] == t822.AT:
+        if addr[0][0] == rfc822.AT:
             # A source route, <@a,@b:box@host>: strip everything up to its colon.
             for i, tok in enumerate(addr):
-                if tok[0] == t822.COLON:
+                if tok[0] == rfc822.COLON:
                     del addr[:i + 1]
                     break
             else:
                 addr.clear()
             if not addr:
                 return
-        if addr[-1][0] == t822.DOT:
+        if addr[-1][0] == rfc822.DOT:
             del addr[-1]
             if not addr:
                 return
-        if addr[-1][0] == t822.AT:
+        if addr[-1][0] == rfc822.AT:
             del addr[-1]
             if not addr:
                 return
-        if not any(tok[0] == t822.AT for tok in addr):
+        if not any(tok[0] == rfc822.AT for tok in addr):
             addr.extend(self.defaulthost)
         kind, text = addr[-1]
-        if kind == t822.ATOM and text.endswith(b"+"):
-            addr[-1] = (t822.ATOM, text[:-1])
+        if kind == rfc822.ATOM and text.endswith(b"+"):
+            addr[-1] = (rfc822.ATOM, text[:-1])
             addr.extend(self.plusdomain)
         # A host without dots (and not a literal) gets defaultdomain.
         for kind, _ in reversed(addr):
-            if kind == t822.AT:
+            if kind == rfc822.AT:
                 break
-            if kind == t822.DOT or kind == t822.LITERAL:
+            if kind == rfc822.DOT or kind == rfc822.LITERAL:
                 return
         addr.extend(self.defaultdomain)
 
@@ -206,30 +206,30 @@ class Header:
     def _rw_return(self, addr: list[Token]) -> None:
         self.rw.generic(addr)
         if self.sender is None:
-            self.sender = t822.unquote(addr) + (b"-@[]" if self.settings.hack_recip else b"")
+            self.sender = rfc822.unquote(addr) + (b"-@[]" if self.settings.hack_recip else b"")
 
     def _rw_hr(self, addr: list[Token]) -> None:
         self.rw.generic(addr)
-        self.hr.append(t822.unquote(addr))
+        self.hr.append(rfc822.unquote(addr))
 
     def _rw_tocc(self, addr: list[Token]) -> None:
         self.rw.generic(addr)
-        box = t822.unquote(addr)
+        box = rfc822.unquote(addr)
         self.hr.append(box)
         self.tocc.append(box)
 
     def _rw_hrr(self, addr: list[Token]) -> None:
         self.rw.generic(addr)
-        self.hrr.append(t822.unquote(addr))
+        self.hrr.append(rfc822.unquote(addr))
 
     def _rewrite(self, text: bytes, rewrite: Callable[[list[Token]], None]) -> bytes:
-        toks = t822.tokenize(text)
+        toks = rfc822.tokenize(text)
         if toks is None:
             raise ParseError(text)
-        new = t822.addrlist(toks, rewrite)
+        new = rfc822.addrlist(toks, rewrite)
         if new is None:
             raise ParseError(text)
-        return t822.unparse(new, LINELEN)
+        return rfc822.unparse(new, LINELEN)
 
     # --- the header --------------------------------------------------------------
 
@@ -270,18 +270,18 @@ class Header:
         """Return the From field qmail-inject makes (without its Resent- prefix)."""
         s = self.settings
         named = s.fullname is not None and not s.name_comment
-        toks: list[Token] = [(t822.ATOM, b"From"), t822.punct(t822.COLON)]
+        toks: list[Token] = [(rfc822.ATOM, b"From"), rfc822.punct(rfc822.COLON)]
         if named:
-            toks += [(t822.QUOTE, s.fullname or b""), t822.punct(t822.LEFT)]
-        toks.append((t822.QUOTE if t822.quote_need(s.mailuser) else t822.ATOM, s.mailuser))
+            toks += [(rfc822.QUOTE, s.fullname or b""), rfc822.punct(rfc822.LEFT)]
+        toks.append((rfc822.QUOTE if rfc822.quote_need(s.mailuser) else rfc822.ATOM, s.mailuser))
         if s.mailhost is not None:
-            toks += [t822.punct(t822.AT), (t822.ATOM, s.mailhost)]
+            toks += [rfc822.punct(rfc822.AT), (rfc822.ATOM, s.mailhost)]
         if named:
-            toks.append(t822.punct(t822.RIGHT))
+            toks.append(rfc822.punct(rfc822.RIGHT))
         if s.fullname is not None and s.name_comment:
-            toks.append((t822.COMMENT, s.fullname))
+            toks.append((rfc822.COMMENT, s.fullname))
         # Printed, then read back and rewritten like any From field.
-        return self._rewrite(t822.unparse(toks, LINELEN), self.rw.generic)
+        return self._rewrite(rfc822.unparse(toks, LINELEN), self.rw.generic)
 
     def default_sender(self) -> None:
         """Set the envelope sender from the environment, with the VERP letters r and m."""
@@ -291,10 +291,10 @@ class Header:
             box += b"-%d.%d" % (s.starttime, s.pid)
         if s.hack_recip:
             box += b"-"
-        toks: list[Token] = [(t822.ATOM, b"Return-Path"), t822.punct(t822.COLON), (t822.QUOTE, box)]
+        toks: list[Token] = [(rfc822.ATOM, b"Return-Path"), rfc822.punct(rfc822.COLON), (rfc822.QUOTE, box)]
         if s.mailrhost is not None:
-            toks += [t822.punct(t822.AT), (t822.ATOM, s.mailrhost)]
-        self._rewrite(t822.unparse(toks, LINELEN), self._rw_return)
+            toks += [rfc822.punct(rfc822.AT), (rfc822.ATOM, s.mailrhost)]
+        self._rewrite(rfc822.unparse(toks, LINELEN), self._rw_return)
 
     def followup(self) -> bytes:
         """Return the Mail-Followup-To field for QMAILMFTFILE, or b"" if none is due."""
@@ -303,7 +303,7 @@ class Header:
             return b""
         if not any(box.lower() in mft for box in self.tocc):
             return b""
-        boxes = [t822.quote2(c_string(box)) for box in reversed(self.tocc)]
+        boxes = [rfc822.quote2(c_string(box)) for box in reversed(self.tocc)]
         return b"Mail-Followup-To: " + b",\n  ".join(boxes) + b"\n"
 
     def finish(self, show_return_path: bool) -> bytes:
@@ -317,7 +317,7 @@ class Header:
             self.default_sender()
         out = bytearray()
         if show_return_path:
-            out += b"Return-Path: <" + t822.quote2(c_string(self.sender or b"")) + b">\n"
+            out += b"Return-Path: <" + rfc822.quote2(c_string(self.sender or b"")) + b">\n"
         seen = self.seen
         if self.resent:
             if R_DATE not in seen:

@@ -18,9 +18,9 @@ import time
 
 from pyqmail import control
 from pyqmail import home as _home
+from pyqmail import rfc822
 from pyqmail.entry import program
 from pyqmail.inject import header as hdr
-from pyqmail.inject import token822 as t822
 from pyqmail.sgetopt import Getopt
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
@@ -237,11 +237,11 @@ def get_controls(s: hdr.Settings) -> hdr.Rewriter:
 
 def envelope_address(rw: hdr.Rewriter, arg: bytes) -> bytes | None:
     """Return arg (a -f sender or recipient argument) rewritten, or None if it cannot be parsed."""
-    toks = t822.tokenize(t822.quote2(arg))
+    toks = rfc822.tokenize(rfc822.quote2(arg))
     if toks is None:
         return None
     rw.generic(toks)
-    return t822.unquote(toks)
+    return rfc822.unquote(toks)
 
 
 def read_header(inp: Input, h: hdr.Header) -> bytes | None:
@@ -305,7 +305,7 @@ def inject(argv: list[str]) -> int:
             arg = os.fsencode(opts.optarg or "")
             sender = envelope_address(rw, arg)
             if sender is None:
-                raise Fatal(EXIT_PERM, MSG_PARSE_LINE + t822.quote2(arg))
+                raise Fatal(EXIT_PERM, MSG_PARSE_LINE + rfc822.quote2(arg))
         else:
             return EXIT_PERM
     args = [os.fsencode(a) for a in argv[opts.optind:]]

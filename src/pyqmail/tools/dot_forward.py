@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from pyqmail import spawn
 from pyqmail import home as _home
+from pyqmail import rfc822, spawn
 from pyqmail.entry import program
 from pyqmail.sgetopt import Getopt
-from pyqmail.tools import common, token822
+from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_IGNORE, EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
 
 FATAL = b"dot-forward: fatal: "
@@ -26,7 +26,6 @@ USAGE = b"dot-forward: usage: dot-forward [ -nN ] file ..."
 MAX_FILE = 1 << 24
 # Exit codes of a |command that mean a permanent failure (sendmail's sysexits and qmail's).
 PERMANENT_CHILD = frozenset((64, 65, 70, 76, 77, 78, 100, 112))
-_PHRASE = (token822.COMMENT, token822.ATOM, token822.QUOTE, token822.AT, token822.DOT)
 
 
 def _warn(*parts: bytes) -> None:
@@ -121,10 +120,10 @@ class DotForward:
             address += b"." + c.defaultdomain
         return address
 
-    def got_address(self, toks: list[token822.Token]) -> None:
+    def got_address(self, toks: list[rfc822.Token]) -> None:
         """Act on one address of the file."""
-        address = token822.unquote(toks)
-        hasat = any(t.type == token822.AT for t in toks)
+        address = rfc822.unquote(toks)
+        hasat = any(kind == rfc822.AT for kind, _ in toks)
         if not address:
             return
         user, host = self.user, self.host
@@ -199,11 +198,10 @@ class DotForward:
 
     def parse_line(self, line: bytes) -> None:
         """Act on the addresses of one line, right to left as dot-forward does."""
-        try:
-            toks = token822.parse(line)
-        except token822.ParseError:
-            raise Die(EXIT_TEMP, FATAL + b"unable to parse this line: " + line.split(b"\0", 1)[0]) from None
-        addr: list[token822.Token] = []  # right to left
+        toks = rfc822.tokenize(line)
+        if toks is None:
+            raise Die(EXIT_TEMP, FATAL + b"unable to parse this line: " + line.split(b"\0", 1)[0])
+        addr: list[rfc822.Token] = []  # right to left
 
         def flush() -> None:
             if addr:
@@ -216,12 +214,12 @@ class DotForward:
         while t > 0:
             t -= 1
             tok = toks[t]
-            kind = tok.type
-            if kind in (token822.SEMI, token822.COLON, token822.COMMENT):
+            kind = tok[0]
+            if kind in (rfc822.SEMI, rfc822.COLON, rfc822.COMMENT):
                 continue
-            if kind == token822.RIGHT:
+            if kind == rfc822.RIGHT:
                 flush()
-                while t > 0 and toks[t - 1].type != token822.LEFT:
+                while t > 0 and toks[t - 1][0] != rfc822.LEFT:
                     t -= 1
                     addr.append(toks[t])
                 got = list(reversed(addr))
@@ -230,15 +228,15 @@ class DotForward:
                 if t <= 0:
                     raise Die(EXIT_TEMP, FATAL + b"unable to parse this line: " + line.split(b"\0", 1)[0])
                 t -= 1
-                while t > 0 and toks[t - 1].type in _PHRASE:
+                while t > 0 and toks[t - 1][0] in rfc822.PHRASE:
                     t -= 1
                 wordok = False
-            elif kind in (token822.ATOM, token822.QUOTE, token822.LITERAL):
+            elif kind in (rfc822.ATOM, rfc822.QUOTE, rfc822.LITERAL):
                 if not wordok:
                     flush()
                 wordok = False
                 addr.append(tok)
-            elif kind == token822.COMMA:
+            elif kind == rfc822.COMMA:
                 flush()
                 wordok = True
             else:

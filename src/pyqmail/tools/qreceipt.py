@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 
+from pyqmail import rfc822
 from pyqmail.entry import program
-from pyqmail.tools import common, headerbody, token822
+from pyqmail.tools import common, headerbody
 from pyqmail.tools.common import EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
 
 NOTICE_FIELD = b"notice-requested-upon-delivery-to"
@@ -78,20 +79,19 @@ class Receipt:
         self.flagreceipt = False
         self.messageid: bytes | None = None
 
-    def _address(self, toks: list[token822.Token]) -> None:
-        if token822.unquote(toks) == self.target:
+    def _address(self, toks: list[rfc822.Token]) -> None:
+        if rfc822.unquote(toks) == self.target:
             self.flagreceipt = True
 
     def field(self, h: bytes) -> None:
         if headerbody.hfield_is(h, MESSAGE_ID):
             self.messageid = h
         elif headerbody.hfield_is(h, NOTICE_FIELD):
-            try:
-                token822.addresses(token822.parse(h), self._address, start=2)
-            except token822.ParseError:
+            toks = rfc822.tokenize(h)
+            if toks is None or rfc822.addrlist(toks, self._address) is None:
                 # qmail prints the field as it is, its own newline ending the message.
                 text = h[:-1] if h.endswith(b"\n") else h
-                raise Die(EXIT_PERM, b"qreceipt: fatal: unable to parse this: " + text) from None
+                raise Die(EXIT_PERM, b"qreceipt: fatal: unable to parse this: " + text)
 
     def done(self) -> None:
         if not self.flagreceipt or self.returnpath in (b"", b"#@[]"):

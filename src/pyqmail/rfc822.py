@@ -1,11 +1,12 @@
-"""RFC 822 header text as qmail-inject sees it: tokens, address lists, output.
+"""RFC 822 header text as qmail reads it (qmail's token822 and quote): tokens, address lists, output.
 
-qmail-inject does not parse RFC 822 strictly. It splits a field into tokens
+qmail does not parse RFC 822 strictly. It splits a field into tokens
 (atoms, quoted strings, domain literals, comments and the specials
 ``, @ . < > ; :``), finds the addresses in the token list by reading it from
-right to left, lets a callback rewrite each address, and prints the tokens
-again with its own spacing, folding lines at commas. This module reproduces
-those rules exactly, byte for byte; it does no I/O.
+right to left, lets a callback see (and qmail-inject rewrite) each address,
+and prints the tokens again with its own spacing, folding lines at commas.
+This module reproduces those rules exactly, byte for byte, for qmail-inject,
+qreceipt, dot-forward and qmail-local; it does no I/O.
 
 A token is a pair (kind, text). Only words (ATOM, QUOTE, LITERAL, COMMENT)
 carry text; the text of a QUOTE, LITERAL or COMMENT is its unescaped content,
@@ -139,10 +140,10 @@ def tokenize(data: bytes) -> list[Token] | None:
     return toks
 
 
-def addrlist(toks: list[Token], rewrite: Rewrite) -> list[Token] | None:
+def addrlist(toks: list[Token], rewrite: Rewrite, start: int = 2) -> list[Token] | None:
     """Find the addresses of a field's token list and rewrite each one.
 
-    toks[0:2] are the field name and its colon and are kept as they are. The
+    toks[:start] (a field's name and its colon) are kept as they are. The
     rest is read from right to left, as qmail does: an address is the run of
     tokens between separators, or everything inside <...>; two words side by
     side ("djb fred") are two addresses and get a comma between them;
@@ -167,7 +168,7 @@ def addrlist(toks: list[Token], rewrite: Rewrite) -> list[Token] | None:
             if comma:
                 out.append(COMMA_TOKEN)
 
-    while j >= 2:
+    while j >= start:
         kind = toks[j][0]
         if kind == SEMI:
             flush(True)
@@ -181,10 +182,10 @@ def addrlist(toks: list[Token], rewrite: Rewrite) -> list[Token] | None:
                 return None
             ingroup = False
             # The group's name runs left to the previous comma, which is kept too.
-            while j >= 2 and toks[j][0] != COMMA:
+            while j >= start and toks[j][0] != COMMA:
                 out.append(toks[j])
                 j -= 1
-            if j >= 2:
+            if j >= start:
                 out.append(toks[j])
                 j -= 1
             wordok = True
@@ -193,7 +194,7 @@ def addrlist(toks: list[Token], rewrite: Rewrite) -> list[Token] | None:
             flush(True)
             out.append(toks[j])
             j -= 1
-            while j >= 2 and toks[j][0] != LEFT:
+            while j >= start and toks[j][0] != LEFT:
                 pending.append(toks[j])
                 j -= 1
             # <> is an address too: the rewrite sees it even though it is empty.
@@ -201,11 +202,11 @@ def addrlist(toks: list[Token], rewrite: Rewrite) -> list[Token] | None:
             pending.clear()
             rewrite(addr)
             out.extend(reversed(addr))
-            if j < 2:
+            if j < start:
                 return None
             out.append(toks[j])
             j -= 1
-            while j >= 2 and toks[j][0] in _PHRASE:
+            while j >= start and toks[j][0] in PHRASE:
                 out.append(toks[j])
                 j -= 1
             wordok = False
@@ -231,10 +232,11 @@ def addrlist(toks: list[Token], rewrite: Rewrite) -> list[Token] | None:
         j -= 1
     flush(False)
     out.reverse()
-    return toks[:2] + out
+    return toks[:start] + out
 
 
-_PHRASE = frozenset((COMMENT, ATOM, QUOTE, AT, DOT))
+# What may stand before '<' as a name ("Joe Q. Public <...>").
+PHRASE = frozenset((COMMENT, ATOM, QUOTE, AT, DOT))
 
 
 def _needspace(last: int, new: int) -> bool:
