@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from pyqmail import rfc822
 from pyqmail.local import dotqmail
 from pyqmail.local.dotqmail import Candidate, Instruction
-from pyqmail.local.qmail_local import ctime, delivered_to, from_line, quote_address, return_path
+from pyqmail.local.qmail_local import ctime, delivered_to, from_line, return_path
 
 
 def names(dash: bytes, ext: bytes) -> list[bytes]:
@@ -206,7 +207,7 @@ def test_delivered_to_and_return_path() -> None:
     (b"\xe4", b'"\xe4"'), (b"a\x7fb", b'"a\x7fb"'), (b"a\rb", b'"a\\\rb"'), (b"a\tb", b'"a\tb"'),
 ])
 def test_quote_local_part(local: bytes, quoted: bytes) -> None:
-    assert quote_address(local + b"@h") == quoted + b"@h"
+    assert rfc822.quote2(local + b"@h") == quoted + b"@h"
 
 
 def test_from_line() -> None:

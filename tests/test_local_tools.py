@@ -439,10 +439,10 @@ def test_token822_units() -> None:
 
 
 def test_qreceipt_quote_units() -> None:
-    assert qreceipt.quote2(b"joe@x") == b"joe@x"
-    assert qreceipt.quote2(b"a.b.@x") == b'"a.b."@x'
-    assert qreceipt.quote2(b'q"x') == b'"q\\"x"'
-    assert qreceipt.quote2(b"") == b""
+    assert rfc822.quote2(b"joe@x") == b"joe@x"
+    assert rfc822.quote2(b"a.b.@x") == b'"a.b."@x'
+    assert rfc822.quote2(b'q"x') == b'"q\\"x"'
+    assert rfc822.quote2(b"") == b""
 
 
 # --- dot-forward ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 import stat
 import time
 
-from pyqmail import errors, spawn
+from pyqmail import errors, rfc822, spawn
 from pyqmail.entry import program
 from pyqmail.local import dotqmail, maildir, mbox
 from pyqmail.queue.qq import QQ
@@ -119,34 +119,6 @@ def _say(fd: int, data: bytes) -> None:
 
 # The header lines qmail-local adds (pure).
 
-# quote.c's characters that need no quoting in the local part of an address.
-_ATOM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-./=?^_`{|}~")
-
-
-def quote_local(box: bytes) -> bytes:
-    """Return box as an RFC 821/822 local part: unchanged if it is a dot-atom, else in quotes."""
-    if box and all(c in _ATOM for c in box) and not box.startswith(b".") \
-            and not box.endswith(b".") and b".." not in box:
-        return box
-    out = bytearray(b'"')
-    for c in box:
-        if c in b'\r\n"\\':
-            out += b"\\"
-        out.append(c)
-    out += b'"'
-    return bytes(out)
-
-
-def quote_address(addr: bytes) -> bytes:
-    """Return addr with its local part (before the last '@') quoted as needed; '' stays ''."""
-    if not addr:
-        return addr
-    at = addr.rfind(b"@")
-    if at < 0:
-        return quote_local(addr)
-    return quote_local(addr[:at]) + addr[at:]
-
-
 def delivered_to(local: bytes, host: bytes) -> bytes:
     """Return the Delivered-To line for local@host (DTLINE)."""
     return b"Delivered-To: " + (local + b"@" + host).replace(b"\n", b"_") + b"\n"
@@ -154,7 +126,7 @@ def delivered_to(local: bytes, host: bytes) -> bytes:
 
 def return_path(sender: bytes) -> bytes:
     """Return the Return-Path line for sender (RPLINE)."""
-    return (b"Return-Path: <" + quote_address(sender)).replace(b"\n", b"_") + b">\n"
+    return (b"Return-Path: <" + rfc822.quote2(sender)).replace(b"\n", b"_") + b">\n"
 
 
 def ctime(when: float) -> bytes:

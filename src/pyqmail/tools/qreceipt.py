@@ -9,8 +9,6 @@ permanent qmail-queue failure; 111 for temporary trouble.
 
 from __future__ import annotations
 
-import os
-
 from pyqmail import rfc822
 from pyqmail.entry import program
 from pyqmail.tools import common, headerbody
@@ -19,46 +17,10 @@ from pyqmail.tools.common import EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
 NOTICE_FIELD = b"notice-requested-upon-delivery-to"
 MESSAGE_ID = b"message-id"
 
-_OK = [False] * 128
-for _c in b"!#$%&'*+-/0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~.":
-    _OK[_c] = True
-
-
-def quote_need(s: bytes) -> bool:
-    """Return True if the local part s must be quoted (qmail's quote_need)."""
-    if not s:
-        return True
-    if any(c >= 128 or not _OK[c] for c in s):
-        return True
-    return s[:1] == b"." or s[-1:] == b"." or b".." in s
-
-
-def quote(s: bytes) -> bytes:
-    """Return s, quoted as RFC 822 needs and no more."""
-    if not quote_need(s):
-        return s
-    out = bytearray(b'"')
-    for c in s:
-        if c in b'\r\n"\\':
-            out.append(ord("\\"))
-        out.append(c)
-    out.append(ord('"'))
-    return bytes(out)
-
-
-def quote2(addr: bytes) -> bytes:
-    """Return addr with its local part (before the last @) quoted as needed (qmail's quote2)."""
-    if not addr:
-        return addr
-    at = addr.rfind(b"@")
-    if at == -1:
-        return quote(addr)
-    return quote(addr[:at]) + addr[at:]
-
 
 def notice(target: bytes, returnpath: bytes, messageid: bytes | None) -> bytes:
     """Return the text of the success notice."""
-    quoted = quote2(returnpath)
+    quoted = rfc822.quote2(returnpath)
     text = (b"From: DELIVERY NOTICE SYSTEM <" + quoted + b">\n"
             b"To: <" + quoted + b">\n"
             b"Subject: success notice\n"
