@@ -33,8 +33,10 @@ def cdb_hash(key: bytes) -> int:
 class Reader:
     """A cdb opened for lookups; every offset read is bounds-checked."""
 
-    def __init__(self, data: bytes | mmap.mmap) -> None:
-        if len(data) < HEADER_SIZE:
+    def __init__(self, data: bytes | mmap.mmap, allow_short: bool = False) -> None:
+        # allow_short: read a file shorter than the header as C cdb does,
+        # failing only a lookup whose reads pass the end (tcpserver -x).
+        if len(data) < HEADER_SIZE and not allow_short:
             raise CDBError("file shorter than the cdb header")
         self._data = data
         self._size = len(data)

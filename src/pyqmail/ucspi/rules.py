@@ -1,0 +1,186 @@
+"""tcprules(1) rules: the text syntax, the cdb records it compiles to, and their lookup.
+
+Pure but for `open_cdb`. A rule line is
+``address:allow`` or ``address:deny``, optionally followed by
+``,VAR=xvaluex`` instructions whose quote x is any repeated character. It
+compiles to one cdb record per address (``1.2.3.4-7`` and ``10.2-3.`` are
+ranges), keyed by the address, whose data is a list of NUL-terminated
+entries: ``D`` for deny, ``+VAR=value`` per variable. tcpserver(1) looks up
+the keys of `candidates` in order and follows the first record found.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+
+from pyqmail import cdb
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_ULONG = 1 << 64  # C's unsigned long on the platforms qmail runs on: scan_ulong wraps
+_RANGE_TOP = 255
+
+
+class RuleError(Exception):
+    """A rules line tcprules cannot parse; `shown` is the line as its complaint prints it."""
+
+    def __init__(self, shown: bytes) -> None:
+        super().__init__(shown)
+        self.shown = shown
+
+
+def scan_ulong(digits: bytes) -> tuple[int, int]:
+    """Return (value, count) of the leading decimal digits, wrapping as C's unsigned long does."""
+    value = 0
+    n = 0
+    for c in digits:
+        if not 0x30 <= c <= 0x39:
+            break
+        value = (value * 10 + c - 0x30) % _ULONG
+        n += 1
+    return value, n
+
+
+def _number(text: bytes, shown: bytes) -> int:
+    value, n = scan_ulong(text)
+    if n != len(text):
+        raise RuleError(shown)
+    return value
+
+
+def trim(line: bytes) -> bytes:
+    """Remove the trailing newlines, spaces and tabs tcprules ignores."""
+    return line.rstrip(b"\n \t")
+
+
+def compile_line(line: bytes) -> list[tuple[bytes, bytes]]:
+    """Return the (key, data) records of one input line ([] if it holds no rule); raise RuleError."""
+    if line[:1] in (b"#", b"\n"):
+        return []
+    text = trim(line)
+    # The complaint prints the trimmed line as a C string: up to its first NUL.
+    shown = text.split(b"\0", 1)[0]
+    colon = text.find(b":")
+    if colon < 0:
+        return []
+    address = text[:colon]
+    rest = text[colon + 1:]
+    if rest.startswith(b"deny"):
+        data = [b"D\0"]
+        rest = rest[4:]
+    elif rest.startswith(b"allow"):
+        data = []
+        rest = rest[5:]
+    else:
+        raise RuleError(shown)
+    while rest:
+        if rest[:1] != b",":
+            raise RuleError(shown)
+        eq = rest.find(b"=")
+        if eq < 0:
+            raise RuleError(shown)
+        name = rest[1:eq + 1]  # with its '='
+        rest = rest[eq + 1:]
+        if not rest:
+            raise RuleError(shown)
+        quote = rest[:1]
+        end = rest.find(quote, 1)
+        if end < 0:
+            raise RuleError(shown)
+        data.append(b"+" + name + rest[1:end] + b"\0")
+        rest = rest[end + 1:]
+    value = b"".join(data)
+    return [(key, value) for key in expand(address, shown)]
+
+
+def expand(address: bytes, shown: bytes = b"") -> list[bytes]:
+    """Return the keys an address stands for: itself, or each member of its range."""
+    if b"=" in address or b"@" in address:
+        return [address]
+    dash = address.find(b"-")
+    if dash < 0:
+        return [address]
+    left = address.rfind(b".", 0, dash) + 1
+    right = address.find(b".", dash + 1)
+    if right < 0:
+        right = len(address)
+    bottom = _number(address[left:dash], shown)
+    top = min(_number(address[dash + 1:right], shown), _RANGE_TOP)
+    head, tail = address[:left], address[right:]
+    return [head + str(n).encode() + tail for n in range(bottom, top + 1)]
+
+
+def candidates(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[bytes]:
+    """Yield the keys tcpserver tries for a connection, in its order (tcprules(1) ADDRESSES)."""
+    if info is not None:
+        yield info + b"@" + ip
+        if host is not None:
+            yield info + b"@=" + host
+    yield ip
+    if host is not None:
+        yield b"=" + host
+    # Shorter and shorter prefixes ending with a dot (or, in an IPv6
+    # address, a colon: our reading for the addresses 0.88 never saw).
+    seps = (b".", b":") if b":" in ip else (b".",)
+    for n in range(len(ip), 0, -1):
+        if ip[n - 1:n] in seps:
+            yield ip[:n]
+    if host is not None:
+        for n in range(len(host)):
+            if host[n:n + 1] == b".":
+                yield b"=" + host[n:]
+        yield b"="
+    yield b""
+
+
+def find(reader: cdb.Reader, ip: bytes, host: bytes | None,
+         info: bytes | None) -> tuple[bytes, bytes] | None:
+    """Return (key, data) of the first rule for the connection, or None; raise CDBError."""
+    for key in candidates(ip, host, info):
+        data = reader.get(key)
+        if data is not None:
+            return key, data
+    return None
+
+
+def entries(data: bytes) -> list[bytes]:
+    """Return the NUL-terminated entries of a rule's data (an unterminated tail is ignored)."""
+    parts = data.split(b"\0")
+    return parts[:-1]
+
+
+def decide(data: bytes) -> tuple[bool, list[tuple[bytes, bytes]]]:
+    """Return (deny, [(name, value), ...]) as tcpserver follows a rule's data."""
+    deny = False
+    env = []
+    for entry in entries(data):
+        if entry[:1] == b"D":
+            deny = True
+        elif entry[:1] == b"+":
+            name, eq, value = entry[1:].partition(b"=")
+            if eq:
+                env.append((name, value))
+    return deny, env
+
+
+def open_cdb(path: bytes | str) -> cdb.Reader:
+    """Open a rules cdb as tcpserver does; raise OSError if it cannot be opened.
+
+    A file shorter than the cdb header is read as far as it goes: as with C
+    cdb, only a lookup that reads past its end fails (CDBError).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if st.st_size < cdb.HEADER_SIZE:
+            return cdb.Reader(os.read(fd, cdb.HEADER_SIZE), allow_short=True)
+        return cdb.Reader(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+    finally:
+        os.close(fd)
