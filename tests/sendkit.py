@@ -211,3 +211,29 @@ class Running:
             self._r = -1
             self._closed = True
         self._err.close()
+
+
+FILL = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["QMAILHOME"] = sys.argv[2]
+from pyqmail.queue.qq import QQ
+count, size, sender, recip = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode(), sys.argv[6].encode()
+for i in range(count):
+    q = QQ()
+    q.write(b"Subject: m%d\\n\\n" % i + b"x" * size + b"\\n")
+    r = q.close(sender, [recip])
+    if r:
+        sys.exit(r.decode())
+"""
+
+
+def fill(site: Site, count: int, recip: bytes, size: int = 100, sender: bytes = b"s@x.example") -> None:
+    """Queue count messages 'Subject: m<i>' to recip through qmail-queue, as the site's user."""
+    import sys
+
+    from conftest import ROOT
+
+    res = run([sys.executable, "-c", FILL, str(ROOT / "src"), str(site.home.path), str(count), str(size),
+               sender.decode(), recip.decode()], user=site.user, env={"PATH": "/usr/bin:/bin"}, timeout=600)
+    expect(res)
