@@ -16,21 +16,18 @@ USAGE = b"bouncesaying: usage: bouncesaying error [ program [ arg ... ] ]"
 
 
 def bouncesaying(argv: list[str]) -> Die:
-    """Decide; return the Die that ends the program."""
+    """Decide; return the Die that ends the program, or raise it."""
     if len(argv) < 2:
         return Die(EXIT_PERM, USAGE)
-    if len(argv) >= 3:
-        code = common.run_for_status(argv[2:])
-        if code < 0:
-            return Die(EXIT_TEMP, FATAL + b"child crashed")
-        if code == EXIT_TEMP:
-            return Die(EXIT_TEMP, FATAL + b"temporary child error")
-        if code != 0:
-            return Die(EXIT_OK, None)
+    if len(argv) >= 3 and common.run_condition(argv[2:], FATAL) != 0:
+        return Die(EXIT_OK, None)
     return Die(EXIT_PERM, common.b(argv[1]))
 
 
 @program("bouncesaying", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Bounce with argv[1], unconditionally or if argv[2:] exits 0."""
-    return bouncesaying(argv).report()
+    try:
+        return bouncesaying(argv).report()
+    except Die as e:
+        return e.report()

@@ -64,16 +64,23 @@ def start(argv: Sequence[str], fds: Mapping[int, int] | None = None,
                        fds=fds or {0: 0, 1: 1, 2: 2}, fast=True)
 
 
-def run_for_status(argv: Sequence[str]) -> int:
-    """Run argv as condredirect/bouncesaying/except do; return its exit code, -N for a signal.
+def run_condition(argv: Sequence[str], fatal: bytes) -> int:
+    """Run argv as condredirect, bouncesaying and except do; return its exit code.
 
-    A program that cannot be run exits 111 if the reason is temporary, else 100.
+    Raise Die(111) if it crashed or exited 111. A program that cannot be run
+    counts as exit 111 if the reason is temporary, else as exit 100.
     """
     try:
         pid = start(argv)
     except OSError as e:
-        return EXIT_TEMP if errors.temporary(e) else EXIT_PERM
-    return spawn.wait(pid)
+        code = EXIT_TEMP if errors.temporary(e) else EXIT_PERM
+    else:
+        code = spawn.wait(pid)
+    if code < 0:
+        raise Die(EXIT_TEMP, fatal + b"child crashed")
+    if code == EXIT_TEMP:
+        raise Die(EXIT_TEMP, fatal + b"temporary child error")
+    return code
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -20,15 +20,10 @@ USAGE = b"condredirect: usage: condredirect newaddress program [ arg ... ]"
 
 
 def condredirect(argv: list[str]) -> Die:
-    """Run the test program, then redirect or not; return the Die that ends the program."""
+    """Run the test program, then redirect or not; return the Die that ends the program, or raise it."""
     if len(argv) < 3:
         return Die(EXIT_PERM, USAGE)
-    code = common.run_for_status(argv[2:])
-    if code < 0:
-        return Die(EXIT_TEMP, FATAL + b"child crashed")
-    if code == EXIT_TEMP:
-        return Die(EXIT_TEMP, FATAL + b"temporary child error")
-    if code != 0:
+    if common.run_condition(argv[2:], FATAL) != 0:
         return Die(EXIT_OK, None)
     try:
         os.lseek(0, 0, os.SEEK_SET)

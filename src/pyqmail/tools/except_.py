@@ -15,20 +15,17 @@ USAGE = b"except: usage: except program [ arg ... ]"
 
 
 def except_(argv: list[str]) -> Die:
-    """Run argv[1:]; return the Die that ends the program."""
+    """Run argv[1:]; return the Die that ends the program, or raise it."""
     if len(argv) < 2:
         return Die(EXIT_PERM, USAGE)
-    code = common.run_for_status(argv[1:])
-    if code < 0:
-        return Die(EXIT_TEMP, FATAL + b"child crashed")
-    if code == 0:
-        return Die(EXIT_PERM, None)
-    if code == EXIT_TEMP:
-        return Die(EXIT_TEMP, FATAL + b"temporary child error")
-    return Die(EXIT_OK, None)
+    code = common.run_condition(argv[1:], FATAL)
+    return Die(EXIT_PERM if code == 0 else EXIT_OK, None)
 
 
 @program("except", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Run argv[1:] with its success and permanent failure swapped."""
-    return except_(argv).report()
+    try:
+        return except_(argv).report()
+    except Die as e:
+        return e.report()
