@@ -9,9 +9,12 @@ qmail's error words.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
 
 from pyqmail import errors, spawn
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 EXIT_OK = 0
 EXIT_IGNORE = 99  # qmail-command: success, ignore the rest of .qmail

@@ -11,7 +11,6 @@ instructions instead of following them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from pyqmail import home as _home
 from pyqmail import rfc822, spawn
@@ -35,14 +34,14 @@ def _warn(*parts: bytes) -> None:
         pass
 
 
-@dataclass
 class Controls:
     """The control files dot-forward qualifies addresses with."""
 
-    me: bytes = b"me"
-    defaultdomain: bytes = b"me"
-    defaulthost: bytes = b"me"
-    plusdomain: bytes = b"me"
+    def __init__(self) -> None:
+        self.me = b"me"
+        self.defaultdomain = b"me"
+        self.defaulthost = b"me"
+        self.plusdomain = b"me"
 
 
 def _control_line(name: str) -> bytes | None:
@@ -92,21 +91,21 @@ def _diff(a: bytes, b: bytes) -> bool:
     return a.lower() != b.lower()  # A-Z only, as qmail's case_diffb
 
 
-@dataclass
 class DotForward:
     """One run of dot-forward over its files."""
 
-    doit: bool
-    controls: Controls
-    ufline: bytes = b""
-    rpline: bytes = b""
-    dtline: bytes = b""
-    sender: bytes = b""
-    user: bytes = b""
-    host: bytes = b""
-    targets: list[bytes] = field(default_factory=list)
-    acted: bool = False
-    direct: bool = False
+    def __init__(self, doit: bool, controls: Controls) -> None:
+        self.doit = doit
+        self.controls = controls
+        self.ufline = b""
+        self.rpline = b""
+        self.dtline = b""
+        self.sender = b""
+        self.user = b""
+        self.host = b""
+        self.targets: list[bytes] = []
+        self.acted = False
+        self.direct = False
 
     def qualify(self, address: bytes, hasat: bool) -> bytes:
         """Complete an address as qmail-header(5) says (defaulthost, plusdomain, defaultdomain)."""

@@ -10,7 +10,10 @@ without a newline gets one.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 BUFSIZE = 8192
 

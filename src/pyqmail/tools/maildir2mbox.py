@@ -10,13 +10,15 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 from pyqmail import errors
 from pyqmail.entry import program
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_TEMP, Die
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 FATAL = b"maildir2mbox: fatal: "
 WARNING = b"maildir2mbox: warning: "
@@ -39,10 +41,14 @@ def gfrom(line: bytes) -> bool:
     return line.lstrip(b">").startswith(b"From ")
 
 
-@dataclass
 class _Elt:
-    dt: int
-    name: str
+    """A message of the maildir: its mtime and its name."""
+
+    __slots__ = ("dt", "name")
+
+    def __init__(self, dt: int, name: str) -> None:
+        self.dt = dt
+        self.name = name
 
 
 class PrioQ:
