@@ -1,0 +1,54 @@
+"""What tcpserver and tcp-env learn about a connection's ends: addresses and host names.
+
+Names come from the system resolver (getnameinfo/getaddrinfo: /etc/hosts,
+then DNS as nsswitch.conf says), lowercased as tcp-environ(5) asks.
+"""
+
+from __future__ import annotations
+
+import socket
+
+_MAPPED = "::ffff:"
+
+
+class SoftError(Exception):
+    """The resolver failed temporarily: no answer either way."""
+
+
+def ip_text(host: str, v6_env: bool = False) -> str:
+    """Return the address text of a socket address host (no scope; IPv4-mapped as IPv4 unless v6_env)."""
+    host = host.split("%", 1)[0]
+    if not v6_env and host.startswith(_MAPPED) and "." in host:
+        return host[len(_MAPPED):]
+    if v6_env and ":" not in host:
+        return _MAPPED + host
+    return host
+
+
+def ptr(ip: str) -> str | None:
+    """Return the lowercased host name of ip, or None if it has none; raise SoftError."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] = (ip, 0) if family == socket.AF_INET else (ip, 0, 0, 0)
+    try:
+        name, _ = socket.getnameinfo(sockaddr, socket.NI_NAMEREQD)
+    except socket.gaierror as e:
+        if e.errno == socket.EAI_AGAIN:
+            raise SoftError(str(e)) from e
+        return None
+    except OSError as e:
+        raise SoftError(str(e)) from e
+    return name.lower()
+
+
+def addresses(name: str) -> set[str]:
+    """Return the addresses of name (empty if none or on failure)."""
+    try:
+        infos = socket.getaddrinfo(name, None, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    return {ip_text(str(info[4][0])) for info in infos}
+
+
+def paranoid_ok(ip: str, name: str) -> bool:
+    """Return True if name's addresses include ip (tcpserver -p)."""
+    return ip_text(ip) in addresses(name)

@@ -1,0 +1,594 @@
+"""tcpserver(1): accept TCP connections and run a program for each, as ucspi-tcp 0.88's.
+
+``tcpserver [ -1UXpPhHrRoOdDqQv46 ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]
+[ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port
+program [ arg ... ]``
+
+The parent is a single-threaded selectors loop: it accepts while fewer than
+limit children run, forks one child per connection and reaps children when
+SIGCHLD wakes it. The child learns about the connection (tcp-environ(5)
+variables, -x rules), logs its decision and becomes the program with the
+socket on descriptors 0 and 1, through `pyqmail.spawn.become`: pyqmail's own
+programs run in the forked child without a new interpreter, and their modules
+are imported once, in the parent, before the first connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+
+from pyqmail import cdb, sig, spawn
+from pyqmail.entry import program
+from pyqmail.sgetopt import Getopt
+from pyqmail.ucspi import ident, netinfo, rules
+from pyqmail.ucspi.rules import scan_ulong
+from pyqmail.ucspi.strerr import EXIT_TEMP, EXIT_USAGE, Die, arg, describe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+FATAL = b"tcpserver: fatal: "
+DROP = b"tcpserver: warning: dropping connection, "
+USAGE = (b"tcpserver: usage: tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ]"
+         b" [ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ]"
+         b" [ -t timeout ] host port program")
+OPTIONS = "46dDvqQhHrR1UXx:t:u:g:l:b:B:c:pPoO"
+EXIT_DENY = 100
+QUIET, ERRORS, VERBOSE = 0, 1, 2
+SAFE_MAX = 100  # safecats: longer fields are cut and marked with "..."
+DEFAULT_PATH = "/bin:/usr/bin"  # pathexec's PATH when $PATH is unset
+
+
+class Config:
+    """tcpserver's options (a plain class: see DESIGN, start-up cost)."""
+
+    __slots__ = ("verbosity", "limit", "backlog", "rules", "allow_norules", "banner", "uid",
+                 "gid", "localname", "timeout", "remotehost", "paranoid", "remoteinfo",
+                 "killopts", "delay", "print_port", "v4only", "v6env", "argv")
+
+    def __init__(self) -> None:
+        self.verbosity = ERRORS
+        self.limit = 40
+        self.backlog = 20
+        self.rules: bytes | None = None
+        self.allow_norules = False
+        self.banner = b""
+        self.uid = 0
+        self.gid = 0
+        self.localname: bytes | None = None
+        self.timeout = 26
+        self.remotehost = True
+        self.paranoid = False
+        self.remoteinfo = True
+        self.killopts = True
+        self.delay = True
+        self.print_port = False
+        self.v4only = False
+        self.v6env = False
+        self.argv: list[str] = []
+
+
+def warn(cfg: Config, text: bytes) -> None:
+    """Write an error message unless -q."""
+    if cfg.verbosity >= ERRORS:
+        try:
+            os.write(2, text + b"\n")
+        except OSError:
+            pass
+
+
+def status(cfg: Config, text: bytes) -> None:
+    """Write a status message if -v."""
+    if cfg.verbosity >= VERBOSE:
+        try:
+            os.write(2, text + b"\n")
+        except OSError:
+            pass
+
+
+def safe(field: bytes) -> bytes:
+    """Return a log field as safecats prints it: unprintables, % and : as ?, 100 bytes at most."""
+    out = bytes(c if 33 <= c <= 126 and c not in (0x25, 0x3A) else 0x3F for c in field[:SAFE_MAX])
+    return out + b"..." if len(field) >= SAFE_MAX else out
+
+
+def safe_ip(ip: bytes) -> bytes:
+    """Return an address field: IPv6 colons stay (as the IPv6 patch prints them)."""
+    if b":" in ip:
+        return b":".join(safe(part) for part in ip.split(b":"))
+    return safe(ip)
+
+
+def decision_line(deny: bool, pid: int, localhost: bytes | None, localip: bytes, localport: bytes,
+                  remotehost: bytes | None, remoteip: bytes, remoteinfo: bytes | None,
+                  remoteport: bytes) -> bytes:
+    """Return the ``tcpserver: ok|deny PID local remote`` line of -v."""
+    return b"".join([
+        b"tcpserver: ", b"deny" if deny else b"ok", b" ", safe(b"%d" % pid), b" ",
+        safe(localhost) if localhost is not None else b"", b":", safe_ip(localip), b":",
+        safe(localport), b" ", safe(remotehost) if remotehost is not None else b"", b":",
+        safe_ip(remoteip), b":", safe(remoteinfo) if remoteinfo is not None else b"", b":",
+        safe(remoteport)])
+
+
+def parse_args(argv: list[str]) -> tuple[Config, str, str]:
+    """Return the options, host and port of argv; raise Die (usage) if they are wrong."""
+    cfg = Config()
+    g = Getopt(argv, OPTIONS)
+    for opt, val in g:
+        v = val or ""
+        if opt == "b":
+            cfg.backlog = scan_ulong(arg(v))[0]
+        elif opt == "c":
+            cfg.limit = scan_ulong(arg(v))[0]
+        elif opt == "X":
+            cfg.allow_norules = True
+        elif opt == "x":
+            cfg.rules = arg(v)
+        elif opt == "B":
+            cfg.banner = arg(v)
+        elif opt in "dD":
+            cfg.delay = opt == "d"
+        elif opt == "v":
+            cfg.verbosity = VERBOSE
+        elif opt == "q":
+            cfg.verbosity = QUIET
+        elif opt == "Q":
+            cfg.verbosity = ERRORS
+        elif opt in "pP":
+            cfg.paranoid = opt == "p"
+        elif opt in "oO":
+            cfg.killopts = opt == "O"
+        elif opt in "hH":
+            cfg.remotehost = opt == "h"
+        elif opt in "rR":
+            cfg.remoteinfo = opt == "r"
+        elif opt == "t":
+            cfg.timeout = scan_ulong(arg(v))[0]
+        elif opt == "U":
+            for name in ("UID", "GID"):
+                value = os.environ.get(name)
+                if value is not None:
+                    n = scan_ulong(arg(value))[0]
+                    if name == "UID":
+                        cfg.uid = n
+                    else:
+                        cfg.gid = n
+        elif opt == "u":
+            cfg.uid = scan_ulong(arg(v))[0]
+        elif opt == "g":
+            cfg.gid = scan_ulong(arg(v))[0]
+        elif opt == "1":
+            cfg.print_port = True
+        elif opt == "4":
+            cfg.v4only, cfg.v6env = True, False
+        elif opt == "6":
+            cfg.v6env, cfg.v4only = True, False
+        elif opt == "l":
+            cfg.localname = arg(v)
+        else:
+            raise Die(EXIT_USAGE, USAGE)
+    rest = g.operands()
+    if len(rest) < 2:
+        # After the options, -q silences even the usage message.
+        raise Die(EXIT_USAGE, USAGE if cfg.verbosity else None)
+    host, port = rest[0], rest[1]
+    cfg.argv = rest[2:]
+    return cfg, host, port
+
+
+def port_number(port: str) -> int:
+    """Return the port a number or an /etc/services name stands for; raise Die."""
+    value, n = scan_ulong(arg(port))
+    if n == len(arg(port)):
+        return value & 0xFFFF  # C stores it in a uint16
+    try:
+        return socket.getservbyname(port, "tcp")
+    except (OSError, UnicodeError):
+        raise Die(EXIT_TEMP, FATAL + b"unable to figure out port number for " + arg(port)) from None
+
+
+def _ip4_literal(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() and p.isascii() and int(p) < 256 for p in parts)
+
+
+def local_address(host: str, cfg: Config) -> tuple[int, str]:
+    """Return (family, address) to bind for host; raise Die if it has none."""
+    if host in ("", "0"):
+        return (socket.AF_INET6, "::") if cfg.v6env else (socket.AF_INET, "0.0.0.0")
+    if _ip4_literal(host):
+        return socket.AF_INET, host
+    if ":" in host:
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+            return socket.AF_INET6, host
+        except OSError:
+            pass
+    family = socket.AF_UNSPEC if cfg.v6env else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno == socket.EAI_AGAIN:
+            raise Die(EXIT_TEMP, FATAL + b"temporarily unable to figure out IP address for "
+                      + arg(host) + b": temporary failure") from e
+        raise Die(EXIT_TEMP, FATAL + b"no IP address for " + arg(host)) from e
+    except (OSError, UnicodeError) as e:
+        raise Die(EXIT_TEMP, FATAL + b"no IP address for " + arg(host)) from e
+    if cfg.v6env:
+        infos.sort(key=lambda i: i[0] != socket.AF_INET6)
+    if not infos:
+        raise Die(EXIT_TEMP, FATAL + b"no IP address for " + arg(host))
+    return infos[0][0], str(infos[0][4][0])
+
+
+def listen(host: str, port: int, cfg: Config) -> socket.socket:
+    """Bind and listen as tcpserver does before dropping privileges; raise Die."""
+    family, address = local_address(host, cfg)
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise Die(EXIT_TEMP, FATAL + b"unable to create socket: " + describe(e)) from e
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address == "::":
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((address, port))
+    except OSError as e:
+        s.close()
+        raise Die(EXIT_TEMP, FATAL + b"unable to bind: " + describe(e)) from e
+    try:
+        s.listen(min(cfg.backlog, 0x7FFFFFFF))
+    except OSError as e:
+        s.close()
+        raise Die(EXIT_TEMP, FATAL + b"unable to listen: " + describe(e)) from e
+    s.setblocking(False)  # the loop accepts only when select says so; a vanished client is EAGAIN
+    return s
+
+
+def set_ids(cfg: Config) -> None:
+    """Switch group then user as ucspi-tcp's prot_gid/prot_uid do; raise Die.
+
+    Not privs.drop: each id changes only when given (-g without -u keeps the
+    uid), and each failure has its own message.
+    """
+    if cfg.gid:
+        try:
+            os.setgroups([cfg.gid])
+            os.setgid(cfg.gid)
+        except (OSError, OverflowError) as e:
+            raise Die(EXIT_TEMP, FATAL + b"unable to set gid: "
+                      + (describe(e) if isinstance(e, OSError) else b"invalid argument")) from e
+    if cfg.uid:
+        try:
+            os.setuid(cfg.uid)
+        except (OSError, OverflowError) as e:
+            raise Die(EXIT_TEMP, FATAL + b"unable to set uid: "
+                      + (describe(e) if isinstance(e, OSError) else b"invalid argument")) from e
+
+
+def pathexec_target(name: str, path: str | None) -> str:
+    """Return the file pathexec_run would execute for name; raise OSError as its execve would."""
+    if "/" in name:
+        return name
+    saved = 0
+    for d in (DEFAULT_PATH if path is None else path).split(":"):
+        cand = (d or ".") + "/" + name
+        try:
+            st = os.stat(cand)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                saved = e.errno or 0
+                if saved not in (errno.EACCES, errno.EPERM, errno.EISDIR):
+                    break
+            continue
+        if os.path.isdir(cand) or not (st.st_mode & 0o111) or not os.access(cand, os.X_OK):
+            saved = errno.EACCES
+            continue
+        return cand
+    code = saved or errno.ENOENT
+    raise OSError(code, os.strerror(code), name)
+
+
+def preload(argv: list[str]) -> None:
+    """Import, in the parent, the modules of the pyqmail programs argv names, so no child pays for them.
+
+    A module that defines ``preload()`` (rblsmtpd: its DNS library) has it
+    called too. A module that fails to import here is left to the child,
+    which reports the failure as exec would.
+    """
+    path = os.environ.get("PATH")
+    for word in argv:
+        try:
+            stub = spawn.read_stub(pathexec_target(word, path))
+        except OSError:
+            continue
+        if stub is None:
+            continue
+        try:
+            mod = __import__(stub.module, fromlist=["main"])
+            hook = getattr(mod, "preload", None)
+            if callable(hook):
+                hook()
+        except Exception:  # noqa: BLE001 - the child imports again and reports
+            continue
+
+
+class Connection:
+    """What the child knows of its connection, for the environment and the log."""
+
+    __slots__ = ("localip", "localport", "localhost", "remoteip", "remoteport", "remotehost",
+                 "remoteinfo", "proto")
+
+    def __init__(self) -> None:
+        self.localip = b""
+        self.localport = b""
+        self.localhost: bytes | None = None
+        self.remoteip = b""
+        self.remoteport = b""
+        self.remotehost: bytes | None = None
+        self.remoteinfo: bytes | None = None
+        self.proto = b"TCP"
+
+
+def _lookup_name(ip: str) -> bytes | None:
+    try:
+        name = netinfo.ptr(ip)
+    except netinfo.SoftError:
+        return None
+    return None if not name else os.fsencode(name)
+
+
+def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config, env: dict[str, str]) -> tuple[bool, Connection]:
+    """Do tcpserver's per-connection work up to the decision; return (deny, what was learned).
+
+    Raise Die (dropping the connection) on a banner, address or rules failure.
+    """
+    c = Connection()
+    pid = os.getpid()
+    remote_host = peer[0]
+    v6 = cfg.v6env or (":" in netinfo.ip_text(remote_host))
+    c.proto = b"TCP6" if v6 else b"TCP"
+    c.remoteip = netinfo.ip_text(remote_host, cfg.v6env).encode()
+    status(cfg, b"tcpserver: pid %d from %s" % (pid, c.remoteip))
+    if cfg.killopts and conn.family == socket.AF_INET:
+        try:
+            conn.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"")
+        except OSError:
+            pass  # socket_ipoptionskill's result is not checked either
+    if not cfg.delay:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # as socket_tcpnodelay's
+    if cfg.banner:
+        try:
+            conn.sendall(cfg.banner)
+        except OSError as e:
+            raise Die(EXIT_TEMP, DROP + b"unable to print banner: " + describe(e)) from e
+    try:
+        local = conn.getsockname()
+    except OSError as e:
+        raise Die(EXIT_TEMP, DROP + b"unable to get local address: " + describe(e)) from e
+    local_ip = netinfo.ip_text(str(local[0]), cfg.v6env)
+    c.localip = local_ip.encode()
+    c.localport = b"%d" % local[1]
+    c.remoteport = b"%d" % peer[1]
+    c.localhost = cfg.localname if cfg.localname is not None else _lookup_name(local_ip)
+
+    def put(name: str, value: bytes | None) -> None:
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = os.fsdecode(value)
+
+    put("PROTO", c.proto)
+    put("TCPLOCALIP", c.localip)
+    put("TCPLOCALPORT", c.localport)
+    put("TCPLOCALHOST", c.localhost)
+    if cfg.remotehost:
+        remote_ip = c.remoteip.decode()
+        name = _lookup_name(remote_ip)
+        if name is not None and (not cfg.paranoid or netinfo.paranoid_ok(remote_ip, os.fsdecode(name))):
+            c.remotehost = name
+    put("TCPREMOTEIP", c.remoteip)
+    put("TCPREMOTEPORT", c.remoteport)
+    put("TCPREMOTEHOST", c.remotehost)
+    if cfg.remoteinfo:
+        info = ident.remoteinfo((netinfo.ip_text(remote_host), peer[1]),
+                                (netinfo.ip_text(str(local[0])), local[1]), cfg.timeout)
+        # A C string: the environment and the log stop at a NUL.
+        c.remoteinfo = None if info is None else info.split(b"\0", 1)[0]
+    put("TCPREMOTEINFO", c.remoteinfo)
+    deny = False
+    if cfg.rules is not None:
+        deny = follow_rules(cfg, c, env)
+    status(cfg, decision_line(deny, pid, c.localhost, c.localip, c.localport, c.remotehost,
+                              c.remoteip, c.remoteinfo, c.remoteport))
+    return deny, c
+
+
+def follow_rules(cfg: Config, c: Connection, env: dict[str, str]) -> bool:
+    """Apply the -x rules to env; return True for deny; raise Die if they cannot be read."""
+    assert cfg.rules is not None
+    drop = DROP + b"unable to read " + cfg.rules + b": "
+    try:
+        reader = rules.open_cdb(cfg.rules)
+    except OSError as e:
+        if e.errno == errno.ENOENT and cfg.allow_norules:
+            return False
+        raise Die(EXIT_TEMP, drop + describe(e)) from e
+    try:
+        found = rules.find(reader, c.remoteip, c.remotehost, c.remoteinfo)
+    except (OSError, cdb.CDBError) as e:
+        raise Die(EXIT_TEMP, drop + describe(e)) from e
+    finally:
+        reader.close()
+    if found is None:
+        return False
+    deny, variables = rules.decide(found[1])
+    for name, value in variables:
+        if name:  # an empty name cannot be passed through a Python environment
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return deny
+
+
+def child(conn: socket.socket, peer: tuple[str, int], cfg: Config) -> NoReturn:
+    """Serve one connection in the forked child: decide, then become the program."""
+    code = EXIT_TEMP
+    try:
+        env = dict(os.environ)
+        deny, _ = learn(conn, peer, cfg, env)
+        if deny:
+            code = EXIT_DENY
+        else:
+            name = cfg.argv[0]
+            try:
+                target = pathexec_target(name, os.environ.get("PATH"))
+                fd = conn.fileno()
+                spawn.become(target, cfg.argv, env=env, fds={0: fd, 1: fd, 2: 2})
+            except OSError as e:
+                raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
+    except Die as d:
+        if d.text is not None:
+            warn(cfg, d.text)
+        code = d.code
+    except BaseException as e:  # noqa: BLE001 - the child must never return to the loop
+        warn(cfg, DROP + b"internal error: " + type(e).__name__.encode() + b": " + str(e).encode("utf-8", "replace"))
+    os._exit(code)
+
+
+class Server:
+    """The accept loop: at most limit children, reaped on SIGCHLD."""
+
+    def __init__(self, cfg: Config, listener: socket.socket) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.children = 0
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.accepting = False
+
+    def print_status(self) -> None:
+        status(self.cfg, b"tcpserver: status: %d/%d" % (self.children, self.cfg.limit))
+
+    def reap(self) -> None:
+        """Collect every finished child, logging each as tcpserver's sigchld does."""
+        while True:
+            try:
+                pid, wstat = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            status(self.cfg, b"tcpserver: end %d status %d" % (pid, wstat))
+            if self.children:
+                self.children -= 1
+            self.print_status()
+
+    def accept_one(self) -> None:
+        """Accept a connection, if one is still there, and fork its child."""
+        try:
+            conn, peer = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError:
+            return  # as socket_accept4 failing: tcpserver just tries again
+        with conn:
+            conn.setblocking(True)
+            self.children += 1
+            self.print_status()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                warn(self.cfg, DROP + b"unable to fork: " + describe(e))
+                self.children -= 1
+                self.print_status()
+                return
+            if pid == 0:
+                self.in_child()
+                child(conn, peer, self.cfg)
+
+    def in_child(self) -> None:
+        """Let go of the parent's loop in a new child."""
+        self.selector.close()
+        self.listener.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def run(self) -> NoReturn:
+        """Serve until SIGTERM."""
+        sig.signal(sig.SIGTERM, _terminate)
+        sig.signal(sig.SIGCHLD, _nothing)
+        sig.set_wakeup_fd(self.wake_w)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        while True:
+            want = self.children < self.cfg.limit
+            if want != self.accepting:
+                if want:
+                    self.selector.register(self.listener, selectors.EVENT_READ)
+                else:
+                    self.selector.unregister(self.listener)
+                self.accepting = want
+            ready = {key.fileobj for key, _ in self.selector.select()}
+            if self.wake_r in ready:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass  # drained
+            # Children are reaped before each accept, as C tcpserver's
+            # SIGCHLD handler runs the moment accept() waits.
+            self.reap()
+            if self.listener in ready and self.children < self.cfg.limit:
+                self.accept_one()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    os._exit(0)  # tcpserver exits at once on SIGTERM; children go on
+
+
+def _nothing(signum: int, frame: object) -> None:
+    """SIGCHLD only wakes the loop (through the wakeup descriptor)."""
+
+
+def _quiet_std() -> None:
+    """Let go of descriptors 0 and 1 as tcpserver does (its stdout may be a pipe someone waits on)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    if null > 1:
+        os.close(null)
+
+
+@program("tcpserver", crash=EXIT_TEMP)
+def main(argv: list[str]) -> int:
+    """Serve host port with argv's program until SIGTERM; return only on a fatal error."""
+    try:
+        cfg, host, port_text = parse_args(argv)
+    except Die as d:
+        return d.report()
+    try:
+        port = port_number(port_text)
+        if not cfg.argv:
+            raise Die(EXIT_USAGE, USAGE)
+        listener = listen(host, port, cfg)
+        set_ids(cfg)
+    except Die as d:
+        if d.text is not None:
+            warn(cfg, d.text)
+        return d.code
+    preload(cfg.argv)
+    if cfg.print_port:
+        try:
+            os.write(1, b"%d\n" % listener.getsockname()[1])
+        except OSError:
+            pass  # buffer_flush's result is not checked either
+    _quiet_std()
+    server = Server(cfg, listener)
+    server.print_status()
+    server.run()
