@@ -14,13 +14,14 @@ from pyqmail import errors, spawn
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 EXIT_OK = 0
 EXIT_IGNORE = 99  # qmail-command: success, ignore the rest of .qmail
 EXIT_PERM = 100
 EXIT_TEMP = 111
 MAX_MESSAGE = 1 << 40  # bounded only by the disk: tools copy, they do not hold
+CHUNK = 65536
 
 
 class Die(Exception):
@@ -84,6 +85,36 @@ def run_condition(argv: Sequence[str], fatal: bytes) -> int:
     if code == EXIT_TEMP:
         raise Die(EXIT_TEMP, fatal + b"temporary child error")
     return code
+
+
+def copy_stdin(fatal: bytes, write: Callable[[bytes], object]) -> None:
+    """Pass standard input to write, chunk by chunk, to its end; raise Die(111) if reading fails."""
+    while True:
+        try:
+            chunk = os.read(0, CHUNK)
+        except OSError as e:
+            raise fail(EXIT_TEMP, fatal, b"unable to read message: ", e) from None
+        if not chunk:
+            return
+        write(chunk)
+
+
+def queue_stdin(fatal: bytes, sender: bytes, dtline: bytes, recipients: list[bytes],
+                failed: bytes = b"") -> bytes:
+    """Queue dtline and standard input from sender to recipients; return qmail-queue's pid as text.
+
+    Raise Die(100 or 111, fatal + failed + qmail-queue's report) if the message is not queued.
+    """
+    from pyqmail.queue.qq import QQ  # only on this path: not every tool queues
+
+    q = QQ()
+    qp = str(q.pid).encode()
+    q.write(dtline)
+    copy_stdin(fatal, q.write)
+    report = q.close(sender, recipients)
+    if report:
+        raise Die(EXIT_PERM if report[:1] == b"D" else EXIT_TEMP, fatal + failed + report[1:])
+    return qp
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -13,7 +13,6 @@ import os
 from pyqmail.entry import program
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_IGNORE, EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
-from pyqmail.tools.forward import queue_stdin
 
 FATAL = b"condredirect: fatal: "
 USAGE = b"condredirect: usage: condredirect newaddress program [ arg ... ]"
@@ -35,7 +34,8 @@ def condredirect(argv: list[str]) -> Die:
     dtline = common.env("DTLINE")
     if dtline is None:
         return Die(EXIT_PERM, FATAL + b"DTLINE not set")
-    return queue_stdin(FATAL, sender, dtline, [common.b(argv[1])], EXIT_IGNORE, b"condredirect: qp ")
+    qp = common.queue_stdin(FATAL, sender, dtline, [common.b(argv[1])])
+    return Die(EXIT_IGNORE, b"condredirect: qp " + qp)
 
 
 @program("condredirect", crash=EXIT_TEMP)

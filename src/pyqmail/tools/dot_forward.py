@@ -166,14 +166,7 @@ class DotForward:
             # Write errors are ignored (the command may not read it all);
             # read errors are fatal.
             self._blind(w, self.ufline + self.rpline + self.dtline)
-            while True:
-                try:
-                    chunk = os.read(0, 65536)
-                except OSError as e:
-                    raise common.fail(EXIT_TEMP, FATAL, b"unable to read message: ", e) from None
-                if not chunk:
-                    break
-                self._blind(w, chunk)
+            common.copy_stdin(FATAL, lambda chunk: self._blind(w, chunk))
         finally:
             os.close(w)
         code = spawn.wait(pid)
@@ -245,24 +238,7 @@ class DotForward:
 
     def forward(self) -> None:
         """Queue the message for the collected targets."""
-        from pyqmail.queue.qq import QQ
-
-        q = QQ()
-        qp = str(q.pid).encode()
-        q.write(self.dtline)
-        while True:
-            try:
-                chunk = os.read(0, 65536)
-            except OSError as e:
-                raise common.fail(EXIT_TEMP, FATAL, b"unable to read message: ", e) from None
-            if not chunk:
-                break
-            q.write(chunk)
-        report = q.close(self.sender, self.targets)
-        if report[:1] == b"D":
-            raise Die(EXIT_PERM, FATAL + b"unable to forward message: " + report[1:])
-        if report:
-            raise Die(EXIT_TEMP, FATAL + b"unable to forward message: " + report[1:])
+        qp = common.queue_stdin(FATAL, self.sender, self.dtline, self.targets, b"unable to forward message: ")
         _warn(INFO, b"qp ", qp)
 
     def try_file(self, fn: str) -> int | None:

@@ -7,35 +7,11 @@ permanent qmail-queue failure exits 100, anything else 111.
 
 from __future__ import annotations
 
-import os
-
 from pyqmail.entry import program
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
 
 FATAL = b"forward: fatal: "
-
-
-def queue_stdin(fatal: bytes, sender: bytes, dtline: bytes, recipients: list[bytes], ok_code: int,
-                ok_prefix: bytes) -> Die:
-    """Queue dtline + stdin from sender to recipients; return the Die that ends the program."""
-    from pyqmail.queue.qq import QQ
-
-    q = QQ()
-    q.write(dtline)
-    while True:
-        try:
-            chunk = os.read(0, 65536)
-        except OSError as e:
-            raise common.fail(EXIT_TEMP, fatal, b"unable to read message: ", e) from None
-        if not chunk:
-            break
-        q.write(chunk)
-    qp = str(q.pid).encode()
-    report = q.close(sender, recipients)
-    if report:
-        return Die(EXIT_PERM if report[:1] == b"D" else EXIT_TEMP, fatal + report[1:])
-    return Die(ok_code, ok_prefix + qp)
 
 
 @program("forward", crash=EXIT_TEMP)
@@ -48,7 +24,7 @@ def main(argv: list[str]) -> int:
     if dtline is None:
         return Die(EXIT_PERM, FATAL + b"DTLINE not set").report()
     try:
-        end = queue_stdin(FATAL, sender, dtline, [common.b(a) for a in argv[1:]], EXIT_OK, b"forward: qp ")
+        qp = common.queue_stdin(FATAL, sender, dtline, [common.b(a) for a in argv[1:]])
     except Die as e:
         return e.report()
-    return end.report()
+    return Die(EXIT_OK, b"forward: qp " + qp).report()
