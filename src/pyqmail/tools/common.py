@@ -58,6 +58,14 @@ def env(name: str, environ: Mapping[str, str] | None = None) -> bytes | None:
     return None if value is None else os.fsencode(value)
 
 
+def need_env(name: str, code: int, fatal: bytes, environ: Mapping[str, str] | None = None) -> bytes:
+    """Return environment variable name as bytes; raise Die(code, fatal + 'NAME not set') if it is unset."""
+    value = env(name, environ)
+    if value is None:
+        raise Die(code, fatal + name.encode() + b" not set")
+    return value
+
+
 def start(argv: Sequence[str], fds: Mapping[int, int] | None = None,
           environ: Mapping[str, str] | None = None) -> int:
     """Start argv[0] as execvp would (PATH search) with the current environment; return the pid.

@@ -28,12 +28,8 @@ def condredirect(argv: list[str]) -> Die:
         os.lseek(0, 0, os.SEEK_SET)
     except OSError as e:
         return common.fail(EXIT_TEMP, FATAL, b"unable to rewind: ", e)
-    sender = common.env("SENDER")
-    if sender is None:
-        return Die(EXIT_PERM, FATAL + b"SENDER not set")
-    dtline = common.env("DTLINE")
-    if dtline is None:
-        return Die(EXIT_PERM, FATAL + b"DTLINE not set")
+    sender = common.need_env("SENDER", EXIT_PERM, FATAL)
+    dtline = common.need_env("DTLINE", EXIT_PERM, FATAL)
     qp = common.queue_stdin(FATAL, sender, dtline, [common.b(argv[1])])
     return Die(EXIT_IGNORE, b"condredirect: qp " + qp)
 

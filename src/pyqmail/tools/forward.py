@@ -17,13 +17,9 @@ FATAL = b"forward: fatal: "
 @program("forward", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Forward stdin to argv[1:]."""
-    sender = common.env("NEWSENDER")
-    if sender is None:
-        return Die(EXIT_PERM, FATAL + b"NEWSENDER not set").report()
-    dtline = common.env("DTLINE")
-    if dtline is None:
-        return Die(EXIT_PERM, FATAL + b"DTLINE not set").report()
     try:
+        sender = common.need_env("NEWSENDER", EXIT_PERM, FATAL)
+        dtline = common.need_env("DTLINE", EXIT_PERM, FATAL)
         qp = common.queue_stdin(FATAL, sender, dtline, [common.b(a) for a in argv[1:]])
     except Die as e:
         return e.report()

@@ -172,55 +172,48 @@ def _read_message(path: str) -> bytes:
 
 def maildir2mbox(environ: dict[str, str], clock: Callable[[], float] = time.time) -> None:
     """Move the maildir's messages into the mbox; raise Die on failure."""
-    mbox = environ.get("MAIL")
-    if mbox is None:
-        raise Die(EXIT_TEMP, FATAL + b"MAIL not set")
-    mboxtmp = environ.get("MAILTMP")
-    if mboxtmp is None:
-        raise Die(EXIT_TEMP, FATAL + b"MAILTMP not set")
-    maildir = environ.get("MAILDIR")
-    if maildir is None:
-        raise Die(EXIT_TEMP, FATAL + b"MAILDIR not set")
+    mbox = common.need_env("MAIL", EXIT_TEMP, FATAL, environ)
+    mboxtmp = common.need_env("MAILTMP", EXIT_TEMP, FATAL, environ)
+    maildir = common.need_env("MAILDIR", EXIT_TEMP, FATAL, environ)
     try:
         os.chdir(maildir)
     except OSError as e:
-        raise common.fail(EXIT_TEMP, FATAL, b"unable to chdir to " + common.b(maildir) + b": ", e) from None
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to chdir to " + maildir + b": ", e) from None
     now = int(clock())
     clean_tmp(now)
     pq, _ = scan(int(clock()))
     if pq.min() is None:
         return
-    bmbox, btmp = common.b(mbox), common.b(mboxtmp)
     try:
         fdlock = os.open(mbox, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fdlock, fcntl.LOCK_EX)
     except OSError as e:
-        raise common.fail(EXIT_TEMP, FATAL, b"unable to lock " + bmbox + b": ", e) from None
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to lock " + mbox + b": ", e) from None
     try:
-        _copy(mbox, mboxtmp, bmbox, btmp, pq)
+        _copy(mbox, mboxtmp, pq)
     finally:
         os.close(fdlock)
 
 
-def _copy(mbox: str, mboxtmp: str, bmbox: bytes, btmp: bytes, pq: PrioQ) -> None:
+def _copy(mbox: bytes, mboxtmp: bytes, pq: PrioQ) -> None:
     def write_error(e: OSError) -> Die:
-        return common.fail(EXIT_TEMP, FATAL, b"unable to write to " + btmp + b": ", e)
+        return common.fail(EXIT_TEMP, FATAL, b"unable to write to " + mboxtmp + b": ", e)
 
     try:
         fdold = os.open(mbox, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise common.fail(EXIT_TEMP, FATAL, b"unable to read " + bmbox + b": ", e) from None
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to read " + mbox + b": ", e) from None
     try:
         try:
             fdnew = os.open(mboxtmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise common.fail(EXIT_TEMP, FATAL, b"unable to create " + btmp + b": ", e) from None
+            raise common.fail(EXIT_TEMP, FATAL, b"unable to create " + mboxtmp + b": ", e) from None
         try:
             while True:
                 try:
                     chunk = os.read(fdold, 65536)
                 except OSError as e:
-                    raise common.fail(EXIT_TEMP, FATAL, b"unable to read " + bmbox + b": ", e) from None
+                    raise common.fail(EXIT_TEMP, FATAL, b"unable to read " + mbox + b": ", e) from None
                 if not chunk:
                     break
                 try:
@@ -250,7 +243,7 @@ def _copy(mbox: str, mboxtmp: str, bmbox: bytes, btmp: bytes, pq: PrioQ) -> None
     try:
         os.rename(mboxtmp, mbox)
     except OSError as e:
-        raise common.fail(EXIT_TEMP, FATAL, b"unable to move " + btmp + b" to " + bmbox + b": ", e) from None
+        raise common.fail(EXIT_TEMP, FATAL, b"unable to move " + mboxtmp + b" to " + mbox + b": ", e) from None
     for name in done:
         try:
             os.unlink(name)
