@@ -164,7 +164,7 @@ class ForkServer:
 
 
 def queued(queue: Path) -> list[tuple[bytes, bytes, list[bytes]]]:
-    """Return (message, sender, recipients) of every message in todo/, oldest inode first."""
+    """Return (message, sender, recipients) of every message in todo/, by inode number (not age)."""
     out = []
     for name in sorted(files(queue)["todo"], key=int):
         num = int(name)

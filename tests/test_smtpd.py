@@ -453,7 +453,7 @@ def test_pipelined_before_the_greeting(qhome: QHome) -> None:
     assert lines[9:12] == [b"250 ok", b"250 ok", b"354 go ahead"]
     assert ACCEPTED.match(lines[12] + b"\r\n")
     assert lines[13:] == [b"221 test.example.com", b""]
-    msgs = queued(qhome.queue)
+    msgs = sorted(queued(qhome.queue), key=lambda m: m[1])
     assert [(s, r) for _, s, r in msgs] == [(b"a@b", [b"u@test.example.com"]), (b"c@d", [b"w@test.example.com"])]
     assert msgs[0][0].endswith(b"Subject: early\n\n.x\n") and msgs[1][0].endswith(b"\nsecond\n")
 

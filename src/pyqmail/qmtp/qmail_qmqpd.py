@@ -61,15 +61,16 @@ class Bounded:
     def getbuf(self) -> bytes | None:
         """Read a netstring address; None if it is 1000 bytes or longer or contains NUL."""
         n = self.getlen()
+        too_long = n >= ADDR_MAX
         parts = []
         while n > 0:
             piece = self.chunk(n)
-            if n < ADDR_MAX:
+            if not too_long:
                 parts.append(piece)
             n -= len(piece)
         self.getcomma()
         addr = b"".join(parts)
-        if len(addr) >= ADDR_MAX or b"\0" in addr:
+        if too_long or b"\0" in addr:
             return None
         return addr
 
