@@ -11,7 +11,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from typing import BinaryIO, Iterator
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start (qmail-smtpd opens morercpthosts.cdb)
+if TYPE_CHECKING:
+    from typing import BinaryIO, Iterator
 
 _PAIR = struct.Struct("<LL")
 HEADER_SIZE = 2048
