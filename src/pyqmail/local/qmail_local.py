@@ -24,7 +24,7 @@ import os
 import stat
 import time
 
-from pyqmail import errors, rfc822, spawn
+from pyqmail import errors, rfc822, slurp, spawn
 from pyqmail.entry import program
 from pyqmail.local import dotqmail, maildir, mbox
 from pyqmail.queue.qq import QQ
@@ -305,20 +305,15 @@ def _open_qmail(name: bytes) -> tuple[int, bool] | None:
 
 def _slurp(fd: int) -> bytes:
     """Read the whole .qmail file on fd and close it."""
-    data = bytearray()
     try:
-        while True:
-            try:
-                chunk = os.read(fd, _CHUNK)
-            except OSError:
-                raise Stop(EXIT_TEMPORARY, NOMEM) from None  # qmail answers a failed slurp so
-            if not chunk:
-                return bytes(data)
-            data += chunk
-            if len(data) > DOTQMAIL_MAX:
-                raise Stop(EXIT_TEMPORARY, NOMEM)
+        data = slurp.read_all(fd, DOTQMAIL_MAX)
+    except OSError:
+        data = None  # qmail answers a failed slurp as it answers no memory
     finally:
         os.close(fd)
+    if data is None:
+        raise Stop(EXIT_TEMPORARY, NOMEM)
+    return data
 
 
 def _search(dash: bytes, ext: bytes) -> tuple[int, bool, bytes | None] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from pyqmail import cdb, durable
+from pyqmail import cdb, durable, slurp
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.local import users
@@ -34,19 +34,13 @@ class _Die(Exception):
 
 
 def _read_assign(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            raise _Die(DIE_READA) from None
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > MAX_ASSIGN:
-            raise _Die(DIE_NOMEM)
-        chunks.append(chunk)
+    try:
+        data = slurp.read_all(fd, MAX_ASSIGN)
+    except OSError:
+        raise _Die(DIE_READA) from None
+    if data is None:
+        raise _Die(DIE_NOMEM)
+    return data
 
 
 def newu() -> None:

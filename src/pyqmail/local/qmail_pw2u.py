@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from pyqmail import home as _home
+from pyqmail import slurp
 from pyqmail.entry import program
 from pyqmail.local import users
 from pyqmail.sgetopt import Getopt
@@ -232,19 +233,13 @@ def do_subuser(line: bytes, opts: Options, state: State, out: Out) -> None:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            raise Fatal(b"unable to read input") from None
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > MAX_INPUT:
-            raise Fatal(b"out of memory")
-        chunks.append(chunk)
+    try:
+        data = slurp.read_all(fd, MAX_INPUT)
+    except OSError:
+        raise Fatal(b"unable to read input") from None
+    if data is None:
+        raise Fatal(b"out of memory")
+    return data
 
 
 def _read_users_file(name: str) -> bytes | None:
