@@ -39,10 +39,6 @@ class Fatal(Exception):
         self.text = text
 
 
-def _ascii_lower(s: bytes) -> bytes:
-    return s.lower()
-
-
 class ConstMap:
     """qmail's constmap: case-insensitive (A-Z) keys; the last entry of a key wins."""
 
@@ -56,13 +52,13 @@ class ConstMap:
                 key, value = e[:colon], e[colon + 1:]
             else:
                 key, value = e, b""
-            self._map[_ascii_lower(key)] = value
+            self._map[users.lower(key)] = value
 
     def get(self, key: bytes) -> bytes | None:
-        return self._map.get(_ascii_lower(key))
+        return self._map.get(users.lower(key))
 
     def __contains__(self, key: bytes) -> bool:
-        return _ascii_lower(key) in self._map
+        return users.lower(key) in self._map
 
 
 class Out:
@@ -107,20 +103,12 @@ def read_control_file(path: str) -> list[bytes] | None:
     except OSError:
         raise Fatal(b"unable to read controls") from None
     buf = bytearray()
-    for line in _getlines(data):
+    for line in users.getlines(data):
         line = line.rstrip(b"\n \t")
         if line[:1] not in (b"", b"\0", b"#"):
             buf += line + b"\0"
     # constmap splits its input at every NUL, including one inside a line.
     return bytes(buf).split(b"\0")[:-1]
-
-
-def _getlines(data: bytes) -> list[bytes]:
-    """Split data as qmail's getln loop sees it: lines with newlines, then a final partial (maybe empty)."""
-    lines = data.split(b"\n")
-    out = [line + b"\n" for line in lines[:-1]]
-    out.append(lines[-1])
-    return out
 
 
 def scan_ulong(s: bytes) -> int:
@@ -191,7 +179,7 @@ def do_account(line: bytes, opts: Options, incl: ConstMap | None, excl: ConstMap
 
     uugh = b":" + user + b":" + uidstr + b":" + gidstr + b":" + home + b":"
     # The subusers pass looks users up case-insensitively; the last one wins.
-    state.allusers[_ascii_lower(user)] = uugh
+    state.allusers[users.lower(user)] = uugh
 
     if user == alias_name:
         out.put(b"+" + uugh + opts.dashcolon + b":\n")
@@ -218,7 +206,7 @@ def do_subuser(line: bytes, opts: Options, state: State, out: Out) -> None:
     if second == -1:
         return
     owner = line[first + 1:second]
-    uugh = state.allusers.get(_ascii_lower(owner))
+    uugh = state.allusers.get(users.lower(owner))
     if uugh is None:
         raise Fatal(b"unable to find " + owner + b" user for subuser")
     third = line.find(b":", second + 1)
@@ -275,13 +263,13 @@ def pw2u(opts: Options, out: Out) -> None:
     mana = ConstMap(mana_l, True) if mana_l is not None else None
     alias_name = alias_user_name()
     state = State()
-    for line in _getlines(_read_all(0)):
+    for line in users.getlines(_read_all(0)):
         do_account(line, opts, incl, excl, mana, state, out, alias_name)
     if not state.flagalias:
         raise Fatal(b"unable to find " + alias_name + b" user")
     subusers = _read_users_file("subusers")
     if subusers is not None:
-        for line in _getlines(subusers):
+        for line in users.getlines(subusers):
             do_subuser(line, opts, state, out)
     append = _read_users_file("append")
     if append is not None:

@@ -129,10 +129,11 @@ def assign_records(lines: Iterator[bytes]) -> Iterator[tuple[bytes, bytes]]:
 
 def parse_assign(data: bytes) -> list[tuple[bytes, bytes]]:
     """Return the cdb records for the text of users/assign; raise AssignError if malformed."""
-    return list(assign_records(_lines(data)))
+    return list(assign_records(getlines(data)))
 
 
-def _lines(data: bytes) -> Iterator[bytes]:
+def getlines(data: bytes) -> Iterator[bytes]:
+    """Yield the lines of data as qmail's getln loop does: with newlines, then the rest (maybe empty)."""
     start = 0
     while start < len(data):
         nl = data.find(b"\n", start)
