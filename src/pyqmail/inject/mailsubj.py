@@ -21,31 +21,11 @@ from pyqmail.inject import script
 EXIT_CRASH = 111
 SCRIPT_SHIFT_LINE = 4  # lines of the installed script (two header lines on top)
 SCRIPT_PIPE_LINE = 9
-_COPY = 65536
 
 
 def message_head(subject: bytes, recips: list[bytes]) -> bytes:
     """Return the header the script's echo commands write."""
     return script.echo([b"Subject:", subject]) + script.echo([b"To:", *recips]) + script.echo([b""])
-
-
-def _feed(fd: int, head: bytes) -> None:
-    """Write head, then standard input (as cat), to fd until the reader goes away."""
-    data = head
-    while True:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view):]
-            except OSError:
-                return  # qmail-inject stopped reading: the script's writer dies of SIGPIPE
-        try:
-            data = os.read(0, _COPY)
-        except OSError as e:
-            script.complain(b"cat: -: " + (e.strerror or "read error").encode() + b"\n")
-            return
-        if not data:
-            return
 
 
 @program("mailsubj", crash=EXIT_CRASH)
@@ -68,7 +48,9 @@ def main(argv: list[str]) -> int:
             return code
         finally:
             os.close(rfd)
-        _feed(wfd, message_head(os.fsencode(argv[1]), [os.fsencode(a) for a in argv[2:]]))
+        err = script.feed(wfd, message_head(os.fsencode(argv[1]), [os.fsencode(a) for a in argv[2:]]))
+        if err is not None:
+            script.complain(b"cat: -: " + (err.strerror or "read error").encode() + b"\n")
     finally:
         os.close(wfd)
     return script.pipeline_status(pid)

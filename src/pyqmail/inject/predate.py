@@ -27,7 +27,6 @@ FATAL_CRASH = b"predate: fatal: child crashed\n"
 
 _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
            b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
-_COPY = 65536
 
 
 def _seconds(tm: time.struct_time) -> int:
@@ -57,24 +56,6 @@ def date_header(now: int) -> bytes:
         local.tm_hour, local.tm_min, local.tm_sec, sign, minutes // 60, minutes % 60)
 
 
-def _feed(fd: int, header: bytes) -> None:
-    """Write header and then standard input to fd until either ends."""
-    data = header
-    while True:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view):]
-            except OSError:
-                return  # the child stopped reading: so do we
-        try:
-            data = os.read(0, _COPY)
-        except OSError:
-            return  # as qmail's copy loop: an input error ends the input
-        if not data:
-            return
-
-
 @program("predate", crash=EXIT_FATAL)
 def main(argv: list[str]) -> int:
     """Run predate; return its exit code."""
@@ -97,7 +78,7 @@ def main(argv: list[str]) -> int:
         finally:
             os.close(rfd)
         time.tzset()  # the zone of this process's environment, even when forked from another
-        _feed(wfd, date_header(int(time.time())))
+        script.feed(wfd, date_header(int(time.time())))  # as qmail's copy loop: an input error ends the input
     finally:
         os.close(wfd)
     code = spawn.wait(pid)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 EXIT_NOEXEC = 126  # dash: found but cannot be run (EACCES)
 EXIT_NOTFOUND = 127  # dash: ENOENT
 EXIT_SHELL = 2  # dash: any other exec failure, or a failed special builtin
+_COPY = 65536
 
 _SIMPLE = {ord("a"): 7, ord("b"): 8, ord("e"): 27, ord("f"): 12, ord("n"): 10,
            ord("r"): 13, ord("t"): 9, ord("v"): 11, ord("\\"): ord("\\")}
@@ -102,6 +103,28 @@ def start(path: str, argv: Sequence[str], fds: dict[int, int]) -> int:
     Raise OSError if it cannot be run.
     """
     return spawn.spawn(path, list(argv), env=dict(os.environ), fds=fds)
+
+
+def feed(fd: int, head: bytes) -> OSError | None:
+    """Write head, then standard input (as cat), to fd until either ends; return a read error of the input.
+
+    A failed write ends the copy quietly: the reader went away, and a shell
+    pipeline's writer would die of SIGPIPE.
+    """
+    data = head
+    while True:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except OSError:
+                return None
+        try:
+            data = os.read(0, _COPY)
+        except OSError as e:
+            return e
+        if not data:
+            return None
 
 
 def pipeline_status(pid: int) -> int:
