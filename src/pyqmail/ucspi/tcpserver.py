@@ -23,7 +23,7 @@ import socket
 from pyqmail import cdb, sig, spawn
 from pyqmail.entry import program
 from pyqmail.sgetopt import Getopt
-from pyqmail.ucspi import ident, netinfo, rules
+from pyqmail.ucspi import ident, netinfo, pathexec, rules
 from pyqmail.ucspi.rules import scan_ulong
 from pyqmail.ucspi.strerr import EXIT_TEMP, EXIT_USAGE, Die, arg, describe
 
@@ -40,7 +40,6 @@ OPTIONS = "46dDvqQhHrR1UXx:t:u:g:l:b:B:c:pPoO"
 EXIT_DENY = 100
 QUIET, ERRORS, VERBOSE = 0, 1, 2
 SAFE_MAX = 100  # safecats: longer fields are cut and marked with "..."
-DEFAULT_PATH = "/bin:/usr/bin"  # pathexec's PATH when $PATH is unset
 
 
 class Config:
@@ -271,29 +270,6 @@ def set_ids(cfg: Config) -> None:
                       + (describe(e) if isinstance(e, OSError) else b"invalid argument")) from e
 
 
-def pathexec_target(name: str, path: str | None) -> str:
-    """Return the file pathexec_run would execute for name; raise OSError as its execve would."""
-    if "/" in name:
-        return name
-    saved = 0
-    for d in (DEFAULT_PATH if path is None else path).split(":"):
-        cand = (d or ".") + "/" + name
-        try:
-            st = os.stat(cand)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                saved = e.errno or 0
-                if saved not in (errno.EACCES, errno.EPERM, errno.EISDIR):
-                    break
-            continue
-        if os.path.isdir(cand) or not (st.st_mode & 0o111) or not os.access(cand, os.X_OK):
-            saved = errno.EACCES
-            continue
-        return cand
-    code = saved or errno.ENOENT
-    raise OSError(code, os.strerror(code), name)
-
-
 def preload(argv: list[str]) -> None:
     """Import, in the parent, the modules of the pyqmail programs argv names, so no child pays for them.
 
@@ -304,7 +280,7 @@ def preload(argv: list[str]) -> None:
     path = os.environ.get("PATH")
     for word in argv:
         try:
-            stub = spawn.read_stub(pathexec_target(word, path))
+            stub = spawn.read_stub(pathexec.target(word, path))
         except OSError:
             continue
         if stub is None:
@@ -448,7 +424,7 @@ def child(conn: socket.socket, peer: tuple[str, int], cfg: Config) -> NoReturn:
         else:
             name = cfg.argv[0]
             try:
-                target = pathexec_target(name, os.environ.get("PATH"))
+                target = pathexec.target(name, os.environ.get("PATH"))
                 fd = conn.fileno()
                 spawn.become(target, cfg.argv, env=env, fds={0: fd, 1: fd, 2: 2})
             except OSError as e:
