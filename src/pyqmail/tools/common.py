@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from pyqmail import errors, spawn
+from pyqmail.durable import write_all as write_all  # the tools' name for it
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
@@ -123,11 +124,3 @@ def queue_stdin(fatal: bytes, sender: bytes, dtline: bytes, recipients: list[byt
     if report:
         raise Die(EXIT_PERM if report[:1] == b"D" else EXIT_TEMP, fatal + failed + report[1:])
     return qp
-
-
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write all of data to fd."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
