@@ -22,9 +22,14 @@ from pyqmail import home as _home
 from pyqmail import spawn
 
 PIDFILE = "run/up.pid"
+LOOPBACK_FQDN = "localhost.localdomain"
 LOGDIR = "log"
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 120.0
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived: stop the services."""
 
 
 class Service:
@@ -78,11 +83,25 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
     if not os.path.isdir(os.path.join(qmail_home, "queue")):
         from pyqmail.admin import install
 
-        opts = install.Options(home=qmail_home, fqdn="localhost", single_user=os.geteuid() != 0,
+        import io
+
+        try:
+            fqdn = install.find_fqdn(io.StringIO())
+        except install.InstallError:
+            fqdn = ""
+        if "." not in fqdn:
+            # qmail-inject appends defaultdomain to a host without a dot, so
+            # a bare "localhost" would turn user into user@localhost.localhost.
+            fqdn = LOOPBACK_FQDN
+        opts = install.Options(home=qmail_home, fqdn=fqdn, single_user=os.geteuid() != 0,
                                create_users=os.geteuid() == 0)
         rc = install.init(opts, out, err)
         if rc != 0:
             return rc
+        # A system on loopback also takes mail for user@localhost.
+        for name in ("locals", "rcpthosts"):
+            with open(os.path.join(qmail_home, "control", name), "a", encoding="latin-1") as f:
+                f.write("localhost\n")
     _home.set_default(qmail_home)
     inst = _home.install()
     os.makedirs(os.path.join(qmail_home, LOGDIR), exist_ok=True)
@@ -127,7 +146,11 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        if not stopping:
+            stopping = True
+            # Python retries an interrupted waitpid after the handler; an
+            # exception is what ends the wait.
+            raise _Stop()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -144,8 +167,6 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
             except ChildProcessError:
                 time.sleep(RESTART_DELAY)
                 continue
-            except InterruptedError:
-                continue
             for s in services:
                 if s.pid == pid and not stopping:
                     code = spawn.exit_code(status)
@@ -154,7 +175,11 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
                     s.restarts += 1
                     if not stopping:
                         s.start(qmail_home, env, out)
+    except _Stop:
+        pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for s in reversed(services):
             if s.pid:
                 try:

@@ -1,0 +1,74 @@
+"""`qmail up` / `qmail down`: the README's run command, as a new user would use it."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import IS_ROOT, TEST_USER, VENV_BIN, world_dir
+
+
+def _wait_for(pred: object, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="delivers into the test user's passwd home: needs root to act as pqtest")
+def test_up_delivers_and_down_stops() -> None:
+    base = world_dir()
+    os.chown(base, pwd.getpwnam(TEST_USER).pw_uid, -1)
+    home = base / "q"
+    maildir = Path(pwd.getpwnam(TEST_USER).pw_dir) / "Maildir"
+    env = {"PATH": "/usr/bin:/bin", "HOME": pwd.getpwnam(TEST_USER).pw_dir}
+    up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home], user=TEST_USER, extra_groups=[],
+                          env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert up.stdout is not None
+        lines = []
+        for line in up.stdout:
+            lines.append(line.decode())
+            if "stop with" in lines[-1]:
+                break
+        text = "".join(lines)
+        assert "running in" in text and f"{maildir}/" in text, text
+        assert "localhost.localdomain" in (home / "control" / "me").read_text()
+        subject = f"up-test {uuid.uuid4()}"
+        r = subprocess.run([home / "bin" / "qmail-inject", TEST_USER], input=f"Subject: {subject}\n\nhi\n".encode(),
+                           user=TEST_USER, extra_groups=[], env=env, capture_output=True, timeout=30)
+        assert r.returncode == 0, r
+
+        def delivered() -> bool:
+            for f in (maildir / "new").iterdir():
+                if subject.encode() in f.read_bytes():
+                    return True
+            return False
+
+        assert _wait_for(delivered), (home / "log" / "qmail-send.log").read_text()
+        d = subprocess.run([VENV_BIN / "qmail", "down", "--home", home], user=TEST_USER, extra_groups=[],
+                           env=env, capture_output=True, timeout=150)
+        assert d.returncode == 0, d
+        assert up.wait(timeout=30) == 0
+        log = (home / "log" / "qmail-send.log").read_text()
+        assert log.rstrip().endswith("status: exiting"), log
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+
+
+def test_down_without_up_says_so() -> None:
+    base = world_dir()
+    r = subprocess.run([VENV_BIN / "qmail", "down", "--home", base / "none"], capture_output=True, timeout=30)
+    assert r.returncode == 111 and b"nothing runs" in r.stderr
