@@ -27,7 +27,4 @@ def bouncesaying(argv: list[str]) -> Die:
 @program("bouncesaying", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Bounce with argv[1], unconditionally or if argv[2:] exits 0."""
-    try:
-        return bouncesaying(argv).report()
-    except Die as e:
-        return e.report()
+    return common.run_tool(bouncesaying, argv)

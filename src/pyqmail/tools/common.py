@@ -43,6 +43,15 @@ class Die(Exception):
         return self.code
 
 
+def run_tool(body: Callable[[list[str]], Die | int], argv: list[str]) -> int:
+    """Return the exit code of body(argv), writing the message of the Die it returns or raises."""
+    try:
+        end = body(argv)
+    except Die as e:
+        end = e
+    return end if isinstance(end, int) else end.report()
+
+
 def b(s: str) -> bytes:
     """Return the bytes of an argv or environment string."""
     return os.fsencode(s)

@@ -37,7 +37,4 @@ def condredirect(argv: list[str]) -> Die:
 @program("condredirect", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Redirect stdin to argv[1] if the program argv[2:] exits 0."""
-    try:
-        return condredirect(argv).report()
-    except Die as e:
-        return e.report()
+    return common.run_tool(condredirect, argv)

@@ -307,7 +307,4 @@ def dot_forward(argv: list[str]) -> int:
 @program("dot-forward", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Follow the first usable .forward-style file of argv."""
-    try:
-        return dot_forward(argv)
-    except Die as e:
-        return e.report()
+    return common.run_tool(dot_forward, argv)

@@ -25,7 +25,4 @@ def except_(argv: list[str]) -> Die:
 @program("except", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Run argv[1:] with its success and permanent failure swapped."""
-    try:
-        return except_(argv).report()
-    except Die as e:
-        return e.report()
+    return common.run_tool(except_, argv)

@@ -124,7 +124,4 @@ def preline(argv: list[str]) -> int:
 @program("preline", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Feed stdin, with the qmail-local lines on top, to the command in argv."""
-    try:
-        return preline(argv)
-    except Die as e:
-        return e.report()
+    return common.run_tool(preline, argv)

@@ -88,7 +88,4 @@ def qreceipt(argv: list[str]) -> Die:
 @program("qreceipt", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Answer a delivery notice request for argv[1]."""
-    try:
-        return qreceipt(argv).report()
-    except Die as e:
-        return e.report()
+    return common.run_tool(qreceipt, argv)
