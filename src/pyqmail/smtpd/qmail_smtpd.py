@@ -18,9 +18,15 @@ import time
 
 from pyqmail import control
 from pyqmail import home as _home
+from pyqmail.control import ControlError
 from pyqmail.entry import program
+# Everything a session needs is imported here, not when first used: tcpserver
+# imports this module once in its parent, so every connection shares it.
+from pyqmail.queue.qq import QQ
 from pyqmail.smtpd import replies
 from pyqmail.smtpd.data import END, MORE, Blast
+from pyqmail.smtpd.ipme import Ipme, IpmeError
+from pyqmail.smtpd.rcpthosts import RcptHosts
 from pyqmail.smtpd.received import Peer
 from pyqmail.smtpd.session import DATA, MAXHOPS, QUIT, Config, Session, data_reply, scan_ulong
 
@@ -131,9 +137,6 @@ class Input:
 
 def _setup() -> tuple[Config, int]:
     """Read the control files and environment; raise Die with qmail's 421 if they cannot be read."""
-    from pyqmail.control import ControlError
-    from pyqmail.smtpd.rcpthosts import RcptHosts
-
     try:
         os.chdir(_home.home())
         greeting = control.read_default("smtpgreeting", None)
@@ -157,8 +160,6 @@ def _setup() -> tuple[Config, int]:
         databytes = scan_ulong(x)[0] & 0xFFFFFFFF
     if databytes == 0xFFFFFFFF:
         databytes -= 1  # qmail adds one to it
-    from pyqmail.smtpd.ipme import Ipme
-
     cfg = Config(greeting.encode("latin-1"), Peer.from_env(env),
                  liphost=None if liphost is None else liphost.encode("latin-1"),
                  rcpthosts=rcpthosts, badmailfrom=badmailfrom,
@@ -168,8 +169,6 @@ def _setup() -> tuple[Config, int]:
 
 def _data(session: Session, inp: Input, out: Output) -> None:
     """Receive one message after DATA and queue it; the reply goes to out."""
-    from pyqmail.queue.qq import QQ
-
     try:
         q = QQ()
     except OSError:
@@ -214,8 +213,6 @@ def _data(session: Session, inp: Input, out: Output) -> None:
 
 def serve(inp: Input, out: Output, session: Session) -> int:
     """Run the conversation until QUIT (0) or a death (1)."""
-    from pyqmail.control import ControlError
-
     death: bytes | None
     try:
         out.put(session.greeting())
@@ -233,11 +230,7 @@ def serve(inp: Input, out: Output, session: Session) -> int:
         death = replies.CONTROL
     except MemoryError:
         death = replies.NOMEM
-    except Exception as e:
-        from pyqmail.smtpd.ipme import IpmeError
-
-        if not isinstance(e, IpmeError):
-            raise
+    except IpmeError:
         death = replies.IPME
     if death is not None:
         out.put(death)

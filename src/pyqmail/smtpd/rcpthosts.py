@@ -10,6 +10,7 @@ an unreadable control file at the first lookup that reaches it.
 from __future__ import annotations
 
 from pyqmail import control
+from pyqmail.cdb import CDBError
 from pyqmail.control import ControlError, DomainSet
 
 
@@ -36,8 +37,6 @@ class RcptHosts:
     @classmethod
     def load(cls) -> RcptHosts:
         """Read control/rcpthosts and open control/morercpthosts.cdb; raise ControlError if unreadable."""
-        from pyqmail.cdb import CDBError
-
         lines = control.read_lines("rcpthosts")
         if lines is None:
             return cls(None)
@@ -61,7 +60,5 @@ class RcptHosts:
             return False
         try:
             return self.morercpthosts.match(host)
-        except ControlError:
-            raise
-        except Exception as e:  # CDBError from a corrupt table: qmail's cdb_seek fails
+        except CDBError as e:  # a corrupt table: qmail's cdb_seek fails
             raise ControlError(f"unable to read controls: morercpthosts.cdb: {e}") from e

@@ -1,0 +1,169 @@
+"""qmail-smtpd under load: accepted messages/s, and memory per idle connection.
+
+usage: python bench/smtpd.py [N] [K] [--loop]
+
+Sends N messages of 4 KB (default 2000) over K parallel client threads
+(default 10), one SMTP connection per message, with smtplib, to qmail-smtpd
+of a fresh single-user home, and prints accepted messages/s. qmail-smtpd is
+started per connection by pyqmail's tcpserver (``tcpserver -1 -HR 127.0.0.1
+0 qmail-smtpd``), or with --loop (or without a tcpserver) by a small Python
+accept loop that starts it through pyqmail.spawn as tcpserver does.
+
+Then it opens 20 connections, reads each greeting, and prints the PSS and RSS
+of the 20 idle qmail-smtpd processes from /proc/PID/smaps_rollup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import BIN, fresh_home  # noqa: E402
+
+IDLE = 20
+SIZE = 4096
+
+
+def accept_loop(home: str) -> tuple[int, int]:
+    """Fork a process accepting on 127.0.0.1:0 that spawns qmail-smtpd per connection; return (pid, port)."""
+    from pyqmail import spawn
+
+    prog = os.path.join(home, "bin", "qmail-smtpd")
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    port = lsock.getsockname()[1]
+    pid = os.fork()
+    if pid:
+        lsock.close()
+        return pid, port
+    try:
+        import gc
+
+        __import__("pyqmail.smtpd.qmail_smtpd")
+        gc.freeze()  # objects made so far stay shared with the children
+        while True:
+            conn, peer = lsock.accept()
+            env = {"PATH": "/usr/bin:/bin", "PROTO": "TCP", "TCPREMOTEIP": peer[0],
+                   "TCPREMOTEPORT": str(peer[1]), "TCPLOCALIP": "127.0.0.1", "TCPLOCALPORT": str(port)}
+            spawn.spawn(prog, [prog], env=env, fds={0: conn.fileno(), 1: conn.fileno(), 2: 2})
+            conn.close()
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                pass
+    finally:
+        os._exit(0)
+
+
+def start_tcpserver(home: str) -> tuple[int, int]:
+    """Start pyqmail's tcpserver on 127.0.0.1:0; return (pid, port)."""
+    p = subprocess.Popen([os.path.join(home, "bin", "tcpserver"), "-1", "-HR", "-c", "100", "127.0.0.1", "0",
+                          os.path.join(home, "bin", "qmail-smtpd")],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+    assert p.stdout is not None
+    port = int(p.stdout.readline())
+    return p.pid, port
+
+
+def children(ppid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == ppid:
+            out.append(int(name))
+    return out
+
+
+def rollup(pid: int) -> dict[str, int]:
+    got = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                got[parts[0].rstrip(":")] = int(parts[1])
+    return got
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 2000
+    k = int(args[1]) if len(args) > 1 else 10
+    home = fresh_home()
+    use_loop = "--loop" in sys.argv or not os.path.exists(os.path.join(home, "bin", "tcpserver"))
+    if not use_loop:
+        try:
+            __import__("pyqmail.ucspi.tcpserver")
+        except ImportError:
+            use_loop = True
+    pid, port = accept_loop(home) if use_loop else start_tcpserver(home)
+    server = "Python accept loop + spawn" if use_loop else "pyqmail tcpserver"
+    body = ("Subject: bench\r\n\r\n" + ("x" * 74 + "\r\n") * (SIZE // 76 + 1))[:SIZE]
+    counts = [0] * k
+    errors: list[str] = []
+
+    def client(i: int, todo: int) -> None:
+        for _ in range(todo):
+            try:
+                with smtplib.SMTP("127.0.0.1", port, local_hostname="bench.client", timeout=60) as s:
+                    s.sendmail("sender@bench.client", ["rcpt@bench.example.com"], body)
+                counts[i] += 1
+            except (OSError, smtplib.SMTPException) as e:
+                errors.append(repr(e))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i, n // k + (i < n % k))) for i in range(k)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        done = sum(counts)
+        queued = len(os.listdir(os.path.join(home, "queue", "todo")))
+        print(f"qmail-smtpd via {server}: {done} messages of {SIZE} bytes over {k} parallel sessions, "
+              f"one connection each, in {elapsed:.2f} s: {done / elapsed:.0f} accepted messages/s "
+              f"({queued} in todo/, {len(errors)} errors{': ' + errors[0] if errors else ''})")
+
+        before = set(children(pid))
+        conns = []
+        for _ in range(IDLE):
+            c = socket.create_connection(("127.0.0.1", port))
+            assert c.recv(100).startswith(b"220 ")
+            conns.append(c)
+        time.sleep(0.5)
+        idle = [p for p in children(pid) if p not in before]
+        stats = [rollup(p) for p in idle]
+        pss = [s["Pss"] for s in stats]
+        rss = [s["Rss"] for s in stats]
+        print(f"{len(idle)} idle qmail-smtpd processes: PSS {sum(pss) / len(pss) / 1024:.2f} MiB each "
+              f"(min {min(pss) / 1024:.2f}, max {max(pss) / 1024:.2f}), RSS {sum(rss) / len(rss) / 1024:.2f} MiB each; "
+              f"server process PSS {rollup(pid)['Pss'] / 1024:.2f} MiB")
+        for c in conns:
+            c.close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+if __name__ == "__main__":
+    main()
