@@ -36,11 +36,16 @@ class Die(Exception):
     def report(self) -> int:
         """Write the message; return the exit code."""
         if self.text is not None:
-            try:
-                os.write(2, self.text + b"\n")
-            except OSError:
-                pass
+            warn(self.text)
         return self.code
+
+
+def warn(text: bytes) -> None:
+    """Write text and a newline to stderr; a failure is ignored, as strerr's is."""
+    try:
+        os.write(2, text + b"\n")
+    except OSError:
+        pass
 
 
 def run_tool(body: Callable[[list[str]], Die | int], argv: list[str]) -> int:

@@ -27,13 +27,6 @@ MAX_FILE = 1 << 24
 PERMANENT_CHILD = frozenset((64, 65, 70, 76, 77, 78, 100, 112))
 
 
-def _warn(*parts: bytes) -> None:
-    try:
-        os.write(2, b"".join(parts) + b"\n")
-    except OSError:
-        pass
-
-
 class Controls:
     """The control files dot-forward qualifies addresses with."""
 
@@ -143,12 +136,12 @@ class DotForward:
         address = self.qualify(address, hasat).split(b"\0", 1)[0]
         self.targets.append(address)
         if not self.doit:
-            _warn(b"forward ", address)
+            common.warn(b"forward " + address)
 
     def run(self, cmd: bytes) -> None:
         """Feed the message to /bin/sh -c cmd; exit for its failure; rewind stdin after."""
         if not self.doit:
-            _warn(b"pipe through ", cmd)
+            common.warn(b"pipe through " + cmd)
             return
         try:
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -239,7 +232,7 @@ class DotForward:
     def forward(self) -> None:
         """Queue the message for the collected targets."""
         qp = common.queue_stdin(FATAL, self.sender, self.dtline, self.targets, b"unable to forward message: ")
-        _warn(INFO, b"qp ", qp)
+        common.warn(INFO + b"qp " + qp)
 
     def try_file(self, fn: str) -> int | None:
         """Follow fn; return the exit code if it decided the delivery, None to try the next file."""
@@ -267,11 +260,11 @@ class DotForward:
                 self.forward()
         if self.direct:
             if not self.doit:
-                _warn(b"direct delivery")
+                common.warn(b"direct delivery")
             return EXIT_OK
         if not self.acted:
             if not self.doit:
-                _warn(b"skipping empty file ", common.b(fn))
+                common.warn(b"skipping empty file " + common.b(fn))
             return None
         return EXIT_IGNORE
 
@@ -300,7 +293,7 @@ def dot_forward(argv: list[str]) -> int:
         if code is not None:
             return code
     if not doit:
-        _warn(b"direct delivery")
+        common.warn(b"direct delivery")
     return EXIT_OK
 
 

@@ -248,12 +248,8 @@ def _copy(mbox: bytes, mboxtmp: bytes, pq: PrioQ) -> None:
         try:
             os.unlink(name)
         except OSError as e:
-            msg = (WARNING + b"$MAILDIR/" + common.b(name) + b" will be delivered twice; unable to unlink: "
-                   + errors.describe(e).encode())
-            try:
-                os.write(2, msg + b"\n")
-            except OSError:
-                pass
+            common.warn(WARNING + b"$MAILDIR/" + common.b(name) + b" will be delivered twice; unable to unlink: "
+                        + errors.describe(e).encode())
 
 
 @program("maildir2mbox", crash=EXIT_TEMP)
