@@ -179,6 +179,10 @@ def open_cdb(path: bytes | str) -> cdb.Reader:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if st.st_size == 0:
+            # ucspi-tcp's cdb_free then unmaps the failed empty mapping, and
+            # its EINVAL is the error reported for the failed lookup.
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         if st.st_size < cdb.HEADER_SIZE:
             return cdb.Reader(os.read(fd, cdb.HEADER_SIZE), allow_short=True)
         return cdb.Reader(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
