@@ -119,6 +119,28 @@ def test_swaks_delivers(qhome: QHome, smtp: ForkServer) -> None:
     assert b"\r" not in mess
 
 
+def test_under_pyqmail_tcpserver(qhome: QHome) -> None:
+    """The book's setup: tcpserver runs qmail-smtpd per connection and describes the peer in its environment."""
+    try:
+        __import__("pyqmail.ucspi.tcpserver")
+    except ImportError:
+        pytest.skip("pyqmail's tcpserver is not there yet")
+    p = subprocess.Popen([qhome.bin("tcpserver"), "-1", "-HR", "-l", "mx.test.example.com", "127.0.0.1", "0",
+                          qhome.bin("qmail-smtpd")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={"PATH": "/usr/bin:/bin", "RELAYCLIENT": ""})
+    try:
+        port = int(p.stdout.readline())
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="c.example", timeout=30) as s:
+            assert s.sendmail("a@c.example", ["x@far.example"], "Subject: t\r\n\r\nhi\r\n") == {}
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+    ((mess, sender, rcpts),) = queued(qhome.queue)
+    assert (sender, rcpts) == (b"a@c.example", [b"x@far.example"])
+    rest = mess[RECEIVED.match(mess).end():]
+    assert rest.startswith(b"Received: from unknown (HELO c.example) (127.0.0.1)\n  by mx.test.example.com with SMTP; ")
+
+
 def test_relay_control_over_tcp(qhome: QHome) -> None:
     with ForkServer(qhome.bin("qmail-smtpd")) as srv:
         with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="c.example", timeout=30) as s:

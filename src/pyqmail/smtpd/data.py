@@ -27,7 +27,7 @@ class Blast:
         self.out: list[bytes] = []
         self.hops = 0
         self.size = 0  # bytes of message output so far
-        self._part = b""  # the current line so far, when it has no LF yet
+        self._part = bytearray()  # the current line so far, when it has no LF yet
         self._inheader = True
         self._midline = False  # the start of the current line has gone out already
 
@@ -56,9 +56,16 @@ class Blast:
 
     def feed(self, data: bytes) -> tuple[int, int]:
         """Consume SMTP bytes; return (status, bytes of data used). Output goes to self.out."""
-        buf = self._part + data if self._part else data
+        if b"\n" not in data:
+            # No line ends here: only the partial line grows (amortized, so a
+            # client sending a byte at a time costs linear time).
+            self._part += data
+            if len(self._part) > LONG_LINE:
+                self._send_partial()
+            return MORE, len(data)
+        buf = bytes(self._part) + data if self._part else data
         base = len(self._part)
-        self._part = b""
+        self._part = bytearray()
         pos = 0
         while True:
             nl = buf.find(b"\n", pos)
@@ -77,15 +84,18 @@ class Blast:
                     return END, nl + 1 - base
                 self._emit(self._head(line)[:-1] + b"\n")
             pos = nl + 1
-        rest = buf[pos:]
-        if len(rest) > LONG_LINE:
-            # Send most of a long line on; keep a final CR, which may start CR LF.
-            keep = 1 if rest.endswith(b"\r") else 0
-            piece = rest[:len(rest) - keep]
-            if not self._midline:
-                piece = self._head(piece)
-                self._midline = True
-            self._emit(piece)
-            rest = rest[len(rest) - keep:]
-        self._part = rest
+        self._part += buf[pos:]
+        if len(self._part) > LONG_LINE:
+            self._send_partial()
         return MORE, len(data)
+
+    def _send_partial(self) -> None:
+        """Send most of a long line on; keep a final CR, which may start CR LF."""
+        rest = bytes(self._part)
+        keep = 1 if rest.endswith(b"\r") else 0
+        piece = rest[:len(rest) - keep]
+        if not self._midline:
+            piece = self._head(piece)
+            self._midline = True
+        self._emit(piece)
+        self._part = bytearray(rest[len(rest) - keep:])

@@ -86,7 +86,7 @@ class Input:
         self.fd = fd
         self.timeout = timeout
         self.out = out
-        self.buf = b""
+        self.buf = bytearray()
         self.pos = 0
 
     def read(self) -> bytes:
@@ -106,14 +106,14 @@ class Input:
 
     def pending(self) -> bytes:
         """Return and forget the bytes read but not yet used."""
-        data = self.buf[self.pos:]
-        self.buf = b""
+        data = bytes(self.buf[self.pos:])
+        self.buf = bytearray()
         self.pos = 0
         return data
 
     def unread(self, data: bytes) -> None:
         """Put back bytes to be used before anything read later."""
-        self.buf = data + self.buf[self.pos:]
+        self.buf = bytearray(data) + self.buf[self.pos:]
         self.pos = 0
 
     def line(self) -> bytes:
@@ -122,15 +122,15 @@ class Input:
         while True:
             nl = self.buf.find(b"\n", self.pos)
             if nl != -1:
-                line = self.buf[self.pos:nl]
+                line = bytes(self.buf[self.pos:nl])
                 self.pos = nl + 1
                 return line if head is None else head
             if head is None and len(self.buf) - self.pos > LINE_MAX:
-                head = self.buf[self.pos:self.pos + LINE_MAX]
+                head = bytes(self.buf[self.pos:self.pos + LINE_MAX])
             if head is not None:
-                self.buf = b""  # drop the rest of an overlong line
+                self.buf.clear()  # drop the rest of an overlong line
             else:
-                self.buf = self.buf[self.pos:]
+                del self.buf[:self.pos]
             self.pos = 0
             self.buf += self.read()
 
