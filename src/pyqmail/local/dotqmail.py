@@ -23,6 +23,11 @@ LIST = "list"  # '+list': the rest of the file may only forward, as if the x bit
 IGNORED = "ignored"  # any other '+' line
 FORWARD = "forward"  # '&', or anything else
 
+# qmail-command(8): what the exit code of a program run for a '|' line means
+# (dot-forward reads its |commands' codes the same way).
+PROGRAM_STOP = 99  # delivered; ignore the rest of the .qmail file
+PROGRAM_HARD = frozenset({64, 65, 70, 76, 77, 78, 100, 112})  # permanent; any other nonzero is temporary
+
 
 class Candidate:
     """A .qmail file to try, and the DEFAULT it sets if it is the one used (None: none)."""

@@ -38,10 +38,6 @@ EXIT_OK = 0
 EXIT_PERMANENT = 100
 EXIT_TEMPORARY = 111
 
-# qmail-command(8): what a program's exit code means.
-PROGRAM_STOP = 99  # delivered; ignore the rest of the .qmail file
-PROGRAM_HARD = frozenset({64, 65, 70, 76, 77, 78, 100, 112})  # permanent; any other nonzero is temporary
-
 # dot-qmail(5): delivery is deferred if the home directory is "group-writable
 # or other-writable", and .qmail must not be world-writable. (C qmail 1.03
 # uses one conf-patrn, 002, for both; where the man page speaks it is the spec.)
@@ -235,9 +231,9 @@ def _run_program(command: bytes, env: dict[str, str]) -> bool:
         raise Stop(EXIT_TEMPORARY, CHILD_CRASHED)
     if code == 0:
         return False
-    if code == PROGRAM_STOP:
+    if code == dotqmail.PROGRAM_STOP:
         return True
-    raise Stop(EXIT_PERMANENT if code in PROGRAM_HARD else EXIT_TEMPORARY)
+    raise Stop(EXIT_PERMANENT if code in dotqmail.PROGRAM_HARD else EXIT_TEMPORARY)
 
 
 def _forward(recipients: list[bytes], sender: bytes, dtline: bytes, env: dict[str, str]) -> int:

@@ -15,6 +15,7 @@ import os
 from pyqmail import home as _home
 from pyqmail import rfc822, spawn
 from pyqmail.entry import program
+from pyqmail.local import dotqmail
 from pyqmail.sgetopt import Getopt
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_IGNORE, EXIT_OK, EXIT_PERM, EXIT_TEMP, Die
@@ -23,8 +24,6 @@ FATAL = b"dot-forward: fatal: "
 INFO = b"dot-forward: info: "
 USAGE = b"dot-forward: usage: dot-forward [ -nN ] file ..."
 MAX_FILE = 1 << 24
-# Exit codes of a |command that mean a permanent failure (sendmail's sysexits and qmail's).
-PERMANENT_CHILD = frozenset((64, 65, 70, 76, 77, 78, 100, 112))
 
 
 class Controls:
@@ -165,7 +164,7 @@ class DotForward:
         code = spawn.wait(pid)
         if code < 0:
             raise Die(EXIT_TEMP, FATAL + b"child crashed")
-        if code in PERMANENT_CHILD:
+        if code in dotqmail.PROGRAM_HARD:
             raise Die(EXIT_PERM, None)
         if code != 0:
             raise Die(EXIT_TEMP, None)
