@@ -226,6 +226,15 @@ def test_greeting_controls(qhome: QHome) -> None:
     assert c.finish()[0] == 1
 
 
+def test_unreadable_me_is_421_even_with_smtpgreeting(qhome: QHome) -> None:
+    qhome.control("smtpgreeting", "mx.example.org")
+    qhome.control("me", None)
+    (qhome.path / "control" / "me").mkdir()
+    c = Conversation(qhome.bin("qmail-smtpd"), TCP)
+    assert c.rest() == replies.CONTROL
+    assert c.finish()[0] == 1
+
+
 def test_unreadable_control_file_is_421(qhome: QHome) -> None:
     (qhome.path / "control" / "rcpthosts").unlink()
     (qhome.path / "control" / "rcpthosts").mkdir()
@@ -538,6 +547,16 @@ def test_client_that_stops_talking(qhome: QHome) -> None:
     assert c.rest() == b"451 timeout (#4.4.2)\r\n"
     assert 0.9 < time.monotonic() - start < 20
     assert c.finish()[0] == 1
+
+
+@pytest.mark.parametrize("value", ["99999999999", "junk", "-5"])
+def test_odd_timeoutsmtpd_values(qhome: QHome, value: str) -> None:
+    qhome.control("timeoutsmtpd", value)
+    c = talk(qhome)
+    dialogue(c, (b"NOOP\r\n", b"250 ok\r\n"))
+    c.send(b"QUIT\r\n")
+    assert c.rest() == b"221 test.example.com\r\n"
+    assert c.finish()[0] == 0
 
 
 def test_client_that_stops_talking_during_data(qhome: QHome) -> None:

@@ -38,6 +38,11 @@ READ_SIZE = 65536
 WRITE_SIZE = 512  # a reply at a time: a write never blocks for long after poll says it may go
 LINE_MAX = 65536  # bytes kept of a command line; the rest, up to its LF, is read and dropped
 DEFAULT_TIMEOUT = 1200
+POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int: a longer timeout (24.8 days) is cut to this
+
+
+def _ms(seconds: int) -> int:
+    return min(seconds * 1000, POLL_MAX_MS)
 
 
 class Die(Exception):
@@ -67,7 +72,7 @@ class Output:
             p = select.poll()
             p.register(self.fd, select.POLLOUT)
             try:
-                if not p.poll(self.timeout * 1000):
+                if not p.poll(_ms(self.timeout)):
                     raise Die(None)
                 n = os.write(self.fd, self.buf[:WRITE_SIZE])
             except OSError:
@@ -95,7 +100,7 @@ class Input:
         p = select.poll()
         p.register(self.fd, select.POLLIN)
         try:
-            if not p.poll(self.timeout * 1000):
+            if not p.poll(_ms(self.timeout)):
                 raise Die(replies.TIMEOUT)
             data = os.read(self.fd, READ_SIZE)
         except OSError:
@@ -139,6 +144,7 @@ def _setup() -> tuple[Config, int]:
     """Read the control files and environment; raise Die with qmail's 421 if they cannot be read."""
     try:
         os.chdir(_home.home())
+        control.me()  # qmail reads control/me first: unreadable is fatal even with smtpgreeting
         greeting = control.read_default("smtpgreeting", None)
         if greeting is None:
             raise Die(replies.CONTROL)  # neither smtpgreeting nor me: qmail refuses to run
