@@ -30,7 +30,7 @@ def test_up_delivers_and_down_stops() -> None:
     home = base / "q"
     maildir = Path(pwd.getpwnam(TEST_USER).pw_dir) / "Maildir"
     env = {"PATH": "/usr/bin:/bin", "HOME": pwd.getpwnam(TEST_USER).pw_dir}
-    up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home], user=TEST_USER, extra_groups=[],
+    up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home], user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[],
                           env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert up.stdout is not None
@@ -44,7 +44,7 @@ def test_up_delivers_and_down_stops() -> None:
         assert "localhost.localdomain" in (home / "control" / "me").read_text()
         subject = f"up-test {uuid.uuid4()}"
         r = subprocess.run([home / "bin" / "qmail-inject", TEST_USER], input=f"Subject: {subject}\n\nhi\n".encode(),
-                           user=TEST_USER, extra_groups=[], env=env, capture_output=True, timeout=30)
+                           user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[], env=env, capture_output=True, timeout=30)
         assert r.returncode == 0, r
 
         def delivered() -> bool:
@@ -54,7 +54,7 @@ def test_up_delivers_and_down_stops() -> None:
             return False
 
         assert _wait_for(delivered), (home / "log" / "qmail-send.log").read_text()
-        d = subprocess.run([VENV_BIN / "qmail", "down", "--home", home], user=TEST_USER, extra_groups=[],
+        d = subprocess.run([VENV_BIN / "qmail", "down", "--home", home], user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[],
                            env=env, capture_output=True, timeout=150)
         assert d.returncode == 0, d
         assert up.wait(timeout=30) == 0
