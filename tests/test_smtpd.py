@@ -337,6 +337,22 @@ def test_qmail_newmrh_replaces_atomically(qhome: QHome) -> None:
         assert [k for k, _ in r.items()] == [b"two.example", b"three.example"]
 
 
+def test_qmail_newmrh_big_and_odd_input(qhome: QHome) -> None:
+    lines = [f"d{i}.Example" for i in range(50000)] + ["cr.example\r", "\t#not.a.comment", "x\0y.example \t"]
+    qhome.control("morercpthosts", "\n".join(lines) + "\n")
+    expect(run([qhome.bin("qmail-newmrh")]))
+    with Reader.open(str(qhome.path / "control" / "morercpthosts.cdb")) as r:
+        keys = [k for k, _ in r.items()]
+        assert len(keys) == 50003
+        assert keys[-3:] == [b"cr.example\r", b"\t#not.a.comment", b"x\0y.example"]  # CR and a leading tab stay
+        assert r.get(b"d49999.example") == b""
+    # A missing source leaves the old cdb alone.
+    qhome.control("morercpthosts", None)
+    expect(run([qhome.bin("qmail-newmrh")]), 111)
+    with Reader.open(str(qhome.path / "control" / "morercpthosts.cdb")) as r:
+        assert r.get(b"d1.example") == b""
+
+
 def test_localiphost(qhome: QHome) -> None:
     qhome.control("localiphost", "local.example")
     qhome.control("rcpthosts", "local.example\n")
