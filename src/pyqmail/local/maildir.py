@@ -17,6 +17,7 @@ import os
 
 from pyqmail import errors
 from pyqmail import sig as signal
+from pyqmail.durable import write_all
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
@@ -53,12 +54,6 @@ def hostname() -> bytes:
 def unique_name(when: float, pid: int, host: bytes) -> bytes:
     """Return the time.pid.host name of a message delivered at `when` by process pid."""
     return b"%d.%d.%s" % (int(when), pid, host)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def deliver(maildir: bytes, message_fd: int, head: bytes, *, pid: int, host: bytes,
@@ -155,7 +150,7 @@ def _deliver_in(dirfd: int, message_fd: int, head: bytes, pid: int, host: bytes,
 def _write_message(fd: int, message_fd: int, head: bytes) -> int:
     """Write head and the message to fd and fsync it; return OK, READ_ERROR or TEMPORARY."""
     try:
-        _write_all(fd, head)
+        write_all(fd, head)
     except OSError:
         return TEMPORARY
     while True:
@@ -166,7 +161,7 @@ def _write_message(fd: int, message_fd: int, head: bytes) -> int:
         if not chunk:
             break
         try:
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
         except OSError:
             return TEMPORARY
     try:

@@ -17,6 +17,7 @@ import fcntl
 import os
 
 from pyqmail import sig as signal
+from pyqmail.durable import write_all
 
 # Outcomes of a delivery.
 OK = 0
@@ -100,12 +101,6 @@ class FromQuoter:
         return out
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def deliver(path: bytes, message_fd: int, head: bytes,
             lock_seconds: int = LOCK_SECONDS) -> tuple[int, OSError | None]:
     """Append head and the quoted message (from message_fd's offset) to mbox path.
@@ -170,13 +165,13 @@ def _append(fd: int, message_fd: int, head: bytes) -> tuple[int, OSError | None]
         out += quoter.feed(chunk)
         if len(out) >= _CHUNK:
             try:
-                _write_all(fd, out)
+                write_all(fd, out)
             except OSError as e:
                 return WRITE_ERROR, e
             out.clear()
     out += quoter.end() + b"\n"
     try:
-        _write_all(fd, out)
+        write_all(fd, out)
         os.fsync(fd)
     except OSError as e:
         return WRITE_ERROR, e

@@ -24,7 +24,7 @@ import os
 import stat
 import time
 
-from pyqmail import errors, rfc822, slurp, spawn
+from pyqmail import durable, errors, rfc822, slurp, spawn
 from pyqmail.entry import program
 from pyqmail.local import dotqmail, maildir, mbox
 from pyqmail.queue.qq import QQ
@@ -105,10 +105,8 @@ def _err(e: OSError) -> bytes:
 
 def _say(fd: int, data: bytes) -> None:
     """Write data to fd; a failure is ignored, as qmail's report writes are unchecked."""
-    view = memoryview(data)
     try:
-        while view:
-            view = view[os.write(fd, view):]
+        durable.write_all(fd, data)
     except OSError:
         pass  # the exit code, not the report, tells qmail-lspawn what happened
 
