@@ -213,10 +213,15 @@ def down(qmail_home: str, err: TextIO = sys.stderr) -> int:
     except (FileNotFoundError, ValueError, ProcessLookupError):
         print(f"qmail down: nothing runs in {qmail_home}", file=err)
         return 111
+    # `qmail up` removes its pid file when everything has stopped (its parent
+    # may not have reaped it yet, so the pid alone says nothing).
+    pidfile = os.path.join(qmail_home, PIDFILE)
     for _ in range(int(STOP_TIMEOUT * 10)):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            return 0
+        if not os.path.exists(pidfile):
             return 0
         time.sleep(0.1)
     print(f"qmail down: pid {pid} still running after {STOP_TIMEOUT:.0f} s", file=err)
