@@ -31,7 +31,8 @@ def test_up_delivers_and_down_stops() -> None:
     maildir = Path(pwd.getpwnam(TEST_USER).pw_dir) / "Maildir"
     env = {"PATH": "/usr/bin:/bin", "HOME": pwd.getpwnam(TEST_USER).pw_dir}
     up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home], user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[],
-                          env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
     try:
         assert up.stdout is not None
         lines = []
@@ -62,7 +63,9 @@ def test_up_delivers_and_down_stops() -> None:
         assert log.rstrip().endswith("status: exiting"), log
     finally:
         if up.poll() is None:
-            up.kill()
+            # Whatever failed, leave no mail system running behind the test.
+            import signal
+            os.killpg(up.pid, signal.SIGKILL)
             up.wait()
         if up.stdout is not None:
             up.stdout.close()
