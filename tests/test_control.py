@@ -117,3 +117,9 @@ def test_qmailhome_overrides(ctl: QHome, monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         monkeypatch.delenv("QMAILHOME")
         home.reset()
+
+
+def test_domain_set_folds_ascii_only() -> None:
+    ds = control.DomainSet(["\xc4x.example"])
+    assert ds.match("\xc4X.EXAMPLE")
+    assert not ds.match("\xe4x.example"), "qmail's case_lowerb folds A-Z only"

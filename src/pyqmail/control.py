@@ -100,6 +100,11 @@ def read_lines(name: str, flag_me: bool = False) -> list[str] | None:
     return out
 
 
+def lower(text: str) -> str:
+    """Lowercase ASCII letters only, as qmail's case_lowerb (latin-1 text keeps its other bytes)."""
+    return text.encode(ENCODING).lower().decode(ENCODING)
+
+
 class DomainSet:
     """A list of domains where an entry '.example.com' matches every subdomain.
 
@@ -108,7 +113,7 @@ class DomainSet:
     """
 
     def __init__(self, entries: Iterable[str], cdb_path: str | None = None) -> None:
-        self._set = {e.lower() for e in entries}
+        self._set = {lower(e) for e in entries}
         self._cdb = None
         if cdb_path is not None:
             from pyqmail import cdb
@@ -127,7 +132,7 @@ class DomainSet:
 
     def match(self, domain: str) -> bool:
         """Return True if domain, or a '.suffix' of it, is listed."""
-        d = domain.lower()
+        d = lower(domain)
         if self._has(d):
             return True
         i = d.find(".")
