@@ -7,7 +7,8 @@ import pytest
 from pyqmail import rfc822
 from pyqmail.local import dotqmail
 from pyqmail.local.dotqmail import Candidate, Instruction
-from pyqmail.local.qmail_local import ctime, delivered_to, from_line, return_path
+from pyqmail.local.mbox import ctime
+from pyqmail.local.qmail_local import delivered_to, from_line, return_path
 
 
 def names(dash: bytes, ext: bytes) -> list[bytes]:

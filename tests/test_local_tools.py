@@ -13,6 +13,7 @@ import pytest
 
 from conftest import QHome, Result, expect, run
 from pyqmail import rfc822
+from pyqmail.local.mbox import ctime
 from pyqmail.tools import headerbody, maildir2mbox, qbiff, qreceipt
 
 BASE_ENV = {"PATH": "/usr/bin:/bin"}
@@ -331,7 +332,7 @@ def test_maildir2mbox_cleans_old_tmp(qhome: QHome, tmp_path: Path) -> None:
 
 
 def test_mbox_entry_and_prioq_units() -> None:
-    assert maildir2mbox.myctime(0) == b"Thu Jan 01 00:00:00 1970\n"
+    assert ctime(0) == b"Thu Jan 01 00:00:00 1970\n"
     assert maildir2mbox.mbox_entry(b"", 0) == b"From XXX Thu Jan 01 00:00:00 1970\n\n"
     assert maildir2mbox.mbox_entry(b"one line no newline", 0) == b"From XXX Thu Jan 01 00:00:00 1970\n\n"
     assert maildir2mbox.mbox_entry(b"Return-Path: <\n", 0) == b"From  Thu Jan 01 00:00:00 1970\nReturn-Path: <\n\n"

@@ -23,9 +23,10 @@ import pytest
 
 from conftest import IS_ROOT, TEST_USER, QHome, Result, world_dir
 from queuefmt import RECEIVED, files, messages, parse_todo
+from pyqmail.local.mbox import ctime
 from pyqmail.local.qmail_local import (
     CHILD_CRASHED, FIRST_BLANK, HOME_STICKY, HOME_WRITABLE, LOOPING, NO_MAILBOX, QMAIL_WRITABLE, REWIND,
-    USAGE, WARN_STICKY, XBIT_FILE, XBIT_PROGRAM, ctime,
+    USAGE, WARN_STICKY, XBIT_FILE, XBIT_PROGRAM,
 )
 
 HOST = b"test.example.com"

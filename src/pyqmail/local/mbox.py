@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 from pyqmail import sig as signal
 from pyqmail.durable import write_all
@@ -29,6 +30,15 @@ WRITE_ERROR = 4  # "Unable to write FILE: ERR. (#4.3.0)"
 LOCK_SECONDS = 30
 _CHUNK = 65536
 _FROM = b"From "
+_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")  # time.struct_time counts from Monday
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
+
+
+def ctime(when: float) -> bytes:
+    """Return qmail's myctime for a From_ line: 'Sun Nov 22 05:06:07 2026\\n' in UTC, the day zero-padded."""
+    t = time.gmtime(when)
+    return b"%s %s %02d %02d:%02d:%02d %d\n" % (
+        _DAYS[t.tm_wday], _MONTHS[t.tm_mon - 1], t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, t.tm_year)
 
 
 class _Timeout(Exception):

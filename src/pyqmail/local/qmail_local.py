@@ -82,8 +82,6 @@ QQ_READ_ERROR = b"qq read error (#4.3.0)"
 SAY = {dotqmail.MBOX: b"mbox ", dotqmail.MAILDIR: b"maildir ", dotqmail.PROGRAM: b"program ",
        dotqmail.FORWARD: b"forward "}
 
-_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")  # time.struct_time counts from Monday
-_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 
 
 class Stop(Exception):
@@ -123,17 +121,10 @@ def return_path(sender: bytes) -> bytes:
     return (b"Return-Path: <" + rfc822.quote2(sender)).replace(b"\n", b"_") + b">\n"
 
 
-def ctime(when: float) -> bytes:
-    """Return qmail's myctime: 'Sun Nov 22 05:06:07 2026\\n' in UTC, the day zero-padded."""
-    t = time.gmtime(when)
-    return b"%s %s %02d %02d:%02d:%02d %d\n" % (
-        _DAYS[t.tm_wday], _MONTHS[t.tm_mon - 1], t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, t.tm_year)
-
-
 def from_line(sender: bytes, when: float) -> bytes:
     """Return the mbox From_ line for sender at time when (UFLINE)."""
     who = sender.translate(_FROM_BLANKS) if sender else b"MAILER-DAEMON"
-    return b"From " + who + b" " + ctime(when)
+    return b"From " + who + b" " + mbox.ctime(when)
 
 
 _FROM_BLANKS = bytes.maketrans(b" \t\n", b"---")

@@ -13,6 +13,7 @@ import time
 
 from pyqmail import errors
 from pyqmail.entry import program
+from pyqmail.local.mbox import ctime
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_TEMP, Die
 
@@ -24,17 +25,6 @@ FATAL = b"maildir2mbox: fatal: "
 WARNING = b"maildir2mbox: warning: "
 TMP_MAX_AGE = 129600  # 36 hours: maildir(5)'s rule for abandoned tmp files
 BUFSIZE = 8192
-
-_DAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def myctime(t: int) -> bytes:
-    """Return qmail's ctime of t in UTC: 'Thu Jan 01 00:00:00 1970\\n'."""
-    tm = time.gmtime(t)
-    return (f"{_DAYS[(tm.tm_wday + 1) % 7]} {_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:02d} "
-            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {tm.tm_year}\n").encode()
-
 
 def gfrom(line: bytes) -> bool:
     """Return True if line, after any '>'s, starts with 'From ' (it needs one more '>')."""
@@ -102,7 +92,7 @@ def ufline_for(first: bytes, complete: bool, dt: int) -> bytes:
         else:
             addr = first[14:len(first) - 2]
             ufline = b"From " + addr.replace(b" ", b"-").replace(b"\t", b"-") + b" "
-    return ufline + myctime(dt)
+    return ufline + ctime(dt)
 
 
 def mbox_entry(message: bytes, dt: int) -> bytes:
