@@ -17,6 +17,7 @@ from pyqmail import home as _home
 from pyqmail import slurp
 from pyqmail.entry import program
 from pyqmail.local import users
+from pyqmail.outbuf import Substdio
 from pyqmail.sgetopt import Getopt
 
 EXIT_USAGE = 100
@@ -61,36 +62,17 @@ class ConstMap:
         return users.lower(key) in self._map
 
 
-class Out:
+class Out(Substdio):
     """Standard output buffered as qmail's substdio, so a fatal error leaves the same prefix written."""
 
     def __init__(self, fd: int = 1, size: int = OUTSIZE) -> None:
-        self.fd = fd
-        self.size = size
-        self.buf = bytearray()
+        super().__init__(fd, size)
 
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self.fd, view)
-            except OSError:
-                raise Fatal(b"unable to write output") from None
-            view = view[n:]
-
-    def flush(self) -> None:
-        if self.buf:
-            data = bytes(self.buf)
-            self.buf.clear()
-            self._write(data)
-
-    def put(self, data: bytes) -> None:
-        if len(data) > self.size - len(self.buf):
-            self.flush()
-            while len(data) > self.size:
-                self._write(data[:self.size])
-                data = data[self.size:]
-        self.buf += data
+    def _write(self, data: bytes) -> None:
+        try:
+            super()._write(data)
+        except OSError:
+            raise Fatal(b"unable to write output") from None
 
 
 def read_control_file(path: str) -> list[bytes] | None:

@@ -11,6 +11,7 @@ import os
 
 from pyqmail import errors, spawn
 from pyqmail.entry import program
+from pyqmail.outbuf import Substdio
 from pyqmail.sgetopt import Getopt
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_PERM, EXIT_TEMP, Die
@@ -20,38 +21,19 @@ USAGE = b"preline: usage: preline cmd [ arg ... ]"
 BUFSIZE = 8192  # qmail's SUBSTDIO_OUTSIZE/INSIZE
 
 
-class _Buffered:
+class _Buffered(Substdio):
     """qmail's buffered output to the command: what reaches the pipe, and when, as substdio does."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = bytearray()
 
     def bput(self, data: bytes) -> None:
         """Buffer data, writing full buffers; errors here are ignored, as qmail's bputs does."""
         self.buf += data
-        while len(self.buf) > BUFSIZE:
-            chunk, self.buf = bytes(self.buf[:BUFSIZE]), self.buf[BUFSIZE:]
+        while len(self.buf) > self.size:
+            chunk, self.buf = bytes(self.buf[:self.size]), self.buf[self.size:]
             try:
                 common.write_all(self.fd, chunk)
             except OSError:
                 self.buf.clear()
                 return
-
-    def put(self, data: bytes) -> None:
-        """Buffer data; raise OSError if a write fails."""
-        if len(data) > BUFSIZE - len(self.buf):
-            self.flush()
-            while len(data) > BUFSIZE:
-                common.write_all(self.fd, data[:BUFSIZE])
-                data = data[BUFSIZE:]
-        self.buf += data
-
-    def flush(self) -> None:
-        if self.buf:
-            data = bytes(self.buf)
-            self.buf.clear()
-            common.write_all(self.fd, data)
 
 
 def _copy_input(out: _Buffered) -> None:
