@@ -287,8 +287,10 @@ def become(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
     credentials, cwd, signals, environment); a stub's program then runs in
     this process and its exit code ends it. Descriptors and credentials may
     already be changed when OSError is raised: the caller should only exit.
+    env defaults to os.environ, left as it is.
     """
-    env = dict(os.environ if env is None else env)
+    keep_env = env is None
+    env = os.environ if env is None else dict(env)
     fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
     target = _which(path, env)
     stub = read_stub(target) if fast else None
@@ -315,7 +317,8 @@ def become(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
         os.execve(target, list(argv), env)
     from pyqmail import home as _home
 
-    _set_environ(env)
+    if not keep_env:
+        _set_environ(env)
     _home.set_default(stub.home)
     argv = [target, *argv[1:]]
     sys.argv = list(argv)

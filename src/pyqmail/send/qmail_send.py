@@ -18,6 +18,7 @@ decisions and texts.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import heapq
@@ -53,6 +54,9 @@ SLEEP_CLEANUP = 76431  # between two cleanup passes over mess/
 SLEEP_SYSFAIL = 123  # before retrying after a failed system call
 SLEEP_ALERT = 10  # after an alert: a full disk, an unreadable directory
 OSSIFIED = 129600  # 36 hours: must exceed qmail-queue's 24-hour suicide timer
+CLEAN_INFLIGHT = 256  # qmail-clean requests sent and not yet answered, at most
+TODO_BATCH = 16  # messages of todo/ preprocessed per turn: their fsyncs share a journal commit
+DONE_BATCH = 16  # finished messages eliminated per turn
 RECORD_MAX = 1 << 20  # bytes of one envelope record read (qmail-queue writes at most 1004)
 EXIT_TEMPORARY = 111
 
@@ -176,6 +180,26 @@ class Pass:
         self.fn = ""
 
 
+class Prepared:
+    """A message of todo/ whose info/N and recipient lists are written but not yet committed."""
+
+    __slots__ = ("messid", "files", "channels")
+
+    def __init__(self, messid: int) -> None:
+        self.messid = messid
+        self.files: list[tuple[int, str]] = []  # (descriptor, name): info/N first
+        self.channels: tuple[int, ...] = ()
+
+    def add(self, fd: int, fn: str) -> None:
+        self.files.append((fd, fn))
+
+    def close(self) -> None:
+        for fd, _ in self.files:
+            if fd >= 0:
+                os.close(fd)
+        self.files = [(-1, fn) for _, fn in self.files]
+
+
 class Send:
     """qmail-send's state and loop. Runs in QMAILHOME/queue; time comes from clock()."""
 
@@ -213,6 +237,10 @@ class Send:
         self.cleanupdir: Iterator[int] | None = None
         self.cleanuptime = 0
         self.wake = -1
+        self.clean_alive = True
+        self.clean_pending: collections.deque[tuple[str, int, tuple[int, ...]]] = collections.deque()
+        self.cleaning_todo: set[int] = set()  # preprocessed, todo/N not yet removed
+        self.unsynced: list[tuple[int, str]] = []  # recipient lists marked, to fsync before going on
 
     # Names in the queue ------------------------------------------------------------
 
@@ -309,23 +337,67 @@ class Send:
 
     # Talking to qmail-clean -----------------------------------------------------------
 
-    def clean(self, kind: str, messid: int) -> bytes | None:
-        """Ask qmail-clean to remove kind/N; return its answer byte, None if it is gone."""
+    def clean(self, kind: str, messid: int, channels: tuple[int, ...] = ()) -> None:
+        """Ask qmail-clean to remove kind/N; its answer is handled by clean_answer() when it comes.
+
+        qmail-clean answers in order, so requests are pipelined rather than
+        waited for one by one (qmail waits): qmail-clean unlinks while
+        qmail-send goes on. channels: for 'todo', where message N goes next.
+        """
+        if not self.clean_alive:
+            self.cleandied()
+            return
         try:
             durable.write_all(self.fd_toclean, spawnproto.clean_command(kind, messid))
-            while True:
-                try:
-                    answer = os.read(self.fd_fromclean, 1)
-                    break
-                except InterruptedError:
-                    continue
         except OSError:
-            answer = b""
-        if not answer:
-            self.log(log.LOST_CLEAN)
-            self.exitasap = True
-            return None
-        return answer
+            self.cleandied()
+            return
+        self.clean_pending.append((kind, messid, channels))
+        if kind == "todo":
+            self.cleaning_todo.add(messid)
+        while len(self.clean_pending) > CLEAN_INFLIGHT and self.clean_alive:
+            self.clean_answers(block=True)
+
+    def cleandied(self) -> None:
+        self.log(log.LOST_CLEAN)
+        self.clean_alive = False
+        self.exitasap = True
+
+    def clean_answers(self, block: bool = False) -> None:
+        """Read and act on qmail-clean's answers that have come (with block, wait for one at least)."""
+        if not self.clean_pending:
+            return
+        while True:
+            try:
+                data = os.read(self.fd_fromclean, len(self.clean_pending)) if block else \
+                    _read_ready(self.fd_fromclean, len(self.clean_pending))
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+                break
+        if data is None:
+            return
+        if not data:
+            self.clean_pending.clear()
+            self.cleaning_todo.clear()
+            self.cleandied()
+            return
+        for answer in data:
+            kind, messid, channels = self.clean_pending.popleft()
+            if kind == "todo":
+                self.cleaning_todo.discard(messid)
+            if answer != spawnproto.CLEAN_DONE[0]:
+                self.log(log.clean_trouble(f"{kind}/{messid}".encode()))
+                continue
+            if kind == "todo":
+                # S5: preprocessed. Deliver at once.
+                now = self.clock()
+                for c in channels:
+                    self._push(self.pqchan[c], now, messid)
+                if not channels:
+                    self._push(self.pqdone, now, messid)
 
     # Talking to the spawners ---------------------------------------------------------
 
@@ -380,7 +452,7 @@ class Send:
         self.status()
 
     def markdone(self, c: int, messid: int, pos: int) -> None:
-        """Mark the recipient record at pos done ('T' becomes 'D'), durably."""
+        """Mark the recipient record at pos done ('T' becomes 'D'); sync_marks() makes it durable."""
         fn = self.fn_split(CHANDIR[c], messid)
         try:
             fd = os.open(fn, os.O_WRONLY | os.O_CLOEXEC)
@@ -389,11 +461,22 @@ class Send:
             return
         try:
             os.pwrite(fd, b"D", pos)
-            os.fsync(fd)
         except OSError:
-            self.log(log.trouble_marking(fn.encode()))
-        finally:
             os.close(fd)
+            self.log(log.trouble_marking(fn.encode()))
+            return
+        self.unsynced.append((fd, fn))
+
+    def sync_marks(self) -> None:
+        """fsync the marks of the reports just read, together (beyond qmail: against delivering twice)."""
+        for fd, fn in self.unsynced:
+            try:
+                os.fsync(fd)
+            except OSError:
+                self.log(log.trouble_marking(fn.encode()))
+            finally:
+                os.close(fd)
+        self.unsynced.clear()
 
     def addbounce(self, messid: int, recip: bytes, report: bytes) -> None:
         """Append a permanent failure to bounce/N; a full disk is waited out, never ignored."""
@@ -459,6 +542,7 @@ class Send:
             self.dels[c][slot] = None
             self.used[c] -= 1
             self.status()
+        self.sync_marks()
 
     # Jobs --------------------------------------------------------------------------
 
@@ -611,9 +695,7 @@ class Send:
             self.log(log.unable(b"unlink", fn.encode(), later=True))
             self._push(self.pqdone, self.clock() + SLEEP_SYSFAIL, messid)
             return
-        answer = self.clean("foop", messid)
-        if answer is not None and answer != spawnproto.CLEAN_DONE:
-            self.log(log.clean_trouble(f"foop/{messid}".encode()))
+        self.clean("foop", messid)
 
     def injectbounce(self, messid: int) -> bool:
         """Queue the bounce of message N if bounce/N exists and remove it; return False to try later."""
@@ -679,7 +761,9 @@ class Send:
         if self.pqfail and self.pqfail[0][0] <= self.recent:
             _, _, messid = heapq.heappop(self.pqfail)
             self.pqadd(messid)
-        if self.pqdone and self.pqdone[0][0] <= self.recent:
+        for _ in range(DONE_BATCH):
+            if not self.pqdone or self.pqdone[0][0] > self.recent:
+                break
             _, _, messid = heapq.heappop(self.pqdone)
             self.messdone(messid)
 
@@ -724,36 +808,46 @@ class Send:
                 self.pause(log.opendir(b"todo"))
                 return
             self.nexttodorun = self.recent + SLEEP_TODO
+        batch: list[Prepared] = []
         for entry in self.tododir:
             name = entry.name
-            if name.isdigit() and name.isascii():
-                self.preprocess(int(name))
-                return
-        self.tododir.close()  # type: ignore[attr-defined]
-        self.tododir = None
+            if name.isdigit() and name.isascii() and int(name) not in self.cleaning_todo:
+                prepared = self.prepare(int(name))
+                if prepared is not None:
+                    batch.append(prepared)
+                if len(batch) >= TODO_BATCH:
+                    break
+        else:
+            self.tododir.close()  # type: ignore[attr-defined]
+            self.tododir = None
+        self.commit(batch)
 
-    def preprocess(self, messid: int) -> None:
-        """Turn todo/N into info/N, local/N and remote/N, then have qmail-clean remove todo/N (S4 -> S5)."""
+    def prepare(self, messid: int) -> Prepared | None:
+        """Write info/N, local/N and remote/N from todo/N (not yet fsync'd); None on trouble, logged."""
         todo = f"todo/{messid}"
         try:
             fd = os.open(todo, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self.log(log.unable(b"open", todo.encode()))
-            return
-        fds: list[int] = [fd]
+            return None
+        prepared = Prepared(messid)
         try:
-            self._preprocess(messid, fd, fds)
+            ok = self._prepare(prepared, fd)
         finally:
-            for x in fds:
-                os.close(x)
+            os.close(fd)
+        if not ok:
+            prepared.close()
+            return None
+        return prepared
 
-    def _preprocess(self, messid: int, fd: int, fds: list[int]) -> None:
+    def _prepare(self, p: Prepared, fd: int) -> bool:
+        messid = p.messid
         mess = self.fn_split("mess", messid)
         try:
             size = os.stat(mess).st_size  # just for the statistics
         except OSError:
             self.log(log.unable(b"stat", mess.encode()))
-            return
+            return False
         for fn in (self.fn_split("local", messid), self.fn_split("remote", messid), self.fn_split("info", messid)):
             try:
                 os.unlink(fn)
@@ -761,19 +855,17 @@ class Send:
                 pass
             except OSError:
                 self.log(log.unable(b"unlink", fn.encode()))
-                return
+                return False
         info_fn = self.fn_split("info", messid)
         try:
-            info = durable.create_excl(info_fn)
+            p.add(durable.create_excl(info_fn), info_fn)
         except OSError:
             self.log(log.unable(b"create", info_fn.encode()))
-            return
-        fds.append(info)
+            return False
         self.log(log.new_msg(messid))
         chan_fn = [self.fn_split(CHANDIR[c], messid) for c in CHANNELS]
-        chan_fd = [-1, -1]
-        chan_buf = [bytearray(), bytearray()]
-        info_buf = bytearray()
+        chan_at = [-1, -1]  # index of the channel's file in p.files
+        bufs = [bytearray()]
         uid = pid = 0
         try:
             for _, rec in _records(fd):
@@ -783,55 +875,72 @@ class Send:
                 elif kind == b"p":
                     pid = _scan_ulong(rec[1:])
                 elif kind == b"F":
-                    info_buf += rec + b"\0"
+                    bufs[0] += rec + b"\0"
                     self.log(log.info_msg(messid, size, rec[1:], pid, uid))
                 elif kind == b"T":
                     c, addr = self.c.rewriter.rewrite(rec[1:])
-                    if chan_fd[c] == -1:
+                    if chan_at[c] == -1:
                         try:
-                            chan_fd[c] = durable.create_excl(chan_fn[c])
+                            p.add(durable.create_excl(chan_fn[c]), chan_fn[c])
                         except OSError:
                             self.log(log.unable(b"create", chan_fn[c].encode()))
-                            return
-                        fds.append(chan_fd[c])
-                    chan_buf[c] += b"T" + addr + b"\0"
+                            return False
+                        chan_at[c] = len(bufs)
+                        bufs.append(bytearray())
+                        p.channels += (c,)
+                    bufs[chan_at[c]] += b"T" + addr + b"\0"
                 else:
                     self.log(log.unknown_record(f"todo/{messid}".encode(), bang=False))
-                    return
+                    return False
         except OSError:
             self.log(log.trouble(b"reading", f"todo/{messid}".encode()))
-            return
-        for out, buf, fn in [(info, info_buf, info_fn)] + [
-                (chan_fd[c], chan_buf[c], chan_fn[c]) for c in CHANNELS if chan_fd[c] != -1]:
+            return False
+        for (out, fn), buf in zip(p.files, bufs):
             try:
                 durable.write_all(out, buf)
             except OSError:
                 self.log(log.trouble(b"writing to", fn.encode()))
-                return
+                return False
+        p.channels = tuple(sorted(p.channels))
+        return True
+
+    def commit(self, batch: list[Prepared]) -> None:
+        """Make a batch of preprocessed messages durable, then have qmail-clean remove their todo/N.
+
+        The files are fsync'd one after the other, so that they share the
+        filesystem's journal commits; then each directory once (beyond qmail:
+        the new names must be on disk before todo/N goes).
+        """
+        good: list[Prepared] = []
+        for p in batch:
             try:
-                os.fsync(out)
-            except OSError:
-                self.log(log.trouble(b"fsyncing", fn.encode()))
-                return
-        # Beyond qmail: the new names must be on disk before todo/N goes.
-        for fn in [info_fn] + [chan_fn[c] for c in CHANNELS if chan_fd[c] != -1]:
-            try:
-                durable.fsync_dir(os.path.dirname(fn))
-            except OSError:
-                self.log(log.trouble(b"fsyncing", fn.encode()))
-                return
-        answer = self.clean("todo", messid)
-        if answer is None:
-            return
-        if answer != spawnproto.CLEAN_DONE:
-            self.log(log.clean_trouble(f"todo/{messid}".encode()))
-            return
-        now = self.clock()
-        flagged = [c for c in CHANNELS if chan_fd[c] != -1]
-        for c in flagged:
-            self._push(self.pqchan[c], now, messid)
-        if not flagged:
-            self._push(self.pqdone, now, messid)
+                for out, fn in p.files:
+                    try:
+                        os.fsync(out)
+                    except OSError:
+                        self.log(log.trouble(b"fsyncing", fn.encode()))
+                        break
+                else:
+                    good.append(p)
+            finally:
+                p.close()
+        synced: dict[str, bool] = {}
+        for p in good:
+            ok = True
+            for _, fn in p.files:
+                d = os.path.dirname(fn)
+                if d not in synced:
+                    try:
+                        durable.fsync_dir(d)
+                        synced[d] = True
+                    except OSError:
+                        synced[d] = False
+                if not synced[d]:
+                    self.log(log.trouble(b"fsyncing", fn.encode()))
+                    ok = False
+                    break
+            if ok:
+                self.clean("todo", p.messid, p.channels)
 
     # Cleanups ------------------------------------------------------------------------
 
@@ -858,11 +967,9 @@ class Send:
                     continue
             except OSError:
                 continue
-            answer = self.clean("foop", messid)
-            if answer is None:
+            self.clean("foop", messid)
+            if not self.clean_alive:
                 return
-            if answer != spawnproto.CLEAN_DONE:
-                self.log(log.clean_trouble(f"foop/{messid}".encode()))
 
     # Controls ------------------------------------------------------------------------
 
@@ -940,6 +1047,8 @@ class Send:
         wakeup = min(wakeup, self.cleanuptime)
         if self.wake != -1:
             rfds.append(self.wake)
+        if self.clean_pending and self.clean_alive:
+            rfds.append(self.fd_fromclean)
         timeout: float = 0 if wakeup <= self.recent else wakeup - self.recent + SLEEP_FUZZ
         if max_wait is not None:
             timeout = min(timeout, max_wait)
@@ -957,8 +1066,13 @@ class Send:
         for c in CHANNELS:
             if self.alive[c] and self.chanin[c] in readable:
                 self.del_dochan(c)
-        self.todo_do(self.trigger != -1 and self.trigger in readable)
+        if self.fd_fromclean in readable:
+            self.clean_answers()
+        # Deliveries are started before new messages are preprocessed (qmail:
+        # the other way round), so that a batch of todo/ never keeps an idle
+        # spawner waiting.
         self.pass_do()
+        self.todo_do(self.trigger != -1 and self.trigger in readable)
         self.cleanup_do()
 
     def done(self) -> bool:
@@ -966,7 +1080,9 @@ class Send:
         return self.exitasap and self.del_canexit()
 
     def finish(self) -> None:
-        """Save the retry times and say goodbye."""
+        """Hear qmail-clean out, save the retry times and say goodbye."""
+        while self.clean_pending and self.clean_alive:
+            self.clean_answers(block=True)
         self.pqfinish()
         self.log(log.STATUS_EXITING)
 
@@ -978,6 +1094,14 @@ def _scan_ulong(field: bytes) -> int:
             break
         n = n * 10 + c - 48
     return n
+
+
+def _read_ready(fd: int, n: int) -> bytes | None:
+    """Read up to n bytes from fd if it is readable now; None if it is not."""
+    ready, _, _ = select.select([fd], [], [], 0)
+    if not ready:
+        return None
+    return os.read(fd, n)
 
 
 def _drain(fd: int) -> None:

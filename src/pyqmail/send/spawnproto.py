@@ -22,6 +22,7 @@ qmail-rspawn differ only in how they start a delivery and read its result.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import select
 import stat
@@ -358,6 +359,9 @@ class Spawner:
         self._wake_r = wake_r
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, _no_op)
+        # Every delivery is a fork of this process: objects alive now are
+        # never collected, so a collection in a child copies none of them.
+        gc.freeze()
         self._send(bytes((SPAWN_MAX,)))
         self._flush()
         while self._reading or self.deliveries:
