@@ -296,3 +296,22 @@ def test_truncate_report() -> None:
     out = bytearray(b"x" * 50)
     spawnproto.truncate(out, 0)
     assert out == b"x" * 50
+
+
+# --- start-up imports ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["pyqmail.send.qmail_send", "pyqmail.send.qmail_start",
+                                    "pyqmail.remote.qmail_rspawn", "pyqmail.queue.qmail_clean",
+                                    "pyqmail.send.spawnproto"])
+def test_daemons_import_no_slow_modules(module: str) -> None:
+    """Forks of these processes start deliveries and queue bounces: keep them lean."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); import {module}; "
+            "print(' '.join(m for m in ('typing', 'dataclasses', 'enum', 'signal', 'selectors', "
+            "'subprocess', 'asyncio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, check=True).stdout
+    assert out.strip() == b"", out

@@ -827,6 +827,9 @@ class Send:
         todo = f"todo/{messid}"
         try:
             fd = os.open(todo, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Listed by this scan, removed by qmail-clean since: preprocessed already.
+            return None
         except OSError:
             self.log(log.unable(b"open", todo.encode()))
             return None
