@@ -378,3 +378,28 @@ def test_todo_scan_is_periodic_without_a_trigger(h: Harness, qhome: QHome) -> No
     h.clock.t += qmail_send.SLEEP_TODO
     h.steps()
     assert any(x.startswith(b"new msg") for x in h.lines())
+
+
+def test_concurrency_zero_holds_deliveries(qhome: QHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    qhome.control("concurrencylocal", "0\n")
+    hh = Harness(qhome, monkeypatch)
+    try:
+        hh.send.start()
+        assert hh.lines() == [] and hh.send.concurrency == [0, 20]
+        hh._drain_log()
+        assert hh.lines() == [b"status: local 0/0 remote 0/20"]
+        hh.queue([b"joe@" + ME.encode(), b"r@far.example"])
+        hh.steps()
+        assert hh.commands() == []
+        assert len(hh.commands(REMOTE)) == 1
+    finally:
+        hh.close()
+
+
+def test_concurrency_is_capped_by_the_spawner(qhome: QHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    qhome.control("concurrencylocal", "500\n")
+    hh = Harness(qhome, monkeypatch)
+    try:
+        assert hh.send.concurrency == [120, 20]
+    finally:
+        hh.close()

@@ -2,12 +2,19 @@
 
 One single-threaded select loop, as qmail's. Each turn it writes pending
 commands to qmail-lspawn (descriptor 1) and qmail-rspawn (3), reads their
-reports (2, 4), preprocesses one message of todo/ (rewriting recipients into
-info/N, local/N, remote/N, then asking qmail-clean (5, answers on 6) to
-remove todo/N), starts the deliveries that are due, finishes messages whose
-recipients are all done (bounce, then info/N, then mess/N) and cleans up
-what a crash left behind. The activity record of qmail-log(5) goes to
-descriptor 0, a whole line per write.
+reports (2, 4) and qmail-clean's answers (6), starts the deliveries that are
+due, preprocesses messages of todo/ (rewriting recipients into info/N,
+local/N, remote/N, then asking qmail-clean, on 5, to remove todo/N), finishes
+messages whose recipients are all done (bounce, then info/N, then mess/N) and
+cleans up what a crash left behind. The activity record of qmail-log(5) goes
+to descriptor 0, a whole line per write.
+
+Where qmail does one thing per turn and waits, this loop does a few: up to
+TODO_BATCH messages of todo/ are preprocessed together, so that their fsyncs
+share the filesystem's journal commits; requests to qmail-clean are
+pipelined instead of waited for one by one; the marks of the reports read in
+one turn are fsync'd together. Each message still goes through INTERNALS.md's
+states in qmail's order, each step durable before the next.
 
 Signals are handled in one place, the top of the loop: TERM stops new work
 and exits once running deliveries have reported; ALRM makes every recipient
