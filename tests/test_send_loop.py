@@ -84,8 +84,7 @@ class Harness:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        if self.send.trigger != -1:
-            os.close(self.send.trigger)
+        self.send.close()
 
     def steps(self, n: int = 20) -> None:
         """Run n turns of the loop without waiting, collecting the log."""

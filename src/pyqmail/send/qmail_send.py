@@ -149,9 +149,10 @@ def _records(fd: int) -> Iterator[tuple[int, bytes]]:
 class Job:
     """One pass over one message's recipient list in one channel, and its deliveries."""
 
-    __slots__ = ("refs", "id", "channel", "retry", "sender", "numtodo", "hiteof", "dying")
+    __slots__ = ("refs", "id", "channel", "retry", "sender", "numtodo", "hiteof", "dying", "fd")
 
     def __init__(self) -> None:
+        self.fd = -1  # the recipient list, open for reading and marking while the job lives
         self.refs = 0  # 0: this slot is free
         self.id = 0
         self.channel = 0
@@ -247,7 +248,9 @@ class Send:
         self.clean_alive = True
         self.clean_pending: collections.deque[tuple[str, int, tuple[int, ...]]] = collections.deque()
         self.cleaning_todo: set[int] = set()  # preprocessed, todo/N not yet removed
-        self.unsynced: list[tuple[int, str]] = []  # recipient lists marked, to fsync before going on
+        self.unsynced: dict[int, str] = {}  # recipient lists marked, to fsync before going on
+        self.closing: list[int] = []  # recipient lists of ended jobs, to close once synced
+        self.dirfds: dict[str, int] = {}  # open split directories, for fsync
 
     # Names in the queue ------------------------------------------------------------
 
@@ -458,32 +461,27 @@ class Send:
         self.log(log.starting(delid, job.id, c, recip))
         self.status()
 
-    def markdone(self, c: int, messid: int, pos: int) -> None:
-        """Mark the recipient record at pos done ('T' becomes 'D'); sync_marks() makes it durable."""
-        fn = self.fn_split(CHANDIR[c], messid)
+    def markdone(self, job: Job, pos: int) -> None:
+        """Mark job's recipient record at pos done ('T' becomes 'D'); sync_marks() makes it durable."""
         try:
-            fd = os.open(fn, os.O_WRONLY | os.O_CLOEXEC)
+            os.pwrite(job.fd, b"D", pos)
         except OSError:
-            self.log(log.trouble_marking(fn.encode()))
+            self.log(log.trouble_marking(self.fn_split(CHANDIR[job.channel], job.id).encode()))
             return
-        try:
-            os.pwrite(fd, b"D", pos)
-        except OSError:
-            os.close(fd)
-            self.log(log.trouble_marking(fn.encode()))
-            return
-        self.unsynced.append((fd, fn))
+        if job.fd not in self.unsynced:
+            self.unsynced[job.fd] = self.fn_split(CHANDIR[job.channel], job.id)
 
     def sync_marks(self) -> None:
         """fsync the marks of the reports just read, together (beyond qmail: against delivering twice)."""
-        for fd, fn in self.unsynced:
+        for fd, fn in self.unsynced.items():
             try:
                 os.fsync(fd)
             except OSError:
                 self.log(log.trouble_marking(fn.encode()))
-            finally:
-                os.close(fd)
         self.unsynced.clear()
+        for fd in self.closing:
+            os.close(fd)
+        self.closing.clear()
 
     def addbounce(self, messid: int, recip: bytes, report: bytes) -> None:
         """Append a permanent failure to bounce/N; a full disk is waited out, never ignored."""
@@ -534,14 +532,14 @@ class Send:
             letter, text = report[:1], report[1:]
             if letter == b"K":
                 self.log(log.success(d.delid, text))
-                self.markdone(c, job.id, d.mpos)
+                self.markdone(job, d.mpos)
                 job.numtodo -= 1
             elif letter == b"Z":
                 self.log(log.deferral(d.delid, text))
             elif letter == b"D":
                 self.log(log.failure(d.delid, text))
                 self.addbounce(job.id, d.recip, text)
-                self.markdone(c, job.id, d.mpos)
+                self.markdone(job, d.mpos)
                 job.numtodo -= 1
             else:
                 self.log(log.mangled(d.delid))
@@ -572,6 +570,12 @@ class Send:
         if job.refs > 0:
             return
         self.free_jobs += 1
+        if job.fd != -1:
+            if job.fd in self.unsynced:
+                self.closing.append(job.fd)
+            else:
+                os.close(job.fd)
+            job.fd = -1
         dt = job.retry
         if job.hiteof and not job.numtodo:
             fn = self.fn_split(CHANDIR[job.channel], job.id)
@@ -629,7 +633,8 @@ class Send:
             heapq.heappop(self.pqchan[c])
             fn = self.fn_split(CHANDIR[c], messid)
             try:
-                fd = os.open(fn, os.O_RDONLY | os.O_CLOEXEC)
+                # Open for marking too: one open per pass, not one per delivery.
+                fd = os.open(fn, os.O_RDWR | os.O_CLOEXEC)
             except OSError:
                 fd = -1
             info = self.getinfo(messid) if fd != -1 else None
@@ -644,6 +649,7 @@ class Send:
             opened.retry = schedule.next_retry(birth, self.recent, c)
             opened.dying = schedule.dying(birth, self.recent, self.c.lifetime)
             opened.sender = sender
+            opened.fd = fd
             p.id, p.job, p.fd, p.fn, p.records = messid, opened, fd, fn, _records(fd)
         job = p.job
         assert job is not None and p.records is not None
@@ -668,8 +674,7 @@ class Send:
                 return
 
     def _end_pass(self, p: Pass) -> None:
-        os.close(p.fd)
-        job = p.job
+        job = p.job  # which owns the descriptor
         p.id, p.job, p.fd, p.records = 0, None, -1, None
         if job is not None:
             self.job_close(job)
@@ -706,17 +711,18 @@ class Send:
 
     def injectbounce(self, messid: int) -> bool:
         """Queue the bounce of message N if bounce/N exists and remove it; return False to try later."""
-        info = self.getinfo(messid)
-        if info is None:
-            return False
-        sender = bounce.vanilla_sender(info[0])
         bfn = f"bounce/{messid}"
         try:
+            # qmail reads info/N first; without a bounce there is no need to.
             if _stat(bfn) is None:
                 return True
         except OSError:
             self.log(log.unable(b"stat", bfn.encode()))
             return False
+        info = self.getinfo(messid)
+        if info is None:
+            return False
+        sender = bounce.vanilla_sender(info[0])
         if bounce.is_triple(sender):
             self.log(log.triple_bounce(bfn.encode()))
         else:
@@ -914,6 +920,24 @@ class Send:
         p.channels = tuple(sorted(p.channels))
         return True
 
+    def fsync_dir(self, d: str) -> bool:
+        """fsync directory d of the queue; return False if that failed.
+
+        The descriptors of the split directories stay open: reopening them for
+        every message costs more than the fsync when the journal is quiet.
+        """
+        fd = self.dirfds.get(d, -1)
+        try:
+            if fd == -1:
+                fd = self.dirfds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.fsync(fd)
+        except OSError:
+            if fd != -1:
+                os.close(fd)
+                del self.dirfds[d]
+            return False
+        return True
+
     def commit(self, batch: list[Prepared]) -> None:
         """Make a batch of preprocessed messages durable, then have qmail-clean remove their todo/N.
 
@@ -940,11 +964,7 @@ class Send:
             for _, fn in p.files:
                 d = os.path.dirname(fn)
                 if d not in synced:
-                    try:
-                        durable.fsync_dir(d)
-                        synced[d] = True
-                    except OSError:
-                        synced[d] = False
+                    synced[d] = self.fsync_dir(d)
                 if not synced[d]:
                     self.log(log.trouble(b"fsyncing", fn.encode()))
                     ok = False
@@ -1088,6 +1108,21 @@ class Send:
     def done(self) -> bool:
         """Return True once TERM (or a lost daemon) has come and no delivery is running."""
         return self.exitasap and self.del_canexit()
+
+    def close(self) -> None:
+        """Close the descriptors the loop holds (for a Send that lives inside another program)."""
+        for fd in [self.trigger, *self.dirfds.values(), *self.closing, *(job.fd for job in self.jobs)]:
+            if fd != -1:
+                os.close(fd)
+        for job in self.jobs:
+            job.fd = -1
+        self.trigger = -1
+        self.dirfds.clear()
+        self.unsynced.clear()
+        self.closing.clear()
+        if self.tododir is not None:
+            self.tododir.close()  # type: ignore[attr-defined]
+            self.tododir = None
 
     def finish(self) -> None:
         """Hear qmail-clean out, save the retry times and say goodbye."""
