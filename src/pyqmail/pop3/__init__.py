@@ -1,0 +1,1 @@
+"""Reading mail: qmail-popup, qmail-pop3d, checkpassword."""
