@@ -20,6 +20,8 @@ STATUS0 = b"status: local 0/10 remote 0/20"
 @pytest.fixture
 def site() -> Site:
     s = make_site(FQDN)
+    # No test goes to the network: remote deliveries get qmail-rspawn's deferral.
+    s.home.bin("qmail-remote").unlink(missing_ok=True)
     yield s
     remove_site(s)
 

@@ -31,6 +31,7 @@ def _queued(site: Site) -> bytes:
 
 
 def test_without_qmail_remote_every_delivery_is_deferred(site: Site) -> None:
+    site.home.bin("qmail-remote").unlink(missing_ok=True)
     m = _queued(site)
     reps = rspawn(site, spawnproto.command(0, m, b"s@x", b"r@far.example")
                   + spawnproto.command(1, m, b"s@x", b"q@far.example"))
