@@ -22,6 +22,7 @@ SCRYPT_PREFIX = "$scrypt$"
 SCRYPT_LN = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
+SCRYPT_KEY_LEN = 32  # a stored key of any other length is malformed (a shorter one would be a prefix)
 _CRYPT_DATA_SIZE = 1 << 18  # larger than any libc's struct crypt_data (glibc's is 131232 bytes)
 
 _libcrypt: ctypes.CDLL | None = None
@@ -67,7 +68,7 @@ def _unb64(text: str) -> bytes:
 def scrypt_hash(password: bytes, salt: bytes | None = None, ln: int = SCRYPT_LN) -> str:
     """Return the virtual-user database's hash of password (a fresh random salt unless given)."""
     salt = os.urandom(16) if salt is None else salt
-    key = hashlib.scrypt(password, salt=salt, n=1 << ln, r=SCRYPT_R, p=SCRYPT_P, maxmem=1 << 26, dklen=32)
+    key = hashlib.scrypt(password, salt=salt, n=1 << ln, r=SCRYPT_R, p=SCRYPT_P, maxmem=1 << 26, dklen=SCRYPT_KEY_LEN)
     return f"{SCRYPT_PREFIX}ln={ln},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(key)}"
 
 
@@ -81,7 +82,7 @@ def _scrypt_verify(password: bytes, stored: str) -> bool:
         salt, key = _unb64(fields[1]), _unb64(fields[2])
     except (ValueError, KeyError):
         return False
-    if not (1 <= ln <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and 16 <= len(key) <= 64):
+    if not (1 <= ln <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and len(key) == SCRYPT_KEY_LEN):
         return False
     try:
         got = hashlib.scrypt(password, salt=salt, n=1 << ln, r=r, p=p, maxmem=1 << 30, dklen=len(key))
