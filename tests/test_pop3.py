@@ -378,3 +378,28 @@ def test_poplib_fetches_deletes_relists(qhome: QHome, user_home: Path) -> None:
     assert sorted(os.listdir(md / "cur")) == ["1001.1.host:2,", "1002.2.host:2,"]
     assert srv.codes == [1, 1, 1]
     assert b"login refused for pop@example.org" in srv.stderr[-1]
+
+
+def test_poplib_through_pyqmail_tcpserver(qhome: QHome, user_home: Path) -> None:
+    uid, gid = account()
+    md = user_home / "Maildir"
+    deliver(md, "1.1.host", b"Subject: via tcpserver\n\nhi\n", 50, uid, gid)
+    proc = subprocess.Popen([qhome.bin("tcpserver"), "-1", "-H", "-R", "-l0", "127.0.0.1", "0",
+                             qhome.bin("qmail-popup"), "pop.example.org", qhome.bin("checkpassword"),
+                             qhome.bin("qmail-pop3d"), "Maildir"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env_for(qhome))
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        c = poplib.POP3("127.0.0.1", port, timeout=30)
+        c.user("pop@example.org")
+        c.pass_(PASSWORD)
+        assert c.retr(1)[1] == [b"Subject: via tcpserver", b"", b"hi", b""]
+        c.dele(1)
+        assert c.quit() == b"+OK "
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert os.listdir(md / "new") == [] and os.listdir(md / "cur") == []
