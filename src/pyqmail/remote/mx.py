@@ -1,0 +1,239 @@
+"""Which addresses to try for a host, as qmail's dns_mxip/dns_ip/dns_cname decide.
+
+The decisions are pure functions over a `Lookup` (anything with
+`query(name, rdtype) -> (status, records)`), so tests can give them a fake
+or a `Resolver` pointed at a DNS server on 127.0.0.1.
+
+`Resolver` uses dnspython. Its nameservers come from $DNSCACHEIP when set
+(djbdns's variable; pyqmail extension: a list of addresses separated by
+spaces or commas, each optionally with a port, as 127.0.0.1:5353 or
+[::1]:5353), else from /etc/resolv.conf. Lookups are never searched.
+
+Extension: a host with no A record but AAAA records is reached over IPv6.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Lookup(Protocol):
+        def query(self, name: str, rdtype: str) -> tuple[int, list[str]]: ...
+
+OK = 0
+SOFT = 1  # try again later (SERVFAIL, timeout)
+HARD = 2  # no such name or no such record
+CNAME_LOOPS = 10
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+_DOTTED = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)\Z", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class IpMx:
+    """An address to try (text form, as qmail prints it) and the preference of its MX."""
+
+    ip: str
+    pref: int
+
+
+def literal(host: str) -> str | None:
+    """Return the address of d.d.d.d or [d.d.d.d] (qmail's ip_scan), else None."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    m = _DOTTED.match(inner)
+    if m is None:
+        return None
+    return ".".join(str(int(g) & 255) for g in m.groups())
+
+
+def ipv4_bytes(ip: str) -> bytes | None:
+    """Return the 4 bytes of a dotted IPv4 address, None for any other address."""
+    m = _DOTTED.match(ip)
+    if m is None:
+        return None
+    return bytes(int(g) & 255 for g in m.groups())
+
+
+def ip_plus(dns: Lookup, host: str, pref: int) -> tuple[int, list[IpMx]]:
+    """Return the addresses of host (a literal, its A records, else its AAAA records)."""
+    lit = literal(host) if host else None
+    if lit is not None:
+        return OK, [IpMx(lit, 0)]
+    status, addrs = dns.query(host, "A")
+    if status == HARD:
+        st6, addrs6 = dns.query(host, "AAAA")
+        if st6 == OK and addrs6:
+            return OK, [IpMx(a, pref) for a in addrs6]
+    if status != OK:
+        return status, []
+    return OK, [IpMx(a, pref) for a in addrs]
+
+
+def ip(dns: Lookup, host: str) -> tuple[int, list[IpMx]]:
+    """Return host's addresses as qmail's dns_ip (used for smtproutes relays)."""
+    return ip_plus(dns, host, 0)
+
+
+def order(mxs: list[tuple[int, str]], random: int) -> list[tuple[int, str]]:
+    """Return the MX records in the order qmail tries them.
+
+    Lowest preference first; among equal preferences each pick is random,
+    driven by qmail's generator (random = random * 69069 + 1) from seed random.
+    """
+    left = list(mxs)
+    out = []
+    while left:
+        i = 0
+        same = 1
+        for j in range(1, len(left)):
+            if left[j][0] < left[i][0]:
+                i = j
+                same = 1
+            elif left[j][0] == left[i][0]:
+                same += 1
+                random = (random * 69069 + 1) & MASK64
+                if random // 2 < 2147483647 // same:
+                    i = j
+        out.append(left[i])
+        left[i] = left[-1]
+        left.pop()
+    return out
+
+
+def mx_ip(dns: Lookup, host: str, random: int) -> tuple[int, list[IpMx]]:
+    """Return the addresses for host's mail, as qmail's dns_mxip.
+
+    A literal is itself; no MX records means the host's own addresses. The
+    status is SOFT if some MX's addresses could not be looked up.
+    """
+    lit = literal(host) if host else None
+    if lit is not None:
+        return OK, [IpMx(lit, 0)]
+    status, records = dns.query(host, "MX")
+    if status == SOFT:
+        return SOFT, []
+    mxs = []
+    for rec in records if status == OK else []:
+        pref, _, name = rec.partition(" ")
+        mxs.append((int(pref), name))
+    if not mxs:
+        return ip(dns, host)
+    soft = False
+    out: list[IpMx] = []
+    for pref_, name in order(mxs, random):
+        st, addrs = ip_plus(dns, name, pref_)
+        if st == SOFT:
+            soft = True
+        out.extend(addrs)
+    return (SOFT if soft else OK), out
+
+
+def cname(dns: Lookup, host: str) -> tuple[str, int]:
+    """Return (canonical name, loops) as qmail's dns_cname; loops < 0 is SOFT or -HARD (alias loop)."""
+    for loop in range(CNAME_LOOPS):
+        if not host or host.endswith("]"):
+            return host, loop
+        if host.endswith("."):
+            host = host[:-1]
+            continue
+        status, targets = dns.query(host, "CNAME")
+        if status == SOFT:
+            return host, -SOFT
+        if status == HARD or not targets:
+            return host, loop
+        host = targets[0]
+    return host, -HARD
+
+
+def parse_nameservers(value: str) -> list[tuple[str, int]]:
+    """Return (address, port) pairs of a $DNSCACHEIP value; bad items are skipped."""
+    out = []
+    for item in re.split(r"[\s,]+", value.strip()):
+        if not item:
+            continue
+        port = 53
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", item)
+        if m:
+            addr = m.group(1)
+            if m.group(2):
+                port = int(m.group(2))
+        elif item.count(":") == 1:
+            addr, _, p = item.partition(":")
+            if not p.isdigit():
+                continue
+            port = int(p)
+        else:
+            addr = item
+        out.append((addr, port))
+    return out
+
+
+class Resolver:
+    """Lookups through dnspython, with qmail's reading of the outcomes."""
+
+    def __init__(self, nameservers: list[tuple[str, int]] | None = None, lifetime: float = 30.0) -> None:
+        import dns.resolver
+
+        if nameservers:
+            import dns.nameserver
+
+            self._r = dns.resolver.Resolver(configure=False)
+            self._r.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in nameservers]
+        else:
+            self._r = dns.resolver.Resolver()
+        self._r.lifetime = lifetime
+        self._r.timeout = min(5.0, lifetime)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Resolver:
+        """Return a resolver using $DNSCACHEIP if set, else the system's."""
+        value = env.get("DNSCACHEIP")
+        return cls(parse_nameservers(value) if value else None)
+
+    def query(self, name: str, rdtype: str) -> tuple[int, list[str]]:
+        """Return (OK, records as text) or (SOFT|HARD, []) for name's rdtype records."""
+        import dns.exception
+        import dns.name
+        import dns.resolver
+
+        try:
+            qname = dns.name.from_text(name) if name else dns.name.root
+            ans = self._r.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN, dns.name.NameTooLong,
+                dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.BadEscape):
+            return HARD, []
+        except dns.exception.DNSException:
+            return SOFT, []
+        if ans.rrset is None:
+            return HARD, []
+        out = []
+        for rd in ans.rrset:
+            if rdtype == "MX":
+                out.append(f"{rd.preference} {rd.exchange.to_text(omit_final_dot=True)}")
+            elif rdtype == "CNAME":
+                out.append(rd.target.to_text(omit_final_dot=True))
+            else:
+                out.append(rd.address)
+        return OK, out
+
+
+def local_addresses() -> set[str]:
+    """Return this host's interface addresses (qmail's ipme, and IPv6 ones from /proc)."""
+    from pyqmail.smtpd.ipme import addresses
+
+    found = {".".join(map(str, a)) for a in addresses()}
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as f:
+            import ipaddress
+
+            for line in f:
+                h = line.split()[0] if line.split() else ""
+                if len(h) == 32:
+                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(h))))
+    except FileNotFoundError:
+        pass
+    return found

@@ -1,0 +1,158 @@
+"""qmail-remote's SMTP client, free of I/O: reply parsing, DATA encoding, report texts.
+
+Reports are qmail-remote(8)'s: a letter (r/h/s per recipient, then K/Z/D),
+a text, and a NUL; the texts are qmail 1.03's.
+"""
+
+from __future__ import annotations
+
+HUGE_SMTP_TEXT = 5000  # qmail keeps this much of a reply for "Remote host said:"
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+NOMEM = b"ZOut of memory. (#4.3.0)\n"
+OSERR = b"ZSystem resources temporarily unavailable. (#4.3.0)\n"
+NOCONN = b"ZSorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+READ = b"ZUnable to read message. (#4.3.0)\n"
+DNSCANON = b"ZCNAME lookup failed temporarily. (#4.4.3)\n"
+DNS_TEMP = b"ZSorry, I couldn't find any host by that name. (#4.1.2)\n"
+CHDIR = b"ZUnable to switch to home directory. (#4.3.0)\n"
+CONTROL = b"ZUnable to read control files. (#4.3.0)\n"
+PARTIAL_LINE = b"DSMTP cannot transfer messages with partial final lines. (#5.6.2)\n"
+USAGE = b"DI (qmail-remote) was invoked improperly. (#5.3.5)\n"
+NOMX = b"DSorry, I couldn't find a mail exchanger or IP address. (#5.4.4)\n"
+AMBIGMX = (b"DSorry. Although I'm listed as a best-preference MX or A for that host,\n"
+           b"it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)\n")
+CRASH = b"ZSorry, qmail-remote had an internal error. (#4.3.0)\n"
+
+
+def safe(text: bytes) -> bytes:
+    """Return text with every byte outside 33..126 replaced by '?' (qmail's outsafe)."""
+    return bytes(c if 33 <= c <= 126 else 63 for c in text)
+
+
+def perm_dns(host: bytes) -> bytes:
+    """Return the report for a host DNS says does not exist."""
+    return b"DSorry, I couldn't find any host named " + safe(host) + b". (#5.1.2)\n"
+
+
+def dropped(partner: bytes, critical: bool) -> bytes:
+    """Return the report for a connection that died (critical: after the final dot)."""
+    dup = b"Possible duplicate! " if critical else b""
+    return b"ZConnected to " + partner + b" but connection died. " + dup + b"(#4.4.2)\n"
+
+
+def said(text: bytes) -> bytes:
+    """Return 'Remote host said: ' and a reply's text, NULs made '?', or nothing for no text."""
+    if not text:
+        return b""
+    return b"Remote host said: " + text.replace(b"\0", b"?")
+
+
+def final(prepend: bytes, partner: bytes, append: bytes, text: bytes) -> bytes:
+    """Return the message report qmail's quit() prints (after sending QUIT)."""
+    return prepend + partner + append + b".\n" + said(text)
+
+
+def recipient(code: int, partner: bytes, text: bytes) -> bytes:
+    """Return the recipient report for a reply to RCPT."""
+    if code >= 500:
+        return b"h" + partner + b" does not like recipient.\n" + said(text)
+    if code >= 400:
+        return b"s" + partner + b" does not like recipient.\n" + said(text)
+    return b"r"
+
+
+_OK = frozenset(b"!#$%&'*+-/0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~.")
+
+
+def quote_box(box: bytes) -> bytes:
+    """Return a local part quoted for RFC 821 only where needed (qmail's quote)."""
+    need = (not box or any(c not in _OK for c in box) or box.startswith(b".")
+            or box.endswith(b".") or b".." in box)
+    if not need:
+        return box
+    out = bytearray(b'"')
+    for c in box:
+        if c in b'\r\n"\\':
+            out += b"\\"
+        out.append(c)
+    out += b'"'
+    return bytes(out)
+
+
+class Reply:
+    """Push parser for one SMTP reply, byte for byte as qmail's smtpcode().
+
+    The code is the first three bytes taken as digits without checking
+    (so malformed replies give codes such as 8004); a '-' after a line's
+    code means another line follows. The text is every byte read but CR,
+    at most HUGE_SMTP_TEXT of them.
+    """
+
+    _CODE, _AFTER, _CONT, _CONT_CODE, _LAST = range(5)
+
+    def __init__(self) -> None:
+        self.code = 0
+        self.text = bytearray()
+        self.done = False
+        self._state = self._CODE
+        self._need = 3
+
+    def _keep(self, seg: bytes) -> None:
+        room = HUGE_SMTP_TEXT - len(self.text)
+        if room > 0:
+            self.text += seg.replace(b"\r", b"")[:room]
+
+    def feed(self, data: bytes) -> int:
+        """Consume bytes of data until the reply ends; return how many were consumed."""
+        pos = 0
+        while pos < len(data) and not self.done:
+            st = self._state
+            if st in (self._CODE, self._CONT_CODE):
+                seg = data[pos:pos + self._need]
+                if st == self._CODE:
+                    for c in seg:
+                        self.code = (self.code * 10 + (c - 48)) & MASK64
+                self._need -= len(seg)
+                if not self._need:
+                    self._state = self._AFTER
+            elif st == self._AFTER:
+                seg = data[pos:pos + 1]
+                if seg == b"-":
+                    self._state = self._CONT
+                elif seg == b"\n":
+                    self.done = True
+                else:
+                    self._state = self._LAST
+            else:
+                nl = data.find(b"\n", pos)
+                seg = data[pos:] if nl < 0 else data[pos:nl + 1]
+                if nl >= 0:
+                    if st == self._LAST:
+                        self.done = True
+                    else:
+                        self._state, self._need = self._CONT_CODE, 3
+            self._keep(seg)
+            pos += len(seg)
+        return pos
+
+
+class Stuffer:
+    """Encode a message for DATA: LF becomes CRLF, a leading dot is doubled."""
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the SMTP form of the next piece of the message."""
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+        if self.at_line_start and chunk[:1] == b".":
+            out = b"." + out
+        self.at_line_start = chunk.endswith(b"\n")
+        return out
+
+    def complete(self) -> bool:
+        """Return False if the message ended inside a line (SMTP cannot carry that)."""
+        return self.at_line_start

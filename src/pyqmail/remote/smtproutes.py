@@ -1,0 +1,59 @@
+"""control/smtproutes: artificial SMTP routes (qmail-control(5), qmail-remote(8)).
+
+A line is domain:relay or domain:relay:port. The host is looked up as
+itself, then as each suffix starting at a dot (.example.com matches
+sub.example.com but not example.com), then as the empty domain; the most
+specific key wins, and of lines with the same key the last one (as qmail's
+constmap). Keys compare ASCII-case-insensitively; lines without a colon are
+ignored. An empty relay means "use DNS as usual".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyqmail.control import lower
+
+DEFAULT_PORT = 25
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where smtproutes sends a host: relay (a name, [d.d.d.d] or empty) and port."""
+
+    relay: str
+    port: int
+
+
+def parse(lines: list[str]) -> dict[str, str]:
+    """Return the key -> value map of smtproutes lines."""
+    routes: dict[str, str] = {}
+    for line in lines:
+        key, colon, value = line.partition(":")
+        if colon:
+            routes[lower(key)] = value
+    return routes
+
+
+def _scan_ulong(text: str) -> int:
+    n = 0
+    for ch in text:
+        if not ("0" <= ch <= "9"):
+            break
+        n = (n * 10 + ord(ch) - 48) & 0xFFFFFFFFFFFFFFFF
+    return n
+
+
+def lookup(routes: dict[str, str], host: str) -> Route | None:
+    """Return the route for host, or None to look up its MX records."""
+    value = None
+    for i in range(len(host) + 1):
+        if i == 0 or i == len(host) or host[i] == ".":
+            value = routes.get(lower(host[i:]))
+            if value is not None:
+                break
+    if not value:
+        return None
+    relay, colon, port = value.partition(":")
+    # qmail scans the port as an unsigned long and connects to its low 16 bits.
+    return Route(relay, _scan_ulong(port) & 0xFFFF if colon else DEFAULT_PORT)
