@@ -335,8 +335,13 @@ class Server:
             self.codes.append(p.returncode)
 
     def close(self) -> None:
-        self.sock.close()
+        # shutdown wakes the accept() blocked in the thread; close alone does not.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.thread.join(5)
+        self.sock.close()
 
 
 def test_poplib_fetches_deletes_relists(qhome: QHome, user_home: Path) -> None:

@@ -112,7 +112,7 @@ def scan(now: int) -> list[Message]:
                         continue
                     fn = sub + "/" + d.name
                     try:
-                        mtime = int(os.stat(fn).st_mtime)
+                        mtime = os.stat(fn).st_mtime_ns // 1_000_000_000  # whole seconds, as time_t
                     except OSError:
                         continue
                     if mtime < now:
