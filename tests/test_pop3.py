@@ -408,3 +408,34 @@ def test_poplib_through_pyqmail_tcpserver(qhome: QHome, user_home: Path) -> None
         if proc.stdout is not None:
             proc.stdout.close()
     assert os.listdir(md / "new") == [] and os.listdir(md / "cur") == []
+
+
+def test_poplib_reads_what_qmail_local_delivered(qhome: QHome, user_home: Path, tmp_path: Path) -> None:
+    uid, gid = account()
+    msg = tmp_path / "msg"
+    msg.write_bytes(b"Subject: delivered\n\n.leading dot\nbody\n")
+    with open(msg, "rb") as f:
+        p = subprocess.run([qhome.bin("qmail-local"), "--", TEST_USER, str(user_home), "pop", "", "",
+                            "example.org", "sender@remote.example", "./Maildir/"],
+                           stdin=f, capture_output=True, env=env_for(qhome), timeout=60,
+                           user=uid if IS_ROOT else None, group=gid if IS_ROOT else None,
+                           extra_groups=[] if IS_ROOT else None)
+    assert (p.returncode, p.stdout) == (0, b"did 1+0+0\n"), p.stderr
+    (name,) = os.listdir(user_home / "Maildir" / "new")
+    # qmail-pop3d leaves out mail of the current second; age it instead of sleeping.
+    t = time.time() - 10
+    os.utime(user_home / "Maildir" / "new" / name, (t, t))
+    srv = Server([str(qhome.bin("qmail-popup")), "pop.example.org", str(qhome.bin("checkpassword")),
+                  str(qhome.bin("qmail-pop3d")), "Maildir"], env_for(qhome))
+    try:
+        c = poplib.POP3("127.0.0.1", srv.port, timeout=30)
+        c.user("pop@example.org")
+        c.pass_(PASSWORD)
+        lines = c.retr(1)[1]
+        assert lines == [b"Return-Path: <sender@remote.example>", b"Delivered-To: pop@example.org",
+                         b"Subject: delivered", b"", b".leading dot", b"body", b""]
+        assert c.uidl(1).split() == [b"+OK", b"1", name.encode()]
+        c.quit()
+    finally:
+        srv.close()
+    assert os.listdir(user_home / "Maildir" / "cur") == [name + ":2,"]
