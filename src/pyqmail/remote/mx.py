@@ -28,7 +28,10 @@ OK = 0
 SOFT = 1  # try again later (SERVFAIL, timeout)
 HARD = 2  # no such name or no such record
 CNAME_LOOPS = 10
-MASK64 = 0xFFFFFFFFFFFFFFFF
+# qmail's generator runs in an unsigned long; on the 32-bit machines it was written for that
+# spreads the choice evenly, while 64-bit arithmetic would almost never move off the first
+# record. pyqmail keeps the 32-bit behaviour, qmail's intent.
+MASK32 = 0xFFFFFFFF
 
 _DOTTED = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)\Z", re.ASCII)
 
@@ -84,6 +87,7 @@ def order(mxs: list[tuple[int, str]], random: int) -> list[tuple[int, str]]:
     Lowest preference first; among equal preferences each pick is random,
     driven by qmail's generator (random = random * 69069 + 1) from seed random.
     """
+    random &= MASK32
     left = list(mxs)
     out = []
     while left:
@@ -95,7 +99,7 @@ def order(mxs: list[tuple[int, str]], random: int) -> list[tuple[int, str]]:
                 same = 1
             elif left[j][0] == left[i][0]:
                 same += 1
-                random = (random * 69069 + 1) & MASK64
+                random = (random * 69069 + 1) & MASK32
                 if random // 2 < 2147483647 // same:
                     i = j
         out.append(left[i])
