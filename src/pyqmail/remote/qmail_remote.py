@@ -25,6 +25,7 @@ from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.remote import mx, smtproutes, tcpto
 from pyqmail.remote import smtpclient as sc
+from pyqmail.smtpd.ipme import IpmeError
 
 FD_MESSAGE = 0
 FD_REPORT = 1
@@ -254,7 +255,7 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
     sender, _, _ = _mangle(args[2], None)
     try:
         me = mx.local_addresses()
-    except OSError:
+    except (OSError, IpmeError):
         return sc.OSERR + b"\0"
     all_aliases = True
     recips = []
