@@ -135,7 +135,7 @@ def test_passwords() -> None:
     assert h.startswith("$scrypt$ln=4,r=8,p=1$") and ":" not in h
     assert passwords.verify(b"pw", h) and not passwords.verify(b"pW", h)
     assert not passwords.verify(b"pw", h[:-3])
-    assert not passwords.verify(b"pw", h[:-1] + ("A" if h[-1] != "A" else "B"))
+    assert not passwords.verify(b"pw", h[:-10] + ("A" if h[-10] != "A" else "B") + h[-9:])
     assert not passwords.verify(b"pw", "$scrypt$ln=99,r=8,p=1$AAAA$AAAA")
     assert not passwords.verify(b"pw", "$scrypt$garbage")
     s = passwords.crypt(b"pw", b"$6$saltsalt$")
@@ -172,3 +172,23 @@ def test_system_account_from_shadow(qhome: QHome, shadow_password: bytes) -> Non
                        "sh", "-c", 'pwd; echo "$USER $HOME $SHELL"; id -u'))
     assert res.stdout == f"{pw.pw_dir}\n{TEST_USER} {pw.pw_dir} {pw.pw_shell}\n{pw.pw_uid}\n".encode()
     expect(check(qhome, TEST_USER.encode() + b"\0wrong\0Y123456\0", "true"), 1)
+
+
+def test_imports_stay_few() -> None:
+    """checkpassword runs as root with a password in memory: it imports little (STYLE principle 8)."""
+    import sys
+
+    from conftest import ROOT
+
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
+            "from pyqmail.pop3 import checkpassword; from pyqmail import home, spawn, privs; "
+            "from pyqmail.pop3 import passwords; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('pyqmail')))); "
+            "print(' '.join(m for m in ('subprocess', 'asyncio', 'socket', 'ssl', 'selectors', 'threading') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, check=True).stdout
+    ours, foreign = out.split(b"\n")[:2]
+    assert set(ours.split()) <= {b"pyqmail", b"pyqmail.entry", b"pyqmail.home", b"pyqmail.spawn", b"pyqmail.privs",
+                                 b"pyqmail.sig", b"pyqmail.pop3", b"pyqmail.pop3.checkpassword",
+                                 b"pyqmail.pop3.passwords"}, ours
+    assert foreign == b"", foreign

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import ctypes.util
 import hashlib
 import hmac
 import os
@@ -25,6 +24,11 @@ SCRYPT_P = 1
 SCRYPT_KEY_LEN = 32  # a stored key of any other length is malformed (a shorter one would be a prefix)
 _CRYPT_DATA_SIZE = 1 << 18  # larger than any libc's struct crypt_data (glibc's is 131232 bytes)
 
+# By soname, not ctypes.util.find_library: that runs ldconfig in a subprocess,
+# which a root process holding a password should not. libxcrypt is .so.1
+# (glibc ABI) or .so.2 (its own ABI); old glibc's own libcrypt is .so.1.
+_SONAMES = ("libcrypt.so.1", "libcrypt.so.2", "libcrypt.so")
+
 _libcrypt: ctypes.CDLL | None = None
 
 
@@ -35,12 +39,16 @@ class Unavailable(Exception):
 def _crypt_lib() -> ctypes.CDLL:
     global _libcrypt
     if _libcrypt is None:
-        name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-            fn = lib.crypt_r
-        except (OSError, AttributeError) as e:
-            raise Unavailable(f"unable to load libcrypt: {e}") from e
+        problems = []
+        for name in _SONAMES:
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)
+                fn = lib.crypt_r
+                break
+            except (OSError, AttributeError) as e:
+                problems.append(str(e))
+        else:
+            raise Unavailable("unable to load libcrypt: " + "; ".join(problems))
         fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
         fn.restype = ctypes.c_char_p
         _libcrypt = lib
@@ -82,6 +90,8 @@ def _scrypt_verify(password: bytes, stored: str) -> bool:
         salt, key = _unb64(fields[1]), _unb64(fields[2])
     except (ValueError, KeyError):
         return False
+    if _b64(salt) != fields[1] or _b64(key) != fields[2]:
+        return False  # not canonical: unused low bits set in the last character
     if not (1 <= ln <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and len(key) == SCRYPT_KEY_LEN):
         return False
     try:
