@@ -25,6 +25,7 @@ class Session:
     commands: list[bytes] = field(default_factory=list)
     data: bytes = b""
     quit: bool = False
+    peer: str = ""
 
 
 class SmtpServer:
@@ -37,7 +38,7 @@ class SmtpServer:
 
     def __init__(self, greeting: bytes = b"220 peer ESMTP\r\n",
                  replies: dict[str, bytes | list[bytes]] | None = None,
-                 drop_in_data: bool = False) -> None:
+                 drop_in_data: bool = False, host: str = "127.0.0.1", port: int = 0) -> None:
         self.greeting = greeting
         self.replies: dict[str, bytes | list[bytes]] = {
             "HELO": b"250 peer\r\n", "MAIL": b"250 ok\r\n", "RCPT": b"250 ok\r\n",
@@ -46,7 +47,8 @@ class SmtpServer:
         self.drop_in_data = drop_in_data
         self.sessions: list[Session] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
         self.sock.listen(8)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -63,14 +65,14 @@ class SmtpServer:
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
             with conn:
                 conn.settimeout(30)
-                s = Session()
+                s = Session(peer=addr[0])
                 self.sessions.append(s)
                 try:
                     self._talk(conn, s)

@@ -285,6 +285,14 @@ def test_dns_failures(qhome: QHome) -> None:
         assert remote(qhome, d, "mx.example.com", "s@x", "u@mx.example.com") == sc.NOMX + b"\0"
 
 
+def test_outgoingip(qhome: QHome, dnsd: DnsServer) -> None:
+    qhome.control("outgoingip", "127.0.0.3\n")
+    with SmtpServer() as srv:
+        route(qhome, srv)
+        assert remote(qhome, dnsd, "example.com", "s@x", "u@example.com").startswith(b"r\0K")
+    assert srv.sessions[0].peer == "127.0.0.3"
+
+
 def test_unsafe_host_in_text(qhome: QHome, dnsd: DnsServer) -> None:
     out = remote(qhome, dnsd, "bad host\x7f.example.com", "s@x", "u@x")
     assert out == b"DSorry, I couldn't find any host named bad?host?.example.com. (#5.1.2)\n\0"
@@ -299,29 +307,7 @@ def test_mx_delivery_on_port_25(qhome: QHome) -> None:
         probe.close()
     except OSError:
         pytest.skip("cannot listen on 127.0.0.2:25")
-    srv = SmtpServer()
-    srv.sock.close()
-    srv.close()
-    import threading
-
-    class Port25(SmtpServer):
-        def __init__(self) -> None:  # noqa: D107 - bind 127.0.0.2:25 instead of port 0
-            self.greeting = b"220 mx\r\n"
-            self.replies = {"HELO": b"250 a\r\n", "MAIL": b"250 a\r\n", "RCPT": b"250 a\r\n",
-                            "DATA": b"354 a\r\n", ".": b"250 mx took it\r\n", "QUIT": b"221 a\r\n"}
-            self.drop_in_data = False
-            self.sessions = []
-            self.sock = socket.socket()
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(("127.0.0.2", 25))
-            self.sock.listen(8)
-            self.sock.settimeout(0.2)
-            self.port = 25
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._serve, daemon=True)
-            self._thread.start()
-
-    with Port25() as mxsrv, DnsServer({("example.com", "MX"): ["10 mx1.example.com.", "20 me.example.com."],
+    with SmtpServer(replies={".": b"250 mx took it\r\n"}, host="127.0.0.2", port=25) as mxsrv, DnsServer({("example.com", "MX"): ["10 mx1.example.com.", "20 me.example.com."],
                                         ("mx1.example.com", "A"): ["127.0.0.2"],
                                         ("me.example.com", "A"): ["127.0.0.1"],
                                         ("alias.example.com", "CNAME"): ["example.com."]}) as d:

@@ -21,6 +21,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol
 
+    import dns.resolver
+
     class Lookup(Protocol):
         def query(self, name: str, rdtype: str) -> tuple[int, list[str]]: ...
 
@@ -180,17 +182,26 @@ class Resolver:
     """Lookups through dnspython, with qmail's reading of the outcomes."""
 
     def __init__(self, nameservers: list[tuple[str, int]] | None = None, lifetime: float = 30.0) -> None:
-        import dns.resolver
+        self.nameservers = nameservers
+        self.lifetime = lifetime
+        self._r: dns.resolver.Resolver | None = None
 
-        if nameservers:
-            import dns.nameserver
+    def _resolver(self) -> dns.resolver.Resolver:
+        # Made on first use: a route to [d.d.d.d] never pays for importing dnspython.
+        if self._r is None:
+            import dns.resolver
 
-            self._r = dns.resolver.Resolver(configure=False)
-            self._r.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in nameservers]
-        else:
-            self._r = dns.resolver.Resolver()
-        self._r.lifetime = lifetime
-        self._r.timeout = min(5.0, lifetime)
+            if self.nameservers:
+                import dns.nameserver
+
+                r = dns.resolver.Resolver(configure=False)
+                r.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in self.nameservers]
+            else:
+                r = dns.resolver.Resolver()
+            r.lifetime = self.lifetime
+            r.timeout = min(5.0, self.lifetime)
+            self._r = r
+        return self._r
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Resolver:
@@ -206,7 +217,7 @@ class Resolver:
 
         try:
             qname = dns.name.from_text(name) if name else dns.name.root
-            ans = self._r.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+            ans = self._resolver().resolve(qname, rdtype, search=False, raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN, dns.name.NameTooLong,
                 dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.BadEscape):
             return HARD, []
