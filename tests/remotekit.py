@@ -46,7 +46,7 @@ class SmtpServer:
         self.replies.update(replies or {})
         self.drop_in_data = drop_in_data
         self.sessions: list[Session] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.sock.listen(8)

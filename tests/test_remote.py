@@ -293,6 +293,18 @@ def test_outgoingip(qhome: QHome, dnsd: DnsServer) -> None:
     assert srv.sessions[0].peer == "127.0.0.3"
 
 
+def test_ipv6_relay_by_aaaa(qhome: QHome) -> None:
+    """Extension: a relay with only AAAA records is reached over IPv6."""
+    try:
+        srv = SmtpServer(host="::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with srv, DnsServer({("v6.example.net", "AAAA"): ["::1"]}) as d:
+        qhome.control("smtproutes", f"example.com:v6.example.net:{srv.port}\n")
+        out = remote(qhome, d, "example.com", "s@x", "u@example.com")
+    assert out == b"r\0K::1 accepted message.\nRemote host said: 250 ok 12345 qp 1\n\0"
+
+
 def test_unsafe_host_in_text(qhome: QHome, dnsd: DnsServer) -> None:
     out = remote(qhome, dnsd, "bad host\x7f.example.com", "s@x", "u@x")
     assert out == b"DSorry, I couldn't find any host named bad?host?.example.com. (#5.1.2)\n\0"
