@@ -65,9 +65,7 @@ class Smtp:
         self.critical = False  # the final dot is sent: a dropped connection may duplicate
 
     def _wait(self, write: bool) -> None:
-        fd = self.sock.fileno()
-        r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], max(self.timeout, 0))
-        if not r and not w:
+        if not _ready(self.sock, write, self.timeout):
             raise _Dropped()
 
     def send(self, data: bytes) -> None:
@@ -108,6 +106,13 @@ class Smtp:
         """Send a command line and return the reply's code."""
         self.send(line + b"\r\n")
         return self.reply()
+
+
+def _ready(sock: socket.socket, write: bool, timeout: int) -> bool:
+    """Wait up to timeout seconds for sock to be writable (or readable); return whether it is."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLOUT if write else select.POLLIN)
+    return bool(p.poll(max(timeout, 0) * 1000))
 
 
 def _quit(conn: Smtp, partner: bytes, prepend: bytes, append: bytes) -> bytes:
@@ -197,8 +202,7 @@ def connect(ip: str, port: int, timeout: int, source: str | None) -> tuple[socke
         if err != errno.EINPROGRESS:
             sock.close()
             return None, False
-        _, w, _ = select.select([], [sock], [], max(timeout, 0))
-        if not w:
+        if not _ready(sock, True, timeout):
             sock.close()
             return None, True
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
