@@ -257,7 +257,16 @@ class Served:
         if self.proc.poll() is None:
             self.proc.terminate()
         rc = self.proc.wait(DEADLINE)
-        self._reader.join(DEADLINE)
+        self._reader.join(2)
+        if self._reader.is_alive():
+            # Children still running hold the log pipe open: end them (the
+            # pids are in the log) so that the pipe closes.
+            for m in re.finditer(r"tcpserver: pid (\d+) ", "\n".join(self.lines)):
+                try:
+                    os.kill(int(m.group(1)), 9)
+                except OSError:
+                    pass  # already gone
+            self._reader.join(DEADLINE)
         return rc
 
     def __enter__(self) -> Served:
