@@ -115,9 +115,9 @@ def _ready(sock: socket.socket, write: bool, timeout: int) -> bool:
     return bool(p.poll(max(timeout, 0) * 1000))
 
 
-def _quit(conn: Smtp, partner: bytes, prepend: bytes, append: bytes) -> bytes:
+def _quit(conn: Smtp, partner: bytes, what: tuple[bytes, bytes]) -> bytes:
     conn.send(b"QUIT\r\n")  # waiting for the answer is "just too ridiculous" (qmail)
-    return sc.final(prepend, partner, append, conn.text)
+    return sc.final(what, partner, conn.text)
 
 
 def _blast(conn: Smtp, msgfd: int) -> bytes | None:
@@ -152,14 +152,14 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
 
     try:
         if conn.reply() != 220:
-            return last(_quit(conn, partner, b"ZConnected to ", b" but greeting failed"))
+            return last(_quit(conn, partner, sc.GREETING_FAILED))
         if conn.command(b"HELO " + helohost) != 250:
-            return last(_quit(conn, partner, b"ZConnected to ", b" but my name was rejected"))
+            return last(_quit(conn, partner, sc.HELO_REJECTED))
         code = conn.command(b"MAIL FROM:<" + sender + b">")
         if code >= 500:
-            return last(_quit(conn, partner, b"DConnected to ", b" but sender was rejected"))
+            return last(_quit(conn, partner, sc.SENDER_REJECTED_PERM))
         if code >= 400:
-            return last(_quit(conn, partner, b"ZConnected to ", b" but sender was rejected"))
+            return last(_quit(conn, partner, sc.SENDER_REJECTED_TEMP))
         bother = False
         for recip in recips:
             code = conn.command(b"RCPT TO:<" + recip + b">")
@@ -168,22 +168,22 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
                 bother = True
             conn.text = b""
         if not bother:
-            return last(_quit(conn, partner, b"DGiving up on ", b""))
+            return last(_quit(conn, partner, sc.GIVING_UP))
         code = conn.command(b"DATA")
         if code >= 500:
-            return last(_quit(conn, partner, b"D", b" failed on DATA command"))
+            return last(_quit(conn, partner, sc.DATA_FAILED_PERM))
         if code >= 400:
-            return last(_quit(conn, partner, b"Z", b" failed on DATA command"))
+            return last(_quit(conn, partner, sc.DATA_FAILED_TEMP))
         failed = _blast(conn, msgfd)
         if failed is not None:
             return last(failed)
         code = conn.reply()
         conn.critical = False
         if code >= 500:
-            return last(_quit(conn, partner, b"D", b" failed after I sent the message"))
+            return last(_quit(conn, partner, sc.AFTER_DATA_PERM))
         if code >= 400:
-            return last(_quit(conn, partner, b"Z", b" failed after I sent the message"))
-        return last(_quit(conn, partner, b"K", b" accepted message"))
+            return last(_quit(conn, partner, sc.AFTER_DATA_TEMP))
+        return last(_quit(conn, partner, sc.ACCEPTED))
     except _Dropped:
         return last(sc.dropped(partner, conn.critical))
 

@@ -24,6 +24,18 @@ AMBIGMX = (b"DSorry. Although I'm listed as a best-preference MX or A for that h
            b"it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)\n")
 CRASH = b"ZSorry, qmail-remote had an internal error. (#4.3.0)\n"
 
+# Message reports after a reply, as (text before the partner's address, text after it).
+GREETING_FAILED = (b"ZConnected to ", b" but greeting failed")
+HELO_REJECTED = (b"ZConnected to ", b" but my name was rejected")
+SENDER_REJECTED_PERM = (b"DConnected to ", b" but sender was rejected")
+SENDER_REJECTED_TEMP = (b"ZConnected to ", b" but sender was rejected")
+GIVING_UP = (b"DGiving up on ", b"")
+DATA_FAILED_PERM = (b"D", b" failed on DATA command")
+DATA_FAILED_TEMP = (b"Z", b" failed on DATA command")
+AFTER_DATA_PERM = (b"D", b" failed after I sent the message")
+AFTER_DATA_TEMP = (b"Z", b" failed after I sent the message")
+ACCEPTED = (b"K", b" accepted message")
+
 
 def safe(text: bytes) -> bytes:
     """Return text with every byte outside 33..126 replaced by '?' (qmail's outsafe)."""
@@ -48,9 +60,9 @@ def said(text: bytes) -> bytes:
     return b"Remote host said: " + text.replace(b"\0", b"?")
 
 
-def final(prepend: bytes, partner: bytes, append: bytes, text: bytes) -> bytes:
+def final(what: tuple[bytes, bytes], partner: bytes, text: bytes) -> bytes:
     """Return the message report qmail's quit() prints (after sending QUIT)."""
-    return prepend + partner + append + b".\n" + said(text)
+    return what[0] + partner + what[1] + b".\n" + said(text)
 
 
 def recipient(code: int, partner: bytes, text: bytes) -> bytes:
