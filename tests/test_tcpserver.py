@@ -8,6 +8,7 @@ import pwd
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -407,3 +408,14 @@ def test_accepts_while_children_run() -> None:
         fast.close()
         slow.close()
 
+
+
+def test_preload_imports_once_in_parent(qhome: QHome) -> None:
+    """The modules a child needs (spawn's, the stub's, rblsmtpd's DNS library) are imported
+    before the first connection, so that no connection pays for an import."""
+    code = ("import sys\nfrom pyqmail.ucspi import tcpserver\n"
+            f"tcpserver.preload([{str(qhome.bin('rblsmtpd'))!r}, '-r', 'x', {str(qhome.bin('recordio'))!r}, 'cat'])\n"
+            "print(' '.join(m for m in ('pyqmail.home', 'pyqmail.ucspi.rblsmtpd', 'pyqmail.ucspi.recordio',"
+            " 'dns.message', 'dns.query') if m in sys.modules))\n")
+    res = run([sys.executable, "-c", code])
+    assert res.stdout == b"pyqmail.home pyqmail.ucspi.rblsmtpd pyqmail.ucspi.recordio dns.message dns.query\n", res.explain()

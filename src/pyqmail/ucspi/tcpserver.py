@@ -286,6 +286,7 @@ def preload(argv: list[str]) -> None:
         if stub is None:
             continue
         try:
+            __import__("pyqmail.home")  # what spawn.become imports to run any stub
             mod = __import__(stub.module, fromlist=["main"])
             hook = getattr(mod, "preload", None)
             if callable(hook):
@@ -383,8 +384,9 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config, env: dict[str
     deny = False
     if cfg.rules is not None:
         deny = follow_rules(cfg, c, env)
-    status(cfg, decision_line(deny, pid, c.localhost, c.localip, c.localport, c.remotehost,
-                              c.remoteip, c.remoteinfo, c.remoteport))
+    if cfg.verbosity >= VERBOSE:
+        status(cfg, decision_line(deny, pid, c.localhost, c.localip, c.localport, c.remotehost,
+                                  c.remoteip, c.remoteinfo, c.remoteport))
     return deny, c
 
 
