@@ -166,8 +166,21 @@ def _check_loop(dtline: bytes) -> None:
                 raise Stop(EXIT_TEMPORARY, READ % _err(e)) from None
 
 
+_maildir_pid_used = False
+
+
 def _deliver_maildir(path: bytes, head: bytes) -> None:
+    global _maildir_pid_used
     _rewind()
+    if not _maildir_pid_used:
+        # The first Maildir delivery of this qmail-local runs in this
+        # process: its pid makes the name unique as a child's would, and a
+        # fork costs more here than the whole delivery. Later ones fork.
+        _maildir_pid_used = True
+        code = maildir.deliver(path, FD_MESSAGE, head, pid=os.getpid(), host=maildir.hostname(),
+                               clock=time.time, sleep=time.sleep)
+        _maildir_result(code)
+        return
     try:
         child = os.fork()
     except OSError as e:
@@ -186,6 +199,10 @@ def _deliver_maildir(path: bytes, head: bytes) -> None:
     code = spawn.wait(child)
     if code < 0:
         raise Stop(EXIT_TEMPORARY, CHILD_CRASHED)
+    _maildir_result(code)
+
+
+def _maildir_result(code: int) -> None:
     if code == maildir.OK:
         return
     text = {maildir.NO_CHDIR: MAILDIR_CHDIR, maildir.TIMEOUT: MAILDIR_TIMEOUT,
