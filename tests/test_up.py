@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import shutil
+import smtplib
+import socket
 import subprocess
 import time
 import uuid
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, TEST_USER, VENV_BIN, world_dir
+from conftest import CI, IS_ROOT, TEST_USER, VENV_BIN, world_dir
 
 
 def _wait_for(pred: object, timeout: float = 30.0) -> bool:
@@ -30,7 +34,11 @@ def test_up_delivers_and_down_stops() -> None:
     home = base / "q"
     maildir = Path(pwd.getpwnam(TEST_USER).pw_dir) / "Maildir"
     env = {"PATH": "/usr/bin:/bin", "HOME": pwd.getpwnam(TEST_USER).pw_dir}
-    up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home], user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[],
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        smtp_port = probe.getsockname()[1]
+    up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home, "--smtp-port", str(smtp_port),
+                           "--qmtp-port", "0"], user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[],
                           env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True)
     try:
@@ -54,6 +62,21 @@ def test_up_delivers_and_down_stops() -> None:
                     return True
             return False
 
+        assert _wait_for(delivered), (home / "log" / "qmail-send.log").read_text()
+        # Over SMTP with swaks, to the address `qmail up` printed.
+        address = re.search(r"mail to (\S+) is delivered", text).group(1)  # type: ignore[union-attr]
+        swaks = shutil.which("swaks")
+        if swaks is None and CI:
+            pytest.fail("swaks missing: .ci/run installs it")
+        subject = f"up-test smtp {uuid.uuid4()}"
+        if swaks is not None:
+            r = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(smtp_port), "--to", address,
+                                "--from", "someone@example.org", "--header", f"Subject: {subject}"],
+                               capture_output=True, timeout=60)
+            assert r.returncode == 0, r
+        else:
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as s:
+                s.sendmail("someone@example.org", [address], f"Subject: {subject}\r\n\r\nhi\r\n")
         assert _wait_for(delivered), (home / "log" / "qmail-send.log").read_text()
         d = subprocess.run([VENV_BIN / "qmail", "down", "--home", home], user=TEST_USER, group=pwd.getpwnam(TEST_USER).pw_gid, extra_groups=[],
                            env=env, capture_output=True, timeout=150)

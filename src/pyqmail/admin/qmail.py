@@ -2,7 +2,7 @@
 
 usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
                   [--create-users] [--single-user] [FQDN]
-       qmail up [--home DIR]
+       qmail up [--home DIR] [--smtp-port N] [--qmtp-port N]
        qmail down [--home DIR]
 """
 
@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("down", "stop what `qmail up` started")):
         c = sub.add_parser(name, help=text)
         c.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+        if name == "up":
+            c.add_argument("--smtp-port", type=int, default=None, help="SMTP port (default 25 as root, else 2525; 0: none)")
+            c.add_argument("--qmtp-port", type=int, default=None, help="QMTP port (default 209 as root, else 2209; 0: none)")
     return p
 
 
@@ -55,5 +58,12 @@ def main(argv: list[str]) -> int:
         from pyqmail.admin import install, up
 
         qhome = os.path.abspath(args.home or install.default_home())
-        return up.up(qhome) if args.command == "up" else up.down(qhome)
+        if args.command == "down":
+            return up.down(qhome)
+        ports = up.default_ports()
+        if args.smtp_port is not None:
+            ports.smtp = args.smtp_port
+        if args.qmtp_port is not None:
+            ports.qmtp = args.qmtp_port
+        return up.up(qhome, ports=ports)
     return 100

@@ -58,7 +58,37 @@ class Service:
         print(f"qmail up: {self.name} started, pid {self.pid}, log {self.log}", file=out, flush=True)
 
 
-def _services(qmail_home: str, inst: _home.Install) -> list[Service]:
+class Ports:
+    """Where `qmail up` listens: SMTP, QMTP (0 = do not run that service)."""
+
+    __slots__ = ("host", "smtp", "qmtp")
+
+    def __init__(self, host: str, smtp: int, qmtp: int) -> None:
+        self.host = host
+        self.smtp = smtp
+        self.qmtp = qmtp
+
+
+def default_ports() -> Ports:
+    """Root: qmail's ports on every address; otherwise loopback and unprivileged ports."""
+    if os.geteuid() == 0:
+        return Ports("0", 25, 209)
+    return Ports("127.0.0.1", 2525, 2209)
+
+
+def _tcpserver(qmail_home: str, inst: _home.Install, host: str, port: int, program: list[str]) -> list[str]:
+    bindir = os.path.join(qmail_home, "bin")
+    argv = [os.path.join(bindir, "tcpserver"), "-v", "-R", "-c", "40"]
+    if not inst.single:
+        qmaild = inst.users["qmaild"]
+        argv += ["-u", str(qmaild.uid), "-g", str(qmaild.gid)]
+    rules = os.path.join(qmail_home, "control", "tcp.smtp.cdb")
+    if os.path.exists(rules):
+        argv += ["-x", rules]
+    return argv + [host, str(port), *program]
+
+
+def _services(qmail_home: str, inst: _home.Install, ports: Ports) -> list[Service]:
     bindir = os.path.join(qmail_home, "bin")
     logdir = os.path.join(qmail_home, LOGDIR)
     services = []
@@ -67,6 +97,16 @@ def _services(qmail_home: str, inst: _home.Install) -> list[Service]:
                                 os.path.join(logdir, "qmail-queued.log")))
     services.append(Service("qmail-send", [os.path.join(bindir, "qmail-start"), "./Maildir/"],
                             os.path.join(logdir, "qmail-send.log")))
+    if ports.smtp:
+        services.append(Service(f"qmail-smtpd on {ports.host}:{ports.smtp}",
+                                _tcpserver(qmail_home, inst, ports.host, ports.smtp,
+                                           [os.path.join(bindir, "qmail-smtpd")]),
+                                os.path.join(logdir, "qmail-smtpd.log")))
+    if ports.qmtp:
+        services.append(Service(f"qmail-qmtpd on {ports.host}:{ports.qmtp}",
+                                _tcpserver(qmail_home, inst, ports.host, ports.qmtp,
+                                           [os.path.join(bindir, "qmail-qmtpd")]),
+                                os.path.join(logdir, "qmail-qmtpd.log")))
     return services
 
 
@@ -78,8 +118,9 @@ def _maildir(path: str) -> None:
             pass
 
 
-def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, ports: Ports | None = None) -> int:
     """Run the installation in qmail_home until SIGINT/SIGTERM; return the exit code."""
+    ports = ports or default_ports()
     if not os.path.isdir(os.path.join(qmail_home, "queue")):
         from pyqmail.admin import install
 
@@ -141,7 +182,7 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
         for sub in ("", "tmp", "new", "cur"):
             os.chown(os.path.join(maildir, sub), alias.uid, alias.gid)
     env = {"PATH": f"{qmail_home}/bin:/usr/local/bin:/usr/bin:/bin"}
-    services = _services(qmail_home, inst)
+    services = _services(qmail_home, inst, ports)
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -160,6 +201,9 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
         print(f"qmail up: running in {qmail_home} ({'single-user' if inst.single else 'root'} mode)", file=out)
         print(f"qmail up: mail to {user}@{me} is delivered to {maildir}/", file=out)
         print(f"qmail up: send one with: echo 'Subject: hello' | {qmail_home}/bin/qmail-inject {user}", file=out)
+        if ports.smtp:
+            print(f"qmail up: or over SMTP: swaks --server {'127.0.0.1' if ports.host == '0' else ports.host}"
+                  f" --port {ports.smtp} --to {user}@{me}", file=out)
         print(f"qmail up: stop with Ctrl-C or: qmail down --home {qmail_home}", file=out, flush=True)
         while not stopping:
             try:
