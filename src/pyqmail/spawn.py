@@ -17,6 +17,7 @@ import sys
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from types import ModuleType
     from typing import NoReturn
 
 from pyqmail import sig as signal
@@ -179,19 +180,9 @@ def _set_environ(env: Mapping[str, str]) -> None:
             current[key] = value
 
 
-def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-          fds: Mapping[int, int] | None = None, cwd: str | None = None,
-          creds: Credentials | None = None, umask: int | None = None,
-          fast: bool = True) -> int:
-    """Start path as a new process and return its pid.
-
-    fds maps each child descriptor to a parent descriptor (default: 0, 1, 2
-    as they are); every other descriptor is closed in the child. env defaults
-    to os.environ. Raise OSError if the program cannot be started (no such
-    file, not executable, cwd or credentials refused), as exec would.
-    """
-    env = dict(os.environ if env is None else env)
-    fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
+def _prepare(path: str, env: Mapping[str, str], fast: bool,
+             preload: bool) -> tuple[str, Stub | None, ModuleType | None]:
+    """Find path, decide fork-and-call or exec, flush our streams; import a stub's module."""
     target = _which(path, env)
     stub = read_stub(target) if fast else None
     if stub is not None and not os.access(target, os.X_OK):
@@ -209,7 +200,62 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
         try:
             mod = __import__(stub.module, fromlist=["main"])
         except ImportError:
-            mod = None
+            if not preload:
+                raise
+    return target, stub, mod
+
+
+def _enter(target: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
+           creds: Credentials | None, umask: int | None, stub: Stub | None, set_env: bool) -> None:
+    """Set this process up as exec would (descriptors already arranged); exec unless stub."""
+    if umask is not None:
+        os.umask(umask)
+    if creds is not None:
+        drop(creds, allow_root=True)
+    if cwd is not None:
+        os.chdir(cwd)
+    _reset_signals(stub is not None)
+    if stub is None:
+        os.execve(target, list(argv), env)
+    from pyqmail import home as _home
+
+    if set_env:
+        _set_environ(env)
+    _home.set_default(stub.home)
+    # As exec of a script does: the interpreter's argv[0] is the script's path.
+    sys.argv = [target, *argv[1:]]
+    _fresh_std_streams()
+
+
+def _run_main(mod: ModuleType, target: str, argv: Sequence[str]) -> NoReturn:
+    """Call the program's main in this process and end the process with its code."""
+    rc = 111
+    try:
+        rc = mod.main([target, *argv[1:]])
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(rc & 0xFF)
+
+
+def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+          fds: Mapping[int, int] | None = None, cwd: str | None = None,
+          creds: Credentials | None = None, umask: int | None = None,
+          fast: bool = True) -> int:
+    """Start path as a new process and return its pid.
+
+    fds maps each child descriptor to a parent descriptor (default: 0, 1, 2
+    as they are); every other descriptor is closed in the child. env defaults
+    to os.environ. Raise OSError if the program cannot be started (no such
+    file, not executable, cwd or credentials refused), as exec would.
+    """
+    env = dict(os.environ if env is None else env)
+    fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
+    target, stub, mod = _prepare(path, env, fast, preload=True)
     rpipe, wpipe = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -223,23 +269,8 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
             fds_with_pipe[report] = report
             _arrange_fds(fds_with_pipe)
             os.set_inheritable(report, False)
-            if umask is not None:
-                os.umask(umask)
-            if creds is not None:
-                drop(creds, allow_root=True)
-            if cwd is not None:
-                os.chdir(cwd)
-            _reset_signals(stub is not None)
-            if stub is None:
-                os.execve(target, list(argv), env)
-            from pyqmail import home as _home
-
-            _set_environ(env)
-            _home.set_default(stub.home)
-            # As exec of a script does: the interpreter's argv[0] is the script's path.
-            argv = [target, *argv[1:]]
-            sys.argv = list(argv)
-            _fresh_std_streams()
+            _enter(target, argv, env, cwd, creds, umask, stub, set_env=True)
+            assert stub is not None  # _enter returns only for a stub
             if mod is None:
                 mod = __import__(stub.module, fromlist=["main"])
             os.close(report)
@@ -249,17 +280,7 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                 os.write(report, code.to_bytes(4, "little") + str(e).encode("utf-8", "replace")[:400])
             finally:
                 os._exit(_SPAWN_FAILED)
-        rc = 111
-        try:
-            rc = mod.main(list(argv))
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    if stream is not None:
-                        stream.flush()
-                except BaseException:  # noqa: BLE001
-                    pass
-            os._exit(rc & 0xFF)
+        _run_main(mod, target, argv)
     os.close(wpipe)
     try:
         data = b""
@@ -292,48 +313,11 @@ def become(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
     keep_env = env is None
     env = os.environ if env is None else dict(env)
     fds = {0: 0, 1: 1, 2: 2} if fds is None else dict(fds)
-    target = _which(path, env)
-    stub = read_stub(target) if fast else None
-    if stub is not None and not os.access(target, os.X_OK):
-        stub = None  # exec it, so that it fails exactly as exec fails (EACCES)
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-    mod = None
-    if stub is not None:
-        mod = __import__(stub.module, fromlist=["main"])
+    target, stub, mod = _prepare(path, env, fast, preload=False)
     _arrange_fds(fds)
-    if umask is not None:
-        os.umask(umask)
-    if creds is not None:
-        drop(creds, allow_root=True)
-    if cwd is not None:
-        os.chdir(cwd)
-    _reset_signals(stub is not None)
-    if stub is None or mod is None:
-        os.execve(target, list(argv), env)
-    from pyqmail import home as _home
-
-    if not keep_env:
-        _set_environ(env)
-    _home.set_default(stub.home)
-    argv = [target, *argv[1:]]
-    sys.argv = list(argv)
-    _fresh_std_streams()
-    rc = 111
-    try:
-        rc = mod.main(list(argv))
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except BaseException:  # noqa: BLE001
-                pass
-        os._exit(rc & 0xFF)
+    _enter(target, argv, env, cwd, creds, umask, stub, set_env=not keep_env)
+    assert mod is not None and stub is not None  # _enter returns only for a stub
+    _run_main(mod, target, argv)
 
 
 def exit_code(status: int) -> int:
