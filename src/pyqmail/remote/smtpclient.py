@@ -6,6 +6,8 @@ a text, and a NUL; the texts are qmail 1.03's.
 
 from __future__ import annotations
 
+from pyqmail import rfc822
+
 HUGE_SMTP_TEXT = 5000  # qmail keeps this much of a reply for "Remote host said:"
 MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -74,22 +76,8 @@ def recipient(code: int, partner: bytes, text: bytes) -> bytes:
     return b"r"
 
 
-_OK = frozenset(b"!#$%&'*+-/0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~.")
-
-
-def quote_box(box: bytes) -> bytes:
-    """Return a local part quoted for RFC 821 only where needed (qmail's quote)."""
-    need = (not box or any(c not in _OK for c in box) or box.startswith(b".")
-            or box.endswith(b".") or b".." in box)
-    if not need:
-        return box
-    out = bytearray(b'"')
-    for c in box:
-        if c in b'\r\n"\\':
-            out += b"\\"
-        out.append(c)
-    out += b'"'
-    return bytes(out)
+# qmail's quote: a local part is sent bare if it is a dot-atom, else quoted.
+quote_box = rfc822.quote
 
 
 class Reply:

@@ -7,6 +7,8 @@ says around them is here, in qmail 1.03's words.
 
 from __future__ import annotations
 
+from pyqmail.rfc822 import quote, quote2
+
 DOUBLE_BOUNCE_SENDER = b"#@[]"
 
 SINGLE_INTRO = (b"I'm afraid I wasn't able to deliver your message to the following addresses.\n"
@@ -14,33 +16,6 @@ SINGLE_INTRO = (b"I'm afraid I wasn't able to deliver your message to the follow
 DOUBLE_INTRO = b"I tried to deliver a bounce message to this address, but the bounce bounced!\n\n"
 SINGLE_BELOW = b"--- Below this line is a copy of the message.\n\n"
 DOUBLE_BELOW = b"--- Below this line is the original bounce.\n\n"
-
-# quote.c's bytes that need no quoting in the local part of an address.
-_ATOM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-./=?^_`{|}~")
-
-
-def quote(box: bytes) -> bytes:
-    """Return box as an RFC 822 local part: unchanged if it is a dot-atom, else in quotes."""
-    if box and all(c in _ATOM for c in box) and box[:1] != b"." and box[-1:] != b"." and b".." not in box:
-        return box
-    out = bytearray(b'"')
-    for c in box:
-        if c in b'\r\n"\\':
-            out += b"\\"
-        out.append(c)
-    out += b'"'
-    return bytes(out)
-
-
-def quote2(addr: bytes) -> bytes:
-    """Return addr with the part before its last '@' quoted as needed; b'' stays b''."""
-    if not addr:
-        return addr
-    at = addr.rfind(b"@")
-    if at == -1:
-        return quote(addr)
-    return quote(addr[:at]) + addr[at:]
-
 
 def paragraph(recip: bytes, report: bytes) -> bytes:
     """Return what a permanent failure of recip appends to bounce/N.
