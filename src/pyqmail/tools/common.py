@@ -12,6 +12,7 @@ import os
 
 from pyqmail import errors, spawn
 from pyqmail.durable import write_all as write_all  # the tools' name for it
+from pyqmail.strerr import Die as Die, warn as warn  # one strerr for every program
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
@@ -23,29 +24,6 @@ EXIT_PERM = 100
 EXIT_TEMP = 111
 MAX_MESSAGE = 1 << 40  # bounded only by the disk: tools copy, they do not hold
 CHUNK = 65536
-
-
-class Die(Exception):
-    """Stop the program: write text (if any) and a newline to stderr, exit code."""
-
-    def __init__(self, code: int, text: bytes | None) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-
-    def report(self) -> int:
-        """Write the message; return the exit code."""
-        if self.text is not None:
-            warn(self.text)
-        return self.code
-
-
-def warn(text: bytes) -> None:
-    """Write text and a newline to stderr; a failure is ignored, as strerr's is."""
-    try:
-        os.write(2, text + b"\n")
-    except OSError:
-        pass
 
 
 def run_tool(body: Callable[[list[str]], Die | int], argv: list[str]) -> int:

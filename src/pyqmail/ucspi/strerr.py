@@ -6,6 +6,7 @@ import errno
 import os
 
 from pyqmail import errors
+from pyqmail.strerr import Die as Die, warn as warn  # one strerr for every program
 
 EXIT_USAGE = 100
 EXIT_TEMP = 111
@@ -13,29 +14,6 @@ EXIT_TEMP = 111
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pyqmail import cdb
-
-
-class Die(Exception):
-    """End the program with code after writing text (if any) and a newline to descriptor 2."""
-
-    def __init__(self, code: int, text: bytes | None = None) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-
-    def report(self) -> int:
-        """Write the message; return the exit code."""
-        if self.text is not None:
-            warn(self.text)
-        return self.code
-
-
-def warn(text: bytes) -> None:
-    """Write text and a newline to descriptor 2 in one write (lost if it cannot be written)."""
-    try:
-        os.write(2, text + b"\n")
-    except OSError:
-        pass
 
 
 def describe(e: OSError | cdb.CDBError) -> bytes:
