@@ -4,6 +4,7 @@ usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
                   [--create-users] [--single-user] [FQDN]
        qmail up [--home DIR] [--smtp-port N] [--qmtp-port N]
        qmail down [--home DIR]
+       qmail user add|del|passwd|list [--home DIR] [NAME]
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
         if name == "up":
             c.add_argument("--smtp-port", type=int, default=None, help="SMTP port (default 25 as root, else 2525; 0: none)")
             c.add_argument("--qmtp-port", type=int, default=None, help="QMTP port (default 209 as root, else 2209; 0: none)")
+    u = sub.add_parser("user", help="manage the POP3 virtual users (QMAILHOME/users/poppasswd)")
+    usub = u.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "add a user: password from stdin, or prompted on a terminal"),
+                         ("del", "remove a user (its home and mail stay)"),
+                         ("passwd", "set a user's password"),
+                         ("list", "show name, uid, gid and home of each user")):
+        a = usub.add_parser(action, help=text)
+        a.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+        if action != "list":
+            a.add_argument("name", metavar="NAME")
+        if action == "add":
+            a.add_argument("--uid", default=None, help="user name or uid mail is read as (default: yours; required as root)")
+            a.add_argument("--gid", default=None, help="group name or gid (default: the uid's primary group)")
+            a.add_argument("--home-dir", default=None, help="the user's home, where Maildir/ is made (default: QMAILHOME/pop/NAME)")
     return p
 
 
@@ -66,4 +81,10 @@ def main(argv: list[str]) -> int:
         if args.qmtp_port is not None:
             ports.qmtp = args.qmtp_port
         return up.up(qhome, ports=ports)
+    if args.command == "user":
+        import os
+
+        from pyqmail.admin import install, users
+
+        return users.run(args, os.path.abspath(args.home or install.default_home()))
     return 100
