@@ -220,6 +220,20 @@ def _make_maildir(home_dir: str, uid: int, gid: int) -> None:
         raise _temp(f"unable to create {home_dir}/Maildir", e) from None
 
 
+def _make_stamp_dir(qhome: str) -> None:
+    """Create QMAILHOME/authenticated for saveip, mode 1733 (see pop3.relay)."""
+    from pyqmail.pop3 import relay
+
+    path = os.path.join(qhome, relay.DIR)
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, relay.DIR_MODE)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise _temp(f"unable to create {path}", e) from None
+
+
 def add(qhome: str, name: str, uid_arg: str | None, gid_arg: str | None, home_dir: str | None,
         stdin: IO[bytes], interactive: bool) -> None:
     """Add name to the database with a new password and a Maildir."""
@@ -242,6 +256,7 @@ def add(qhome: str, name: str, uid_arg: str | None, gid_arg: str | None, home_di
             raise Failure(EXIT_PERM, f"user already exists: {name}")
         password = _read_password(stdin, interactive)
         _make_maildir(home_dir, uid, gid)
+        _make_stamp_dir(qhome)
         line = b"%s:%s:%d:%d:%s" % (key, passwords.scrypt_hash(password).encode("ascii"), uid, gid,
                                     os.fsencode(home_dir))
         db.lines.append(line)
