@@ -8,12 +8,11 @@ client relays because tcpserver's environment sets RELAYCLIENT, as the book's tc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import re
 import signal
 import smtplib
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
