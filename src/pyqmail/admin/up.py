@@ -92,9 +92,7 @@ def _services(qmail_home: str, inst: _home.Install, ports: Ports) -> list[Servic
     bindir = os.path.join(qmail_home, "bin")
     logdir = os.path.join(qmail_home, LOGDIR)
     services = []
-    if not inst.single:
-        services.append(Service("qmail-queued", [os.path.join(bindir, "qmail-queued")],
-                                os.path.join(logdir, "qmail-queued.log")))
+    # In root mode qmail-start also starts qmail-queued (local injection).
     services.append(Service("qmail-send", [os.path.join(bindir, "qmail-start"), "./Maildir/"],
                             os.path.join(logdir, "qmail-send.log")))
     if ports.smtp:

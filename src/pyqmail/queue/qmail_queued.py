@@ -7,7 +7,10 @@ and passes its descriptors 0 and 1; the server learns the caller's uid from
 the kernel (SO_PEERCRED), queues the message exactly as qmail-queue does with
 that uid in the Received line, and answers qmail-queue's exit code as one byte.
 
-usage: qmail-queued   (started as root or as qmailq; as root it becomes qmailq)
+usage: qmail-queued [-p]   (started as root or as qmailq; as root it becomes qmailq)
+
+With -p (as qmail-start starts it) it exits when the process that started
+it has gone, so that it lives exactly as long as qmail-send.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pyqmail.queue.exits import QueueExit
 
 _UCRED = struct.Struct("iII")
 ANSWER_TIMEOUT = 60  # seconds a client has to send its descriptors
+PARENT_CHECK = 1.0  # seconds between checks that the starting process lives (-p)
 
 
 def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install) -> int:
@@ -72,6 +76,8 @@ def main(argv: list[str]) -> int:
     if inst.single or q is None:
         os.write(2, b"qmail-queued: fatal: this installation is single-user; qmail-queue writes the queue itself\n")
         return 111
+    with_parent = argv[1:2] == ["-p"]
+    parent = os.getppid()
     if os.geteuid() == 0:
         drop(Credentials(q.uid, q.gid))
     if os.getuid() != q.uid:
@@ -92,11 +98,18 @@ def main(argv: list[str]) -> int:
     srv.listen(64)
     signal.signal(signal.SIGCHLD, _reap)
     os.umask(0o033)
+    if with_parent:
+        srv.settimeout(PARENT_CHECK)
     while True:
+        if with_parent and os.getppid() != parent:
+            return 0
         try:
             conn, _ = srv.accept()
         except InterruptedError:
             continue
+        except TimeoutError:
+            continue
+        conn.settimeout(None)
         pid = os.fork()
         if pid == 0:
             srv.close()

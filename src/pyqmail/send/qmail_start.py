@@ -94,6 +94,17 @@ def main(argv: list[str]) -> int:
             os.close(r)
         log_fd = w
 
+    if creds is not None:
+        # Root mode: local users, qmail-send's bounces (as qmails) and
+        # qmail-local's forwards (as the user) queue through qmail-queued,
+        # pyqmail's stand-in for a setuid qmail-queue. It becomes qmailq
+        # itself and ends when qmail-send (this process, later) ends.
+        try:
+            spawn.spawn(os.path.join(bindir, "qmail-queued"), ["qmail-queued", "-p"],
+                        fds={**({1: 1} if _open(1) else {}), **stderr})
+        except OSError:
+            pass  # local injection then fails with qmail-queue's temporary 62
+
     pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(6)]
     (l_cmd_r, l_cmd_w), (l_rep_r, l_rep_w), (r_cmd_r, r_cmd_w), (r_rep_r, r_rep_w), \
         (c_cmd_r, c_cmd_w), (c_rep_r, c_rep_w) = pipes
