@@ -108,6 +108,14 @@ class RemoteSpawner(spawnproto.Spawner):
         self.env = env
         self.program = env.get("QMAILREMOTE") or os.path.join(qmail_home, REMOTE_PROGRAM)
         self.fixed = bool(env.get("QMAILREMOTE"))
+        # Import qmail-remote's module here, once (as qmail-lspawn does for
+        # qmail-local): every delivery child is a fork and starts without importing.
+        stub = spawn.read_stub(self.program)
+        if stub is not None:
+            try:
+                __import__(stub.module, fromlist=["main"])
+            except ImportError:
+                pass
 
     def immediate(self, sender: bytes, recip: bytes, at: int) -> bytes | None:
         if not self.fixed and not os.path.exists(self.program):
