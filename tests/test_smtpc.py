@@ -152,3 +152,22 @@ def test_as_qmailqueue_for_qmail_inject(qhome: QHome, tmp_path: Path) -> None:
     (s,) = srv.sessions
     assert s.commands[1:3] == [b"MAIL FROM:<me@here.example>", b"RCPT TO:<friend@far.example>"]
     assert b"\r\nSubject: via inject\r\n" in s.data and s.data.endswith(b"\r\n\r\nhi\r\n")
+
+
+@pytest.mark.parametrize("size", [1001, 1002, 1003, 1004])
+def test_address_limit_is_qmail_queues(qhome: QHome, size: int) -> None:
+    """The longest address taken is the one qmail-queue takes."""
+    env_bytes = envelope(b"s@x", b"a" * (size - len("@far.example")) + b"@far.example")
+    r, w = os.pipe()
+    os.write(w, env_bytes)
+    os.close(w)
+    try:
+        queue = subprocess.run([qhome.bin("qmail-queue")], input=MESSAGE, stdout=r, stderr=subprocess.PIPE,
+                               timeout=60, env={"PATH": "/usr/bin:/bin"})
+    finally:
+        os.close(r)
+    catch_all(qhome, dead_port())
+    mine = smtpc(qhome, env_bytes).returncode
+    assert (queue.returncode == 11) == (mine == 11), (queue.returncode, mine)
+    assert mine in (11, 73)
+    assert (mine == 11) == (size > 1002)

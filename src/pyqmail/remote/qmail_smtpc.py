@@ -55,7 +55,7 @@ def read_envelope(fd: int) -> tuple[bytes, list[bytes]]:
     while True:
         nul = buf.find(b"\0")
         if nul == -1:
-            if len(buf) >= ADDR_MAX:
+            if len(buf) > ADDR_MAX:  # the letter, then more than an address can hold
                 raise Exit(QueueExit.ADDR_TOO_LONG)
             try:
                 chunk = os.read(fd, CHUNK)
@@ -66,7 +66,7 @@ def read_envelope(fd: int) -> tuple[bytes, list[bytes]]:
             buf += chunk
             continue
         line, buf = buf[:nul], buf[nul + 1:]
-        if len(line) + 1 > ADDR_MAX:
+        if len(line) > ADDR_MAX:  # ADDR_MAX counts the address and its NUL
             raise Exit(QueueExit.ADDR_TOO_LONG)
         if not fields:
             if line[:1] != b"F":
