@@ -154,3 +154,41 @@ def test_root_mode_requires_uid(root_home: QHome) -> None:
     assert user(root_home, "add", "--uid", TEST_USER, "x", input=b"pw\n")[0] == 0
     st = (root_home.path / "users" / "poppasswd").stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+
+
+def test_password_prompted_on_a_terminal(qhome: QHome) -> None:
+    import pty
+    import subprocess
+
+    extra, _, _ = ident()
+    for name, answers, code, err in (("t", (b"tty-pw\n", b"tty-pw\n"), 0, b""),
+                                     ("u", (b"one\n", b"two\n"), 100,
+                                      b"qmail user: fatal: passwords do not match\n")):
+        master, slave = pty.openpty()
+        # A new session has no controlling terminal: getpass prompts on stderr and reads the pty.
+        p = subprocess.Popen([qhome.bin("qmail"), "user", "add", "--home", str(qhome.path), *extra, name],
+                             stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+        os.close(slave)
+        assert p.stderr is not None and p.stdout is not None
+        try:
+            seen = b""
+            for prompt, answer in zip((b"Password: ", b"Again: "), answers):
+                while not seen.endswith(prompt):
+                    chunk = p.stderr.read1(100)
+                    assert chunk, seen
+                    seen += chunk
+                os.write(master, answer)  # typed after the prompt: getpass flushes earlier input
+            rest = p.stderr.read()
+            out = p.stdout.read()
+            assert p.wait(60) == code
+        finally:
+            os.close(master)
+            p.stdout.close()
+            p.stderr.close()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert (out, rest) == (b"", b"\n" + err), (seen, rest)
+    (line,) = db(qhome).read_text().splitlines()
+    assert line.startswith("t:") and verify(b"tty-pw", line.split(":")[1])
