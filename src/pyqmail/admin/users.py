@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import grp
 import os
 import pwd
-import grp
 from typing import IO
 
 EXIT_OK = 0
