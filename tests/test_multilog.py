@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -287,3 +288,93 @@ def test_real_tai64nlocal_reads_our_stamps(home: QHome, tmp_path: Path) -> None:
     ours = expect(run([home.bin("tai64nlocal")], input=stamped, env=env)).stdout
     assert ours == theirs
     assert re.fullmatch(rb"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{9} [ab]\n){2}", ours), ours
+
+
+def _wait_for(path: Path, content: bytes) -> None:
+    """Wait (up to 30 s) until path holds content: multilog flushes before each read."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if path.read_bytes() == content:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never held {content!r}")
+
+
+def _wait_blocked(pid: int) -> None:
+    """Wait (up to 30 s) until pid sleeps waiting for input, so a signal finds it there."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        if any(w in wchan for w in ("pipe_read", "poll", "select")):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never waited for input")
+
+
+def _wait_handled(pid: int, sig: int) -> None:
+    """Wait (up to 30 s) until pid has taken sig and waits for input again."""
+    bit = 1 << (sig - 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        if not (int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) & bit:
+            _wait_blocked(pid)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never took signal {sig}")
+
+
+@pytest.mark.parametrize("who", ["theirs", "ours"])
+def test_alrm_rotates_a_nonempty_current(home: QHome, tmp_path: Path, who: str) -> None:
+    prog = real("multilog") if who == "theirs" else os.fspath(home.bin("multilog"))
+    p = subprocess.Popen([prog, "./d"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert p.stdin is not None and p.stderr is not None
+    try:
+        p.stdin.write(b"a\n")
+        p.stdin.flush()
+        _wait_for(tmp_path / "d" / "current", b"a\n")
+        _wait_blocked(p.pid)
+        p.send_signal(signal.SIGALRM)
+        deadline = time.monotonic() + 30
+        while not old_files(tmp_path / "d") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        p.stdin.write(b"b\n")
+    finally:
+        p.stdin.close()
+        err = p.stderr.read()
+        p.stderr.close()
+        rc = p.wait(timeout=60)
+    assert (rc, err) == (0, b"")
+    assert [f.read_bytes() for f in old_files(tmp_path / "d")] == [b"a\n"]
+    assert (tmp_path / "d" / "current").read_bytes() == b"b\n"
+
+
+@pytest.mark.parametrize("who", ["theirs", "ours"])
+def test_term_finishes_the_line_and_leaves_the_rest(home: QHome, tmp_path: Path, who: str) -> None:
+    prog = real("multilog") if who == "theirs" else os.fspath(home.bin("multilog"))
+    r, w = os.pipe()
+    try:
+        p = subprocess.Popen([prog, "./d"], stdin=r, stderr=subprocess.PIPE, cwd=tmp_path)
+        assert p.stderr is not None
+        os.write(w, b"a\nb")  # one atomic write: multilog reads all three bytes at once
+        _wait_for(tmp_path / "d" / "current", b"a\n")
+        _wait_blocked(p.pid)
+        p.send_signal(signal.SIGTERM)
+        _wait_handled(p.pid, signal.SIGTERM)
+        os.write(w, b"c\nd\n")
+        err = p.stderr.read()
+        p.stderr.close()
+        rc = p.wait(timeout=60)
+        assert (rc, err) == (0, b"")
+        assert (tmp_path / "d" / "current").read_bytes() == b"a\nbc\n"
+        assert mode(tmp_path / "d" / "current") == 0o744
+        os.close(w)
+        w = -1
+        assert os.read(r, 100) == b"d\n"
+    finally:
+        os.close(r)
+        if w != -1:
+            os.close(w)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import signal
 import time
 from typing import TypeVar
@@ -349,7 +350,9 @@ class Multilog:
         self.logs: list[Log] = []
         self.stamp = bool(script) and script[0][:1] == b"t"
         self.exit_asap = False
+        self.rotate_asap = False
         self.saw_newline = True
+        self.wake_fd = -1
         self.inbuf = b""
         self.inpos = 0
 
@@ -387,18 +390,27 @@ class Multilog:
             b = self.inbuf[self.inpos]
             self.inpos += 1
             return b
-        for log in self.logs:
-            log.flush()
-        if self.exit_asap and self.saw_newline:
-            return None
-        want = 1 if self.exit_asap else IN_CHUNK
         while True:
-            try:
-                data = os.read(FD_IN, want)
+            for log in self.logs:
+                log.flush()
+            if self.rotate_asap:
+                self.rotate_asap = False
+                for log in self.logs:
+                    if log.bytes > 0:
+                        log.full()
+            if self.exit_asap and self.saw_newline:
+                return None
+            if self.wake_fd == -1:
                 break
-            except InterruptedError:
-                if self.exit_asap and self.saw_newline:
-                    return None
+            # TERM and ALRM must interrupt a wait for input, as EINTR does
+            # for the C program; the wakeup descriptor closes the race
+            # between checking the flags and starting to wait.
+            ready, _, _ = select.select([FD_IN, self.wake_fd], [], [])
+            if self.wake_fd in ready:
+                _drain(self.wake_fd)
+                continue
+            break
+        data = os.read(FD_IN, 1 if self.exit_asap else IN_CHUNK)
         if not data:
             return None
         self.saw_newline = data.endswith(b"\n")
@@ -476,6 +488,15 @@ class Multilog:
             log.quit()
 
 
+def _drain(fd: int) -> None:
+    """Empty a non-blocking pipe."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def _pwrite_all(fd: int, record: bytes) -> None:
     """Write record at the start of fd in one write."""
     if os.pwrite(fd, record, 0) != len(record):
@@ -491,7 +512,14 @@ def main(argv: list[str]) -> int:
     def term(signum: int, frame: object) -> None:
         ml.exit_asap = True
 
+    def alarm(signum: int, frame: object) -> None:
+        ml.rotate_asap = True
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    ml.wake_fd = wake_r
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, term)
+    signal.signal(signal.SIGALRM, alarm)
     try:
         ml.start()
     except Fatal as e:
