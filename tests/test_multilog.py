@@ -378,3 +378,23 @@ def test_term_finishes_the_line_and_leaves_the_rest(home: QHome, tmp_path: Path,
         os.close(r)
         if w != -1:
             os.close(w)
+
+
+def test_failing_processor_is_run_again_like_daemontools(home: QHome, tmp_path: Path) -> None:
+    # Both programs pause 5 seconds after the failure; they run side by side.
+    script = ["s4096", "!if test -e ../flag; then tr a-z A-Z; else touch ../flag; exit 1; fi", "./d"]
+    data = lines(20, 300)
+    procs = {}
+    for who, prog in (("theirs", real("multilog")), ("ours", os.fspath(home.bin("multilog")))):
+        top = tmp_path / who
+        top.mkdir()
+        (top / ".input").write_bytes(data)
+        with open(top / ".input", "rb") as f:
+            procs[who] = subprocess.Popen([prog, *script], stdin=f, stderr=subprocess.PIPE, cwd=top)
+    results = {}
+    for who, p in procs.items():
+        _, err = p.communicate(timeout=120)
+        (tmp_path / who / ".input").unlink()
+        results[who] = (p.returncode, err, layout(tmp_path / who))
+    assert results["ours"] == results["theirs"]
+    assert results["ours"][1] == b"multilog: warning: processor failed in ./d, pausing\n"

@@ -211,21 +211,25 @@ class Log:
         st = _retry(lambda: self._stat(name), b"unable to stat ", self._w(name))
         if st is None:
             return
-        if st.st_nlink == 1:
-            def link() -> None:
-                new = (label(self.now()) + b"." + code).decode()
-                os.link(name, new, src_dir_fd=self.fddir, dst_dir_fd=self.fddir)
-            _retry(link, b"unable to link to ", self.dir, b"/@...")
+        if st.st_nlink == 1:  # more links: a crash came after the link, before the unlink
+            while True:
+                new = label(self.now()) + b"." + code
+                try:
+                    os.link(name, new, src_dir_fd=self.fddir, dst_dir_fd=self.fddir)
+                    break
+                except OSError as e:
+                    _warn(b"unable to link to ", self.dir, b"/", new, b", pausing: ", describe(e).encode())
+                    time.sleep(PAUSE)
         _retry(lambda: os.unlink(name, dir_fd=self.fddir), b"unable to remove ", self._w(name))
         while True:
-            names = _retry(lambda: os.listdir(self.fddir), b"unable to read ", self.dir)
-            old = sorted(n for n in names if n.startswith("@") and len(n) >= LABEL_LEN)
+            # Bytes, so that the oldest is chosen in the C program's byte order.
+            names = [os.fsencode(n) for n in _retry(lambda: os.listdir(self.fddir), b"unable to read ", self.dir)]
+            old = sorted(n for n in names if n.startswith(b"@") and len(n) >= LABEL_LEN)
             if len(old) < self.num:
                 return
             oldest = old[0][:LABEL_LEN]
             victim = next(n for n in names if n.startswith(oldest))
-            _retry(lambda: os.unlink(victim, dir_fd=self.fddir), b"unable to remove ",
-                   self.dir, b"/", victim.encode())
+            _retry(lambda: os.unlink(victim, dir_fd=self.fddir), b"unable to remove ", self.dir, b"/", victim)
 
     def full(self) -> None:
         """Rotate: make current safe, move it aside, and turn it into an old log file."""
