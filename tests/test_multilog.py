@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -238,7 +239,21 @@ def layout(top: Path) -> list[tuple[str, int, str]]:
     return out
 
 
+def _hostile() -> bytes:
+    """Lines of every awkward length (around 1000, past the 4096 size) of stars, NULs, 8-bit bytes."""
+    rnd = random.Random(5)
+    alphabet = b"ab*\x00\xff xyz:[]\r"
+    out = bytearray()
+    for _ in range(400):
+        n = rnd.choice([0, 1, 5, 50, 200, 999, 1000, 1001, 1500, 5000])
+        out += bytes(rnd.choice(alphabet) for _ in range(n)) + b"\n"
+    return bytes(out) + b"tail"
+
+
 SCRIPTS = [
+    (["s4096", "n4", "./d", "-*a*", "+*b", "./e", "-*", "+a*:*", "e", "=st", "s20000", "n2", "./g"], _hostile()),
+    (["t", "s4096", "n4", "./d", "-* *a*", "+* *b", "./e", "-*", "+* a*:*", "e", "=st", "x", "", "./f"], _hostile()),
+    (["-a**", "./d", "+**b", "./e", "-*:", "+a*b*", "./f", "-", "+*z*", "./g", "s99999999", "n1", "."], _hostile()),
     (["s4096", "n100", "./d"], lines(200, 100)),
     (["s4096", "n100", "./d"], lines(200, 37)),
     (["s4096", "n100", "./d"], b"".join(b"%04d" % i + b"a" * (i % 50) + b"\n" for i in range(300)) + b"z" * 9000 + b"\n"),

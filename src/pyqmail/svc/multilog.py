@@ -303,6 +303,15 @@ class Log:
                 data = data[len(piece):]
         self.buf += data
 
+    def put_bytewise(self, data: bytes) -> None:
+        """Append data as a series of one-byte puts would: the buffer goes out each time it is full."""
+        while data:
+            if len(self.buf) == OUT_BUF:
+                self.flush()
+            take = OUT_BUF - len(self.buf)
+            self.buf += data[:take]
+            data = data[take:]
+
     def flush(self) -> None:
         """Write out the buffer."""
         if self.buf:
@@ -388,12 +397,15 @@ class Multilog:
                 log.start()
                 self.logs.append(log)
 
-    def _getc(self) -> int | None:
-        """Return the next input byte, or None at end of input (flushing the logs before each read)."""
+    def _fill(self) -> bool:
+        """Make unread input available; return False at end of input.
+
+        As in the C program, the logs are flushed before every read, a
+        pending ALRM rotates them, and after TERM input is read a byte at a
+        time until the end of a line. A read error counts as end of input.
+        """
         if self.inpos < len(self.inbuf):
-            b = self.inbuf[self.inpos]
-            self.inpos += 1
-            return b
+            return True
         while True:
             for log in self.logs:
                 log.flush()
@@ -403,7 +415,7 @@ class Multilog:
                     if log.bytes > 0:
                         log.full()
             if self.exit_asap and self.saw_newline:
-                return None
+                return False
             if self.wake_fd == -1:
                 break
             # TERM and ALRM must interrupt a wait for input, as EINTR does
@@ -414,45 +426,62 @@ class Multilog:
                 _drain(self.wake_fd)
                 continue
             break
-        data = os.read(FD_IN, 1 if self.exit_asap else IN_CHUNK)
+        try:
+            data = os.read(FD_IN, 1 if self.exit_asap else IN_CHUNK)
+        except OSError:
+            return False
         if not data:
-            return None
+            return False
         self.saw_newline = data.endswith(b"\n")
         self.inbuf = data
-        self.inpos = 1
-        return data[0]
+        self.inpos = 0
+        return True
+
+    def _take(self, limit: int) -> tuple[bytes, bool]:
+        """Return up to limit unread bytes, stopping before a newline; and whether a newline was consumed."""
+        start = self.inpos
+        end = min(len(self.inbuf), start + limit)
+        nl = self.inbuf.find(b"\n", start, end)
+        if nl != -1:
+            self.inpos = nl + 1
+            return self.inbuf[start:nl], True
+        self.inpos = end
+        return self.inbuf[start:end], False
 
     def run(self) -> None:
         """Carry out the script for every line of input."""
         while True:
             line = bytearray()
             eof = False
+            ended = False
             while len(line) < LINE_MAX:
-                ch = self._getc()
-                if ch is None:
+                if not self._fill():
                     if not line:
                         return
                     eof = True
                     break
                 if not line and self.stamp:
+                    # Stamped when its first byte is in hand, as daemontools does.
                     line += label(self.now()) + b" "
-                if ch == 0x0A:
+                piece, ended = self._take(LINE_MAX - len(line))
+                line += piece
+                if ended:
                     break
-                line.append(ch)
             self.act(bytes(line))
             chosen = [log for log in self.logs if log.selected]
             for log in chosen:
                 log.put(bytes(line))
-            if len(line) == LINE_MAX:
+            if not ended and not eof:
+                # The rest of a long line: C puts it a byte at a time.
                 while True:
-                    ch = self._getc()
-                    if ch is None:
+                    if not self._fill():
                         eof = True
                         break
-                    if ch == 0x0A:
-                        break
+                    piece, ended = self._take(len(self.inbuf))
                     for log in chosen:
-                        log.put(bytes([ch]))
+                        log.put_bytewise(piece)
+                    if ended:
+                        break
             for log in chosen:
                 log.put(b"\n")
             if eof:
