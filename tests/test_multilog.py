@@ -251,6 +251,10 @@ def _hostile() -> bytes:
 
 
 SCRIPTS = [
+    # The book's qmail-smtpd log filter for recordio; its t is not first, so it stamps nothing.
+    (["-* * > *", "-* * < *", "+* * > 5*", "+* * > 4*", "t", "./smtpd"],
+     b"1234 > 250 ok\n1234 < MAIL FROM:<a@b>\n1234 > 550 sorry, no mailbox here by that name. (#5.1.1)\n"
+     b"1234 > 451 later\ntcpserver: status: 1/40\n1234 [EOF]\n"),
     (["s4096", "n4", "./d", "-*a*", "+*b", "./e", "-*", "+a*:*", "e", "=st", "s20000", "n2", "./g"], _hostile()),
     (["t", "s4096", "n4", "./d", "-* *a*", "+* *b", "./e", "-*", "+* a*:*", "e", "=st", "x", "", "./f"], _hostile()),
     (["-a**", "./d", "+**b", "./e", "-*:", "+a*b*", "./f", "-", "+*z*", "./g", "s99999999", "n1", "."], _hostile()),
