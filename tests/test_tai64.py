@@ -133,7 +133,7 @@ def test_tai64nlocal_hostile_input(home: QHome) -> None:
 SAMPLE = (b"@400000003b4a39c23294b13c hi\nplain\n@400000003b4a39c23294b13cX\n"
           b"@3fffffffffffffff00000000 neg\nx@400000003b4a39c23294b13c\n\n\x00\xff@4\n"
           b"@400000007fffffff00000000\n@40000000ffffffff00000000 y2106\n"
-          b"@400000003b4a39c2ffffffff big\n@4000000065000000" + b"0" * 8 + b"z" * 3000 + b"\n"
+          b"@400000003b4a39c2ffffffff big\n@3fffff000000000000000000 year -32873\n@4000000065000000" + b"0" * 8 + b"z" * 3000 + b"\n"
           b"@400000003b4a39c23294b13c tail")
 
 

@@ -53,5 +53,7 @@ def local(unix: int, nano: int) -> bytes | None:
         tm = time.localtime(unix)
     except (OverflowError, OSError, ValueError):
         return None
+    # The C program prints the year as an unsigned long: years before 0 wrap.
+    year = tm.tm_year % (1 << 64)
     return b"%d-%02d-%02d %02d:%02d:%02d.%09d" % (
-        tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, nano)
+        year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, nano)
