@@ -306,6 +306,16 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
     return sc.NOCONN + b"\0"
 
 
+def preload() -> None:
+    """Import what every delivery needs lazily, for a parent that forks many (qmail-rspawn)."""
+    import array  # noqa: F401 - the modules pyqmail.smtpd.ipme imports when called
+    import fcntl  # noqa: F401
+    import ipaddress  # noqa: F401
+    import struct  # noqa: F401
+
+    import pyqmail.smtpd.ipme  # noqa: F401
+
+
 @program("qmail-remote", crash=0, on_crash=_on_crash)
 def main(argv: list[str]) -> int:
     """Send the message on descriptor 0 and print qmail-remote(8)'s reports; exit 0."""

@@ -113,7 +113,10 @@ class RemoteSpawner(spawnproto.Spawner):
         stub = spawn.read_stub(self.program)
         if stub is not None:
             try:
-                __import__(stub.module, fromlist=["main"])
+                mod = __import__(stub.module, fromlist=["main"])
+                hook = getattr(mod, "preload", None)
+                if hook is not None:
+                    hook()
             except ImportError:
                 pass
 
