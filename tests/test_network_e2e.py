@@ -31,9 +31,10 @@ def _smtp_source() -> str:
 class TcpServer:
     """QMAILHOME/bin/tcpserver running qmail-smtpd on 127.0.0.1, a port of its choice."""
 
-    def __init__(self, home: QHome, *opts: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: QHome, *opts: str, env: dict[str, str] | None = None,
+                 binary: str | None = None) -> None:
         self.proc = subprocess.Popen(
-            [home.bin("tcpserver"), "-1", "-HR", "-c", "40", *opts, "-l", "mx.test.example.com",
+            [binary or home.bin("tcpserver"), "-1", "-HR", "-c", "40", *opts, "-l", "mx.test.example.com",
              "127.0.0.1", "0", home.bin("qmail-smtpd")],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", **(env or {})})
         assert self.proc.stdout is not None
@@ -109,3 +110,23 @@ def test_denied_client_gets_nothing(qhome: QHome) -> None:
     with TcpServer(qhome, "-x", str(cdb)) as srv:
         with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionError)):
             smtplib.SMTP("127.0.0.1", srv.port, timeout=30)
+
+
+def test_qmail_smtpd_under_the_real_tcpserver(qhome: QHome) -> None:
+    """ucspi-tcp's own tcpserver (Debian) runs our qmail-smtpd, rules from our tcprules."""
+    real = shutil.which("tcpserver", path="/usr/bin:/usr/local/bin:/bin")
+    if real is None:
+        if CI:
+            pytest.fail("ucspi-tcp missing: .ci/run installs it")
+        pytest.skip("ucspi-tcp not installed")
+    cdb = _rules(qhome, '127.0.0.1:allow,RELAYCLIENT=""\n')
+    with TcpServer(qhome, "-x", str(cdb), binary=real) as srv:
+        with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="c.example", timeout=30) as s:
+            assert s.sendmail("a@c.example", ["x@far.example", "y@test.example.com"],
+                              "Subject: real\r\n\r\nhi\r\n") == {}
+    (name,) = files(qhome.queue)["todo"]
+    env = parse_todo((qhome.queue / "todo" / name).read_bytes())
+    assert (env.sender, env.recipients) == (b"a@c.example", [b"x@far.example", b"y@test.example.com"])
+    num = int(name)
+    mess = (qhome.queue / "mess" / str(num % 23) / name).read_bytes()
+    assert b"Received: from unknown (HELO c.example) (127.0.0.1)\n  by mx.test.example.com with SMTP; " in mess
