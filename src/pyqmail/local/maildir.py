@@ -169,3 +169,23 @@ def _write_message(fd: int, message_fd: int, head: bytes) -> int:
     except OSError:
         return TEMPORARY
     return OK
+
+
+TMP_MAX_AGE = 129600  # 36 hours: maildir(5)'s rule for abandoned tmp/ files
+
+
+def clean_tmp(now: int) -> None:
+    """Remove files in the current Maildir's tmp/ not accessed for 36 hours (qmail's maildir_clean)."""
+    try:
+        names = os.listdir("tmp")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = "tmp/" + name
+        try:
+            if now > os.stat(path).st_atime + TMP_MAX_AGE:
+                os.unlink(path)
+        except OSError:
+            continue

@@ -11,8 +11,8 @@ same order as qmail's.
 from __future__ import annotations
 
 import os
+from pyqmail.local.maildir import clean_tmp as clean_tmp  # qmail's maildir_clean
 
-TMP_MAX_AGE = 129600  # 36 hours, as qmail-send's cleanup of the queue
 SCAN_DIRS = ("new", "cur")
 COPY_CHUNK = 65536
 
@@ -82,23 +82,6 @@ def order(entries: list[tuple[str, int]]) -> list[str]:
     while heap:
         out.append(entries[_heap_pop(heap)[1]][0])
     return out
-
-
-def clean_tmp(now: int) -> None:
-    """Remove tmp/ files of the current Maildir not accessed for 36 hours; ignore failures."""
-    try:
-        names = os.listdir("tmp")
-    except OSError:
-        return
-    for name in names:
-        if name.startswith("."):
-            continue
-        path = "tmp/" + name
-        try:
-            if now > os.stat(path).st_atime + TMP_MAX_AGE:
-                os.unlink(path)
-        except OSError:
-            continue
 
 
 def scan(now: int) -> list[Message]:

@@ -16,6 +16,7 @@ from pyqmail.entry import program
 from pyqmail.local.mbox import ctime
 from pyqmail.tools import common
 from pyqmail.tools.common import EXIT_TEMP, Die
+from pyqmail.local.maildir import clean_tmp as clean_tmp  # qmail's maildir_clean
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 FATAL = b"maildir2mbox: fatal: "
 WARNING = b"maildir2mbox: warning: "
-TMP_MAX_AGE = 129600  # 36 hours: maildir(5)'s rule for abandoned tmp files
 BUFSIZE = 8192
 
 def gfrom(line: bytes) -> bool:
@@ -109,23 +109,6 @@ def mbox_entry(message: bytes, dt: int) -> bytes:
         out.append((b">" if gfrom(line) else b"") + line + b"\n")
     out.append(b"\n")
     return b"".join(out)
-
-
-def clean_tmp(now: int) -> None:
-    """Remove files in tmp/ not accessed for 36 hours (qmail's maildir_clean)."""
-    try:
-        names = os.listdir("tmp")
-    except OSError:
-        return
-    for name in names:
-        if name.startswith("."):
-            continue
-        path = "tmp/" + name
-        try:
-            if now > os.stat(path).st_atime + TMP_MAX_AGE:
-                os.unlink(path)
-        except OSError:
-            continue
 
 
 def scan(now: int) -> tuple[PrioQ, list[str]]:
