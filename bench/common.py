@@ -39,3 +39,21 @@ def report(label: str, samples: list[float], unit: str = "ms", scale: float = 10
     print(f"{label}: median {med * scale:.3f} {unit}  min {min(samples) * scale:.3f}  "
           f"max {max(samples) * scale:.3f}  (n={len(samples)})")
     return med
+
+
+def queue_messages(home: str, n: int, body: bytes, envelope: bytes) -> None:
+    """Queue n copies of body with envelope, one QMAILHOME/bin/qmail-queue each (fork fast path)."""
+    from pyqmail import spawn
+
+    prog = os.path.join(home, "bin", "qmail-queue")
+    for _ in range(n):
+        mr, mw = os.pipe()
+        er, ew = os.pipe()
+        pid = spawn.spawn(prog, [prog], env={"PATH": "/usr/bin:/bin"}, fds={0: mr, 1: er, 2: 2})
+        os.close(mr)
+        os.close(er)
+        os.write(mw, body)
+        os.close(mw)
+        os.write(ew, envelope)
+        os.close(ew)
+        assert spawn.wait(pid) == 0

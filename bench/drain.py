@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import common  # noqa: E402
 from common import BIN  # noqa: E402
 
 from pyqmail import spawn  # noqa: E402
@@ -64,21 +65,10 @@ def setup(concurrency: int) -> tuple[str, str]:
 
 def fill(home: str, n: int, size: int) -> None:
     """Queue n messages of size bytes to bench@FQDN, one qmail-queue each (fork fast path)."""
-    prog = os.path.join(home, "bin", "qmail-queue")
     body = (b"Subject: drain\n\n" + b"x" * 75 + b"\n") * (size // 92 + 1)
     body = body[:size]
     envelope = b"Fsender@elsewhere.example\0Tbench@" + FQDN.encode() + b"\0\0"
-    for _ in range(n):
-        mr, mw = os.pipe()
-        er, ew = os.pipe()
-        pid = spawn.spawn(prog, [prog], env={"PATH": "/usr/bin:/bin"}, fds={0: mr, 1: er, 2: 2})
-        os.close(mr)
-        os.close(er)
-        os.write(mw, body)
-        os.close(mw)
-        os.write(ew, envelope)
-        os.close(ew)
-        assert spawn.wait(pid) == 0
+    common.queue_messages(home, n, body, envelope)
 
 
 def drain(home: str, maildir: str, n: int) -> float:

@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import common  # noqa: E402
 from common import fresh_home  # noqa: E402
 from drain import as_user  # noqa: E402
 
@@ -71,20 +72,9 @@ def setup(port: int, concurrency: int) -> str:
 
 def fill(home: str, n: int, size: int) -> None:
     """Queue n messages of size bytes to RECIPIENT, one qmail-queue each."""
-    prog = os.path.join(home, "bin", "qmail-queue")
     body = ((b"Subject: remote\n\n" + b"x" * 75 + b"\n") * (size // 92 + 1))[:size - 1] + b"\n"
     envelope = b"Fsender@bench.example.com\0T" + RECIPIENT + b"\0\0"
-    for _ in range(n):
-        mr, mw = os.pipe()
-        er, ew = os.pipe()
-        pid = spawn.spawn(prog, [prog], env={"PATH": "/usr/bin:/bin"}, fds={0: mr, 1: er, 2: 2})
-        os.close(mr)
-        os.close(er)
-        os.write(mw, body)
-        os.close(mw)
-        os.write(ew, envelope)
-        os.close(ew)
-        assert spawn.wait(pid) == 0
+    common.queue_messages(home, n, body, envelope)
 
 
 def deliver(home: str, n: int) -> tuple[float, int]:
