@@ -22,24 +22,9 @@ from pyqmail.svc import tai64
 from pyqmail.svc.multilog import match, scan_ulong
 
 OLD_RE = re.compile(r"@[0-9a-f]{24}\.[su]")
+from test_tai64 import home, real  # noqa: E402,F401 - the daemontools peer and the shared home
+
 STAMP_RE = re.compile(rb"^@[0-9a-f]{24} ", re.M)
-
-
-def real(name: str) -> str:
-    """Return daemontools' program, skipping (failing in CI) without it."""
-    path = shutil.which(name)
-    if path is None:
-        if CI:
-            pytest.fail(f"daemontools' {name} missing: .ci/run installs package daemontools")
-        pytest.skip("daemontools not installed")
-    return path
-
-
-@pytest.fixture(scope="module")
-def home() -> Iterator[QHome]:
-    h = make_home()
-    yield h
-    shutil.rmtree(h.path.parent, ignore_errors=True)
 
 
 def multilog(prog: str | Path, script: list[str], data: bytes, cwd: Path) -> Result:
