@@ -1,0 +1,1 @@
+"""qmailanalog: summaries of qmail-send activity logs."""
