@@ -5,6 +5,11 @@ usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
        qmail up [--home DIR] [--smtp-port N] [--qmtp-port N]
        qmail down [--home DIR]
        qmail user add|del|passwd|list [--home DIR] [NAME]
+       qmail status|doctor|trace|queue|report [--home DIR] ...
+
+Each command of COMMANDS lives in its own module, imported only when it runs,
+as `command(argv) -> exit code` with argv[0] "qmail NAME": its options are its
+own business (`qmail NAME --help`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,15 @@ import argparse
 import sys
 
 from pyqmail.entry import program
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "status": ("pyqmail.admin.status", "services, queue and recent errors of a running installation"),
+    "doctor": ("pyqmail.admin.doctor", "check an installation for the faults admins hit, with the fix for each"),
+    "trace": ("pyqmail.admin.trace", "show how an address would be routed and delivered"),
+    "queue": ("pyqmail.admin.queue", "list, show, delete, expire or retry queued messages"),
+    "report": ("pyqmail.admin.report", "an HTML page of delivery statistics from qmail-send's log"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "up":
             c.add_argument("--smtp-port", type=int, default=None, help="SMTP port (default 25 as root, else 2525; 0: none)")
             c.add_argument("--qmtp-port", type=int, default=None, help="QMTP port (default 209 as root, else 2209; 0: none)")
+    for name, (_module, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     u = sub.add_parser("user", help="manage the POP3 virtual users (QMAILHOME/users/poppasswd)")
     usub = u.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("add", "add a user: password from stdin, or prompted on a terminal"),
@@ -55,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 @program("qmail", crash=111)
 def main(argv: list[str]) -> int:
     """Run a qmail subcommand."""
+    if len(argv) > 1 and argv[1] in COMMANDS:
+        import importlib
+
+        module = importlib.import_module(COMMANDS[argv[1]][0])
+        code: int = module.command([f"qmail {argv[1]}", *argv[2:]])
+        return code
     try:
         args = _parser().parse_args(argv[1:])
     except SystemExit as e:
