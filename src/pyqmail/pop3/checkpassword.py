@@ -9,6 +9,11 @@ it, or any crypt(3) string), else among the system's accounts (/etc/passwd,
 HOME and SHELL set, prog run in this process's place. Exit 1 if the login is
 refused (after a delay; reason on stderr), 2 if the input is malformed or prog
 missing, 111 for temporary trouble.
+
+Run by Dovecot (ORIG_UID set): the identity is reported, not taken: no
+privilege change and no chdir, userdb_uid and userdb_gid set and listed in
+EXTRA, descriptor 4 kept open, for Dovecot's checkpassword-reply; with AUTHORIZED=1 (a userdb lookup)
+no password is checked, AUTHORIZED becomes 2, and an unknown user exits 3.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ VIRTUAL_DB = "users/poppasswd"
 SHADOW = "/etc/shadow"
 MAX_DB_LINE = 4096
 VIRTUAL_SHELL = "/bin/false"
+# Dovecot's extensions of the interface (its wiki page AuthDatabase/CheckPassword).
+DOVECOT_ENV = "ORIG_UID"  # set by Dovecot's auth process; checkpassword-reply compares it with its uid
+AUTHORIZED_ENV = "AUTHORIZED"  # "1": a lookup without password, answered by setting "2"
+CREDENTIALS_ENV = "CREDENTIALS_LOOKUP"  # Dovecot wants the password back: we store only hashes
+EXTRA_ENV = "EXTRA"  # names of the further variables checkpassword-reply passes on
+EXIT_NOUSER = 3  # Dovecot's lookup: no such user
+FD_DOVECOT_REPLY = 4  # where Dovecot reads checkpassword-reply's answer
 
 
 class Temporary(Exception):
@@ -173,6 +185,16 @@ def _temp(why: str) -> int:
     return EXIT_TEMP
 
 
+def _dovecot_reply(env: dict[str, str], account: Account, lookup: bool) -> None:
+    """Put account's uid and gid into env as Dovecot's userdb fields; acknowledge a lookup."""
+    env.update(userdb_uid=str(account.uid), userdb_gid=str(account.gid))
+    names = env.get(EXTRA_ENV, "").split()
+    names += [n for n in ("userdb_uid", "userdb_gid") if n not in names]
+    env[EXTRA_ENV] = " ".join(names)
+    if lookup:
+        env[AUTHORIZED_ENV] = "2"
+
+
 @program("checkpassword", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Check descriptor 3's login; on success become argv[1:] as the user, else exit 1/2/111."""
@@ -193,28 +215,38 @@ def main(argv: list[str]) -> int:
     if parsed is None:
         return EXIT_USAGE
     name, password = parsed
+    # Dovecot runs us as root and must stay root to trust the reply: report the identity instead.
+    dovecot = DOVECOT_ENV in os.environ
+    lookup = dovecot and os.environ.get(AUTHORIZED_ENV) == "1"
+    if lookup and CREDENTIALS_ENV in os.environ:
+        return _refuse(name, "password lookup not supported")
     try:
         account = virtual_account(name, os.path.join(home.home(), VIRTUAL_DB))
         if account is None:
             account = system_account(name)
         if account is None:
-            return _refuse(name, "no such user")
-        ok = passwords.verify(password, account.stored)
+            return EXIT_NOUSER if lookup else _refuse(name, "no such user")
+        ok = lookup or passwords.verify(password, account.stored)
     except (Temporary, passwords.Unavailable) as e:
         return _temp(str(e))
     if not ok:
         return _refuse(name, "bad password")
-    try:
-        drop(Credentials(account.uid, account.gid), allow_root=True)
-    except OSError:
-        return EXIT_REFUSED
-    try:
-        os.chdir(account.home)
-    except OSError as e:
-        return _temp(f"unable to chdir to {account.home}: {e.strerror}")
     env = dict(os.environ)
     env.update(USER=account.name, HOME=account.home, SHELL=account.shell)
+    fds = {0: 0, 1: 1, 2: 2}
+    if dovecot:
+        _dovecot_reply(env, account, lookup)
+        fds[FD_DOVECOT_REPLY] = FD_DOVECOT_REPLY
+    else:
+        try:
+            drop(Credentials(account.uid, account.gid), allow_root=True)
+        except OSError:
+            return EXIT_REFUSED
+        try:
+            os.chdir(account.home)
+        except OSError as e:
+            return _temp(f"unable to chdir to {account.home}: {e.strerror}")
     try:
-        spawn.become(argv[1], argv[1:], env=env, fds={0: 0, 1: 1, 2: 2})
+        spawn.become(argv[1], argv[1:], env=env, fds=fds)
     except OSError as e:
         return _temp(f"unable to run {argv[1]}: {e.strerror}")
