@@ -1,0 +1,510 @@
+"""`qmail doctor`: check an installation for the faults admins hit, with the fix for each.
+
+    qmail doctor [--home DIR]
+
+Seed 003's checklist, automated: control files present and consistent
+(me, locals, rcpthosts, virtualdomains), users/cdb and morercpthosts.cdb
+not older than their sources, every local user's home directory (and its
+parents) and .qmail files safe from other users, the alias user's
+postmaster, mailer-daemon and root files, the queue as `qmail init` made
+it (owners, modes, the trigger FIFO), the SMTP and QMTP ports, and
+control/me in DNS ($DNSCACHEIP honoured).
+
+One line per item: "ok: ...", "note: ..." (worth knowing, not a fault) or
+"problem: ...; fix: ..." with the command that fixes it. Exit 0 without
+problems, 1 with problems, 100 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import socket
+import stat
+
+from pyqmail import control, durable, errors
+from pyqmail import home as _home
+from pyqmail.admin import install
+from pyqmail.local import dotqmail, users
+from pyqmail.local.qmail_local import CUTABLE, HOME_PATRN, PATRN, STICKY
+from pyqmail.queue import layout
+from pyqmail.remote import mx
+from pyqmail.send.schedule import ColonMap
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 100
+EXIT_TEMPORARY = 111
+
+FD_OUT = 1
+DNS_LIFETIME = 5.0
+PORT_TIMEOUT = 1.0
+UID_MIN = 1000  # login.defs' default: accounts below are the system's own
+NOBODY = 65534
+DOTQMAIL_MAX = 1 << 20  # bytes of a .qmail file read to check its lines
+ROOT_PORTS = (("SMTP", 25), ("QMTP", 209))  # what `qmail up` listens on as root
+USER_PORTS = (("SMTP", 2525), ("QMTP", 2209))  # and as an ordinary user
+ALIAS_NAMES = {".qmail-postmaster": "postmaster", ".qmail-mailer-daemon": "mailer-daemon", ".qmail-root": "root"}
+
+
+class Report:
+    """The lines of a check-up and the number of problems."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.problems = 0
+        self._seen: set[str] = set()
+
+    def ok(self, text: str) -> None:
+        """Record a check that passed."""
+        self.lines.append(f"ok: {text}")
+
+    def note(self, text: str) -> None:
+        """Record something worth knowing that is not a fault."""
+        self.lines.append(f"note: {text}")
+
+    def problem(self, text: str, fix: str) -> None:
+        """Record a fault and the command that fixes it (once per text)."""
+        if text in self._seen:
+            return
+        self._seen.add(text)
+        self.problems += 1
+        self.lines.append(f"problem: {text}; fix: {fix}")
+
+    def text(self) -> bytes:
+        """Return the report, with a last line counting the problems."""
+        last = ("qmail doctor: no problems found" if not self.problems else
+                f"qmail doctor: {self.problems} problem{'s' if self.problems > 1 else ''} found")
+        return "".join(line + "\n" for line in [*self.lines, last]).encode("latin-1", "replace")
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    """Return the lstat of path, None if it does not exist; raise OSError otherwise."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _q(path: str) -> str:
+    """Quote path for a shell command if it needs it."""
+    import shlex
+
+    return shlex.quote(path)
+
+
+# --- control files ------------------------------------------------------------------------
+
+def check_controls(r: Report, home: str) -> None:
+    """me, locals, rcpthosts, virtualdomains: present and consistent."""
+    cdir = os.path.join(home, "control")
+    try:
+        me = control.read_line("me")
+        locals_ = control.read_lines("locals")
+        rcpthosts = control.read_lines("rcpthosts")
+        vdoms = control.read_lines("virtualdomains") or []
+    except control.ControlError as e:
+        r.problem(str(e), f"make the file readable: chmod 644 {_q(cdir)}/*")
+        return
+    if not me:
+        r.problem("control/me is missing or empty: qmail programs fall back to literal names "
+                  "(\"bouncehost\", \"envnoathost\", ...) in addresses and greetings",
+                  f"echo mail.example.com > {_q(cdir)}/me   (this host's fully qualified name)")
+    else:
+        r.ok(f"control/me: {me}")
+    if locals_ is None:
+        if me:
+            r.note(f"control/locals is missing: only {me} (control/me) is local")
+            locals_ = [me]
+        else:
+            r.problem("control/locals and control/me are missing: qmail-send does not start",
+                      f"echo mail.example.com > {_q(cdir)}/locals")
+            locals_ = []
+    else:
+        r.ok(f"control/locals: {len(locals_)} domain{'s' if len(locals_) != 1 else ''}")
+    local_set = {control.lower(d) for d in locals_}
+    hosts: control.DomainSet | None = None
+    if rcpthosts is None:
+        r.problem("control/rcpthosts is missing: qmail-smtpd accepts mail for every domain and relays it "
+                  "(an open relay)",
+                  f"cp {_q(cdir)}/locals {_q(cdir)}/rcpthosts   (then add each virtual domain)")
+    else:
+        try:
+            hosts = control.DomainSet(rcpthosts, os.path.join(cdir, "morercpthosts.cdb"))
+        except control.ControlError as e:
+            r.problem(str(e), f"chmod 644 {_q(cdir)}/morercpthosts.cdb")
+        else:
+            r.ok(f"control/rcpthosts: {len(rcpthosts)} domain{'s' if len(rcpthosts) != 1 else ''}")
+    if hosts is not None:
+        for d in locals_:
+            # localhost-style names are local without being offered to the world.
+            if "." not in d or control.lower(d).startswith("localhost"):
+                continue
+            if not hosts.match(d):
+                r.problem(f"{d} is in control/locals but not in control/rcpthosts: "
+                          "qmail-smtpd refuses mail for it from other hosts",
+                          f"echo {_q(d)} >> {_q(cdir)}/rcpthosts")
+    vmap = ColonMap(line.encode(control.ENCODING) for line in vdoms)
+    for line in vdoms:
+        key, colon, prepend = line.partition(":")
+        if not colon or not key:
+            continue  # qmail ignores lines without a colon; the empty key is the catch-all
+        if vmap.get(key.encode(control.ENCODING)) != prepend.encode(control.ENCODING):
+            continue  # a later line for the same key wins: check that one only
+        domain = key.rpartition("@")[2]
+        if domain and not domain.startswith(".") and control.lower(domain) in local_set:
+            r.problem(f"control/virtualdomains: {key} is also in control/locals, which qmail-send consults "
+                      "first: the virtualdomains entry is never used",
+                      f"remove {domain} from {_q(cdir)}/locals (or the line from virtualdomains), "
+                      "then send qmail-send HUP")
+        if hosts is not None and domain and prepend:
+            probe = "x" + domain if domain.startswith(".") else domain
+            if not hosts.match(probe):
+                r.problem(f"control/virtualdomains: {domain} is not in control/rcpthosts: qmail-smtpd "
+                          "refuses its mail from other hosts",
+                          f"echo {_q(domain)} >> {_q(cdir)}/rcpthosts")
+
+
+def check_compiled(r: Report, home: str) -> None:
+    """users/cdb and morercpthosts.cdb: present and newer than their sources."""
+    pairs = (("users/assign", "users/cdb", "qmail-newu", "qmail-lspawn still uses the old assignments"),
+             ("control/morercpthosts", "control/morercpthosts.cdb", "qmail-newmrh",
+              "qmail-smtpd still uses the old list"))
+    for source, compiled, tool, effect in pairs:
+        try:
+            src = _mtime(os.path.join(home, source))
+            out = _mtime(os.path.join(home, compiled))
+        except OSError as e:
+            r.note(f"cannot check {source}: {errors.describe(e)}")
+            continue
+        fix = os.path.join(home, "bin", tool)
+        if src is None:
+            if out is not None:
+                r.note(f"{compiled} exists without {source}: it is used as it is")
+            continue
+        if out is None:
+            r.problem(f"{source} exists but {compiled} does not: it is not in effect", _q(fix))
+        elif out < src:
+            r.problem(f"{compiled} is older than {source}: {effect}", _q(fix))
+        else:
+            r.ok(f"{compiled} is up to date with {source}")
+    assign = os.path.join(home, "users", "assign")
+    try:
+        with open(assign, "rb") as f:
+            data = f.read(64 << 20)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        r.note(f"cannot read users/assign: {errors.describe(e)}")
+        return
+    try:
+        users.parse_assign(data)
+    except users.AssignError:
+        r.problem("users/assign is not in qmail-users(5) format (lines =local:user:uid:gid:home:dash:ext: "
+                  "or +loc:..., ending with a line '.'): qmail-newu refuses it",
+                  f"correct {_q(assign)}, then run {_q(os.path.join(home, 'bin', 'qmail-newu'))}")
+
+
+# --- homes and .qmail files -----------------------------------------------------------
+
+def local_users(home: str, inst: _home.Install) -> list[tuple[str, int, str]]:
+    """Return (name, uid, home directory) of every user mail can be delivered to, alias first."""
+    found: list[tuple[str, int, str]] = []
+    alias = users.alias_entry()
+    if alias is not None:
+        found.append((os.fsdecode(alias.name), alias.uid, os.fsdecode(alias.dir)))
+    try:
+        with open(os.path.join(home, "users", "assign"), "rb") as f:
+            data = f.read(64 << 20)
+        for key, value in users.parse_assign(data):
+            fields = value.split(b"\0")
+            if key and len(fields) >= 4 and fields[1].isdigit():
+                found.append((os.fsdecode(fields[0]), int(fields[1]), os.fsdecode(fields[3])))
+    except (OSError, users.AssignError):
+        pass  # check_compiled reports an unreadable or malformed assign
+    owner = inst.uid("qmailq")
+    for pw in pwd.getpwall():
+        if inst.single and pw.pw_uid != owner:
+            continue  # a single-user installation delivers to its own user only
+        if pw.pw_uid < UID_MIN or pw.pw_uid == NOBODY or not pw.pw_dir.startswith("/"):
+            continue
+        try:
+            if os.stat(pw.pw_dir).st_uid != pw.pw_uid:
+                continue  # qmail-getpw ignores an account that does not own its home
+        except OSError:
+            continue
+        found.append((pw.pw_name, pw.pw_uid, pw.pw_dir))
+    out = []
+    seen = set()
+    for name, uid, homedir in found:
+        if homedir not in seen:
+            seen.add(homedir)
+            out.append((name, uid, homedir))
+    return out
+
+
+def check_home(r: Report, name: str, homedir: str) -> bool:
+    """Check a user's home directory and its parents; return True if the home exists."""
+    try:
+        st = os.stat(homedir)
+    except FileNotFoundError:
+        r.problem(f"home directory {homedir} of {name} does not exist: qmail-local defers its mail "
+                  "(Unable to switch to the directory)",
+                  f"mkdir -m 755 {_q(homedir)} && chown {_q(name)} {_q(homedir)}")
+        return False
+    except OSError as e:
+        r.note(f"cannot check {homedir}: {errors.describe(e)}")
+        return False
+    if st.st_mode & HOME_PATRN:
+        r.problem(f"home directory {homedir} of {name} is group- or world-writable: qmail-local defers "
+                  "every delivery (Uh-oh: home directory is writable)", f"chmod go-w {_q(homedir)}")
+    if st.st_mode & STICKY:
+        r.problem(f"home directory {homedir} of {name} is sticky: qmail-local defers deliveries "
+                  "(user is editing his .qmail file)", f"chmod -t {_q(homedir)}")
+    parent = os.path.dirname(os.path.abspath(homedir))
+    while True:
+        try:
+            pst = os.stat(parent)
+        except OSError as e:
+            r.note(f"cannot check {parent}: {errors.describe(e)}")
+            break
+        # A sticky directory (/tmp) lets nobody rename what others own in it.
+        if pst.st_mode & HOME_PATRN and not pst.st_mode & STICKY:
+            r.problem(f"{parent}, a parent of home directory {homedir}, is group- or world-writable: "
+                      "others can replace the home and its .qmail files", f"chmod go-w {_q(parent)}")
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    return True
+
+
+def check_dotqmail_files(r: Report, homedir: str) -> None:
+    """Check every .qmail file of a home: not world-writable, x bit only for forwards, no blank first line."""
+    try:
+        names = sorted(n for n in os.listdir(homedir) if n.startswith(".qmail"))
+    except OSError as e:
+        r.note(f"cannot list {homedir}: {errors.describe(e)}")
+        return
+    for n in names:
+        path = os.path.join(homedir, n)
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_mode & PATRN:
+                r.problem(f"{path} is world-writable: qmail-local defers the mail it controls "
+                          "(Uh-oh: .qmail file is writable)", f"chmod o-w {_q(path)}")
+            with open(path, "rb") as f:
+                text = f.read(DOTQMAIL_MAX)
+        except OSError as e:
+            r.note(f"cannot check {path}: {errors.describe(e)}")
+            continue
+        if not text:
+            continue
+        lines = dotqmail.parse(text)
+        if lines and lines[0].kind == dotqmail.BLANK:
+            r.problem(f"{path} starts with a blank line: qmail-local defers its mail "
+                      "(Uh-oh: first line of .qmail file is blank)", f"remove the first line of {_q(path)}")
+        if st.st_mode & CUTABLE and any(i.kind in (dotqmail.MBOX, dotqmail.MAILDIR, dotqmail.PROGRAM)
+                                        for i in lines):
+            r.problem(f"{path} has the x bit set (forward only) but delivers to a file or program: "
+                      "qmail-local defers its mail", f"chmod u-x {_q(path)}")
+
+
+def check_alias(r: Report) -> None:
+    """The alias user's .qmail-postmaster, .qmail-mailer-daemon and .qmail-root."""
+    alias = users.alias_entry()
+    if alias is None:
+        r.problem("there is no alias user: qmail-lspawn defers mail for unknown local parts "
+                  "(Unable to find alias user!)", "qmail init --create-users (as root)")
+        return
+    adir = os.fsdecode(alias.dir)
+    try:
+        has_default = os.path.exists(os.path.join(adir, ".qmail-default"))
+    except OSError:
+        has_default = False
+    for fname, who in ALIAS_NAMES.items():
+        path = os.path.join(adir, fname)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if has_default:
+                r.note(f"{path} is missing: mail to {who} goes by {adir}/.qmail-default")
+            else:
+                r.problem(f"{path} is missing: mail to {who} bounces (Sorry, no mailbox here by that name)",
+                          f"echo '&you@example.com' > {_q(path)} && chmod 644 {_q(path)}")
+            continue
+        except OSError as e:
+            r.note(f"cannot check {path}: {errors.describe(e)}")
+            continue
+        if st.st_size == 0:
+            r.note(f"{path} is empty: mail to {who} goes to the default delivery in {adir}")
+        else:
+            r.ok(f"{path} present")
+
+
+# --- the queue ------------------------------------------------------------------------
+
+class _Expect(install._Layout):
+    """install's layout, recorded instead of made: what `qmail init` leaves in the home."""
+
+    def __init__(self, qmail_home: str, inst: _home.Install) -> None:
+        super().__init__(qmail_home, inst)
+        self.entries: list[tuple[str, str, str, int]] = []  # (rel, kind, role, mode)
+
+    def d(self, rel: str, role: str, mode: int) -> None:
+        self.entries.append((rel, "directory", role, mode))
+
+    def z(self, rel: str, size: int, role: str, mode: int) -> None:
+        self.entries.append((rel, "file", role, mode))
+
+    def fifo(self, rel: str, role: str, mode: int) -> None:
+        self.entries.append((rel, "fifo", role, mode))
+
+
+_KIND_TEST = {"directory": stat.S_ISDIR, "file": stat.S_ISREG, "fifo": stat.S_ISFIFO}
+
+
+def _make_cmd(kind: str, path: str, mode: int) -> str:
+    if kind == "directory":
+        return f"mkdir -m {mode:o} {_q(path)}"
+    if kind == "fifo":
+        return f"mkfifo -m {mode:o} {_q(path)}"
+    return f"touch {_q(path)} && chmod {mode:o} {_q(path)}"
+
+
+def check_layout(r: Report, home: str, inst: _home.Install) -> None:
+    """The directories, queue files and trigger FIFO: types, owners and modes as `qmail init` made them."""
+    expect = _Expect(home, inst)
+    install.make_layout(expect)
+    gid = inst.groups.get("qmail", -1)
+    group = "qmail"
+    bad = 0
+    for rel, kind, role, mode in expect.entries:
+        path = os.path.join(home, rel) if rel else home
+        uid = 0 if role == "root" and not inst.single else inst.uid(role if role != "root" else "qmailq")
+        owner = "root" if role == "root" and not inst.single else (
+            inst.users[role].name if role in inst.users else str(uid))
+        chown = f"chown {owner}:{group} {_q(path)}" if not inst.single else f"chown {owner} {_q(path)}"
+        try:
+            st = _lstat(path)
+        except OSError as e:
+            r.note(f"cannot check {path}: {errors.describe(e)}")
+            bad += 1
+            continue
+        what = "queue/lock/trigger" if rel == "queue/" + layout.TRIGGER else rel or "the home"
+        if st is None or not _KIND_TEST[kind](st.st_mode):
+            fix = _make_cmd(kind, path, mode) + f" && {chown}"
+            if st is not None:
+                fix = f"rm {'-r ' if stat.S_ISDIR(st.st_mode) else ''}{_q(path)} && " + fix
+            if rel == "queue/" + layout.TRIGGER:
+                text = (f"{path} is {'missing' if st is None else 'not a named pipe'}: qmail-queue cannot "
+                        "wake qmail-send, so new mail waits for its periodic scan of todo/")
+                fix += " && restart qmail-send"
+            else:
+                text = f"{path} is {'missing' if st is None else f'not a {kind}'}"
+            r.problem(text, fix)
+            bad += 1
+            continue
+        if st.st_uid != uid or (not inst.single and gid != -1 and st.st_gid != gid):
+            r.problem(f"{what}: owned by uid {st.st_uid} gid {st.st_gid}, not {owner}:{group} as qmail init "
+                      "made it", chown)
+            bad += 1
+        if stat.S_IMODE(st.st_mode) != mode:
+            r.problem(f"{what}: mode {stat.S_IMODE(st.st_mode):o}, not {mode:o} as qmail init made it",
+                      f"chmod {mode:o} {_q(path)}")
+            bad += 1
+    if not bad:
+        r.ok(f"layout: {len(expect.entries)} directories and queue files with qmail init's owners and modes")
+
+
+# --- network --------------------------------------------------------------------------
+
+def check_ports(r: Report, inst: _home.Install) -> None:
+    """Say which of the ports `qmail up` would use have a listener on 127.0.0.1 (notes only)."""
+    for service, port in (USER_PORTS if inst.single else ROOT_PORTS):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=PORT_TIMEOUT):
+                pass
+        except OSError as e:
+            r.note(f"nothing answers on 127.0.0.1:{port} ({service}): {errors.describe(e)}; "
+                   "is `qmail up` (or tcpserver) running?")
+        else:
+            r.ok(f"127.0.0.1:{port} ({service}) accepts connections")
+
+
+def check_dns(r: Report, home: str, dns: mx.Lookup) -> None:
+    """control/me should have an address in DNS."""
+    try:
+        me = control.read_line("me")
+    except control.ControlError:
+        return
+    if not me:
+        return
+    status, ips = mx.ip_plus(dns, me, 0)
+    if status == mx.SOFT:
+        r.note(f"could not look {me} (control/me) up in DNS now")
+    elif status == mx.HARD or not ips:
+        r.problem(f"control/me {me} has no address in DNS: bounces and HELO name a host nobody can reach",
+                  f"add an A record for {me}, or put this host's DNS name into {_q(os.path.join(home, 'control', 'me'))}")
+    else:
+        r.ok(f"{me} resolves to {', '.join(a.ip for a in ips)}")
+
+
+# --- the command ---------------------------------------------------------------------
+
+def doctor(home: str, dns: mx.Lookup) -> Report:
+    """Return the report on the installation in home (already this process's QMAILHOME)."""
+    r = Report()
+    r.lines.append(f"qmail doctor: checking {home}")
+    try:
+        inst = _home.install()
+    except ValueError as e:
+        r.problem(f"conf/install is damaged: {e}", f"qmail init --home {_q(home)}")
+        return r
+    check_controls(r, home)
+    check_compiled(r, home)
+    for name, _uid, homedir in local_users(home, inst):
+        if check_home(r, name, homedir):
+            check_dotqmail_files(r, homedir)
+    check_alias(r)
+    check_layout(r, home, inst)
+    check_ports(r, inst)
+    check_dns(r, home, dns)
+    return r
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Check an installation; print each problem with its fix.")
+    p.add_argument("--home", default=None,
+                   help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+    return p
+
+
+def command(argv: list[str]) -> int:
+    """Run `qmail doctor`; return 0 (healthy), 1 (problems) or 100 (usage)."""
+    try:
+        args = _parser(argv[0]).parse_args(argv[1:])
+    except SystemExit as e:
+        return EXIT_OK if e.code == 0 else EXIT_USAGE
+    from pyqmail.admin.queue import use_home
+
+    home = use_home(args.home)
+    if not os.path.isdir(os.path.join(home, "control")):
+        r = Report()
+        r.problem(f"no installation in {home}", f"qmail init --home {_q(home)} FQDN")
+        durable.write_all(FD_OUT, r.text())
+        return EXIT_PROBLEMS
+    dns = mx.Resolver.from_env(dict(os.environ))
+    dns.lifetime = DNS_LIFETIME
+    r = doctor(home, dns)
+    durable.write_all(FD_OUT, r.text())
+    return EXIT_PROBLEMS if r.problems else EXIT_OK
