@@ -1,0 +1,22 @@
+"""zrecipients: zrecipients' report: bytes, messages, tries and xdelay per recipient.
+
+usage: zrecipients < matchup-output
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pyqmail.analog import summaries
+from pyqmail.analog.stdio import EXIT_TROUBLE, report
+from pyqmail.entry import program
+
+
+def _summary(records: Iterable[bytes]) -> bytes:
+    return summaries.zrecipients(records, False)
+
+
+@program("zrecipients", crash=EXIT_TROUBLE)
+def main(argv: list[str]) -> int:
+    """Print the report for stdin on stdout."""
+    return report(_summary)

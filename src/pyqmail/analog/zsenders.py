@@ -1,0 +1,22 @@
+"""zsenders: zsenders' report: messages, bytes, recipients, tries and xdelay per sender.
+
+usage: zsenders < matchup-output
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pyqmail.analog import summaries
+from pyqmail.analog.stdio import EXIT_TROUBLE, report
+from pyqmail.entry import program
+
+
+def _summary(records: Iterable[bytes]) -> bytes:
+    return summaries.zsenders(records, False)
+
+
+@program("zsenders", crash=EXIT_TROUBLE)
+def main(argv: list[str]) -> int:
+    """Print the report for stdin on stdout."""
+    return report(_summary)
