@@ -303,7 +303,11 @@ def _addresses(t: Trace, dns: mx.Lookup, host: str, pref: int, me: set[str]) -> 
 
 
 def _shown(ips: list[mx.IpMx], me: set[str]) -> str:
-    return ", ".join(a.ip + (" (this host)" if a.ip in me else "") for a in ips) or "no address"
+    """Return the addresses, sorted (DNS servers rotate them; qmail-remote takes them as they come)."""
+    import ipaddress
+
+    ordered = sorted(ips, key=lambda a: ipaddress.ip_address(a.ip).packed.rjust(16, b"\0"))
+    return ", ".join(a.ip + (" (this host)" if a.ip in me else "") for a in ordered) or "no address"
 
 
 def trace_remote(t: Trace, recip: bytes, dns: mx.Lookup, me: Callable[[], set[str]]) -> None:
