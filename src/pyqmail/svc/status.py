@@ -27,6 +27,14 @@ class StatusError(Exception):
     """The status of a service cannot be read; str() is svstat's wording ('unable to ...')."""
 
 
+class ReadFailed(StatusError):
+    """Reading the status file failed (svstat 0.76 then shows whatever its buffer held)."""
+
+    def __init__(self, normally_up: bool, e: OSError) -> None:
+        super().__init__("unable to read supervise/status: " + describe(e))
+        self.normally_up = normally_up
+
+
 class NotRunning(StatusError):
     """No supervise is running for the service."""
 
@@ -103,8 +111,12 @@ def _open_dir(service_dir: str) -> int:
     return fd
 
 
-def read(service_dir: str) -> Status:
-    """Return the state of the service in service_dir; raise NotRunning or StatusError (svstat's words)."""
+def probe(service_dir: str) -> tuple[bool, bytes]:
+    """Return (normally up, the bytes one read of the status file gave, perhaps short).
+
+    Raise NotRunning, ReadFailed if the read itself failed, or StatusError
+    (svstat's words) for any other trouble.
+    """
     try:
         dfd = _open_dir(service_dir)
     except OSError as e:
@@ -129,13 +141,18 @@ def read(service_dir: str) -> Status:
         except OSError as e:
             raise StatusError("unable to open supervise/status: " + describe(e)) from None
         try:
-            data = os.read(fd, SIZE)  # one read, as svstat does
+            return normally_up, os.read(fd, SIZE)  # one read, as svstat does
         except OSError as e:
-            raise StatusError("unable to read supervise/status: " + describe(e)) from None
+            raise ReadFailed(normally_up, e) from None
         finally:
             os.close(fd)
     finally:
         os.close(dfd)
+
+
+def read(service_dir: str) -> Status:
+    """Return the state of the service in service_dir; raise NotRunning or StatusError (svstat's words)."""
+    normally_up, data = probe(service_dir)
     try:
         return unpack(data, normally_up)
     except ValueError:

@@ -23,13 +23,31 @@ EXIT_TROUBLE = 111
 FD_OUT = 1
 
 
-def line(service: str, now: int) -> bytes:
-    """Return svstat's line for service at unix time now, newline included."""
-    try:
-        text = status.read(service).describe(now)
-    except status.StatusError as e:
-        text = str(e)
-    return os.fsencode(service) + b": " + text.encode() + b"\n"
+class Reader:
+    """svstat's reading of services, one after another through one status buffer."""
+
+    def __init__(self) -> None:
+        # daemontools' svstat keeps one static buffer: a short read leaves
+        # old bytes behind it, and a failed read (a directory) passes for a
+        # full one, showing the bytes of the service before (zeros at first).
+        self.buf = bytearray(status.SIZE)
+
+    def line(self, service: str, now: int) -> bytes:
+        """Return svstat's line for service at unix time now, newline included."""
+        try:
+            normally_up, data = status.probe(service)
+        except status.ReadFailed as e:
+            normally_up, data = e.normally_up, bytes(self.buf)
+        except status.StatusError as e:
+            return self._line(service, str(e))
+        self.buf[:len(data)] = data
+        if len(data) < status.SIZE:
+            return self._line(service, "unable to read supervise/status: bad format")
+        return self._line(service, status.unpack(bytes(self.buf), normally_up).describe(now))
+
+    @staticmethod
+    def _line(service: str, text: str) -> bytes:
+        return os.fsencode(service) + b": " + text.encode() + b"\n"
 
 
 def _main(argv: list[str]) -> int:
@@ -38,7 +56,8 @@ def _main(argv: list[str]) -> int:
         os.close(os.open(".", os.O_RDONLY | os.O_CLOEXEC))
     except OSError as e:
         raise Die(EXIT_TROUBLE, FATAL + b"unable to open current directory: " + describe(e).encode()) from None
-    out = b"".join(line(service, int(time.time())) for service in argv[1:])
+    reader = Reader()
+    out = b"".join(reader.line(service, int(time.time())) for service in argv[1:])
     try:
         while out:
             out = out[os.write(FD_OUT, out):]
