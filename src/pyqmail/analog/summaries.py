@@ -249,7 +249,10 @@ class Overall:
             span = self.span
             if span is not None:
                 out.append(("Time span (days):", fmt(span / 86400)))
-                out.append(("Average concurrency:", fmt(self.xdelay / span)))
+                # Texts that are no numbers can compare greater yet subtract to 0;
+                # awk dies dividing there, we leave the line out.
+                if span:
+                    out.append(("Average concurrency:", fmt(self.xdelay / span)))
         return out
 
     def text(self) -> bytes:
