@@ -14,9 +14,11 @@ import sys
 import tempfile
 import time
 
-from common import BIN
+sys.path.insert(0, os.path.dirname(__file__))
 
-from pyqmail.analog.synthlog import generate
+from common import BIN  # noqa: E402
+
+from pyqmail.analog.synthlog import generate  # noqa: E402
 
 DELIVERIES = 100_000
 
