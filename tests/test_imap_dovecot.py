@@ -80,8 +80,9 @@ def stored(maildir: Path, tag: str) -> Path:
 class Dovecot:
     """A Dovecot instance of the test's own: configuration, runtime and log in one directory."""
 
-    def __init__(self, binary: str, qhome: QHome) -> None:
+    def __init__(self, binary: str, qhome: QHome, userdb: str = "checkpassword") -> None:
         self.binary = binary
+        self.userdb = userdb
         self.dir = world_dir()
         self.log = self.dir / "dovecot.log"
         self.conf = self.dir / "dovecot.conf"
@@ -91,6 +92,11 @@ class Dovecot:
 
     def write_conf(self, port: int) -> None:
         cp = self.checkpassword
+        if self.userdb == "checkpassword":
+            userdb = f"userdb {{\n  driver = checkpassword\n  args = {cp}\n}}\n"
+        else:
+            # prefetch: the userdb fields (home, userdb_uid, userdb_gid) of the passdb's run
+            userdb = "userdb {\n  driver = prefetch\n}\n"
         self.conf.write_text(
             f"base_dir = {self.dir}/run\n"
             f"state_dir = {self.dir}/state\n"
@@ -121,10 +127,7 @@ class Dovecot:
             "  driver = checkpassword\n"
             f"  args = {cp}\n"
             "}\n"
-            "userdb {\n"
-            "  driver = checkpassword\n"
-            f"  args = {cp}\n"
-            "}\n")
+            + userdb)
 
     def start(self) -> None:
         """Start dovecot -F on a free loopback port; return once it accepts connections."""
@@ -181,10 +184,10 @@ class Dovecot:
         return imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
 
 
-@pytest.fixture
-def dovecot(qhome: QHome) -> Iterator[Dovecot]:
+@pytest.fixture(params=["checkpassword"])
+def dovecot(qhome: QHome, request: pytest.FixtureRequest) -> Iterator[Dovecot]:
     """A running Dovecot authenticating through qhome's checkpassword; always stopped after."""
-    d = Dovecot(need_dovecot(), qhome)
+    d = Dovecot(need_dovecot(), qhome, userdb=request.param)
     try:
         d.start()
         yield d
@@ -225,6 +228,18 @@ def refused(d: Dovecot, user: str, password: str) -> None:
             imap.login(user, password)
     finally:
         imap.logout()
+
+
+@pytest.mark.parametrize("dovecot", ["prefetch"], indirect=True)
+def test_prefetch_userdb(qhome: QHome, dovecot: Dovecot) -> None:
+    """The lighter setup: checkpassword as passdb only, its userdb fields prefetched."""
+    expect(run([qhome.bin("qmail"), "user", "add", "--home", str(qhome.path), "--uid", TEST_USER, VUSER],
+               input=VPASS.encode() + b"\n"))
+    vhome = qhome.path / "pop" / VUSER
+    tag = f"prefetch-{uuid.uuid4()}"
+    deliver(qhome, TEST_USER, str(vhome), b"imap", message(tag))
+    fetch_and_compare(dovecot, VUSER, VPASS, stored(vhome / "Maildir", tag), tag)
+    assert "driver = prefetch" in dovecot.conf.read_text()
 
 
 def test_virtual_user_reads_qmail_local_delivery(qhome: QHome, dovecot: Dovecot) -> None:
