@@ -216,10 +216,16 @@ def check_compiled(r: Report, home: str) -> None:
 # --- homes and .qmail files -----------------------------------------------------------
 
 def local_users(home: str, inst: _home.Install) -> list[tuple[str, int, str]]:
-    """Return (name, uid, home directory) of every user mail can be delivered to, alias first."""
+    """Return (name, uid, home directory) of every user mail can be delivered to.
+
+    The alias user (if its home exists: check_alias speaks of it otherwise),
+    the users of users/assign, and the accounts qmail-getpw would pick: a
+    uid of UID_MIN or more owning its home (in a single-user installation
+    only the installing user's).
+    """
     found: list[tuple[str, int, str]] = []
     alias = users.alias_entry()
-    if alias is not None:
+    if alias is not None and os.path.isdir(alias.dir):
         found.append((os.fsdecode(alias.name), alias.uid, os.fsdecode(alias.dir)))
     try:
         with open(os.path.join(home, "users", "assign"), "rb") as f:
@@ -319,14 +325,22 @@ def check_dotqmail_files(r: Report, homedir: str) -> None:
                       "qmail-local defers its mail", f"chmod u-x {_q(path)}")
 
 
-def check_alias(r: Report) -> None:
-    """The alias user's .qmail-postmaster, .qmail-mailer-daemon and .qmail-root."""
+def check_alias(r: Report, inst: _home.Install) -> None:
+    """The alias user's home (where qmail-getpw finds it) and its postmaster, mailer-daemon and root files."""
     alias = users.alias_entry()
     if alias is None:
         r.problem("there is no alias user: qmail-lspawn defers mail for unknown local parts "
                   "(Unable to find alias user!)", "qmail init --create-users (as root)")
         return
     adir = os.fsdecode(alias.dir)
+    acct = inst.users.get("alias")
+    if acct is not None and not inst.single and os.path.normpath(acct.home) != os.path.normpath(adir):
+        # qmail-getpw takes the alias user's home from passwd, as C qmail does.
+        r.problem(f"the alias user {acct.name} has home {adir} in passwd, not this installation's {acct.home}: "
+                  f"mail for postmaster, root and unknown local parts is delivered by the .qmail files in {adir}",
+                  f"usermod -d {_q(acct.home)} {_q(acct.name)}")
+        if not os.path.isdir(adir):
+            return
     try:
         has_default = os.path.exists(os.path.join(adir, ".qmail-default"))
     except OSError:
@@ -388,6 +402,7 @@ def check_layout(r: Report, home: str, inst: _home.Install) -> None:
     gid = inst.groups.get("qmail", -1)
     group = "qmail"
     bad = 0
+    denied: list[str] = []
     for rel, kind, role, mode in expect.entries:
         path = os.path.join(home, rel) if rel else home
         uid = 0 if role == "root" and not inst.single else inst.uid(role if role != "root" else "qmailq")
@@ -397,8 +412,7 @@ def check_layout(r: Report, home: str, inst: _home.Install) -> None:
         try:
             st = _lstat(path)
         except OSError as e:
-            r.note(f"cannot check {path}: {errors.describe(e)}")
-            bad += 1
+            denied.append(f"{path} ({errors.describe(e)})")
             continue
         what = "queue/lock/trigger" if rel == "queue/" + layout.TRIGGER else rel or "the home"
         if st is None or not _KIND_TEST[kind](st.st_mode):
@@ -422,7 +436,11 @@ def check_layout(r: Report, home: str, inst: _home.Install) -> None:
             r.problem(f"{what}: mode {stat.S_IMODE(st.st_mode):o}, not {mode:o} as qmail init made it",
                       f"chmod {mode:o} {_q(path)}")
             bad += 1
-    if not bad:
+    if denied:
+        # One line, not one per split directory: the cause is who runs the doctor.
+        r.note(f"cannot check {len(denied)} of the queue's entries as this user, e.g. {denied[0]}: "
+               "run qmail doctor as root")
+    elif not bad:
         r.ok(f"layout: {len(expect.entries)} directories and queue files with qmail init's owners and modes")
 
 
@@ -475,7 +493,7 @@ def doctor(home: str, dns: mx.Lookup) -> Report:
     for name, _uid, homedir in local_users(home, inst):
         if check_home(r, name, homedir):
             check_dotqmail_files(r, homedir)
-    check_alias(r)
+    check_alias(r, inst)
     check_layout(r, home, inst)
     check_ports(r, inst)
     check_dns(r, home, dns)
