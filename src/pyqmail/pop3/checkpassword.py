@@ -10,10 +10,11 @@ HOME and SHELL set, prog run in this process's place. Exit 1 if the login is
 refused (after a delay; reason on stderr), 2 if the input is malformed or prog
 missing, 111 for temporary trouble.
 
-Run by Dovecot (ORIG_UID set): the identity is reported, not taken: no
-privilege change and no chdir, userdb_uid and userdb_gid set and listed in
-EXTRA, descriptor 4 kept open, for Dovecot's checkpassword-reply; with AUTHORIZED=1 (a userdb lookup)
-no password is checked, AUTHORIZED becomes 2, and an unknown user exits 3.
+Run by Dovecot (ORIG_UID set), the identity is reported, not taken: no
+privilege change and no chdir; userdb_uid and userdb_gid set and listed in
+EXTRA, and descriptor 4 kept open, for Dovecot's checkpassword-reply. With
+AUTHORIZED=1 as well (a userdb lookup) no password is checked, AUTHORIZED
+becomes 2, and an unknown user exits 3.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def main(argv: list[str]) -> int:
     if parsed is None:
         return EXIT_USAGE
     name, password = parsed
-    # Dovecot runs us as root and must stay root to trust the reply: report the identity instead.
+    # Dovecot's checkpassword-reply refuses to run under any uid but its caller's (ORIG_UID),
+    # lest the user tamper with the reply: the identity is reported to Dovecot, not taken.
     dovecot = DOVECOT_ENV in os.environ
     lookup = dovecot and os.environ.get(AUTHORIZED_ENV) == "1"
     if lookup and CREDENTIALS_ENV in os.environ:
