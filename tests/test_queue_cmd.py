@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VENV_BIN, Result, expect, run
+from conftest import TEST_USER, VENV_BIN, QHome, Result, expect, run
 from queuefmt import files, messages
 from sendkit import Running, Site, make_site, remove_site
 from pyqmail.admin import queue as qcmd
@@ -282,3 +282,20 @@ def test_records_of_truncated_envelopes() -> None:
     assert qcmd.records(b"") == []
     assert qcmd.records(b"Fa@b") == []
     assert qcmd.records(b"Fa@b\0Tc") == [b"Fa@b"]
+
+
+# --- a root-mode installation ---------------------------------------------------------
+
+def test_root_mode_queue_as_root_and_as_an_ordinary_user(root_home: QHome) -> None:
+    res = run([root_home.bin("qmail-inject"), "-f", "a@b.example", "joe@" + FQDN], input=b"Subject: r\n\nb\n",
+              env={"PATH": "/usr/bin:/bin"})
+    expect(res)
+    (num,) = messages(root_home.queue)
+    env = {"PATH": "/usr/bin:/bin"}
+    out = expect(run([VENV_BIN / "qmail", "queue", "list", "--home", str(root_home.path)], env=env)).stdout
+    assert out.startswith(b"%d  " % num) and out.endswith(b"\n  -       not done  joe@test.example.com\n1 message\n")
+    res = run([VENV_BIN / "qmail", "queue", "list", "--home", str(root_home.path)], env=env, user=TEST_USER)
+    expect(res, 111)
+    assert res.stderr == f"qmail queue: unable to enter {root_home.path}/queue: access denied\n".encode()
+    expect(run([VENV_BIN / "qmail", "queue", "delete", str(num), "--home", str(root_home.path)], env=env))
+    assert messages(root_home.queue) == {}

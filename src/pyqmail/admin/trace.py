@@ -36,6 +36,7 @@ from pyqmail import control, durable, errors, spawn
 from pyqmail import home as _home
 from pyqmail.local import dotqmail, users
 from pyqmail.local.qmail_lspawn import REPORTS as LSPAWN_REPORTS
+from pyqmail.local.qmail_lspawn import _scan_ulong as scan_ulong
 from pyqmail.local.qmail_local import NO_MAILBOX
 from pyqmail.privs import Credentials
 from pyqmail.remote import mx, smtproutes
@@ -231,7 +232,7 @@ def run_local_n(qmail_home: str, who: users.Assignment, local: bytes, domain: by
         who.user, who.homedir, local, who.dash, who.ext, domain, sender, delivery)]
     creds = None
     if os.geteuid() == 0:
-        creds = Credentials(int(who.uid or b"0"), int(who.gid or b"0"))
+        creds = Credentials(scan_ulong(who.uid), scan_ulong(who.gid))
     r, w = os.pipe2(os.O_CLOEXEC)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -268,7 +269,7 @@ def trace_local(t: Trace, qmail_home: str, recip: bytes, sender: bytes, delivery
         return
     t.say(f"  user {_s(who.user)}, uid {_s(who.uid)}, gid {_s(who.gid)}, home {_s(who.homedir)}, "
           f"dash {_s(who.dash)!r}, ext {_s(who.ext)!r}")
-    uid = int(who.uid) if who.uid.isdigit() else 0
+    uid = scan_ulong(who.uid)  # as qmail-lspawn reads it
     inst = _home.install()
     if uid == 0:
         t.fail(f"qmail-lspawn: {_s(LSPAWN_REPORTS[users.QLX_ROOT][1:]).strip()} (deferred)")
