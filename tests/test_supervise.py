@@ -398,3 +398,26 @@ def test_svscan_runs_daemontools_supervise_found_on_path(home: QHome, procs: Pro
     sup_pid = int(subprocess.run(["pgrep", "-f", "-s", str(scan.pid), "^supervise d$"], capture_output=True,
                                  text=True).stdout.split()[0])
     assert os.readlink(f"/proc/{sup_pid}/exe") == os.path.realpath(real("supervise"))
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "daemontools"])
+def test_svscan_warnings(home: QHome, procs: Procs, ours: bool) -> None:
+    root = procs.base / ("ours" if ours else "theirs")
+    (root / "a" / "log").mkdir(parents=True)
+    (root / "dangling").symlink_to("nowhere")
+    (root / "b").mkdir()
+    prog = home.bin("svscan") if ours else real("svscan")
+    # No supervise on $PATH: every start fails with daemontools' warning.
+    scan = procs.start([prog, root], env={"PATH": "/nonexistent", "PYQMAIL_SVSCAN_RESCAN": "3600"})
+    assert scan.stderr is not None
+    got = b""
+    while got.count(b"\n") < 4:
+        chunk = os.read(scan.stderr.fileno(), 4096)
+        assert chunk, got
+        got += chunk
+    assert sorted(got.splitlines()) == sorted([
+        b"svscan: warning: unable to start supervise a: file does not exist",
+        b"svscan: warning: unable to start supervise a/log: file does not exist",
+        b"svscan: warning: unable to start supervise b: file does not exist",
+        b"svscan: warning: unable to stat dangling: file does not exist",
+    ])

@@ -96,6 +96,9 @@ class Supervisor:
         self.wake_r = -1
         self.wake_w = -1
         self.control = -1
+        self.control_w = -1
+        self.lock = -1
+        self.ok = -1
         self.env = {k: v for k, v in os.environ.items() if k not in KNOBS}
 
     def _fatal(self, what: bytes, e: OSError) -> Die:
