@@ -53,6 +53,12 @@ def only_problem(site: Site, dns: DnsServer) -> str:
     return p
 
 
+def user_name(site: Site) -> str:
+    import pwd
+
+    return site.user or pwd.getpwuid(os.getuid()).pw_name
+
+
 def home_for(site: Site, name: str, files: dict[str, str] | None = None, parent: str = "") -> Path:
     """A home directory for the site's user, listed in users/assign as local part name."""
     home = site.mkdir(f"{parent}/{name}" if parent else name)
@@ -206,7 +212,7 @@ def test_stale_morercpthosts_cdb(site: Site, dns: DnsServer) -> None:
 def test_group_writable_home(site: Site, dns: DnsServer) -> None:
     joe = home_for(site, "joe", {".qmail": "./Maildir/\n"})
     joe.chmod(0o775)
-    name = site.user or "root"
+    name = user_name(site)
     assert only_problem(site, dns) == (
         f"problem: home directory {joe} of {name} is group- or world-writable: qmail-local defers every delivery "
         f"(Uh-oh: home directory is writable); fix: chmod go-w {joe}")
@@ -274,7 +280,7 @@ def test_broken_trigger(site: Site, dns: DnsServer) -> None:
     trigger.write_bytes(b"")
     os.chown(trigger, site.uid, site.gid)
     trigger.chmod(0o622)
-    owner = site.user or "root"
+    owner = user_name(site)
     assert only_problem(site, dns) == (
         f"problem: {trigger} is not a named pipe: qmail-queue cannot wake qmail-send, so new mail waits for its "
         f"periodic scan of todo/; fix: rm {trigger} && mkfifo -m 622 {trigger} && chown {owner} {trigger} "
@@ -289,7 +295,7 @@ def test_queue_modes(site: Site, dns: DnsServer) -> None:
     mess = site.home.queue / "mess" / "7"
     mess.rmdir()
     out = problems(check(site, dns, 1))
-    owner = site.user or "root"
+    owner = user_name(site)
     assert out == [f"problem: queue/todo: mode 777, not 750 as qmail init made it; fix: chmod 750 {todo}",
                    f"problem: {mess} is missing; fix: mkdir -m 750 {mess} && chown {owner} {mess}"]
 
