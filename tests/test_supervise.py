@@ -334,6 +334,9 @@ def test_svscan_pipes_service_to_log_and_restarts(home: QHome, procs: Procs) -> 
 
     until(lambda: len(lines()) == 1, "first line logged", scan)
     until(lambda: svok(a) and svok(a / "log"), "both supervised")
+    # Each supervise is a process of its own name: pkill svscan spares them, pgrep supervise finds them.
+    kids = children(scan.pid)
+    assert len(kids) == 2 and all(comm(k) == "supervise" for k in kids), [(k, comm(k)) for k in kids]
     first = state(a).pid
     assert lines() == [f"line {first}"]
 
@@ -368,9 +371,12 @@ def test_svscan_pipes_service_to_log_and_restarts(home: QHome, procs: Procs) -> 
 
 def test_svscan_alrm_scans_at_once(home: QHome, procs: Procs) -> None:
     root = procs.base / "service"
-    root.mkdir()
+    first = root / "first"
+    first.mkdir(parents=True)
+    write_run(first, RUN_SLEEP)
     scan = procs.start([home.bin("svscan"), root], env=procs.env(PYQMAIL_SVSCAN_RESCAN="3600"))
-    until(lambda: scan.poll() is None and _sleeping(scan.pid), "svscan waiting")
+    # The first scan has happened (so svscan waits for ALRM) once first is supervised.
+    until(lambda: svok(first), "first scan", scan)
     c = root / "c"
     c.mkdir()
     write_run(c, RUN_SLEEP)
@@ -378,11 +384,24 @@ def test_svscan_alrm_scans_at_once(home: QHome, procs: Procs) -> None:
     until(lambda: svok(c) and state(c).pid != 0, "started after ALRM", scan)
 
 
-def _sleeping(pid: int) -> bool:
-    try:
-        return proc_state(pid) == "S"
-    except FileNotFoundError:
-        return False
+def children(pid: int) -> list[int]:
+    """Return the pids whose parent is pid."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(name))
+    return out
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
 
 
 def test_svscan_runs_daemontools_supervise_found_on_path(home: QHome, procs: Procs) -> None:

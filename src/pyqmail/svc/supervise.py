@@ -196,7 +196,8 @@ class Supervisor:
         """In the forked child: become ./run; on failure say so and exit 111 (never return)."""
         code = EXIT_TROUBLE
         try:
-            become(RUN, [RUN], env=self.env, fds=inherited_fds())
+            # Exec even a pyqmail stub: the service must not go by supervise's name.
+            become(RUN, [RUN], env=self.env, fds=inherited_fds(), fast=False)
         except OSError as e:
             warn(FATAL + b"unable to start " + self.dir + b"/run: " + describe(e).encode())
         finally:

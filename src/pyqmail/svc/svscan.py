@@ -53,7 +53,9 @@ class Scanner:
 
     def _start_supervise(self, argv: list[str], fds: dict[int, int], cwd: str | None, what: bytes) -> int:
         try:
-            return spawn("supervise", argv, fds=fds, cwd=cwd)
+            # Exec, never fork-and-call: started once per service, and each
+            # supervise must be a process named supervise (ps, pgrep, pkill svscan).
+            return spawn("supervise", argv, fds=fds, cwd=cwd, fast=False)
         except OSError as e:
             # daemontools' child would say this and exit 111; the next scan tries again.
             warn(WARNING + b"unable to start supervise " + what + b": " + describe(e).encode())
