@@ -319,3 +319,23 @@ LIMITS = "ulimit -c; ulimit -d; ulimit -f; ulimit -l; ulimit -n; ulimit -s; ulim
 ])
 def test_softlimit_limits_match_daemontools(home: QHome, tmp_path: Path, opts: list[str]) -> None:
     same(home, "softlimit", [*opts, "sh", "-c", LIMITS], tmp_path)
+
+
+@pytest.mark.parametrize("opts", [["-uuddx"], ["-t", "-k", "-t"], ["-xodpchaitk"], [], ["-u", "--", "-d"]])
+def test_svc_writes_what_daemontools_writes(home: QHome, tmp_path: Path, opts: list[str]) -> None:
+    sup = tmp_path / "s" / "supervise"
+    sup.mkdir(parents=True)
+    os.mkfifo(sup / "control")
+    fd = os.open(sup / "control", os.O_RDONLY | os.O_NONBLOCK)
+    written = []
+    try:
+        for prog in (home.bin("svc"), real("svc")):
+            res = run([prog, *opts, "s", "missing", "s"], cwd=tmp_path)
+            try:
+                data = os.read(fd, 100)
+            except BlockingIOError:
+                data = b""
+            written.append((res.returncode, res.stdout, res.stderr, data))
+    finally:
+        os.close(fd)
+    assert written[0] == written[1]
