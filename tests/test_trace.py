@@ -271,3 +271,16 @@ def test_usage(site: Site) -> None:
     res = run([VENV_BIN / "qmail", "trace", "--home", "/nonexistent/qmail", "a@b"], env={"PATH": "/usr/bin:/bin"})
     expect(res, 111)
     assert res.stderr == b"qmail trace: no installation in /nonexistent/qmail\n"
+
+
+@pytest.mark.parametrize("addr", ["", "@" + FQDN, "x" * 5000 + "@" + FQDN, "a%b%c@" + FQDN, "../../etc@" + FQDN,
+                                  "a.b-..-x@" + FQDN, "a\x01\x7f\xff@" + FQDN, "joe-" + "-" * 300 + "@" + FQDN])
+def test_hostile_local_addresses(site: Site, addr: str) -> None:
+    res = run([VENV_BIN / "qmail", "trace", "--home", str(site.home.path), addr], user=site.user,
+              env={"PATH": "/usr/bin:/bin"})
+    assert res.returncode in (0, 1), res.explain()
+    assert res.stderr == b"", res.explain()
+    out = lines(res)
+    assert out[0].startswith("address: ")
+    # no .qmail name ever leaves the home: dots become colons (dotqmail.safe_ext)
+    assert not any(x.startswith("  .qmail") and ".." in x for x in out), out
