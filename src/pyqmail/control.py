@@ -27,17 +27,31 @@ class ControlError(Exception):
 
 def path(name: str) -> str:
     """Return the path of control file name in this home."""
-    return os.path.join(_home.home(), "control", name)
+    return f"{_home.home()}/control/{name}"
 
 
 def _read(name: str) -> bytes | None:
+    # Descriptors, not file objects: every qmail-smtpd connection reads
+    # several control files, and a forked child pays for each page it touches.
     try:
-        with open(path(name), "rb") as f:
-            return f.read()
+        fd = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise ControlError(f"unable to read controls: {name}: {e.strerror}") from e
+    try:
+        # Small reads first: control files are short, and a 64 KiB buffer
+        # shrunk to a few bytes leaves its mark on heap pages.
+        data = b""
+        want = 4096
+        while chunk := os.read(fd, want):
+            data += chunk
+            want = 65536
+        return data
+    except OSError as e:
+        raise ControlError(f"unable to read controls: {name}: {e.strerror}") from e
+    finally:
+        os.close(fd)
 
 
 def _strip(line: str) -> str:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import NoReturn
 
+from pyqmail import home as _home
 from pyqmail import sig as signal
 from pyqmail.privs import Credentials, drop
 
@@ -139,20 +140,57 @@ def _reset_signals(fast: bool) -> None:
         pass
 
 
+class _LazyStd:
+    """A standard stream a new process would have, made on first use.
+
+    Most programs talk on their descriptors directly: building three text
+    streams in every forked child would copy the pages they touch.
+    """
+
+    __slots__ = ("_fd", "_mode", "_errors", "_stream")
+
+    def __init__(self, fd: int, mode: str, errors: str) -> None:
+        self._fd = fd
+        self._mode = mode
+        self._errors = errors
+        self._stream: object = None
+
+    def _real(self) -> object:
+        stream = self._stream
+        if stream is None:
+            import io
+
+            raw = io.FileIO(self._fd, self._mode, closefd=False)
+            buffered: io.BufferedReader | io.BufferedWriter
+            buffered = io.BufferedReader(raw) if self._mode == "r" else io.BufferedWriter(raw)
+            stream = self._stream = io.TextIOWrapper(
+                buffered, encoding="utf-8", errors=self._errors,
+                line_buffering=(self._fd == 2), write_through=(self._fd == 2))
+        return stream
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real(), name)
+
+    def __iter__(self) -> object:
+        return iter(self._real())  # type: ignore[call-overload]
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            self._stream.flush()  # type: ignore[attr-defined]
+
+
 def _fresh_std_streams() -> None:
     """Give the child the sys.stdin/stdout/stderr a new process would have on fds 0-2."""
-    import io
 
-    def open_std(fd: int, mode: str, errors: str) -> io.TextIOWrapper | None:
+    def open_std(fd: int, mode: str, errors: str) -> _LazyStd | None:
         try:
             os.fstat(fd)
         except OSError:
             return None
-        raw = io.FileIO(fd, mode, closefd=False)
-        buffered: io.BufferedReader | io.BufferedWriter
-        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-        return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors,
-                                line_buffering=(fd == 2), write_through=(fd == 2))
+        return _LazyStd(fd, mode, errors)
 
     def reusable(stream: object, original: object, fd: int) -> bool:
         # The interpreter's own writer on this descriptor number, flushed
@@ -198,7 +236,7 @@ def _prepare(path: str, env: Mapping[str, str], fast: bool,
         # Import in the parent, once: every later child inherits the module
         # and pays nothing for it. Modules have no import-time side effects.
         try:
-            mod = __import__(stub.module, fromlist=["main"])
+            mod = sys.modules.get(stub.module) or __import__(stub.module, fromlist=["main"])
         except ImportError:
             if not preload:
                 raise
@@ -217,8 +255,6 @@ def _enter(target: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | 
     _reset_signals(stub is not None)
     if stub is None:
         os.execve(target, list(argv), env)
-    from pyqmail import home as _home
-
     if set_env:
         _set_environ(env)
     _home.set_default(stub.home)

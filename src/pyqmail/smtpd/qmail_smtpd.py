@@ -13,6 +13,7 @@ client going away exits 1, as in qmail.
 from __future__ import annotations
 
 import os
+import posix
 import select
 import time
 
@@ -39,6 +40,13 @@ WRITE_SIZE = 512  # a reply at a time: a write never blocks for long after poll 
 LINE_MAX = 65536  # bytes kept of a command line; the rest, up to its LF, is read and dropped
 DEFAULT_TIMEOUT = 1200
 POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int: a longer timeout (24.8 days) is cut to this
+
+
+# What tcpserver's parent says in its warm-up sessions (see preload): every
+# command qmail-smtpd answers before DATA, none that queues anything.
+WARM_SCRIPT = (b"EHLO warm.up\r\nHELO warm.up\r\nMAIL FROM:<warm@up>\r\nRCPT TO:<warm@up>\r\n"
+               b"NOOP\r\nVRFY warm\r\nHELP\r\nRSET\r\nJUNK\r\nQUIT\r\n")
+WARM_SESSIONS = 12  # CPython specialises a function's code after 8 calls
 
 
 def _ms(seconds: int) -> int:
@@ -160,7 +168,7 @@ def _setup() -> tuple[Config, int]:
         databytes = control.read_int("databytes", 0) & 0xFFFFFFFF
     except (ControlError, OSError):
         raise Die(replies.CONTROL) from None
-    env = os.environb
+    env = posix.environ  # what os.environb wraps, without its Python-level calls
     x = env.get(b"DATABYTES")
     if x is not None:
         databytes = scan_ulong(x)[0] & 0xFFFFFFFF
@@ -245,6 +253,28 @@ def serve(inp: Input, out: Output, session: Session) -> int:
         except Die:
             pass
     return EXIT_DEATH
+
+
+def preload() -> None:
+    """Run a few sessions on socket pairs in tcpserver's parent, before any connection.
+
+    CPython rewrites a function's code as it warms up. Children forked from a
+    parent that ran the session code share those pages unchanged; cold code
+    would be written, and so copied, in every child.
+    """
+    import socket
+
+    for _ in range(WARM_SESSIONS):
+        try:
+            cfg, timeout = _setup()
+        except Die:
+            return  # the children will say so
+        mine, client = socket.socketpair()
+        with mine, client:
+            client.sendall(WARM_SCRIPT)
+            client.shutdown(socket.SHUT_WR)
+            out = Output(mine.fileno(), timeout)
+            serve(Input(mine.fileno(), timeout, out), out, Session(cfg))
 
 
 @program("qmail-smtpd", crash=EXIT_DEATH)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posix
 import selectors
 import socket
 
@@ -29,7 +30,11 @@ from pyqmail.ucspi.strerr import EXIT_TEMP, EXIT_USAGE, Die, arg, describe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
+
+# The process environment os.environ and os.environb wrap: bytes to bytes.
+_ENVIRON = posix.environ
 
 FATAL = b"tcpserver: fatal: "
 DROP = b"tcpserver: warning: dropping connection, "
@@ -320,7 +325,23 @@ def _lookup_name(ip: str) -> bytes | None:
     return None if not name else os.fsencode(name)
 
 
-def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config, env: dict[str, str]) -> tuple[bool, Connection]:
+def setenv(name: bytes, value: bytes | None) -> None:
+    """Set (or, for None, remove) a variable of this process's environment.
+
+    What os.environ's item assignment does, without its Python-level codec
+    calls: the forked child pays for every page of cold code it runs.
+    """
+    if value is None:
+        if name in _ENVIRON:
+            os.unsetenv(name)
+            del _ENVIRON[name]
+    else:
+        os.putenv(name, value)
+        _ENVIRON[name] = value
+
+
+def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
+          setenv: Callable[[bytes, bytes | None], None]) -> tuple[bool, Connection]:
     """Do tcpserver's per-connection work up to the decision; return (deny, what was learned).
 
     Raise Die (dropping the connection) on a banner, address or rules failure.
@@ -332,7 +353,7 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config, env: dict[str
     c.proto = b"TCP6" if v6 else b"TCP"
     c.remoteip = netinfo.ip_text(remote_host, cfg.v6env).encode()
     status(cfg, b"tcpserver: pid %d from %s" % (pid, c.remoteip))
-    if cfg.killopts and conn.family == socket.AF_INET:
+    if cfg.killopts and ":" not in remote_host:  # an AF_INET socket
         try:
             conn.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"")
         except OSError:
@@ -357,40 +378,34 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config, env: dict[str
     c.remoteport = b"%d" % peer[1]
     c.localhost = cfg.localname if cfg.localname is not None else _lookup_name(local_ip)
 
-    def put(name: str, value: bytes | None) -> None:
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = os.fsdecode(value)
-
-    put("PROTO", c.proto)
-    put("TCPLOCALIP", c.localip)
-    put("TCPLOCALPORT", c.localport)
-    put("TCPLOCALHOST", c.localhost)
+    setenv(b"PROTO", c.proto)
+    setenv(b"TCPLOCALIP", c.localip)
+    setenv(b"TCPLOCALPORT", c.localport)
+    setenv(b"TCPLOCALHOST", c.localhost)
     if cfg.remotehost:
         remote_ip = c.remoteip.decode()
         name = _lookup_name(remote_ip)
         if name is not None and (not cfg.paranoid or netinfo.paranoid_ok(remote_ip, os.fsdecode(name))):
             c.remotehost = name
-    put("TCPREMOTEIP", c.remoteip)
-    put("TCPREMOTEPORT", c.remoteport)
-    put("TCPREMOTEHOST", c.remotehost)
+    setenv(b"TCPREMOTEIP", c.remoteip)
+    setenv(b"TCPREMOTEPORT", c.remoteport)
+    setenv(b"TCPREMOTEHOST", c.remotehost)
     if cfg.remoteinfo:
         info = ident.remoteinfo((netinfo.ip_text(remote_host), peer[1]),
                                 (netinfo.ip_text(str(local[0])), local[1]), cfg.timeout)
         # A C string: the environment and the log stop at a NUL.
         c.remoteinfo = None if info is None else info.split(b"\0", 1)[0]
-    put("TCPREMOTEINFO", c.remoteinfo)
+    setenv(b"TCPREMOTEINFO", c.remoteinfo)
     deny = False
     if cfg.rules is not None:
-        deny = follow_rules(cfg, c, env)
+        deny = follow_rules(cfg, c, setenv)
     if cfg.verbosity >= VERBOSE:
         status(cfg, decision_line(deny, pid, c.localhost, c.localip, c.localport, c.remotehost,
                                   c.remoteip, c.remoteinfo, c.remoteport))
     return deny, c
 
 
-def follow_rules(cfg: Config, c: Connection, env: dict[str, str]) -> bool:
+def follow_rules(cfg: Config, c: Connection, setenv: Callable[[bytes, bytes | None], None]) -> bool:
     """Apply the -x rules to env; return True for deny; raise Die if they cannot be read."""
     assert cfg.rules is not None
     drop = DROP + b"unable to read " + cfg.rules + b": "
@@ -411,7 +426,7 @@ def follow_rules(cfg: Config, c: Connection, env: dict[str, str]) -> bool:
     deny, variables = rules.decide(found[1])
     for name, value in variables:
         if name:  # an empty name cannot be passed through a Python environment
-            env[os.fsdecode(name)] = os.fsdecode(value)
+            setenv(name, value)
     return deny
 
 
@@ -419,16 +434,17 @@ def child(conn: socket.socket, peer: tuple[str, int], cfg: Config) -> NoReturn:
     """Serve one connection in the forked child: decide, then become the program."""
     code = EXIT_TEMP
     try:
-        env = dict(os.environ)
-        deny, _ = learn(conn, peer, cfg, env)
+        # The child's own environment becomes the program's: no copy to build.
+        deny, _ = learn(conn, peer, cfg, setenv)
         if deny:
             code = EXIT_DENY
         else:
             name = cfg.argv[0]
             try:
-                target = pathexec.target(name, os.environ.get("PATH"))
+                path = _ENVIRON.get(b"PATH")
+                target = pathexec.target(name, None if path is None else os.fsdecode(path))
                 fd = conn.fileno()
-                spawn.become(target, cfg.argv, env=env, fds={0: fd, 1: fd, 2: 2})
+                spawn.become(target, cfg.argv, fds={0: fd, 1: fd, 2: 2})
             except OSError as e:
                 raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
     except Die as d:
@@ -492,11 +508,13 @@ class Server:
                 child(conn, peer, self.cfg)
 
     def in_child(self) -> None:
-        """Let go of the parent's loop in a new child."""
-        self.selector.close()
-        self.listener.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        """Let go of the parent's descriptors in a new child.
+
+        Only the descriptors: the child ends in exec or os._exit, and freeing
+        the parent's objects here would copy the pages they sit on.
+        """
+        for fd in (self.selector.fileno(), self.listener.fileno(), self.wake_r, self.wake_w):
+            os.close(fd)
 
     def run(self) -> NoReturn:
         """Serve until SIGTERM."""
