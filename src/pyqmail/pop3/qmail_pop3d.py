@@ -112,10 +112,12 @@ class Session:
             self.send(ERR_NOSUCH)
             return
         try:
-            self.send(OK)
             blaster = Blaster(limit)
-            pending = []
-            size = 0
+            # "+OK" goes out with the message's first bytes, in one write, as
+            # qmail's buffered output sends it: alone, it would wait for the
+            # client's delayed acknowledgement (40 ms per RETR).
+            pending = [OK]
+            size = len(OK)
             while not blaster.done:
                 try:
                     data = os.read(fd, COPY_CHUNK)
