@@ -5,7 +5,7 @@ usage: python bench/smtpd.py [N] [K] [--loop]
 Sends N messages of 4 KB (default 2000) over K parallel client threads
 (default 10), one SMTP connection per message, with smtplib, to qmail-smtpd
 of a fresh single-user home, and prints accepted messages/s. qmail-smtpd is
-started per connection by pyqmail's tcpserver (``tcpserver -1 -HR 127.0.0.1
+started per connection by pyqmail's tcpserver (``tcpserver -1 -HR -l NAME 127.0.0.1
 0 qmail-smtpd``), or with --loop (or without a tcpserver) by a small Python
 accept loop that starts it through pyqmail.spawn as tcpserver does.
 
@@ -68,7 +68,8 @@ def accept_loop(home: str) -> tuple[int, int]:
 
 def start_tcpserver(home: str) -> tuple[int, int]:
     """Start pyqmail's tcpserver on 127.0.0.1:0; return (pid, port)."""
-    p = subprocess.Popen([os.path.join(home, "bin", "tcpserver"), "-1", "-HR", "-c", "100", "127.0.0.1", "0",
+    # -l as the book's run file has it (-l "$LOCAL"): no lookup of our own name per connection.
+    p = subprocess.Popen([os.path.join(home, "bin", "tcpserver"), "-1", "-HR", "-l", "bench.example.com", "-c", "100", "127.0.0.1", "0",
                           os.path.join(home, "bin", "qmail-smtpd")],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
     assert p.stdout is not None
