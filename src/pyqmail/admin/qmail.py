@@ -2,7 +2,7 @@
 
 usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
                   [--create-users] [--single-user] [FQDN]
-       qmail up [--home DIR] [--smtp-port N] [--qmtp-port N]
+       qmail up [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N]
        qmail down [--home DIR]
        qmail user add|del|passwd|list [--home DIR] [NAME]
        qmail status|doctor|trace|queue|report [--home DIR] ...
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
         if name == "up":
             c.add_argument("--smtp-port", type=int, default=None, help="SMTP port (default 25 as root, else 2525; 0: none)")
+            c.add_argument("--pop3-port", type=int, default=None, help="POP3 port (default 110 as root, else 2110; 0: none)")
             c.add_argument("--qmtp-port", type=int, default=None, help="QMTP port (default 209 as root, else 2209; 0: none)")
     for name, (_module, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -102,6 +103,8 @@ def main(argv: list[str]) -> int:
             ports.smtp = args.smtp_port
         if args.qmtp_port is not None:
             ports.qmtp = args.qmtp_port
+        if args.pop3_port is not None:
+            ports.pop3 = args.pop3_port
         return up.up(qhome, ports=ports)
     if args.command == "user":
         import os

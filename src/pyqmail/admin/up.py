@@ -1,16 +1,18 @@
-"""`qmail up` and `qmail down`: run a whole installation under one small supervisor.
+"""`qmail up` and `qmail down`: run a whole installation under daemontools-style supervision.
 
 `qmail up` creates the home if it is missing (`qmail init`), the invoking
-user's ~/Maildir/ in a single-user installation, then starts and watches the
-services the installation has: qmail-queued (root mode: local users'
-injection), qmail-start with `./Maildir/` as default delivery. A service that
-dies is restarted after a second. SIGINT or SIGTERM (which `qmail down`
-sends) stops them all with TERM, so that qmail-send lets running deliveries
-finish, and waits for them.
+user's ~/Maildir/ in a single-user installation, then writes one service
+directory per program into QMAILHOME/service/ (qmail-send through
+qmail-start; tcpserver with qmail-smtpd, qmail-popup and qmail-qmtpd), each
+with a multilog log service writing QMAILHOME/log/NAME/, and runs svscan on
+them. SIGINT or SIGTERM (which `qmail down` sends) stops svscan, then every
+service with `svc -dx` (qmail-send lets running deliveries finish), then the
+log services once their services are gone, so the logs keep the last lines.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import signal
@@ -22,64 +24,48 @@ from pyqmail import home as _home
 from pyqmail import spawn
 
 PIDFILE = "run/up.pid"
+SVSCAN_PIDFILE = "run/svscan.pid"
+SERVICES = "service"
 LOOPBACK_FQDN = "localhost.localdomain"
 LOGDIR = "log"
-RESTART_DELAY = 1.0
 STOP_TIMEOUT = 120.0
+POLL = 0.05
 
 
 class _Stop(Exception):
     """SIGINT or SIGTERM arrived: stop the services."""
 
 
-class Service:
-    """One supervised program."""
-
-    def __init__(self, name: str, argv: list[str], log: str) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.pid = 0
-        self.started = 0.0
-        self.restarts = 0
-
-    def start(self, qmail_home: str, env: dict[str, str], out: TextIO) -> None:
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # qmail-start without a logger gives qmail-send's activity record
-            # the descriptors it was started with: both go to the log file.
-            self.pid = spawn.spawn(self.argv[0], self.argv, env=env, fds={0: null, 1: fd, 2: fd},
-                                   cwd=qmail_home)
-        finally:
-            os.close(fd)
-            os.close(null)
-        self.started = time.monotonic()
-        print(f"qmail up: {self.name} started, pid {self.pid}, log {self.log}", file=out, flush=True)
-
-
 class Ports:
-    """Where `qmail up` listens: SMTP, QMTP (0 = do not run that service)."""
+    """Where `qmail up` listens: SMTP, POP3, QMTP (0 = do not run that service)."""
 
-    __slots__ = ("host", "smtp", "qmtp")
+    __slots__ = ("host", "smtp", "pop3", "qmtp")
 
-    def __init__(self, host: str, smtp: int, qmtp: int) -> None:
+    def __init__(self, host: str, smtp: int, qmtp: int, pop3: int = 0) -> None:
         self.host = host
         self.smtp = smtp
+        self.pop3 = pop3
         self.qmtp = qmtp
 
 
 def default_ports() -> Ports:
     """Root: qmail's ports on every address; otherwise loopback and unprivileged ports."""
     if os.geteuid() == 0:
-        return Ports("0", 25, 209)
-    return Ports("127.0.0.1", 2525, 2209)
+        return Ports("0", 25, 209, 110)
+    return Ports("127.0.0.1", 2525, 2209, 2110)
 
 
-def _tcpserver(qmail_home: str, inst: _home.Install, host: str, port: int, program: list[str]) -> list[str]:
+def _sh(word: str) -> str:
+    """Quote word for a /bin/sh run script."""
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def _tcpserver(qmail_home: str, inst: _home.Install, fqdn: str, host: str, port: int,
+               program: list[str], as_qmaild: bool) -> list[str]:
     bindir = os.path.join(qmail_home, "bin")
-    argv = [os.path.join(bindir, "tcpserver"), "-v", "-R", "-c", "40"]
-    if not inst.single:
+    # The book's run file: -v -R -l "$LOCAL" -x tcp.smtp.cdb -c 40 -u qmaild -g nofiles.
+    argv = [os.path.join(bindir, "tcpserver"), "-v", "-R", "-l", fqdn, "-c", "40"]
+    if as_qmaild and not inst.single:
         qmaild = inst.users["qmaild"]
         argv += ["-u", str(qmaild.uid), "-g", str(qmaild.gid)]
     rules = os.path.join(qmail_home, "control", "tcp.smtp.cdb")
@@ -88,24 +74,66 @@ def _tcpserver(qmail_home: str, inst: _home.Install, host: str, port: int, progr
     return argv + [host, str(port), *program]
 
 
-def _services(qmail_home: str, inst: _home.Install, ports: Ports) -> list[Service]:
+def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> dict[str, list[str]]:
+    """Return {service name: the argv its run script execs} for what `qmail up` runs."""
     bindir = os.path.join(qmail_home, "bin")
-    logdir = os.path.join(qmail_home, LOGDIR)
-    services = []
-    # In root mode qmail-start also starts qmail-queued (local injection).
-    services.append(Service("qmail-send", [os.path.join(bindir, "qmail-start"), "./Maildir/"],
-                            os.path.join(logdir, "qmail-send.log")))
+    out = {"send": [os.path.join(bindir, "qmail-start"), "./Maildir/"]}
     if ports.smtp:
-        services.append(Service(f"qmail-smtpd on {ports.host}:{ports.smtp}",
-                                _tcpserver(qmail_home, inst, ports.host, ports.smtp,
-                                           [os.path.join(bindir, "qmail-smtpd")]),
-                                os.path.join(logdir, "qmail-smtpd.log")))
+        out["smtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtp,
+                                  [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)
+    if ports.pop3:
+        # As root, checkpassword needs root to read /etc/shadow and become the user.
+        out["pop3d"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.pop3,
+                                  [os.path.join(bindir, "qmail-popup"), fqdn, os.path.join(bindir, "checkpassword"),
+                                   os.path.join(bindir, "qmail-pop3d"), "Maildir"], as_qmaild=False)
     if ports.qmtp:
-        services.append(Service(f"qmail-qmtpd on {ports.host}:{ports.qmtp}",
-                                _tcpserver(qmail_home, inst, ports.host, ports.qmtp,
-                                           [os.path.join(bindir, "qmail-qmtpd")]),
-                                os.path.join(logdir, "qmail-qmtpd.log")))
-    return services
+        out["qmtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.qmtp,
+                                  [os.path.join(bindir, "qmail-qmtpd")], as_qmaild=True)
+    return out
+
+
+def _write_file(path: str, text: str, mode: int) -> None:
+    tmp = path + ".new"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def write_services(qmail_home: str, inst: _home.Install, wanted: dict[str, list[str]]) -> list[str]:
+    """Make QMAILHOME/service/NAME/{run,log/run} for wanted, remove other services; return their dirs."""
+    bindir = os.path.join(qmail_home, "bin")
+    top = os.path.join(qmail_home, SERVICES)
+    os.makedirs(top, mode=0o755, exist_ok=True)
+    path = f"{bindir}:/usr/local/bin:/usr/bin:/bin"
+    dirs = []
+    for name in sorted(os.listdir(top)):
+        if name not in wanted and not name.startswith("."):
+            import shutil
+
+            shutil.rmtree(os.path.join(top, name))
+    logger = []
+    if not inst.single:
+        logger = [os.path.join(bindir, "setuidgid"), inst.users["qmaill"].name]
+    for name, argv in wanted.items():
+        d = os.path.join(top, name)
+        os.makedirs(os.path.join(d, "log"), mode=0o755, exist_ok=True)
+        # qmail-send runs in the home (qmail-start's defaultdelivery is relative
+        # to each user's home, qmail-send itself works in queue/).
+        _write_file(os.path.join(d, "run"),
+                    "#!/bin/sh\nexec 2>&1\n"
+                    f"cd {_sh(qmail_home)} || exit 111\n"
+                    f"exec env - PATH={_sh(path)} {' '.join(_sh(w) for w in argv)}\n", 0o755)
+        logdir = os.path.join(qmail_home, LOGDIR, name)
+        os.makedirs(logdir, mode=0o755, exist_ok=True)
+        if not inst.single:
+            qmaill = inst.users["qmaill"]
+            os.chown(logdir, qmaill.uid, qmaill.gid)
+        multilog = [*logger, os.path.join(bindir, "multilog"), "t", logdir]
+        _write_file(os.path.join(d, "log", "run"),
+                    f"#!/bin/sh\nexec env - PATH={_sh(path)} {' '.join(_sh(w) for w in multilog)}\n", 0o755)
+        dirs.append(d)
+    return dirs
 
 
 def _maildir(path: str) -> None:
@@ -116,49 +144,166 @@ def _maildir(path: str) -> None:
             pass
 
 
+def _alive(pidfile: str) -> int:
+    """Return the pid in pidfile if that process exists, else 0."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip() or "0")
+    except (FileNotFoundError, ValueError):
+        return 0
+    if pid <= 0:
+        return 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return 0
+    except PermissionError:
+        pass
+    return pid
+
+
+def _control(service_dir: str, data: bytes) -> bool:
+    """Send svc's commands to the supervise of service_dir; False if none runs there."""
+    try:
+        fd = os.open(os.path.join(service_dir, "supervise", "control"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENOENT):
+            return False
+        raise
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _supervised(service_dir: str) -> bool:
+    from pyqmail.svc import status
+
+    try:
+        status.read(service_dir)
+    except status.NotRunning:
+        return False
+    except status.StatusError:
+        return os.path.isdir(os.path.join(service_dir, "supervise"))
+    return True
+
+
+def stop_all(qmail_home: str, out: TextIO | None = None) -> None:
+    """Stop svscan, then each service (svc -dx), then the log services; wait for every supervise."""
+    pid = _alive(os.path.join(qmail_home, SVSCAN_PIDFILE))
+    if pid:
+        # First svscan, or it would start the supervise processes again.
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while _alive(os.path.join(qmail_home, SVSCAN_PIDFILE)) and time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                pass
+            time.sleep(POLL)
+    top = os.path.join(qmail_home, SERVICES)
+    try:
+        names = sorted(n for n in os.listdir(top) if not n.startswith("."))
+    except FileNotFoundError:
+        return
+    for layer in ([os.path.join(top, n) for n in names], [os.path.join(top, n, "log") for n in names]):
+        for d in layer:
+            _control(d, b"dx")
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for d in layer:
+            while _supervised(d) and time.monotonic() < deadline:
+                _reap()
+                time.sleep(POLL)
+    _reap()
+    try:
+        os.unlink(os.path.join(qmail_home, SVSCAN_PIDFILE))
+    except FileNotFoundError:
+        pass
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _init_home(qmail_home: str, out: TextIO, err: TextIO) -> int:
+    from pyqmail.admin import install
+
+    import io
+
+    try:
+        fqdn = install.find_fqdn(io.StringIO())
+    except install.InstallError:
+        fqdn = ""
+    if "." not in fqdn:
+        # qmail-inject appends defaultdomain to a host without a dot, so
+        # a bare "localhost" would turn user into user@localhost.localhost.
+        fqdn = LOOPBACK_FQDN
+    opts = install.Options(home=qmail_home, fqdn=fqdn, single_user=os.geteuid() != 0,
+                           create_users=os.geteuid() == 0)
+    rc = install.init(opts, out, err)
+    if rc != 0:
+        return rc
+    # A system on loopback also takes mail for user@localhost.
+    for name in ("locals", "rcpthosts"):
+        with open(os.path.join(qmail_home, "control", name), "a", encoding="latin-1") as f:
+            f.write("localhost\n")
+    return 0
+
+
+POP3_PASSWORD_FILE = "conf/pop3-password"
+
+
+def _pop3_user(qmail_home: str, inst: _home.Install, user: str, maildir_home: str, uid: int, gid: int) -> str:
+    """Make user a POP3 virtual user whose mail is maildir_home/Maildir; return its password file."""
+    import io
+    import secrets
+
+    from pyqmail.admin import users
+
+    path = os.path.join(qmail_home, POP3_PASSWORD_FILE)
+    with users.Database(qmail_home) as db:
+        known = db.find(os.fsencode(user)) >= 0
+    if known and os.path.exists(path):
+        return path
+    password = secrets.token_urlsafe(12)
+    if known:
+        users.passwd(qmail_home, user, io.BytesIO(password.encode() + b"\n"), False)
+    else:
+        users.add(qmail_home, user, str(uid), str(gid), maildir_home, io.BytesIO(password.encode() + b"\n"), False)
+    fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    os.replace(path + ".new", path)
+    return path
+
+
 def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, ports: Ports | None = None) -> int:
     """Run the installation in qmail_home until SIGINT/SIGTERM; return the exit code."""
     ports = ports or default_ports()
     if not os.path.isdir(os.path.join(qmail_home, "queue")):
-        from pyqmail.admin import install
-
-        import io
-
-        try:
-            fqdn = install.find_fqdn(io.StringIO())
-        except install.InstallError:
-            fqdn = ""
-        if "." not in fqdn:
-            # qmail-inject appends defaultdomain to a host without a dot, so
-            # a bare "localhost" would turn user into user@localhost.localhost.
-            fqdn = LOOPBACK_FQDN
-        opts = install.Options(home=qmail_home, fqdn=fqdn, single_user=os.geteuid() != 0,
-                               create_users=os.geteuid() == 0)
-        rc = install.init(opts, out, err)
+        rc = _init_home(qmail_home, out, err)
         if rc != 0:
             return rc
-        # A system on loopback also takes mail for user@localhost.
-        for name in ("locals", "rcpthosts"):
-            with open(os.path.join(qmail_home, "control", name), "a", encoding="latin-1") as f:
-                f.write("localhost\n")
     _home.set_default(qmail_home)
     inst = _home.install()
-    os.makedirs(os.path.join(qmail_home, LOGDIR), exist_ok=True)
+    os.makedirs(os.path.join(qmail_home, "run"), exist_ok=True)
     pidfile = os.path.join(qmail_home, PIDFILE)
-    try:
-        with open(pidfile) as f:
-            other = int(f.read().strip() or "0")
-        if other and other != os.getpid():
-            try:
-                os.kill(other, 0)
-            except ProcessLookupError:
-                pass
-            else:
-                print(f"qmail up: fatal: already running in {qmail_home} (pid {other}); "
-                      f"stop it with: qmail down --home {qmail_home}", file=err)
-                return 111
-    except (FileNotFoundError, ValueError):
-        pass
+    other = _alive(pidfile)
+    if other and other != os.getpid():
+        print(f"qmail up: fatal: already running in {qmail_home} (pid {other}); "
+              f"stop it with: qmail down --home {qmail_home}", file=err)
+        return 111
+    # Services a killed `qmail up` left behind.
+    stop_all(qmail_home)
     with open(pidfile, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -168,19 +313,22 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
         me = f.read().strip()
     if inst.single:
         # Where qmail-lspawn will deliver: the passwd home, not $HOME.
-        maildir = os.path.join(pw.pw_dir, "Maildir")
+        maildir_home, uid, gid = pw.pw_dir, pw.pw_uid, pw.pw_gid
+        maildir = os.path.join(maildir_home, "Maildir")
         _maildir(maildir)
     else:
         # As root, mail for postmaster, root and mailer-daemon goes to the
         # alias user's default delivery.
         user = "postmaster"
         alias = inst.users["alias"]
-        maildir = os.path.join(alias.home, "Maildir")
+        maildir_home, uid, gid = alias.home, alias.uid, alias.gid
+        maildir = os.path.join(maildir_home, "Maildir")
         _maildir(maildir)
         for sub in ("", "tmp", "new", "cur"):
             os.chown(os.path.join(maildir, sub), alias.uid, alias.gid)
-    env = {"PATH": f"{qmail_home}/bin:/usr/local/bin:/usr/bin:/bin"}
-    services = _services(qmail_home, inst, ports)
+    password_file = _pop3_user(qmail_home, inst, user, maildir_home, uid, gid) if ports.pop3 else ""
+    wanted = services(qmail_home, inst, ports, me)
+    write_services(qmail_home, inst, wanted)
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -193,51 +341,54 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    svscan = 0
     try:
-        for s in services:
-            s.start(qmail_home, env, out)
-        print(f"qmail up: running in {qmail_home} ({'single-user' if inst.single else 'root'} mode)", file=out)
+        svscan = os.fork()
+        if svscan == 0:
+            try:
+                # Its own session: Ctrl-C on the terminal reaches `qmail up`
+                # alone, which stops the services in order.
+                os.setsid()
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                null = os.open(os.devnull, os.O_RDWR)
+                spawn.become(os.path.join(qmail_home, "bin", "svscan"), ["svscan", os.path.join(qmail_home, SERVICES)],
+                             env={"PATH": f"{qmail_home}/bin:/usr/local/bin:/usr/bin:/bin"},
+                             fds={0: null, 1: null, 2: null})
+            finally:
+                os._exit(111)
+        with open(os.path.join(qmail_home, SVSCAN_PIDFILE), "w") as f:
+            f.write(f"{svscan}\n")
+        host = "127.0.0.1" if ports.host == "0" else ports.host
+        print(f"qmail up: running in {qmail_home} ({'single-user' if inst.single else 'root'} mode), "
+              f"services in {qmail_home}/{SERVICES}, logs in {qmail_home}/{LOGDIR}/", file=out)
+        listening = {"smtpd": ports.smtp, "pop3d": ports.pop3, "qmtpd": ports.qmtp}
+        for name, argv in wanted.items():
+            where = f" on {ports.host}:{listening[name]}" if name in listening else ""
+            print(f"qmail up: {name}{where}: {' '.join(argv)}", file=out)
         print(f"qmail up: mail to {user}@{me} is delivered to {maildir}/", file=out)
         print(f"qmail up: send one with: echo 'Subject: hello' | {qmail_home}/bin/qmail-inject {user}", file=out)
         if ports.smtp:
-            print(f"qmail up: or over SMTP: swaks --server {'127.0.0.1' if ports.host == '0' else ports.host}"
-                  f" --port {ports.smtp} --to {user}@{me}", file=out)
+            print(f"qmail up: or over SMTP: swaks --server {host} --port {ports.smtp} --to {user}@{me}", file=out)
+        if ports.pop3:
+            print(f"qmail up: read it over POP3 at {host}:{ports.pop3} as user {user}, "
+                  f"password in {password_file}", file=out)
+        print(f"qmail up: status with: qmail status --home {qmail_home}", file=out)
         print(f"qmail up: stop with Ctrl-C or: qmail down --home {qmail_home}", file=out, flush=True)
         while not stopping:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = os.waitpid(svscan, 0)
             except ChildProcessError:
-                time.sleep(RESTART_DELAY)
-                continue
-            for s in services:
-                if s.pid == pid and not stopping:
-                    code = spawn.exit_code(status)
-                    print(f"qmail up: {s.name} exited ({code}); restarting", file=out, flush=True)
-                    time.sleep(RESTART_DELAY)
-                    s.restarts += 1
-                    if not stopping:
-                        s.start(qmail_home, env, out)
+                break
+            if pid == svscan and not stopping:
+                print(f"qmail up: svscan exited ({spawn.exit_code(status)}); stopping", file=out, flush=True)
+                break
     except _Stop:
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for s in reversed(services):
-            if s.pid:
-                try:
-                    os.kill(s.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for s in services:
-            while s.pid and time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(s.pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                time.sleep(0.05)
+        stop_all(qmail_home, out)
         try:
             os.unlink(pidfile)
         except FileNotFoundError:
@@ -247,24 +398,28 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
 
 
 def down(qmail_home: str, err: TextIO = sys.stderr) -> int:
-    """Stop the `qmail up` running for qmail_home; return 0, or 111 if none runs."""
+    """Stop the `qmail up` running for qmail_home (or what a killed one left); 0, or 111 if nothing runs."""
+    pidfile = os.path.join(qmail_home, PIDFILE)
+    pid = _alive(pidfile)
+    if not pid:
+        top = os.path.join(qmail_home, SERVICES)
+        left = _alive(os.path.join(qmail_home, SVSCAN_PIDFILE)) or (
+            os.path.isdir(top) and any(_supervised(os.path.join(top, n)) for n in os.listdir(top)))
+        if not left:
+            print(f"qmail down: nothing runs in {qmail_home}", file=err)
+            return 111
+        stop_all(qmail_home)
+        return 0
     try:
-        with open(os.path.join(qmail_home, PIDFILE)) as f:
-            pid = int(f.read().strip())
         os.kill(pid, signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        print(f"qmail down: nothing runs in {qmail_home}", file=err)
-        return 111
+    except ProcessLookupError:
+        pass
     # `qmail up` removes its pid file when everything has stopped (its parent
     # may not have reaped it yet, so the pid alone says nothing).
-    pidfile = os.path.join(qmail_home, PIDFILE)
-    for _ in range(int(STOP_TIMEOUT * 10)):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return 0
-        if not os.path.exists(pidfile):
+    deadline = time.monotonic() + STOP_TIMEOUT * 2
+    while time.monotonic() < deadline:
+        if not _alive(pidfile):
             return 0
         time.sleep(0.1)
-    print(f"qmail down: pid {pid} still running after {STOP_TIMEOUT:.0f} s", file=err)
+    print(f"qmail down: pid {pid} still running after {STOP_TIMEOUT * 2:.0f} s", file=err)
     return 111
