@@ -143,7 +143,7 @@ SEND_LINES = [
     b"status: local 0/10 remote 0/20",
     b"new msg 12345",
     b"info msg 12345: bytes 310 from <a@b.example> qp 4711 uid 0",
-    b"starting delivery 1: msg 12345 to remote joe@far.example",
+    b"starting delivery 1: msg 12345 to remote unable@far.example",
     b"status: local 0/10 remote 1/20",
     b"delivery 1: deferral: Sorry,_I_wasn't_able_to_establish_an_SMTP_connection._(#4.4.1)/",
     b"status: local 0/10 remote 0/20",
@@ -152,7 +152,7 @@ SEND_LINES = [
     b"delivery 2: failure: Sorry,_no_mailbox_here_by_that_name._(#5.1.1)/",
     b"alert: unable to reread control/locals",
     b"warning: trouble injecting bounce message, will try later",
-    b"delivery 3: success: did_0+0+1/",
+    b"delivery 3: success: 1.2.3.4_accepted_message./Remote_host_said:_250_ok_unable_to_fail/",
     b"status: local 2/10 remote 3/20",
     b"end msg 12345",
 ]
@@ -173,7 +173,7 @@ def layout(home: QHome, now: int) -> dict[str, Path]:
     write_log(home, "send", [(base + i, line) for i, line in enumerate(SEND_LINES)])
     write_log(home, "smtpd", [(base, b"tcpserver: status: 0/40"), (base + 1, b"tcpserver: status: 1/40"),
                               (base + 2, b"tcpserver: pid 99 from 127.0.0.1"),
-                              (base + 3, b"tcpserver: ok 99 localhost:127.0.0.1:25 :127.0.0.1::40000"),
+                              (base + 3, b"tcpserver: ok 99 localhost:127.0.0.1:25 trouble.example:127.0.0.1::40000"),
                               (base + 4, b"tcpserver: end 99 status 0"),
                               (base + 5, b"tcpserver: status: 0/40")])
     return {"send": svc / "send", "send/log": svc / "send" / "log",

@@ -19,6 +19,11 @@ QMAILHOME/log/NAME/current (with the rotated @*.s files). One item per line:
     concurrency NAME: n/m                                  (last tcpserver status line)
     error NAME: YYYY-MM-DD HH:MM:SS.nnnnnnnnn TEXT         (last ERRORS_MAX per log)
 
+A service where supervise never ran (no supervise/ok) is "supervise not
+running", like one whose supervise has stopped. Error lines are those with
+one of ERROR_MARKS, except qmail-send's and tcpserver's routine lines
+(ROUTINE), which quote addresses and host names chosen by others.
+
 Exit 0 when everything that exists is up, 1 when something is down or
 nothing runs, 100 for a usage error, 111 when something could not be read.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import getopt
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -53,6 +59,12 @@ SERVICE_ORDER = ("send", "smtpd", "qmtpd", "pop3d")  # `qmail up`'s services, sh
 SEND_LOG = "send"
 ERRORS_MAX = 10  # error lines shown per log
 ERROR_MARKS = (b"deferral:", b"failure:", b"warning:", b"alert:", b"unable", b"trouble", b"internal error")
+# Routine lines that quote addresses, host names or delivery reports, which
+# may hold any of ERROR_MARKS ("to remote unable@x", a remote host named
+# trouble.example): never errors.
+ROUTINE = (b"starting delivery ", b"info msg ", b"new msg ", b"end msg ", b"bounce msg ", b"status: ",
+           b"tcpserver: pid ", b"tcpserver: ok ", b"tcpserver: end ", b"tcpserver: status: ")
+SUCCESS = re.compile(rb"delivery \d+: success: ")
 SEND_STATUS = b"status: local "
 TCPSERVER_STATUS = b"tcpserver: status: "
 TAIL_MAX = 256 << 10  # bytes read from the end of each log file
@@ -329,6 +341,8 @@ def shown(line: bytes) -> bytes:
 def is_error(line: bytes) -> bool:
     """Return whether a log line reports a problem."""
     text = text_of(line)
+    if text.startswith(ROUTINE) or SUCCESS.match(text):
+        return False
     return any(mark in text for mark in ERROR_MARKS)
 
 
