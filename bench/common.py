@@ -57,3 +57,41 @@ def queue_messages(home: str, n: int, body: bytes, envelope: bytes) -> None:
         os.write(ew, envelope)
         os.close(ew)
         assert spawn.wait(pid) == 0
+
+
+def run_send_until(home: str, n: int, env: dict[str, str],
+                   on_line: Callable[[bytes], None] | None = None) -> float:
+    """Start qmail-start, read its log until n 'end msg' lines (600 s at most), stop it; return the seconds."""
+    import select
+    import signal
+
+    from pyqmail import spawn
+
+    log_r, log_w = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    start = time.perf_counter()
+    pid = spawn.spawn(os.path.join(home, "bin", "qmail-start"), ["qmail-start", "./Maildir/"], env=env,
+                      fds={0: null, 1: log_w, 2: 2})
+    os.close(log_w)
+    os.close(null)
+    ended = 0
+    buf = b""
+    deadline = time.monotonic() + 600
+    while ended < n and time.monotonic() < deadline:
+        select.select([log_r], [], [], 1.0)
+        data = os.read(log_r, 1 << 16)
+        if not data:
+            break
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            ended += line.startswith(b"end msg ")
+            if on_line is not None:
+                on_line(line)
+    elapsed = time.perf_counter() - start
+    os.kill(pid, signal.SIGTERM)
+    while os.read(log_r, 1 << 16):
+        pass
+    os.close(log_r)
+    spawn.wait(pid)
+    return elapsed

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import os
 import pwd
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -73,31 +70,7 @@ def fill(home: str, n: int, size: int) -> None:
 
 def drain(home: str, maildir: str, n: int) -> float:
     """Start qmail-start, wait for n 'end msg' lines, stop it; return the seconds taken."""
-    log_r, log_w = os.pipe()
-    null = os.open(os.devnull, os.O_RDONLY)
-    env = {"PATH": f"{home}/bin:/usr/bin:/bin"}
-    start = time.perf_counter()
-    pid = spawn.spawn(os.path.join(home, "bin", "qmail-start"), ["qmail-start", "./Maildir/"], env=env,
-                      fds={0: null, 1: log_w, 2: 2})
-    os.close(log_w)
-    os.close(null)
-    ended = 0
-    buf = b""
-    deadline = time.monotonic() + 600
-    while ended < n and time.monotonic() < deadline:
-        select.select([log_r], [], [], 1.0)
-        data = os.read(log_r, 1 << 16)
-        if not data:
-            break
-        buf += data
-        *lines, buf = buf.split(b"\n")
-        ended += sum(line.startswith(b"end msg ") for line in lines)
-    elapsed = time.perf_counter() - start
-    os.kill(pid, signal.SIGTERM)
-    while os.read(log_r, 1 << 16):
-        pass
-    os.close(log_r)
-    spawn.wait(pid)
+    elapsed = common.run_send_until(home, n, {"PATH": f"{home}/bin:/usr/bin:/bin"})
     got = len(os.listdir(os.path.join(maildir, "new")))
     assert got == n, f"{got} of {n} messages delivered"
     return elapsed

@@ -15,9 +15,7 @@ bench drops to --user (default: pqtest).
 from __future__ import annotations
 
 import os
-import select
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -79,35 +77,17 @@ def fill(home: str, n: int, size: int) -> None:
 
 def deliver(home: str, n: int) -> tuple[float, int]:
     """Start qmail-start, wait for n 'end msg' lines, stop it; return (seconds, successes)."""
-    log_r, log_w = os.pipe()
-    null = os.open(os.devnull, os.O_RDONLY)
+    ok = 0
+
+    def line(text: bytes) -> None:
+        nonlocal ok
+        if b": success: " in text:
+            ok += 1
+        elif text.startswith(b"delivery "):  # say why, if anything but success happens
+            print(text.decode("latin-1"), file=sys.stderr)
+
     env = {"PATH": f"{home}/bin:/usr/bin:/bin", "DNSCACHEIP": "127.0.0.1:9"}
-    start = time.perf_counter()
-    pid = spawn.spawn(os.path.join(home, "bin", "qmail-start"), ["qmail-start", "./Maildir/"], env=env,
-                      fds={0: null, 1: log_w, 2: 2})
-    os.close(log_w)
-    os.close(null)
-    ended = ok = 0
-    buf = b""
-    deadline = time.monotonic() + 600
-    while ended < n and time.monotonic() < deadline:
-        select.select([log_r], [], [], 1.0)
-        data = os.read(log_r, 1 << 16)
-        if not data:
-            break
-        buf += data
-        *lines, buf = buf.split(b"\n")
-        ended += sum(line.startswith(b"end msg ") for line in lines)
-        ok += sum(b": success: " in line for line in lines)
-        for line in lines:  # say why, if anything but success happens
-            if line.startswith(b"delivery ") and b": success: " not in line:
-                print(line.decode("latin-1"), file=sys.stderr)
-    elapsed = time.perf_counter() - start
-    os.kill(pid, signal.SIGTERM)
-    while os.read(log_r, 1 << 16):
-        pass
-    os.close(log_r)
-    spawn.wait(pid)
+    elapsed = common.run_send_until(home, n, env, line)
     return elapsed, ok
 
 
