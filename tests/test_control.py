@@ -123,3 +123,12 @@ def test_domain_set_folds_ascii_only() -> None:
     ds = control.DomainSet(["\xc4x.example"])
     assert ds.match("\xc4X.EXAMPLE")
     assert not ds.match("\xe4x.example"), "qmail's case_lowerb folds A-Z only"
+
+
+def test_long_files_are_read_whole(ctl: QHome) -> None:
+    """Reads start small and grow: a file of many chunks, a line across a chunk boundary, no newline at the end."""
+    names = [f"host{i:06d}.example" for i in range(20000)]
+    ctl.control("rcpthosts", "\n".join(names))
+    assert control.read_lines("rcpthosts") == names
+    ctl.control("smtpgreeting", "x" * 4095 + "yz\nsecond\n")
+    assert control.read_line("smtpgreeting") == "x" * 4095 + "yz"

@@ -9,6 +9,7 @@ import re
 import select
 import shutil
 import smtplib
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -139,6 +140,41 @@ def test_under_pyqmail_tcpserver(qhome: QHome) -> None:
     assert (sender, rcpts) == (b"a@c.example", [b"x@far.example"])
     rest = mess[RECEIVED.match(mess).end():]
     assert rest.startswith(b"Received: from unknown (HELO c.example) (127.0.0.1)\n  by mx.test.example.com with SMTP; ")
+
+
+def _greeting_via_tcpserver(qhome: QHome, change: object = None) -> list[bytes]:
+    """Start tcpserver + qmail-smtpd (which warms up in tcpserver's parent), read two greetings."""
+    p = subprocess.Popen([qhome.bin("tcpserver"), "-1", "-HR", "-l", "mx.test.example.com", "127.0.0.1", "0",
+                          qhome.bin("qmail-smtpd")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={"PATH": "/usr/bin:/bin"})
+    got = []
+    try:
+        port = int(p.stdout.readline())
+        for step in range(2):
+            if step == 1 and change is not None:
+                change()  # type: ignore[operator]
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+                got.append(c.makefile("rb").readline())
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+    return got
+
+
+def test_warm_up_in_tcpserver_caches_no_control_file(qhome: QHome) -> None:
+    """qmail-smtpd's preload runs sessions in tcpserver's parent; each connection still reads the controls."""
+    qhome.control("smtpgreeting", "first.example")
+    got = _greeting_via_tcpserver(qhome, lambda: qhome.control("smtpgreeting", "second.example says hi"))
+    assert got == [b"220 first.example ESMTP\r\n", b"220 second.example says hi ESMTP\r\n"]
+    assert queued(qhome.queue) == []
+
+
+def test_warm_up_with_broken_controls(qhome: QHome) -> None:
+    """No greeting and no me: the warm-up gives up quietly and every connection gets qmail's 421."""
+    qhome.control("smtpgreeting", None)
+    qhome.control("me", None)
+    got = _greeting_via_tcpserver(qhome, lambda: qhome.control("me", "back.example"))
+    assert got == [b"421 unable to read controls (#4.3.0)\r\n", b"220 back.example ESMTP\r\n"]
 
 
 def test_relay_control_over_tcp(qhome: QHome) -> None:
