@@ -334,13 +334,10 @@ def check_alias(r: Report, inst: _home.Install) -> None:
         return
     adir = os.fsdecode(alias.dir)
     acct = inst.users.get("alias")
-    if acct is not None and not inst.single and os.path.normpath(acct.home) != os.path.normpath(adir):
-        # qmail-getpw takes the alias user's home from passwd, as C qmail does.
-        r.problem(f"the alias user {acct.name} has home {adir} in passwd, not this installation's {acct.home}: "
-                  f"mail for postmaster, root and unknown local parts is delivered by the .qmail files in {adir}",
-                  f"usermod -d {_q(acct.home)} {_q(acct.name)}")
-        if not os.path.isdir(adir):
-            return
+    if not os.path.isdir(adir):
+        r.problem(f"the alias directory {adir} is missing: mail for postmaster, root and unknown local parts "
+                  "is deferred", "qmail init --force (as root) to lay the home out again")
+        return
     try:
         has_default = os.path.exists(os.path.join(adir, ".qmail-default"))
     except OSError:

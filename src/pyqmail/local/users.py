@@ -246,7 +246,21 @@ def alias_entry(getpwnam: Callable[[bytes], PwEntry | None] = system_getpwnam) -
         # Single-user mode: the alias role is the installing user, with the
         # alias directory of this home as its home directory.
         return PwEntry(acct.name.encode(), acct.uid, acct.gid, acct.home.encode())
-    return getpwnam(acct.name.encode())
+    # Root mode: the ids are passwd's, as qmail's; the home is always this
+    # installation's alias/ (conf/install), whatever passwd says, so that
+    # `qmail init` decides where postmaster's mail goes and several
+    # installations can share one alias user (docs/DESIGN.md).
+    pw = getpwnam(acct.name.encode())
+    return None if pw is None else _as_alias(pw)
+
+
+def _as_alias(pw: PwEntry) -> PwEntry:
+    """Return pw, with this installation's alias home if pw is root mode's alias user."""
+    inst = _home.install()
+    acct = inst.users.get("alias")
+    if inst.single or acct is None or pw.name != acct.name.encode():
+        return pw
+    return PwEntry(pw.name, pw.uid, pw.gid, acct.home.encode())
 
 
 def getpw(local: bytes, getpwnam: Callable[[bytes], PwEntry | None] = system_getpwnam,
@@ -262,6 +276,8 @@ def getpw(local: bytes, getpwnam: Callable[[bytes], PwEntry | None] = system_get
     while True:
         if end < GETPW_USERLEN and (end == len(local) or local[end:end + 1] == BREAK):
             pw = getpwnam(lower(local[:end])) if end else None
+            if pw is not None and pw.uid != 0:
+                pw = _as_alias(pw)
             if pw is not None and pw.uid != 0:
                 owner = home_owner(pw.dir)
                 if owner is not None and owner == pw.uid:
