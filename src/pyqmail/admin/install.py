@@ -335,6 +335,11 @@ def _init(opts: Options, out: TextIO) -> None:
         inst = _single_user(qmail_home)
     # The alias user's home is this installation's alias/ whatever passwd says,
     # so that several installations can live side by side (the book's chapter 5).
+    alias_dir = os.path.join(qmail_home, "alias")
+    passwd_alias = inst.users.get("alias")
+    if root_mode and passwd_alias is not None and os.path.normpath(passwd_alias.home) != alias_dir:
+        print(f"Mail for postmaster, root and mailer-daemon goes by the files in {alias_dir}/ "
+              f"(the alias user's passwd home, {passwd_alias.home}, is not used).", file=out)
     users = {role: _home.Account(a.name, a.uid, a.gid,
                                  os.path.join(qmail_home, "alias") if role == "alias" else qmail_home)
              for role, a in inst.users.items()}
