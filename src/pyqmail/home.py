@@ -31,6 +31,11 @@ def set_default(path: str) -> None:
     _install = None
 
 
+def stub_home() -> str | None:
+    """Return the home named by the stub that started this process; None if no stub did."""
+    return _default
+
+
 def reset() -> None:
     """Forget the home and install record read so far (used after fork)."""
     global _home, _install

@@ -500,7 +500,7 @@ def doctor(home: str, dns: mx.Lookup) -> Report:
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Check an installation; print each problem with its fix.")
     p.add_argument("--home", default=None,
-                   help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+                   help=install.HOME_HELP)
     return p
 
 

@@ -48,14 +48,46 @@ class Options:
     single_user: bool = False
 
 
+HOME_HELP = ("the installation (default: $QMAILHOME, else the home of the bin/qmail stub that runs, "
+             "else /var/qmail as root; an ordinary user: the checkout's qmail-home, as ./run, or ~/qmail)")
+
+
 def default_home() -> str:
-    """Return the home `qmail` commands use without --home."""
+    """Return the home an admin command uses without --home.
+
+    $QMAILHOME, else the home named by the QMAILHOME/bin stub that started
+    this process, else /var/qmail as root; for an ordinary user the
+    qmail-home directory of the source checkout pyqmail runs from (where
+    ./run keeps it), or ~/qmail when pyqmail is installed as a package.
+    """
     env = os.environ.get("QMAILHOME")
     if env:
         return env
+    stub = _home.stub_home()
+    if stub:
+        return stub
     if os.geteuid() == 0:
         return _home.DEFAULT_HOME
+    checkout = _checkout()
+    if checkout is not None:
+        return os.path.join(checkout, CHECKOUT_HOME)
     return os.path.join(os.path.expanduser("~"), "qmail")
+
+
+CHECKOUT_HOME = "qmail-home"  # ./run's home in a source checkout
+
+
+def _checkout() -> str | None:
+    """Return the source checkout this pyqmail runs from (it has ./run and src/pyqmail); None otherwise."""
+    import pyqmail
+
+    pkg = os.path.dirname(os.path.abspath(pyqmail.__file__))
+    src = os.path.dirname(pkg)
+    top = os.path.dirname(src)
+    if os.path.basename(src) == "src" and os.path.isfile(os.path.join(top, "run")) \
+            and os.path.isfile(os.path.join(top, "pyproject.toml")):
+        return top
+    return None
 
 
 # --- derived control values, as config-fast computes them ---------------------
@@ -277,26 +309,320 @@ def programs() -> dict[str, str]:
     return {name: target.split(":")[0] for name, target in table.items()}
 
 
-def _package_paths() -> list[str]:
+# --- the code: a private copy of pyqmail and its dependencies ----------------
+
+LIB_DIR = "lib"
+_LIB_PREFIX = "pyqmail-"
+_STUB_PROBE = "qmail"  # the stub whose text tells which lib dir the stubs use
+
+
+class _LibFile:
+    """One file of a lib dir: its path inside it, its bytes, and the file it comes from (if any)."""
+
+    __slots__ = ("rel", "data", "src")
+
+    def __init__(self, rel: str, data: bytes, src: str | None) -> None:
+        self.rel = rel
+        self.data = data
+        self.src = src
+
+
+def base_python() -> str:
+    """Return the interpreter stubs run: the running one's base, not a venv's symlink to it."""
+    exe = getattr(sys, "_base_executable", None) or sys.executable
+    real = os.path.realpath(exe)
+    if not os.access(real, os.X_OK):
+        raise InstallError(f"qmail init: fatal: cannot run the base interpreter {real}")
+    return real
+
+
+def _requirement_names(reqs: list[str] | None) -> list[str]:
+    """Return the distribution names a distribution needs at run time (extras left out)."""
+    import re
+
+    names = []
+    for req in reqs or []:
+        marker = req.partition(";")[2]
+        if "extra" in marker:
+            continue
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+        if m:
+            names.append(m.group(1))
+    return names
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _lib_files() -> tuple[str, list[_LibFile]]:
+    """Return pyqmail's version and the files of a lib dir: the package, its dist-info, its dependencies.
+
+    The pyqmail package is copied from the directory it runs from (an
+    editable install is the checkout's src/pyqmail itself); each dependency
+    from the files its installed distribution lists. Raise InstallError if a
+    dependency is not installed.
+    """
+    from importlib import metadata
+
     import pyqmail
 
-    src = os.path.dirname(os.path.dirname(os.path.abspath(pyqmail.__file__)))
-    paths = [src]
-    for p in sys.path:
-        if p.endswith("site-packages") and p not in paths and os.path.isdir(p):
-            paths.append(p)
-    return paths
+    files: dict[str, _LibFile] = {}
+    pkg = os.path.dirname(os.path.abspath(pyqmail.__file__))
+    for dirpath, dirnames, filenames in os.walk(pkg):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for fn in filenames:
+            if fn.endswith((".pyc", ".pyo")):
+                continue
+            src = os.path.join(dirpath, fn)
+            if not os.path.isfile(src):
+                continue
+            rel = os.path.join("pyqmail", os.path.relpath(src, pkg))
+            files[rel] = _LibFile(rel, _read(src), src)
+    try:
+        dist = metadata.distribution("pyqmail")
+        version = dist.version
+        meta = dist.read_text("METADATA") or f"Metadata-Version: 2.1\nName: pyqmail\nVersion: {version}\n"
+        eps = dist.read_text("entry_points.txt") or ""
+        needs = _requirement_names(dist.requires)
+    except metadata.PackageNotFoundError:
+        # Running from a source tree without installation: pyproject.toml says it all.
+        import tomllib
+
+        with open(os.path.join(pkg, "..", "..", "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)["project"]
+        version = project["version"]
+        meta = f"Metadata-Version: 2.1\nName: pyqmail\nVersion: {version}\n"
+        eps = "[console_scripts]\n" + "".join(f"{k} = {v}\n" for k, v in project["scripts"].items())
+        needs = _requirement_names(project.get("dependencies"))
+    info = f"pyqmail-{version}.dist-info"
+    for name, text in (("METADATA", meta), ("entry_points.txt", eps), ("top_level.txt", "pyqmail\n")):
+        files[f"{info}/{name}"] = _LibFile(f"{info}/{name}", text.encode("utf-8"), None)
+    seen = {"pyqmail"}
+    while needs:
+        name = needs.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dep = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise InstallError(f"qmail init: fatal: pyqmail needs {name}, which the running Python "
+                               f"({sys.executable}) does not have: pip install {name}") from None
+        for pp in dep.files or []:
+            rel = pp.as_posix()
+            if rel.startswith("../") or rel.startswith("/") or "__pycache__" in rel or rel.endswith((".pyc", ".pyo")):
+                continue  # scripts outside site-packages; bytecode is made afresh
+            src = str(pp.locate())
+            if os.path.isfile(src):
+                files[rel] = _LibFile(rel, _read(src), src)
+        needs.extend(_requirement_names(dep.requires))
+    return version, [files[k] for k in sorted(files)]
 
 
-def write_stubs(lay: _Layout) -> list[str]:
-    """Write QMAILHOME/bin/NAME for every program; return the names."""
-    python = os.path.realpath(sys.executable)
-    paths = _package_paths()
+def _pyc_if_valid(src: str) -> bytes | None:
+    """Return the bytecode cached for src if it is valid for src as it is now (timestamp-checked)."""
+    import importlib.util
+
+    try:
+        data = _read(importlib.util.cache_from_source(src))
+        st = os.stat(src)
+    except (OSError, ValueError):
+        return None
+    if (len(data) >= 16 and data[:4] == importlib.util.MAGIC_NUMBER
+            and data[4:8] == b"\0\0\0\0"
+            and int.from_bytes(data[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(data[12:16], "little") == st.st_size & 0xFFFFFFFF):
+        return data
+    return None
+
+
+def _build_lib(tmp: str, files: list[_LibFile]) -> None:
+    """Write files under tmp with 0755 directories and 0644 files, bytecode compiled beside them.
+
+    Each copied file keeps its source's mtime so that the source's valid
+    bytecode can be copied too; the rest is compiled here, so that no
+    program ever writes a __pycache__ into the lib dir (as root under umask
+    077 that would make a cache other users cannot read).
+    """
+    import importlib.util
+    import py_compile
+
+    made: set[str] = set()
+
+    def mkdirs(d: str) -> None:
+        if d in made or d == tmp:
+            return
+        mkdirs(os.path.dirname(d))
+        os.mkdir(d, 0o755)
+        os.chmod(d, 0o755)
+        made.add(d)
+
+    def write(path: str, data: bytes, mtime_ns: int | None) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            durable.write_all(fd, data)
+            os.fsync(fd)
+            os.fchmod(fd, 0o644)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+
+    for f in files:
+        dst = os.path.join(tmp, f.rel)
+        mkdirs(os.path.dirname(dst))
+        mtime = os.stat(f.src).st_mtime_ns if f.src is not None else None
+        write(dst, f.data, mtime)
+        if not f.rel.endswith(".py"):
+            continue
+        cfile = importlib.util.cache_from_source(dst)
+        mkdirs(os.path.dirname(cfile))
+        pyc = _pyc_if_valid(f.src) if f.src is not None else None
+        if pyc is not None:
+            write(cfile, pyc, None)
+            continue
+        try:
+            py_compile.compile(dst, cfile=cfile, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        except py_compile.PyCompileError as e:
+            raise InstallError(f"qmail init: fatal: cannot compile {f.src or f.rel}: {e.msg}") from None
+        os.chmod(cfile, 0o644)
+    for d in sorted(made, reverse=True):
+        durable.fsync_dir(d)
+
+
+def install_lib(lay: _Layout) -> str:
+    """Install the running pyqmail and its dependencies as QMAILHOME/lib/pyqmail-VERSION-HASH; return its path.
+
+    The name carries a hash of the content: an identical lib dir already
+    there is used as it is. A new one is built beside it and renamed into
+    place, so a lib dir that exists is complete.
+    """
+    import hashlib
+    import shutil
+
+    version, files = _lib_files()
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.rel}\0{len(f.data)}\0".encode("utf-8", "surrogateescape"))
+        h.update(f.data)
+    name = f"{_LIB_PREFIX}{version}-{h.hexdigest()[:16]}"
+    lay.d(LIB_DIR, "root", 0o755)
+    libroot = os.path.join(lay.home, LIB_DIR)
+    final = os.path.join(libroot, name)
+    if os.path.isdir(final):
+        return final
+    tmp = os.path.join(libroot, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt of this same pid
+    os.mkdir(tmp, 0o755)
+    os.chmod(tmp, 0o755)
+    try:
+        _build_lib(tmp, files)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    durable.fsync_dir(libroot)
+    return final
+
+
+def stub_lib(path: str) -> str | None:
+    """Return the lib dir the stub at path puts on sys.path, or None (not a stub, or an older stub)."""
+    import ast
+
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    for line in head.splitlines():
+        if line.startswith("sys.path[0:0] = "):
+            try:
+                paths = ast.literal_eval(line.partition(" = ")[2])
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(paths, list) and paths and isinstance(paths[0], str):
+                return paths[0]
+    return None
+
+
+def _stub_processes(qmail_home: str) -> list[float]:
+    """Return the start times (seconds since the epoch) of running processes started by this home's stubs."""
+    bindir = os.path.realpath(os.path.join(qmail_home, "bin")) + "/"
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        hz = os.sysconf("SC_CLK_TCK")
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except (OSError, StopIteration, ValueError):
+        return [0.0]  # cannot tell: assume something old runs
+    starts = []
+    for pid in pids:
+        try:
+            argv = _read(f"/proc/{pid}/cmdline").split(b"\0")[:4]
+            stat_ = _read(f"/proc/{pid}/stat")
+        except OSError:
+            continue  # gone, or not ours to read
+        if not any(a.startswith(b"/") and os.path.realpath(os.fsdecode(a)).startswith(bindir) for a in argv[1:]):
+            continue
+        fields = stat_.rpartition(b")")[2].split()
+        starts.append(btime + int(fields[19]) / hz)  # field 22: starttime, in clock ticks since boot
+    return starts
+
+
+def prune_libs(qmail_home: str, keep: set[str], since: float | None) -> list[str]:
+    """Remove lib dirs not in keep, unless a process of this home's stubs started before `since` runs.
+
+    `since` is when the lib dir the stubs used until now became current (None:
+    no earlier lib dir). A process started earlier may still be running code
+    from an older lib dir and import from it lazily, so then every lib dir is
+    kept. Return the names removed.
+    """
+    import shutil
+
+    libroot = os.path.join(qmail_home, LIB_DIR)
+    try:
+        names = os.listdir(libroot)
+    except FileNotFoundError:
+        return []
+    old = [n for n in names if n.startswith(_LIB_PREFIX) and os.path.join(libroot, n) not in keep]
+    if not old:
+        return []
+    if since is not None and any(start < since for start in _stub_processes(qmail_home)):
+        return []
+    for n in old:
+        shutil.rmtree(os.path.join(libroot, n))
+    return old
+
+
+def write_stubs(lay: _Layout, lib: str) -> list[str]:
+    """Write QMAILHOME/bin/NAME for every program, running base_python() on lib; return the names."""
+    python = base_python()
     names = []
     for name, module in sorted(programs().items()):
-        lay.file(f"bin/{name}", spawn.stub_text(python, paths, name, module, lay.home), "root", 0o755)
+        lay.file(f"bin/{name}", spawn.stub_text(python, [lib], name, module, lay.home), "root", 0o755)
         names.append(name)
     return names
+
+
+def install_code(lay: _Layout) -> str:
+    """Install the lib dir, point every stub at it, remove lib dirs no longer used; return the lib dir."""
+    probe = os.path.join(lay.home, "bin", _STUB_PROBE)
+    previous = stub_lib(probe)
+    try:
+        since: float | None = os.stat(probe).st_mtime if previous is not None else None
+    except OSError:
+        since = None
+    lib = install_lib(lay)
+    write_stubs(lay, lib)
+    keep = {lib}
+    if previous is not None:
+        keep.add(previous)
+    prune_libs(lay.home, keep, since)
+    return lib
 
 
 # --- init ----------------------------------------------------------------------
@@ -354,7 +680,7 @@ def _init(opts: Options, out: TextIO) -> None:
     lay = _Layout(qmail_home, inst)
     make_layout(lay)
     lay.file("conf/install", _home.format_install(inst), "root", 0o644)
-    write_stubs(lay)
+    install_code(lay)
     for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():
         lay.file(f"boot/{name}", text, "root", 0o755)
     _config_fast(lay, fqdn, out)

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qmail", description="Set up and run a pyqmail installation.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     i = sub.add_parser("init", help="install and configure a qmail home (qmail's install + config-fast)")
-    i.add_argument("--home", default=None, help="the home to create (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+    i.add_argument("--home", default=None, help="the home to create (default: " + install.HOME_HELP.partition("(default: ")[2])
     i.add_argument("--user", default=None, help="the user postmaster, mailer-daemon and root mail goes to")
     i.add_argument("--split", type=int, default=install.DEFAULT_SPLIT, help="queue split (conf-split, default 23)")
     i.add_argument("--force", action="store_true", help="overwrite existing control and alias files")
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("up", "run the mail system until Ctrl-C or `qmail down`"),
                        ("down", "stop what `qmail up` started")):
         c = sub.add_parser(name, help=text)
-        c.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+        c.add_argument("--home", default=None, help=install.HOME_HELP)
         if name == "up":
             c.add_argument("--smtp-port", type=int, default=None, help="SMTP port (default 25 as root, else 2525; 0: none)")
             c.add_argument("--pop3-port", type=int, default=None, help="POP3 port (default 110 as root, else 2110; 0: none)")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                          ("passwd", "set a user's password"),
                          ("list", "show name, uid, gid and home of each user")):
         a = usub.add_parser(action, help=text)
-        a.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+        a.add_argument("--home", default=None, help=install.HOME_HELP)
         if action != "list":
             a.add_argument("name", metavar="NAME")
         if action == "add":

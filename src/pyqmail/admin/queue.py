@@ -446,6 +446,8 @@ def do_retry(split: int, now: int) -> int:
 # --- the command ---------------------------------------------------------------------
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    from pyqmail.admin import install
+
     p = argparse.ArgumentParser(prog=prog, description="List, show, delete, expire or retry queued messages.")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     texts = {"list": "list every message: id, date, size, sender, recipients (done or not)",
@@ -456,7 +458,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     for action, text in texts.items():
         a = sub.add_parser(action, help=text)
         a.add_argument("--home", default=None,
-                       help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+                       help=install.HOME_HELP)
         if action in ("show", "delete", "expire"):
             a.add_argument("id", metavar="ID", help="the message number, as `qmail queue list` shows it")
     return p

@@ -368,8 +368,10 @@ def page(a: Analysis, sources: list[str], now: float | None = None) -> bytes:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    from pyqmail.admin import install
+
     p = argparse.ArgumentParser(prog=prog, description="Write an HTML page of delivery statistics from qmail-send's log.")
-    p.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+    p.add_argument("--home", default=None, help=install.HOME_HELP)
     p.add_argument("--log", nargs="+", default=None, metavar="FILE",
                    help="qmail-send log files to read, in order (- for stdin; default: QMAILHOME/log/send)")
     p.add_argument("-o", "--output", default="-", metavar="OUT.html", help="where to write the page (default: stdout)")

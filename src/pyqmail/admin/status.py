@@ -429,10 +429,11 @@ def use_home(path: str | None) -> str:
 
 def command(argv: list[str]) -> int:
     """Run `qmail status [--home DIR]`; return the exit code."""
+    from pyqmail.admin import install
+
     p = argparse.ArgumentParser(prog=argv[0], description="Show the services, queue and recent errors "
                                 "of a pyqmail installation.")
-    p.add_argument("--home", default=None, help="the installation (default: $QMAILHOME, /var/qmail as root, "
-                   "~/qmail otherwise)")
+    p.add_argument("--home", default=None, help=install.HOME_HELP)
     try:
         args = p.parse_args(argv[1:])
     except SystemExit as e:

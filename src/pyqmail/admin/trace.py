@@ -366,9 +366,11 @@ def trace_remote(t: Trace, recip: bytes, dns: mx.Lookup, me: Callable[[], set[st
 # --- the command ---------------------------------------------------------------------
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    from pyqmail.admin import install
+
     p = argparse.ArgumentParser(prog=prog, description="Show how qmail would route and deliver an address.")
     p.add_argument("--home", default=None,
-                   help="the installation (default: $QMAILHOME, /var/qmail as root, ~/qmail otherwise)")
+                   help=install.HOME_HELP)
     p.add_argument("--sender", default="", help="the envelope sender qmail-local is told (default: empty)")
     p.add_argument("--default-delivery", default=None, metavar="TEXT",
                    help="qmail-start's default delivery (default: control/defaultdelivery, else ./Maildir/)")
