@@ -130,6 +130,13 @@ def test_qmtpd_bad_sender(qhome: QHome) -> None:
     (ns(b"\nab") + ns(b"s") + b"5:9:u@x,,", 100),  # a recipient longer than the list
     (ns(b"\nab") + ns(b"s") + b"3:1:u,", 100),    # a list ending inside a recipient length
     (b"999999999999:", 111),                     # lengths past 200000000 are lack of resources
+    # notqmail 1.09: a length that is not a number is a protocol error...
+    (b"x:", 100),
+    (b"1x:", 100),
+    (b"\xff:", 100),
+    (ns(b"\nab") + b"x:", 100),                   # ...in the sender's netstring
+    (ns(b"\nab") + ns(b"s") + b"1x:", 100),       # ...and the recipient list's
+    (b"2000000001x:", 111),                      # the size is checked before the digit
 ])
 def test_qmtpd_protocol_errors(qhome: QHome, wire: bytes, code: int) -> None:
     c = server(qhome, "qmail-qmtpd")
@@ -139,6 +146,18 @@ def test_qmtpd_protocol_errors(qhome: QHome, wire: bytes, code: int) -> None:
     assert c.finish()[0] == code
     assert queued(qhome.queue) == []
     assert files(qhome.queue)["mess"] == []
+
+
+def test_qmtpd_recipient_lengths_are_not_checked_for_digits(qhome: QHome) -> None:
+    # As in notqmail 1.09, only getlen() checks digits: inside the recipient list 'A' counts
+    # 'A' - '0' = 17, and the next 17 bytes are the recipient.
+    c = server(qhome, "qmail-qmtpd", {"RELAYCLIENT": ""})
+    c.send(ns(b"\nab") + ns(b"s") + b"20:A:abcdefghijklmnopq,,")
+    c.sock.shutdown(socket.SHUT_WR)
+    assert KOK.fullmatch(c.rest())
+    assert c.finish()[0] == 0
+    ((_, _, rcpts),) = queued(qhome.queue)
+    assert rcpts == [b"abcdefghijklmnopq"]
 
 
 def test_qmtpd_no_recipients_gets_no_reply(qhome: QHome) -> None:
@@ -199,6 +218,12 @@ def test_qmqpd_queues(qhome: QHome) -> None:
     (b"0" * 100 + b":", b"", 100),                   # the outer length may take 100 bytes...
     (b"0" * 97 + b"12:1:m,1:s,1:r,,", None, 0),    # ...and no more
     (b"999999999999:", b"", 111),
+    # notqmail 1.09: a length that is not a number is a protocol error, in every netstring.
+    (b"x:", b"", 100),
+    (b"\xff:", b"", 100),
+    (b"10:x:", b"", 100),
+    (b"10:1:m,x:", b"", 100),
+    (b"12:1:m,1:s,1x:,", b"", 100),
 ])
 def test_qmqpd_errors(qhome: QHome, wire: bytes, reply: bytes | None, code: int) -> None:
     c = server(qhome, "qmail-qmqpd")

@@ -472,7 +472,7 @@ def test_bare_lf_in_data_drops_the_connection(qhome: QHome) -> None:
     c = talk(qhome)
     c.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<u@test.example.com>\r\nDATA\r\nSubject: x\r\n\r\nbare\nlf\r\n.\r\n")
     assert c.lines(3) == [b"250 ok\r\n", b"250 ok\r\n", b"354 go ahead\r\n"]
-    assert c.rest() == b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+    assert c.rest() == b"451 See https://cr.yp.to/docs/smtplf.html.\r\n"  # notqmail 1.09
     assert c.finish()[0] == 1
     assert_empty_queue(qhome)
 

@@ -13,8 +13,7 @@ import os
 import time
 
 from pyqmail.entry import program
-from pyqmail.qmtp.netio import (EXIT_GONE, EXIT_PROTOCOL, EXIT_RESOURCES, LEN_MAX, Conn, Exit,
-                                digit_step, netstring)
+from pyqmail.qmtp.netio import EXIT_GONE, EXIT_PROTOCOL, EXIT_RESOURCES, LEN_MAX, Conn, Exit, netstring
 
 ADDR_MAX = 1000
 SESSION_SECONDS = 3600
@@ -45,6 +44,7 @@ class Bounded:
         return data
 
     def getlen(self) -> int:
+        """Read a netstring length up to its ':'; Exit(100) at a byte that is not a digit (notqmail 1.09)."""
         n = 0
         while True:
             ch = self.byte()
@@ -52,7 +52,9 @@ class Bounded:
                 return n
             if n > LEN_MAX:
                 raise Exit(EXIT_RESOURCES)
-            n = digit_step(n, ch)
+            if not 48 <= ch <= 57:
+                raise Exit(EXIT_PROTOCOL)
+            n = 10 * n + ch - 48
 
     def getcomma(self) -> None:
         if self.byte() != 44:
@@ -97,24 +99,26 @@ def serve(conn: Conn) -> None:
         q.write(piece)
     src.getcomma()
 
+    # Recipients go to qmail-queue as they are read: nothing grows with their number.
     ok = True
     sender = src.getbuf()
     if sender is None:
-        sender = b""
+        q.begin(b"")
+        q.fail()
         ok = False
-    recipients = []
+    else:
+        q.begin(sender)
     while src.left:
         addr = src.getbuf()
         if addr is None:
+            q.fail()
             ok = False
         else:
-            recipients.append(addr)
-    if not ok:
-        q.fail()
+            q.to(addr)
     src.left = 1
     src.getcomma()
 
-    result = q.close(sender, recipients)
+    result = q.close()
     if not result:
         result = b"Kok %d qp %d" % (int(time.time()), qp)
     if not ok:

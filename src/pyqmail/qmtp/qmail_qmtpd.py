@@ -27,6 +27,10 @@ REFUSED_DOMAIN = b"66:Dsorry, that domain isn't in my list of allowed rcpthosts 
 REFUSED_RECIPIENT = b"46:Dsorry, I can't handle that recipient (#5.1.3),"
 BAD_SENDER = b"Dunacceptable sender (#5.1.7)"
 TOO_BIG = b"Dsorry, that message size exceeds my databytes limit (#5.3.4)"
+# Past RCPT_MAX recipients in one message each further one is deferred (as
+# RFC 5321 4.5.3.1.10's 452): the client sends it again in another message.
+RCPT_MAX = 1000000
+TOO_MANY = b"36:Zsorry, too many recipients (#4.5.3),"
 
 # What became of one recipient.
 ACCEPTED = 0
@@ -35,7 +39,11 @@ UNUSABLE = 2  # too long, or contains NUL
 
 
 def getlen(conn: Conn) -> int:
-    """Read a netstring length up to its ':'."""
+    """Read a netstring length up to its ':'; Exit(100) at a byte that is not a digit (notqmail 1.09).
+
+    The lengths inside the recipient list are read by one_message without
+    that check, as notqmail reads them.
+    """
     n = 0
     while True:
         ch = conn.byte()
@@ -43,7 +51,9 @@ def getlen(conn: Conn) -> int:
             return n
         if n > LEN_MAX:
             raise Exit(EXIT_RESOURCES)
-        n = digit_step(n, ch)
+        if not 48 <= ch <= 57:
+            raise Exit(EXIT_PROTOCOL)
+        n = 10 * n + ch - 48
 
 
 def getcomma(conn: Conn) -> None:
@@ -156,11 +166,16 @@ def one_message(conn: Conn, cfg: Settings) -> None:
         if b"\0" in sender:
             sender_ok = False
     getcomma(conn)
+    q.begin(sender)
     if not sender_ok:
         q.fail()
 
-    outcome = []
-    recipients = []
+    # One byte per recipient (its outcome, as C's failure string), and only
+    # for the first RCPT_MAX: every later one gets the same reply, so a
+    # count is enough. Accepted recipients go to qmail-queue as they come.
+    outcome = bytearray()
+    over = 0
+    bother = False
     relay = cfg.relayclient
     biglen = getlen(conn)
     while biglen > 0:
@@ -177,7 +192,10 @@ def one_message(conn: Conn, cfg: Settings) -> None:
             n = digit_step(n, ch)
         if n >= biglen:
             raise Exit(EXIT_PROTOCOL)
-        if n + len(relay or b"") >= ADDR_MAX:
+        if len(outcome) >= RCPT_MAX:
+            over += 1
+            skip(conn, n)
+        elif n + len(relay or b"") >= ADDR_MAX:
             outcome.append(UNUSABLE)
             skip(conn, n)
         else:
@@ -192,15 +210,16 @@ def one_message(conn: Conn, cfg: Settings) -> None:
                 except ControlError:
                     raise Exit(EXIT_RESOURCES) from None
             if state == ACCEPTED:
-                recipients.append(addr)
+                q.to(addr)
+                bother = True
             outcome.append(state)
         getcomma(conn)
         biglen -= n + 1
     getcomma(conn)
 
-    if not recipients:
+    if not bother:
         q.fail()
-    result = q.close(sender, recipients)
+    result = q.close()
     if not sender_ok:
         result = BAD_SENDER
     if not size_ok:
@@ -208,8 +227,13 @@ def one_message(conn: Conn, cfg: Settings) -> None:
     if not result:
         result = b"Kok %d qp %d" % (int(time.time()), qp)
     accepted = netstring(result)
+    texts = (accepted, REFUSED_DOMAIN, REFUSED_RECIPIENT)
     for state in outcome:
-        conn.put(accepted if state == ACCEPTED else REFUSED_DOMAIN if state == DOMAIN else REFUSED_RECIPIENT)
+        conn.put(texts[state])
+    while over:
+        k = min(over, 1000)
+        conn.put(TOO_MANY * k)
+        over -= k
     # The replies go out when the client is read from again.
 
 

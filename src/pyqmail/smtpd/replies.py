@@ -1,4 +1,5 @@
-"""Every reply qmail-smtpd sends, byte for byte as netqmail 1.06's (qmail 1.03 plus the HELP text).
+"""Every reply qmail-smtpd sends, byte for byte as netqmail 1.06's (qmail 1.03 plus the HELP text),
+and notqmail 1.09's bare-LF reply.
 
 Tests import these same constants (STYLE principle 3).
 """
@@ -12,7 +13,8 @@ TIMEOUT = b"451 timeout (#4.4.2)\r\n"
 NOMEM = b"421 out of memory (#4.3.0)\r\n"
 CONTROL = b"421 unable to read controls (#4.3.0)\r\n"
 IPME = b"421 unable to figure out my IP addresses (#4.3.0)\r\n"
-STRAY_NEWLINE = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+# notqmail 1.09 points at the page that exists today (1.03 named http://pobox.com/~djb/...).
+STRAY_NEWLINE = b"451 See https://cr.yp.to/docs/smtplf.html.\r\n"
 
 # Refusals; the session goes on.
 BADMAILFROM = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
@@ -24,6 +26,7 @@ WANT_RCPT = b"503 RCPT first (#5.5.1)\r\n"
 QQT_FAILURE = b"451 qqt failure (#4.3.0)\r\n"
 TOO_MANY_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 DATABYTES = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"  # not in qmail: see session.RCPT_BYTES_MAX
 
 # Successes.
 OK = b"250 ok\r\n"
