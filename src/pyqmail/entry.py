@@ -87,8 +87,12 @@ def stub(module: str, home: str) -> None:
     """Run a QMAILHOME/bin stub: import module, call its main, exit with its code."""
     from pyqmail import home as _home
 
+    from pyqmail.proctitle import set_title
+
     _undo_locale_coercion()
     _home.set_default(home)
+    # exec of a script shows `python3 -IS PATH ARGS`; qmail's programs show their argv.
+    set_title(sys.argv[0], sys.argv)
     mod = __import__(module, fromlist=["main"])
     rc = mod.main(list(sys.argv))
     _flush_std()

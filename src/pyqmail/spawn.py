@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 from pyqmail import home as _home
 from pyqmail import sig as signal
 from pyqmail.privs import Credentials, drop
+from pyqmail.proctitle import preload as _preload_title
+from pyqmail.proctitle import set_title
 
 STUB_MARKER = b"# pyqmail-program "
 _STUB_HEAD = 512
@@ -233,6 +235,7 @@ def _prepare(path: str, env: Mapping[str, str], fast: bool,
                 pass
     mod = None
     if stub is not None:
+        _preload_title()
         # Import in the parent, once: every later child inherits the module
         # and pays nothing for it. Modules have no import-time side effects.
         try:
@@ -260,6 +263,8 @@ def _enter(target: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | 
     _home.set_default(stub.home)
     # As exec of a script does: the interpreter's argv[0] is the script's path.
     sys.argv = [target, *argv[1:]]
+    # As exec of a program shows it: its argv in ps, its file name as comm.
+    set_title(target, argv)
     _fresh_std_streams()
 
 
