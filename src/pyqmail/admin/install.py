@@ -46,6 +46,7 @@ class Options:
     force: bool = False
     create_users: bool = False
     single_user: bool = False
+    upgrade: bool = False
 
 
 HOME_HELP = ("the installation (default: $QMAILHOME, else the home of the bin/qmail stub that runs, "
@@ -494,12 +495,88 @@ def _build_lib(tmp: str, files: list[_LibFile]) -> None:
         durable.fsync_dir(d)
 
 
+def lib_cache() -> str | None:
+    """Return the directory of lib dirs kept in the running venv for hard links, or None outside a venv."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    return os.path.join(sys.prefix, "share", "pyqmail", "libs")
+
+
+def _trusted_path(path: str) -> bool:
+    """Say whether path and every directory above it are owned by us or root and writable by no one else."""
+    me = os.geteuid()
+    p = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return False
+        if st.st_uid not in (0, me) or (st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX)):
+            return False
+        if p == "/":
+            return True
+        p = os.path.dirname(p)
+
+
+def _link_lib(cached: str, tmp: str) -> bool:
+    """Fill tmp with hard links to the files of the lib dir cached; return False if any cannot be used.
+
+    A file is linked only if it is a regular 0644 file owned by us: a lib dir
+    stays ours and read-only to everyone else whoever can write the cache's
+    surroundings.
+    """
+    me = os.geteuid()
+    for dirpath, dirnames, filenames in os.walk(cached):
+        rel = os.path.relpath(dirpath, cached)
+        for d in dirnames:
+            os.mkdir(os.path.join(tmp, rel, d), 0o755)
+            os.chmod(os.path.join(tmp, rel, d), 0o755)
+        for fn in filenames:
+            src = os.path.join(dirpath, fn)
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != me or stat.S_IMODE(st.st_mode) != 0o644:
+                return False
+            os.link(src, os.path.join(tmp, rel, fn), follow_symlinks=False)
+    for dirpath, _dirnames, _filenames in os.walk(tmp):
+        durable.fsync_dir(dirpath)
+    return True
+
+
+def _cache_lib(lib: str, cache: str) -> None:
+    """Keep lib in the cache by hard links (replacing what the cache held) for the next homes to link to."""
+    import shutil
+
+    name = os.path.basename(lib)
+    if os.path.isdir(os.path.join(cache, name)):
+        return
+    os.makedirs(cache, 0o755, exist_ok=True)
+    tmp = os.path.join(cache, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.mkdir(tmp, 0o755)
+        for dirpath, dirnames, filenames in os.walk(lib):
+            rel = os.path.relpath(dirpath, lib)
+            for d in dirnames:
+                os.mkdir(os.path.join(tmp, rel, d), 0o755)
+            for fn in filenames:
+                os.link(os.path.join(dirpath, fn), os.path.join(tmp, rel, fn), follow_symlinks=False)
+        os.rename(tmp, os.path.join(cache, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Homes hold their own links: removing older cached lib dirs costs them nothing.
+    for old in os.listdir(cache):
+        if old != name and not old.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(cache, old), ignore_errors=True)
+
+
 def install_lib(lay: _Layout) -> str:
     """Install the running pyqmail and its dependencies as QMAILHOME/lib/pyqmail-VERSION-HASH; return its path.
 
     The name carries a hash of the content: an identical lib dir already
     there is used as it is. A new one is built beside it and renamed into
-    place, so a lib dir that exists is complete.
+    place, so a lib dir that exists is complete. When the running venv keeps
+    an identical lib dir on the same filesystem (lib_cache()), the new one is
+    made of hard links to it, else copied; a copy is then kept there.
     """
     import hashlib
     import shutil
@@ -516,16 +593,33 @@ def install_lib(lay: _Layout) -> str:
     if os.path.isdir(final):
         return final
     tmp = os.path.join(libroot, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt of this same pid
-    os.mkdir(tmp, 0o755)
-    os.chmod(tmp, 0o755)
+    cache = lib_cache()
+    cached = os.path.join(cache, name) if cache is not None else None
+    linked = False
     try:
-        _build_lib(tmp, files)
+        if cached is not None and os.path.isdir(cached) and (lay.inst.single or _trusted_path(cached)):
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt of this same pid
+            os.mkdir(tmp, 0o755)
+            os.chmod(tmp, 0o755)
+            try:
+                linked = _link_lib(cached, tmp)
+            except OSError:
+                linked = False  # another filesystem, or the cache changed under us: copy instead
+        if not linked:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.mkdir(tmp, 0o755)
+            os.chmod(tmp, 0o755)
+            _build_lib(tmp, files)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     durable.fsync_dir(libroot)
+    if cache is not None and not linked:
+        try:
+            _cache_lib(final, cache)
+        except OSError:
+            pass  # the cache only saves the next `qmail init` time; without it that one copies
     return final
 
 
@@ -625,12 +719,49 @@ def install_code(lay: _Layout) -> str:
     return lib
 
 
+def upgrade(qmail_home: str, out: TextIO) -> str:
+    """Install the running pyqmail into an existing home (`qmail init --upgrade`); return the new lib dir.
+
+    As qmail's `make setup` over a running installation: directories and
+    modes again, the code (a new lib dir), stubs and boot scripts; control
+    files, alias files, users, conf/install and the queue stay as they are,
+    and nothing is restarted. Raise InstallError if qmail_home is no home.
+    """
+    qmail_home = os.path.abspath(qmail_home)
+    try:
+        with open(os.path.join(qmail_home, _home.INSTALL_FILE), encoding="utf-8") as f:
+            inst = _home.parse_install(f.read())
+    except FileNotFoundError:
+        raise InstallError(f"qmail init: fatal: {qmail_home} is not a pyqmail home (no {_home.INSTALL_FILE}): "
+                           f"run qmail init --home {qmail_home} FQDN") from None
+    except ValueError as e:
+        raise InstallError(f"qmail init: fatal: {e}") from None
+    if not inst.single and os.geteuid() != 0:
+        raise InstallError(f"qmail init: fatal: {qmail_home} is a root-mode home: upgrade it as root")
+    lay = _Layout(qmail_home, inst)
+    make_layout(lay)
+    previous = stub_lib(os.path.join(qmail_home, "bin", _STUB_PROBE))
+    lib = install_code(lay)
+    for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():
+        lay.file(f"boot/{name}", text, "root", 0o755)
+    if previous == lib:
+        print(f"{qmail_home} already runs {os.path.basename(lib)}; stubs rewritten.", file=out)
+    else:
+        print(f"Installed {lib}; the stubs in {qmail_home}/bin now run it.", file=out)
+        print("Running programs keep the code they started with: restart them when convenient "
+              "(svc -t for each service, or qmail down and qmail up).", file=out)
+    return lib
+
+
 # --- init ----------------------------------------------------------------------
 
 def init(opts: Options, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Install and configure a qmail home; return 0, or 100 with the reason on err."""
     try:
-        _init(opts, out)
+        if opts.upgrade:
+            upgrade(opts.home, out)
+        else:
+            _init(opts, out)
     except InstallError as e:
         print(str(e), file=err)
         return 100

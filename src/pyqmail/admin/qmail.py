@@ -2,6 +2,7 @@
 
 usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
                   [--create-users] [--single-user] [FQDN]
+       qmail init --upgrade [--home DIR]
        qmail up [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N]
        qmail down [--home DIR]
        qmail user add|del|passwd|list [--home DIR] [NAME]
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="overwrite existing control and alias files")
     i.add_argument("--create-users", action="store_true", help="as root, create missing qmail users and groups")
     i.add_argument("--single-user", action="store_true", help="everything owned by and run as the invoking user")
+    i.add_argument("--upgrade", action="store_true",
+                   help="install the running pyqmail's code into an existing home and point its stubs at it; "
+                        "control files, aliases, users and the queue are kept, nothing is restarted")
     i.add_argument("fqdn", nargs="?", default=None, metavar="FQDN", help="this host's fully qualified name (default: from DNS)")
     for name, text in (("up", "run the mail system until Ctrl-C or `qmail down`"),
                        ("down", "stop what `qmail up` started")):
@@ -85,10 +89,13 @@ def main(argv: list[str]) -> int:
     if args.command == "init":
         from pyqmail.admin import install
 
+        if args.upgrade and args.fqdn is not None:
+            print("qmail init: fatal: --upgrade keeps control/me: give no FQDN", file=sys.stderr)
+            return 100
         opts = install.Options(
             home=args.home or install.default_home(), fqdn=args.fqdn, user=args.user,
             split=args.split, force=args.force, create_users=args.create_users,
-            single_user=args.single_user)
+            single_user=args.single_user, upgrade=args.upgrade)
         return install.init(opts, sys.stdout, sys.stderr)
     if args.command in ("up", "down"):
         import os

@@ -13,6 +13,7 @@ import time
 
 U64 = (1 << 64) - 1
 READ_SIZE = 65536
+OUT_MAX = 65536  # replies held before they must be sent
 EXIT_GONE = 0
 EXIT_PROTOCOL = 100
 EXIT_RESOURCES = 111
@@ -48,7 +49,10 @@ class Conn:
             raise Exit(EXIT_RESOURCES)
 
     def put(self, data: bytes) -> None:
+        """Queue data for the client; past OUT_MAX bytes send them now (qmail's full substdio buffer)."""
         self.out += data
+        if len(self.out) >= OUT_MAX:
+            self.flush()
 
     def flush(self) -> None:
         """Send everything written so far; Exit(0) if the client cannot take it."""

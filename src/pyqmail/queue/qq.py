@@ -39,6 +39,7 @@ class QQ:
         self._failed = False
         self._abandoned = False
         self._buf = bytearray()
+        self._envelope: bytearray | None = None  # what begin() and to() have not written yet
         self._start_error = 120
         try:
             # qmail-queue runs in QMAILHOME, as qmail's programs start it.
@@ -73,21 +74,47 @@ class QQ:
             self._failed = True
         self._buf.clear()
 
-    def close(self, sender: bytes, recipients: Iterable[bytes]) -> bytes:
-        """Send the envelope, wait for qmail-queue; return b"" or its D/Z report."""
-        if self.pid == -1:
-            return exits.report(self._start_error)
+    def begin(self, sender: bytes) -> None:
+        """End the message and start the envelope with its sender (qmail's qmail_from)."""
+        if self.pid == -1 or self._envelope is not None:
+            return
         self._flush()
         os.close(self._msg)
-        envelope = bytearray(b"F" + sender + b"\0")
-        for r in recipients:
-            envelope += b"T" + r + b"\0"
-        envelope += b"\0"
+        self._envelope = bytearray(b"F" + sender + b"\0")
+
+    def to(self, recipient: bytes) -> None:
+        """Add a recipient to the envelope, streamed to qmail-queue 64 KiB at a time (qmail_to)."""
+        env = self._envelope
+        if env is None:
+            return
+        env += b"T" + recipient + b"\0"
+        if len(env) >= 65536:
+            self._send_envelope()
+
+    def _send_envelope(self) -> None:
+        env = self._envelope
+        assert env is not None
         try:
-            if not self._abandoned:
-                durable.write_all(self._envfd, envelope)
+            if not (self._abandoned or self._failed):
+                durable.write_all(self._envfd, env)
         except OSError:
             self._failed = True
+        env.clear()
+
+    def close(self, sender: bytes = b"", recipients: Iterable[bytes] = ()) -> bytes:
+        """Send the envelope (begin(sender) and to() each recipient unless begun), wait for qmail-queue;
+        return b"" or its D/Z report. An abandoned envelope is never ended, so nothing is queued."""
+        if self.pid == -1:
+            return exits.report(self._start_error)
+        self.begin(sender)
+        for r in recipients:
+            self.to(r)
+        assert self._envelope is not None
+        if self._abandoned:
+            self._envelope.clear()
+        else:
+            self._envelope += b"\0"
+            self._send_envelope()
         os.close(self._envfd)
         custom = bytearray()
         while len(custom) < 1024:

@@ -221,7 +221,7 @@ def _data(session: Session, inp: Input, out: Output) -> None:
     hops = blast.hops >= MAXHOPS
     if hops:
         q.fail()
-    report = q.close(session.mailfrom, session.rcptto)
+    report = q.close(session.mailfrom, session.recipients())
     out.put(data_reply(report, hops, overflow, qp, int(time.time())))
 
 

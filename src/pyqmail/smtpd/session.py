@@ -17,9 +17,14 @@ from pyqmail.smtpd.rcpthosts import RcptHosts
 
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 ADDR_MAX = 900  # bytes of an address, qmail's terminating NUL included
+# The recipients of one transaction are kept as qmail keeps them, in one
+# buffer of NUL-terminated addresses. Past this many bytes a RCPT gets
+# 452 (RFC 5321 4.5.3.1.10; 4.5.3.1.8's minimum of 100 recipients is 90 100
+# bytes at most), which bounds a session's memory whatever the client sends.
+RCPT_BYTES_MAX = 16 * 1024 * 1024
 MAXHOPS = 100
 
 # What the shell does after sending the replies.
@@ -150,17 +155,31 @@ class Config:
 class Session:
     """One SMTP conversation's state: HELO name, envelope sender, recipients."""
 
-    __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcptto", "helohost", "fakehelo")
+    __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "helohost", "fakehelo")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.seenmail = False
         self.flagbarf = False
         self.mailfrom = b""
-        self.rcptto: list[bytes] = []
+        self.rcpts = bytearray()  # each accepted recipient followed by a NUL
         self.helohost = b""
         self.fakehelo: bytes | None = None
         self._helo(cfg.peer.remotehost)
+
+    @property
+    def rcptto(self) -> list[bytes]:
+        """The recipients accepted so far, in order."""
+        return list(self.recipients())
+
+    def recipients(self) -> Iterator[bytes]:
+        """Yield the recipients accepted so far, one at a time."""
+        buf = self.rcpts
+        pos = 0
+        while pos < len(buf):
+            end = buf.index(0, pos)
+            yield bytes(buf[pos:end])
+            pos = end + 1
 
     def greeting(self) -> bytes:
         """Return the 220 line."""
@@ -194,7 +213,7 @@ class Session:
         if verb == b"data":
             if not self.seenmail:
                 return replies.WANT_MAIL, CONTINUE
-            if not self.rcptto:
+            if not self.rcpts:
                 return replies.WANT_RCPT, CONTINUE
             self.seenmail = False
             return b"", DATA
@@ -225,7 +244,7 @@ class Session:
             return replies.SYNTAX
         self.flagbarf = self._badmailfrom(addr)
         self.seenmail = True
-        self.rcptto = []
+        self.rcpts = bytearray()
         self.mailfrom = addr
         return replies.OK
 
@@ -241,7 +260,10 @@ class Session:
             addr += self.cfg.relayclient
         elif not self.cfg.rcpthosts.allowed(addr):
             return replies.NOGATEWAY
-        self.rcptto.append(addr)
+        if len(self.rcpts) + len(addr) + 1 > RCPT_BYTES_MAX:
+            return replies.TOO_MANY_RCPTS
+        self.rcpts += addr
+        self.rcpts.append(0)
         return replies.OK
 
     def received(self, when: int) -> bytes:
