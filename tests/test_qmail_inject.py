@@ -487,6 +487,8 @@ def script(tmp_path: Path, body: str) -> str:
     ("exit 1", 111, b"qq temporary problem (#4.3.0)"),
     ("printf 'Dno thanks (#5.7.1)' >&6; exit 82", 100, b"no thanks (#5.7.1)"),
     ("printf 'Zlater (#4.3.0)' >&6; exit 82", 111, b"later (#4.3.0)"),
+    ("printf 'Dx' >&6; exit 82", 111, b"qq temporary problem (#4.3.0)"),  # 2 bytes: not used (notqmail)
+    ("printf 'Xyz' >&6; exit 82", 111, b"yz"),
     ("kill -9 $$", 111, b"qq crashed (#4.3.0)"),
 ])
 def test_queue_failures(home: QHome, tmp_path: Path, body: str, code: int, text: bytes) -> None:

@@ -389,7 +389,8 @@ def _qq_script(base: Path) -> Path:
     out.chmod(0o777)
     script = out / "qq"
     script.write_text("#!/bin/sh\ncat > \"$OUT/msg\"\ncat <&1 > \"$OUT/env\"\necho $$ > \"$OUT/pid\"\n"
-                      "pwd > \"$OUT/cwd\"\nexit ${QQ_EXIT:-0}\n")
+                      "pwd > \"$OUT/cwd\"\n[ -f \"$OUT/errtext\" ] && cat \"$OUT/errtext\" >&6\n"
+                      "exit ${QQ_EXIT:-0}\n")
     script.chmod(0o755)
     return out
 
@@ -472,6 +473,25 @@ def test_forward_failures(qhome: QHome, home: Home, qqout: Path, code: int, exit
     home.write(".qmail", b"&a@example.org\n")
     fails(qlocal(qhome, local_args(home), env={"PATH": PATH, "QMAILQUEUE": str(out / "qq"), "OUT": str(out),
                                                "QQ_EXIT": str(code)}), exit_, text)
+
+
+@pytest.mark.parametrize("custom, exit_, text", [
+    # notqmail 1.09 (checked against it built from source): descriptor 6's text counts only past
+    # 2 bytes; D is permanent, any other first byte temporary; the first byte is dropped.
+    (b"D", 111, b"Unable to forward message: qq temporary problem (#4.3.0).\n"),
+    (b"Dx", 111, b"Unable to forward message: qq temporary problem (#4.3.0).\n"),
+    (b"Dxy", 100, b"Unable to forward message: xy.\n"),
+    (b"Xyz", 111, b"Unable to forward message: yz.\n"),
+    (b"Dfoo\n", 100, b"Unable to forward message: foo\n.\n"),
+    (b"D\0\0", 100, b"Unable to forward message: .\n"),
+    (b"Z" + b"a" * 300, 111, b"Unable to forward message: " + b"a" * 254 + b".\n"),
+])
+def test_forward_custom_error(qhome: QHome, home: Home, qqout: Path, custom: bytes, exit_: int, text: bytes) -> None:
+    out = qqout
+    (out / "errtext").write_bytes(custom)
+    home.write(".qmail", b"&a@example.org\n")
+    fails(qlocal(qhome, local_args(home), env={"PATH": PATH, "QMAILQUEUE": str(out / "qq"), "OUT": str(out),
+                                               "QQ_EXIT": "82"}), exit_, text)
 
 
 def test_forwarding_comes_after_other_deliveries(qhome: QHome, home: Home, qqout: Path) -> None:

@@ -427,6 +427,20 @@ def fake_queue(tmp: Path, body: str) -> str:
     ("kill -9 $$", b"451 qq crashed (#4.3.0)\r\n"),
     ("printf 'Dgo away (#5.7.1)' >&6; exit 82", b"554 go away (#5.7.1)\r\n"),
     ("printf 'Zlater please' >&6; exit 82", b"451 later please\r\n"),
+    # notqmail 1.09's qmail_close and qmail-smtpd (checked against it built from source): the
+    # text counts only past 2 bytes; 554 for D, 451 for any other first byte, which is dropped;
+    # 255 bytes at most, cut at a NUL, a newline kept.
+    ("printf D >&6; exit 82", b"451 qq temporary problem (#4.3.0)\r\n"),
+    ("printf Dx >&6; exit 82", b"451 qq temporary problem (#4.3.0)\r\n"),
+    ("printf Dxy >&6; exit 82", b"554 xy\r\n"),
+    ("printf Xyz >&6; exit 82", b"451 yz\r\n"),
+    ("printf 'Dfoo\\n' >&6; exit 82", b"554 foo\n\r\n"),
+    ("printf 'Dab\\000cd' >&6; exit 82", b"554 ab\r\n"),
+    ("printf 'D\\000\\000' >&6; exit 82", b"554 \r\n"),
+    ("{ printf Z; printf %0298d 0; printf b; } >&6; exit 82", b"451 " + b"0" * 254 + b"\r\n"),
+    # Where C would answer 250 for a message it did not queue (a text starting with NUL).
+    ("printf '\\000ab' >&6; exit 82", b"451 qq temporary problem (#4.3.0)\r\n"),
+    ("printf 'Dtext' >&6; exit 31", b"554 mail server permanently rejected message (#5.3.0)\r\n"),
 ])
 def test_qmailqueue_exit_codes(qhome: QHome, tmp_path: Path, script: str, answer: bytes) -> None:
     c = talk(qhome, {"QMAILQUEUE": fake_queue(tmp_path, script)})

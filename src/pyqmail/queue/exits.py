@@ -36,12 +36,34 @@ def permanent(code: int) -> bool:
     return 11 <= code <= 40
 
 
+CUSTOM_MAX = 255  # bytes of descriptor 6 that qmail's qmail_close keeps
+
+
+def custom_report(custom: bytes) -> bytes | None:
+    """Return the report an exit 82 gives with custom (what descriptor 6 held), None if not used.
+
+    As notqmail 1.09's qmail_close: the first 255 bytes, used only when there
+    are more than 2, up to a NUL; every byte else is kept (a newline too).
+    The report is permanent when it starts with D and temporary otherwise,
+    whatever its first byte; callers drop that byte (qmail-smtpd answers 554
+    or 451 with the rest). A text starting with NUL is not used: C would
+    return it as "" and qmail-smtpd would answer 250 for a message that was
+    not queued.
+    """
+    text = custom[:CUSTOM_MAX]
+    if len(text) <= 2:
+        return None
+    return text.split(b"\0", 1)[0] or None
+
+
 def report(code: int, custom: bytes = b"") -> bytes:
     """Return the D/Z report a queueing program gives for qmail-queue exit code.
 
     The text is what qmail's programs say (qmail-smtpd answers it, qmail-inject
     prints it, qmail-local bounces or defers with it). Code 82 takes its text
-    from descriptor 6: a string starting with D (permanent) or Z (temporary).
+    from descriptor 6 (custom_report); a report starting with D is permanent,
+    any other temporary. Every program that queues reads descriptor 6 through
+    pyqmail.queue.qq and decides here.
     """
     if code == 0:
         return b""
@@ -49,8 +71,10 @@ def report(code: int, custom: bytes = b"") -> bytes:
         return b"Denvelope address too long for qq (#5.1.3)"
     if code == 31:
         return b"Dmail server permanently rejected message (#5.3.0)"
-    if code == 82 and custom[:1] in (b"D", b"Z"):
-        return custom.split(b"\0", 1)[0].rstrip(b"\n")
+    if code == 82:
+        text = custom_report(custom)
+        if text is not None:
+            return text
     table = {
         51: b"Zqq out of memory (#4.3.0)",
         52: b"Zqq timeout (#4.3.0)",
