@@ -192,3 +192,24 @@ def test_imports_stay_few() -> None:
                                  b"pyqmail.sig", b"pyqmail.pop3", b"pyqmail.pop3.checkpassword",
                                  b"pyqmail.pop3.passwords"}, ours
     assert foreign == b"", foreign
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run as another user")
+def test_unreadable_shadow_is_temporary_not_a_bad_password(qhome: QHome) -> None:
+    """Run as an ordinary user, a shadowed account cannot be checked: 111 and why, never 1."""
+    pw = pwd.getpwnam(TEST_USER)
+    assert pw.pw_passwd in checkpassword.SHADOWED
+    argv = ["/bin/sh", "-c", 'exec "$@" 3<&0', "sh", str(qhome.bin("checkpassword")), "true"]
+
+    def as_user(record: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, input=record, capture_output=True, env=env_for(qhome), timeout=60,
+                              user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+
+    p = as_user(TEST_USER.encode() + b"\0anything\0Y123456\0")
+    assert (p.returncode, p.stderr) == (111, b"checkpassword: temporary failure: cannot read the shadow file: "
+                                             b"unable to read /etc/shadow: Permission denied\n"), p
+    p = as_user(b"no-such-user-here\0anything\0Y123456\0")
+    assert p.returncode == 1 and b"no such user" in p.stderr, p
+    # As root the shadow file is read: a wrong password is a refusal.
+    res = check(qhome, TEST_USER.encode() + b"\0wrong\0Y123456\0", "true")
+    assert res.returncode == 1 and b"bad password" in res.stderr, res.explain()

@@ -47,7 +47,7 @@ def pophome(qhome: QHome) -> QHome:
     expect(run([qhome.bin("qmail"), "user", "add", "--home", str(qhome.path), *extra, "pop@example.org"],
                input=PASSWORD.encode() + b"\n"))
     st = (qhome.path / "authenticated").stat()
-    assert stat.S_IMODE(st.st_mode) == 0o1733
+    assert stat.S_IMODE(st.st_mode) == 0o755
     return qhome
 
 
@@ -89,9 +89,9 @@ def test_pop_login_opens_relay_until_expiry(pophome: QHome) -> None:
 
     pop_login(pophome)
     st = stamp(pophome).stat()
-    assert stat.S_IMODE(st.st_mode) == 0o622
-    if IS_ROOT:
-        assert st.st_uid == pwdnam_uid(TEST_USER)  # saveip ran as the user checkpassword became
+    assert stat.S_IMODE(st.st_mode) == 0o644
+    # checkpassword wrote it as the POP3 service's user, before becoming the user who logged in
+    assert st.st_uid == os.getuid()
     assert relay_attempt(pophome)[0] == 250
 
     nine = time.time() - 9 * 60
@@ -168,3 +168,35 @@ def test_saveip_direct(pophome: QHome) -> None:
     assert (res.returncode, res.stdout) == (0, b"on\n")
     assert res.stderr == (f"saveip: warning: unable to record 10.0.0.1 in {pophome.path}/authenticated: "
                           "No such file or directory\n").encode()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to act as another user")
+@pytest.mark.parametrize("single", [True, False])
+def test_ordinary_user_cannot_forge_a_stamp(single: bool) -> None:
+    """Issue 12 A4: `touch authenticated/IP` as an ordinary user fails, and a stamp owned by one is ignored."""
+    import shutil
+
+    from conftest import make_home, need_root_setup
+
+    if not single:
+        need_root_setup()
+    home = make_home(single=single)
+    try:
+        d = home.path / "authenticated"
+        st = d.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 0)  # made by qmail init
+        res = run(["/usr/bin/touch", str(d / "127.0.0.1")], user=TEST_USER)
+        assert res.returncode != 0 and b"Permission denied" in res.stderr, res.explain()
+        res = run([home.bin("saveip"), "/bin/true"], user=TEST_USER, env=env(home, TCPREMOTEIP="127.0.0.1"))
+        assert res.returncode == 0 and b"Permission denied" in res.stderr, res.explain()
+        assert not (d / "127.0.0.1").exists()
+        # A stamp some other way owned by the user (an old 1733 directory): checkauth ignores it.
+        d.chmod(0o1733)
+        (d / "127.0.0.1").touch()
+        os.chown(d / "127.0.0.1", pwdnam_uid(TEST_USER), -1)
+        probe = [home.bin("checkauth"), "/bin/sh", "-c", 'echo "${RELAYCLIENT-unset}"']
+        assert expect(run(probe, env=env(home, TCPREMOTEIP="127.0.0.1"))).stdout == b"unset\n"
+        os.chown(d / "127.0.0.1", 0, -1)  # the POP3 service's (root's) stamp counts
+        assert expect(run(probe, env=env(home, TCPREMOTEIP="127.0.0.1"))).stdout == b"\n"
+    finally:
+        shutil.rmtree(home.path.parent, ignore_errors=True)

@@ -165,7 +165,7 @@ def test_default_delivery_from_option_and_control(site: Site) -> None:
 
 def test_writable_home_is_deferred(site: Site) -> None:
     joe = home_with(site, "joe", {".qmail": "./Maildir/\n"})
-    joe.chmod(0o775)
+    joe.chmod(0o757)  # world-writable: qmail-local (conf-patrn 002) lets a group-writable home pass
     site.assign([site.user_line("joe", joe)])
     out = lines(trace(site, f"joe@{FQDN}", code=1))
     assert out[-3:] == ["qmail-local -n: (exit 111)", "  Uh-oh: home directory is writable. (#4.7.0)",

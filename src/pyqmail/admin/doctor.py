@@ -27,7 +27,7 @@ from pyqmail import control, durable, errors
 from pyqmail import home as _home
 from pyqmail.admin import install
 from pyqmail.local import dotqmail, users
-from pyqmail.local.qmail_local import CUTABLE, HOME_PATRN, PATRN, STICKY
+from pyqmail.local.qmail_local import CUTABLE, PATRN, STICKY
 from pyqmail.queue import layout
 from pyqmail.remote import mx
 from pyqmail.send.schedule import ColonMap
@@ -43,6 +43,7 @@ PORT_TIMEOUT = 1.0
 UID_MIN = 1000  # login.defs' default: accounts below are the system's own
 NOBODY = 65534
 DOTQMAIL_MAX = 1 << 20  # bytes of a .qmail file read to check its lines
+PARENT_PATRN = 0o022  # a parent of a home writable by others than its owner (not qmail-local's check)
 ROOT_PORTS = (("SMTP", 25), ("QMTP", 209))  # what `qmail up` listens on as root
 USER_PORTS = (("SMTP", 2525), ("QMTP", 2209))  # and as an ordinary user
 ALIAS_NAMES = {".qmail-postmaster": "postmaster", ".qmail-mailer-daemon": "mailer-daemon", ".qmail-root": "root"}
@@ -269,9 +270,9 @@ def check_home(r: Report, name: str, homedir: str) -> bool:
     except OSError as e:
         r.note(f"cannot check {homedir}: {errors.describe(e)}")
         return False
-    if st.st_mode & HOME_PATRN:
-        r.problem(f"home directory {homedir} of {name} is group- or world-writable: qmail-local defers "
-                  "every delivery (Uh-oh: home directory is writable)", f"chmod go-w {_q(homedir)}")
+    if st.st_mode & PATRN:
+        r.problem(f"home directory {homedir} of {name} is world-writable: qmail-local defers "
+                  "every delivery (Uh-oh: home directory is writable)", f"chmod o-w {_q(homedir)}")
     if st.st_mode & STICKY:
         r.problem(f"home directory {homedir} of {name} is sticky: qmail-local defers deliveries "
                   "(user is editing his .qmail file)", f"chmod -t {_q(homedir)}")
@@ -283,7 +284,7 @@ def check_home(r: Report, name: str, homedir: str) -> bool:
             r.note(f"cannot check {parent}: {errors.describe(e)}")
             break
         # A sticky directory (/tmp) lets nobody rename what others own in it.
-        if pst.st_mode & HOME_PATRN and not pst.st_mode & STICKY:
+        if pst.st_mode & PARENT_PATRN and not pst.st_mode & STICKY:
             r.problem(f"{parent}, a parent of home directory {homedir}, is group- or world-writable: "
                       "others can replace the home and its .qmail files", f"chmod go-w {_q(parent)}")
         if parent == "/":

@@ -221,7 +221,7 @@ def _make_maildir(home_dir: str, uid: int, gid: int) -> None:
 
 
 def _make_stamp_dir(qhome: str) -> None:
-    """Create QMAILHOME/authenticated for saveip, mode 1733 (see pop3.relay)."""
+    """Create QMAILHOME/authenticated for POP-before-SMTP stamps, mode 755 (see pop3.relay)."""
     from pyqmail.pop3 import relay
 
     path = os.path.join(qhome, relay.DIR)

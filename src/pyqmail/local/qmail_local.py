@@ -38,11 +38,11 @@ EXIT_OK = 0
 EXIT_PERMANENT = 100
 EXIT_TEMPORARY = 111
 
-# dot-qmail(5): delivery is deferred if the home directory is "group-writable
-# or other-writable", and .qmail must not be world-writable. (C qmail 1.03
-# uses one conf-patrn, 002, for both; where the man page speaks it is the spec.)
-HOME_PATRN = 0o022
-PATRN = 0o002  # mode bits refused on .qmail files
+# C qmail's conf-patrn as shipped (002): the mode bits refused on the home
+# directory and on .qmail files, so only a world-writable one defers; a
+# group-writable home is delivered to (dot-qmail(5) says group-writable too,
+# but what qmail does is the spec).
+PATRN = 0o002
 STICKY = 0o1000
 CUTABLE = 0o100  # the owner's x bit on .qmail: forwarding only
 DOTQMAIL_MAX = 64 << 20  # bytes of a .qmail file read; more is answered as qmail answers no memory
@@ -273,7 +273,7 @@ def _check_home(doit: bool) -> None:
         st = os.stat(".")
     except OSError as e:
         raise Stop(EXIT_TEMPORARY, HOME_STAT % _err(e)) from None
-    if st.st_mode & HOME_PATRN:
+    if st.st_mode & PATRN:
         raise Stop(EXIT_TEMPORARY, HOME_WRITABLE)
     if st.st_mode & STICKY:
         if doit:

@@ -2,8 +2,9 @@
 
 Usage: checkauth [-m minutes] prog [args...], between tcpserver and
 qmail-smtpd (the book's checkauth.sh). If QMAILHOME/authenticated/$TCPREMOTEIP
-was touched by saveip within the last minutes (default 10), RELAYCLIENT is
-set to the empty string; a stale stamp is removed if this user may. prog then
+was touched by checkpassword or saveip within the last minutes (default 10)
+and is owned by the POP3 service's user (root; in a single-user installation
+its user: see pop3.relay), RELAYCLIENT is set to the empty string; a stale stamp is removed if this user may. prog then
 runs in this process's place. Exit 100 for bad usage, 111 if prog cannot be run.
 """
 
@@ -35,14 +36,14 @@ def recent(ip: str, minutes: int, now: float) -> bool:
         return False
     import stat
 
-    if not stat.S_ISREG(st.st_mode):
-        return False
+    if not stat.S_ISREG(st.st_mode) or not relay.trusted(st.st_uid):
+        return False  # only the POP3 service's user writes stamps (pop3.relay)
     if now - minutes * 60 < st.st_mtime <= now + relay.SKEW:
         return True
     try:
-        os.unlink(path)  # as the book's script does; in the sticky directory only the owner may
+        os.unlink(path)  # as the book's script does
     except OSError:
-        pass
+        pass  # safe: checkauth (qmaild) may not write authenticated/; a stale stamp is ignored anyway
     return False
 
 

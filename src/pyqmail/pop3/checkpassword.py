@@ -8,7 +8,10 @@ it, or any crypt(3) string), else among the system's accounts (/etc/passwd,
 /etc/shadow). On success: groups, gid, uid of the user, cwd its home, USER,
 HOME and SHELL set, prog run in this process's place. Exit 1 if the login is
 refused (after a delay; reason on stderr), 2 if the input is malformed or prog
-missing, 111 for temporary trouble.
+missing, 111 for temporary trouble, said on stderr: among others, a system
+account whose hash is in a shadow file this process cannot read (run as an
+ordinary user), which is not a wrong password. A successful login also
+writes the POP-before-SMTP stamp (pop3.relay) before the identity changes.
 
 Run by Dovecot (ORIG_UID set), the identity is reported, not taken: no
 privilege change and no chdir; userdb_uid and userdb_gid set and listed in
@@ -131,11 +134,18 @@ def virtual_account(name: bytes, db: str) -> Account | None:
     return None
 
 
+SHADOWED = ("x", "*NP*")  # passwd fields that say "the hash is in the shadow file"
+
+
 def _shadow_hash(name: str) -> str | None:
+    """Return name's hash from the shadow file; None if the file or the entry is absent.
+
+    Raise Temporary if the file cannot be read (as an ordinary user it cannot).
+    """
     try:
         lines = _lines(SHADOW)
-    except Temporary:
-        return None  # unreadable as an ordinary user: only the passwd field can be checked
+    except Temporary as e:
+        raise Temporary(f"cannot read the shadow file: {e}") from None
     prefix = name.encode("latin-1") + b":"
     for line in lines or ():
         if line.startswith(prefix):
@@ -144,7 +154,11 @@ def _shadow_hash(name: str) -> str | None:
 
 
 def system_account(name: bytes) -> Account | None:
-    """Return the system account name, with its shadow hash if readable; None if no such user."""
+    """Return the system account name, with its shadow hash; None if no such user.
+
+    Raise Temporary if the hash lives in an unreadable shadow file: the
+    password cannot be checked now, which is not a wrong password.
+    """
     if b"\0" in name or b":" in name or not name:
         return None
     text = name.decode("latin-1")
@@ -152,7 +166,13 @@ def system_account(name: bytes) -> Account | None:
         pw = pwd.getpwnam(text)
     except KeyError:
         return None
-    stored = _shadow_hash(pw.pw_name)
+    try:
+        stored = _shadow_hash(pw.pw_name)
+    except Temporary:
+        if pw.pw_passwd not in SHADOWED:
+            stored = None  # the hash is in passwd itself: no need of the shadow file
+        else:
+            raise
     if stored is None:
         stored = pw.pw_passwd
     return Account(pw.pw_name, stored, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell)
@@ -196,6 +216,24 @@ def _dovecot_reply(env: dict[str, str], account: Account, lookup: bool) -> None:
         env[AUTHORIZED_ENV] = "2"
 
 
+def _record_login() -> None:
+    """Write the POP-before-SMTP stamp for $TCPREMOTEIP while still the POP3 service's user (pop3.relay).
+
+    Only where authenticated/ exists and we are a user whose stamps count; a
+    failure is logged and never refuses the login.
+    """
+    from pyqmail.pop3 import relay
+
+    ip = os.environ.get("TCPREMOTEIP")
+    if not ip or not relay.trusted(os.geteuid()) or not os.path.isdir(relay.directory()):
+        return
+    try:
+        relay.record(ip)
+    except (OSError, ValueError) as e:
+        relay.warn("checkpassword", f"unable to record {ip[:64]} in {relay.directory()}: "
+                   f"{e.strerror if isinstance(e, OSError) else e}")
+
+
 @program("checkpassword", crash=EXIT_TEMP)
 def main(argv: list[str]) -> int:
     """Check descriptor 3's login; on success become argv[1:] as the user, else exit 1/2/111."""
@@ -233,6 +271,8 @@ def main(argv: list[str]) -> int:
         return _temp(str(e))
     if not ok:
         return _refuse(name, "bad password")
+    if not dovecot:
+        _record_login()
     env = dict(os.environ)
     env.update(USER=account.name, HOME=account.home, SHELL=account.shell)
     fds = {0: 0, 1: 1, 2: 2}

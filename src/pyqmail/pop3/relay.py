@@ -1,10 +1,12 @@
-"""POP-before-SMTP bookkeeping shared by saveip and checkauth: one file per authenticated IP address.
+"""POP-before-SMTP bookkeeping shared by checkpassword, saveip and checkauth: one file per authenticated IP.
 
-QMAILHOME/authenticated/IP is touched by saveip after each successful POP3
-login; its mtime is when. The directory is mode 1733 (anyone may create, only
-owners delete, nobody lists) because saveip runs as whichever user logged in;
-the files are mode 622 so that any later login from the same address can
-refresh them.
+QMAILHOME/authenticated/IP is touched after each successful POP3 login;
+its mtime is when. Only stamps written by the POP3 service's user count:
+root in a root-mode installation (the pop3d tcpserver, qmail-popup and
+checkpassword run as root; checkpassword writes the stamp before it becomes
+the user), the installation's one user in single-user mode. The directory
+is that user's, mode 755, so nobody else can create a stamp, and checkauth
+ignores a stamp owned by anyone else (an old 1733 directory stays safe).
 """
 
 from __future__ import annotations
@@ -12,10 +14,51 @@ from __future__ import annotations
 import os
 
 DIR = "authenticated"
-DIR_MODE = 0o1733
-FILE_MODE = 0o622
+DIR_MODE = 0o755
+FILE_MODE = 0o644
 DEFAULT_MINUTES = 10  # the book's checkauth.sh: "created in the last ten minutes"
 SKEW = 60  # seconds an mtime may lie in the future (clock steps); beyond, it is forged
+FRESH = 60  # seconds: a trusted stamp this new was written for this very login
+
+
+def trusted(uid: int) -> bool:
+    """Return whether a stamp owned by uid counts: root's, or in a single-user installation its user's."""
+    if uid == 0:
+        return True
+    from pyqmail import home
+
+    inst = home.install()
+    return inst.single and uid == inst.uid("qmailq")
+
+
+def record(ip: str) -> None:
+    """Create or refresh the stamp for ip, now; raise ValueError for a bad ip, OSError if it cannot be written."""
+    name = stamp_name(ip)
+    if name is None:
+        raise ValueError(f"TCPREMOTEIP is not an IP address: {ip[:64]!r}")
+    path = os.path.join(directory(), name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and (st.st_mode & 0o7777) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+        os.utime(fd)
+    finally:
+        os.close(fd)
+
+
+def fresh(ip: str, now: float) -> bool:
+    """Return whether ip has a trusted stamp written in the last FRESH seconds."""
+    import stat
+
+    name = stamp_name(ip)
+    if name is None:
+        return False
+    try:
+        st = os.lstat(os.path.join(directory(), name))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and trusted(st.st_uid) and now - FRESH <= st.st_mtime <= now + SKEW
 
 
 def directory() -> str:

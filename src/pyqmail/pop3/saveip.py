@@ -3,8 +3,11 @@
 Usage: saveip prog [args...], between checkpassword and qmail-pop3d (the
 book's saveip.sh). Touches QMAILHOME/authenticated/$TCPREMOTEIP (see
 pop3.relay) and runs prog in this process's place with the same environment
-and descriptors. A failure to record is warned about and does not refuse the
-login. Exit 100 without prog, 111 if prog cannot be run.
+and descriptors. In a root-mode installation saveip runs as the user who
+logged in, who may not write there: checkpassword has already written the
+stamp as root, and saveip says nothing when it finds that fresh stamp. Any
+other failure to record is warned about and does not refuse the login.
+Exit 100 without prog, 111 if prog cannot be run.
 """
 
 from __future__ import annotations
@@ -16,24 +19,6 @@ from pyqmail.entry import program
 EXIT_USAGE = 100
 EXIT_TEMP = 111
 PROG = "saveip"
-
-
-def record(ip: str) -> None:
-    """Create or refresh the stamp for ip, now; raise OSError."""
-    from pyqmail.pop3 import relay
-
-    name = relay.stamp_name(ip)
-    if name is None:
-        raise ValueError(f"TCPREMOTEIP is not an IP address: {ip[:64]!r}")
-    path = os.path.join(relay.directory(), name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, relay.FILE_MODE)
-    try:
-        st = os.fstat(fd)
-        if st.st_uid == os.geteuid() and (st.st_mode & 0o7777) != relay.FILE_MODE:
-            os.fchmod(fd, relay.FILE_MODE)  # whatever the umask, later logins as others must refresh it
-        os.utime(fd)
-    finally:
-        os.close(fd)
 
 
 @program(PROG, crash=EXIT_TEMP)
@@ -48,7 +33,12 @@ def main(argv: list[str]) -> int:
     ip = os.environ.get("TCPREMOTEIP")
     if ip is not None:
         try:
-            record(ip)
+            relay.record(ip)
+        except PermissionError as e:
+            import time
+
+            if not relay.fresh(ip, time.time()):
+                relay.warn(PROG, f"unable to record {ip} in {relay.directory()}: {e.strerror}")
         except ValueError as e:
             relay.warn(PROG, str(e))
         except OSError as e:
