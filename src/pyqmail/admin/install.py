@@ -815,6 +815,7 @@ def _init(opts: Options, out: TextIO) -> None:
     install_code(lay)
     for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():
         lay.file(f"boot/{name}", text, "root", 0o755)
+    __import__("pyqmail.admin.manpages", fromlist=["install"]).install(qmail_home)
     _config_fast(lay, fqdn, out)
     user = opts.user
     if user is None and inst.single:
