@@ -90,12 +90,33 @@ def test_fullname_option_sets_mailname(qhome: QHome, tmp_path: Path) -> None:
     assert env["MAILNAME"] == "J2" and env["QMAILUSER"] == "q"
 
 
-def test_sender_option_leaves_the_environment_alone(qhome: QHome, tmp_path: Path) -> None:
-    # qmail 1.03: -f sets the envelope sender only (netqmail's patch also set QMAILUSER/QMAILHOST).
+NAMES = {"QMAILNAME": "Q", "MAILNAME": "M", "NAME": "N", "QMAILHOST": "qh", "MAILHOST": "mh", "QMAILUSER": "qu"}
+
+
+@pytest.mark.parametrize("args, user, host", [
+    (["-f", "s@x.y"], "s", "x.y"),
+    (["-fs@x.y"], "s", "x.y"),
+    (["-f", "a@b@c"], "a@b", "c"),      # split at the last @
+    (["-f", "boss"], "boss", None),     # no @: no host at all
+    (["-f", "boss@"], "boss", ""),
+    (["-f", ""], "", None),
+    (["-F", "Joe", "-f", "s@x.y"], "s", "x.y"),  # -F is lost
+])
+def test_sender_option_sets_the_from_line_variables(qhome: QHome, tmp_path: Path, args: list[str], user: str,
+                                                    host: str | None) -> None:
+    # netqmail/notqmail's sendmail (do_sender): -f also makes the From: line.
     out = stand_in(qhome, "qmail-inject", tmp_path)
-    expect(sendmail(qhome, ["-f", "s@x.y"], env={"QMAILNAME": "N"}), 7)
+    expect(sendmail(qhome, args, env=NAMES), 7)
     _, _, env = recorded(out)
-    assert env.get("QMAILNAME") == "N" and "QMAILUSER" not in env and "QMAILHOST" not in env
+    assert env["QMAILUSER"] == user and env.get("QMAILHOST") == host
+    assert not {"QMAILNAME", "MAILNAME", "NAME", "MAILHOST"} & env.keys()
+
+
+def test_without_sender_option_the_environment_stays(qhome: QHome, tmp_path: Path) -> None:
+    out = stand_in(qhome, "qmail-inject", tmp_path)
+    expect(sendmail(qhome, ["r"], env=NAMES), 7)
+    _, _, env = recorded(out)
+    assert {k: env.get(k) for k in NAMES} == NAMES
 
 
 @pytest.mark.parametrize("args,stderr", [
@@ -217,8 +238,32 @@ def test_queues_through_qmail_inject(qhome: QHome) -> None:
     ((sender, rcpts, mess),) = queued(qhome)
     assert sender == b"boss@x.y"
     assert rcpts == [b"extra@x.y", b"d@test.example.com", b"a@b.c", b"e@f.g"]
-    assert mess == (b'From: "The Boss" <joe@test.example.com>\nDate: x\nMessage-ID: <y>\n'
+    # notqmail: the From: line is the -f address, and the -F name is lost with it.
+    assert mess == (b"From: boss@x.y\nDate: x\nMessage-ID: <y>\n"
                     b"To: a@b.c, d@test.example.com\nSubject: s\n\nbody\n")
+
+
+# What notqmail 1.09's sendmail and qmail-inject (built from source) queue for these arguments,
+# with USER=joe, MAILHOST=mh.example and NAME=Envname in the environment.
+@pytest.mark.parametrize("args, from_, sender", [
+    (["-f", "boss@x.y"], b"From: boss@x.y", b"boss@x.y"),
+    (["-fboss@x.y"], b"From: boss@x.y", b"boss@x.y"),
+    (["-F", "Name", "-f", "boss@x.y"], b"From: boss@x.y", b"boss@x.y"),
+    (["-f", "boss@x.y", "-F", "Name"], b"From: boss@x.y", b"boss@x.y"),
+    (["-f", "boss"], b"From: boss@test.example.com", b"boss@test.example.com"),
+    (["-f", "boss@"], b"From: boss@test.example.com", b"boss@test.example.com"),
+    (["-f", "@x.y"], b'From: ""@x.y', b"@x.y"),
+    (["-f", ""], b'From: ""@test.example.com', b""),
+    (["-f", "<>"], b'From: "<>"@test.example.com', b"<>@test.example.com"),
+    (["-f", "j q@x.y"], b'From: "j q"@x.y', b"j q@x.y"),
+    (["-F", "Name"], b'From: "Name" <joe@mh.example>', b"joe@mh.example"),
+])
+def test_from_line_as_notqmail(qhome: QHome, args: list[str], from_: bytes, sender: bytes) -> None:
+    env = {"MAILHOST": "mh.example", "NAME": "Envname"}
+    expect(sendmail(qhome, [*args, "r@a.b"], b"Subject: s\n\nbody\n", env=env))
+    ((got_sender, rcpts, mess),) = queued(qhome)
+    assert (got_sender, rcpts) == (sender, [b"r@a.b"])
+    assert [line for line in mess.split(b"\n") if line.startswith(b"From:")] == [from_]
 
 
 def test_without_t_only_arguments_are_recipients(qhome: QHome) -> None:

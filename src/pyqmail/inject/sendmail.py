@@ -3,8 +3,10 @@
 usage: sendmail [ -t ] [ -fsender ] [ -Fname ] [ -bp ] [ -bs ] [ arg ... ]
 
 Turns sendmail's options into qmail-inject's and runs QMAILHOME/bin/qmail-inject
-in its place: -t gives qmail-inject -H, otherwise -a; -f sender is passed on;
--F name sets MAILNAME. -bp runs qmail-qread, -bs runs qmail-smtpd with the
+in its place: -t gives qmail-inject -H, otherwise -a; -F name sets MAILNAME;
+-f sender is passed on and, as in netqmail/notqmail, also makes the From:
+line: QMAILUSER and QMAILHOST are set from the sender (split at its last @)
+and QMAILNAME, MAILNAME, NAME and MAILHOST are removed, so -F is then lost. -bp runs qmail-qread, -bs runs qmail-smtpd with the
 environment of a local SMTP client, and run as `mailq` it runs qmail-qread.
 sendmail's other options (-i, -oi, -odb, -oem, -v, -m, -x, -e, -p, -B, -E,
 -J, -bm) are accepted and ignored, as qmail ignores them. Exits 100 on a
@@ -70,6 +72,18 @@ def run_in_place(path: str, argv: list[str]) -> int:
     return rc
 
 
+def do_sender(sender: str) -> None:
+    """Make qmail-inject's From: line the sender's, as notqmail's sendmail does before exec."""
+    for name in ("QMAILNAME", "MAILNAME", "NAME", "QMAILHOST", "MAILHOST"):
+        os.environ.pop(name, None)
+    user, at, host = sender.rpartition("@")
+    if not at:
+        os.environ["QMAILUSER"] = sender
+        return
+    os.environ["QMAILHOST"] = host
+    os.environ["QMAILUSER"] = user
+
+
 def usage() -> int:
     """Print qmail's usage line; return the usage exit code."""
     _say(USAGE)
@@ -118,6 +132,7 @@ def parse(argv: list[str]) -> list[str] | int:
     qiargv = [QMAIL_INJECT, "-H" if flag_h else "-a"]
     if sender is not None:
         qiargv += ["-f", sender]
+        do_sender(sender)
     return qiargv + ["--"] + argv[opts.optind:]
 
 
