@@ -657,11 +657,13 @@ def _stub_processes(qmail_home: str) -> list[float]:
     starts = []
     for pid in pids:
         try:
-            argv = _read(f"/proc/{pid}/cmdline").split(b"\0")[:4]
+            # Programs retitle themselves (pyqmail.proctitle): argv[0] is then the stub's path,
+            # with the rest in one space-separated string; exec'd, argv[2] is.
+            argv = _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").split()[:4]
             stat_ = _read(f"/proc/{pid}/stat")
         except OSError:
             continue  # gone, or not ours to read
-        if not any(a.startswith(b"/") and os.path.realpath(os.fsdecode(a)).startswith(bindir) for a in argv[1:]):
+        if not any(a.startswith(b"/") and os.path.realpath(os.fsdecode(a)).startswith(bindir) for a in argv):
             continue
         fields = stat_.rpartition(b")")[2].split()
         starts.append(btime + int(fields[19]) / hz)  # field 22: starttime, in clock ticks since boot
