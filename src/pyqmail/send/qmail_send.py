@@ -1133,11 +1133,14 @@ class Send:
 
 
 def _scan_ulong(field: bytes) -> int:
+    """Return the number the leading digits of field spell, wrapping as C's unsigned long."""
+    # Unbounded, a u or p record of 5000 digits made the info line's %d raise
+    # (Python's 4300-digit limit) and cost quadratic time.
     n = 0
     for c in field:
         if not 48 <= c <= 57:
             break
-        n = n * 10 + c - 48
+        n = (n * 10 + c - 48) & 0xFFFFFFFFFFFFFFFF
     return n
 
 
