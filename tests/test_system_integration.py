@@ -206,3 +206,139 @@ def test_svscanboot_starts_svscan_and_its_services(home: QHome) -> None:
                     boot.wait()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- the boot-time service directory and the systemd unit ---------------------
+
+NO_PORTS = ["--smtp-port", "0", "--pop3-port", "0", "--qmtp-port", "0"]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if CI:
+            pytest.fail(f"{name} missing: .ci/run installs its Debian package")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def test_unit_names_do_not_collide() -> None:
+    from pyqmail.admin import systemd
+
+    assert systemd.unit_name("/var/qmail") == systemd.unit_name("/var/qmail/") == "pyqmail.service"
+    escape = _tool("systemd-escape")
+    for home in ("/var/qmail2", "/srv/mail/qmail-2", "/opt/.q/x_y.z", "/home/\u00e9l\u00e8ve/q"):
+        want = subprocess.run([escape, "--path", home], capture_output=True, check=True).stdout.decode().strip()
+        assert systemd.unit_name(home) == f"pyqmail-{want}.service"
+    assert len({systemd.unit_name(h) for h in ("/var/qmail", "/var/qmail2", "/var-qmail", "/var/qmail-2")}) == 4
+
+
+def _service_lines(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and not line.startswith("#"):
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_systemd_unit_verifies_and_its_commands_start_and_stop_svscan(home: QHome, tmp_path: Path) -> None:
+    import shlex
+
+    units = tmp_path / "units"
+    res = expect(run([home.bin("qmail"), "systemd", "--home", home.path, *NO_PORTS, "--install",
+                      "--unit-dir", units], env=ENV))
+    name = "pyqmail-" + subprocess.run([_tool("systemd-escape"), "--path", str(home.path)], capture_output=True,
+                                       check=True).stdout.decode().strip() + ".service"
+    written = home.path / "boot" / "systemd" / name
+    assert (units / name).read_text() == written.read_text(), res.explain()
+    assert (home.path / "service" / "send" / "run").exists() and (home.path / "service" / "send" / "log" / "run").exists()
+    # systemd-analyze verify: syntax, and every command's path exists.
+    verify = [_tool("systemd-analyze"), "verify", "--man=no"]
+    check = subprocess.run([*verify, str(units / name)], capture_output=True, env=ENV, timeout=120)
+    assert check.returncode == 0 and name.encode() not in check.stderr, check
+    broken = tmp_path / "broken" / name
+    broken.parent.mkdir()
+    broken.write_text(written.read_text().replace(f"ExecStart={home.path}/bin/svscan", "ExecStart=/nonexistent/svscan"))
+    assert subprocess.run([*verify, str(broken)], capture_output=True, env=ENV, timeout=120).returncode != 0
+
+    # Run the unit's own commands as systemd would: ExecStart, ExecStartPost with $MAINPID, then ExecStop.
+    unit = _service_lines(written.read_text())
+    env = dict(ENV, **dict([unit["Environment"][0].split("=", 1)]))
+    svscan = subprocess.Popen(shlex.split(unit["ExecStart"][0]), env=env, start_new_session=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env_main = dict(env, MAINPID=str(svscan.pid))
+        expect(run(shlex.split(unit["ExecStartPost"][0]), env=env_main))
+        assert (home.path / "run" / "svscan.pid").read_text().strip() == str(svscan.pid)
+        send = home.path / "service" / "send"
+        until("qmail-send's service to be up",
+              lambda: b": up (pid " in run([home.bin("svstat"), send, send / "log"], env=ENV).stdout.split(b"\n")[0]
+              and run([home.bin("svok"), send / "log"], env=ENV).returncode == 0)
+        stop = unit["ExecStop"][0]
+        assert stop.startswith("-")
+        expect(run(shlex.split(stop[1:]), env=env_main, timeout=300))
+        assert svscan.wait(timeout=WAIT) is not None
+        for d in (send, send / "log"):
+            assert run([home.bin("svok"), d], env=ENV).returncode != 0, f"{d} still supervised"
+        expect(run(shlex.split(unit["ExecStopPost"][0]), env=env_main))
+        assert not (home.path / "run" / "svscan.pid").exists()
+    finally:
+        if svscan.poll() is None:
+            os.killpg(svscan.pid, signal.SIGKILL)
+            svscan.wait()
+        run([home.bin("svc"), "-dx", home.path / "service" / "send", home.path / "service" / "send" / "log"], env=ENV)
+    res = expect(run([home.bin("qmail"), "systemd", "--home", home.path, "--uninstall", "--unit-dir", units], env=ENV))
+    assert not (units / name).exists() and written.exists()
+
+
+def test_unit_refuses_a_home_it_cannot_name(tmp_path: Path) -> None:
+    from pyqmail import home as _home
+    from pyqmail.admin import systemd
+
+    with pytest.raises(systemd.SystemdError, match="without blanks"):
+        systemd.unit_text("/srv/my qmail", _home.Install(False, 23, {}, {}))
+
+
+# --- sendmail as the system's --------------------------------------------------
+
+def test_sendmail_install_through_alternatives_and_symlinks(home: QHome, tmp_path: Path) -> None:
+    ua = _tool("update-alternatives")
+    (tmp_path / "alt").mkdir()
+    (tmp_path / "adm").mkdir()
+    sbin = tmp_path / "usr" / "sbin" / "sendmail"
+    lib = tmp_path / "usr" / "lib" / "sendmail"
+    sbin.parent.mkdir(parents=True)
+    lib.parent.mkdir(parents=True)
+    sbin.write_text("another MTA's sendmail\n")
+    ours = home.bin("sendmail")
+    where = ["--home", str(home.path), "--sbin", str(sbin), "--lib", str(lib)]
+    alt = ["--altdir", str(tmp_path / "alt"), "--admindir", str(tmp_path / "adm")]
+    qmail = [str(home.bin("qmail")), "sendmail-install"]
+
+    res = run([*qmail, *where, *alt], env=ENV)
+    assert res.returncode == 100 and b"not replacing" in res.stderr, res.explain()
+    assert sbin.read_text() == "another MTA's sendmail\n" and not lib.exists()
+
+    expect(run([*qmail, *where, *alt, "--force"], env=ENV))
+    assert sbin.resolve() == lib.resolve() == ours.resolve()
+    assert os.readlink(sbin) == str(tmp_path / "alt" / "sendmail")  # through the alternatives
+    query = subprocess.run([ua, *alt, "--query", "sendmail"], capture_output=True, check=True).stdout.decode()
+    assert f"Value: {ours}" in query and f"Link: {sbin}" in query
+    # The linked sendmail is pyqmail's: -bp lists the queue through qmail-qread.
+    expect(run([sbin, "-bp"], env=ENV))
+    # Installing again is harmless; then undo: the other MTA's file comes back.
+    expect(run([*qmail, *where, *alt], env=ENV))
+    expect(run([*qmail, *where, *alt, "--remove"], env=ENV))
+    assert sbin.read_text() == "another MTA's sendmail\n" and not os.path.lexists(lib)
+    assert not os.path.lexists(str(sbin) + ".pyqmail-saved")
+
+    # Without an alternatives system: plain symlinks, same refusals.
+    res = run([*qmail, *where, "--no-alternatives"], env=ENV)
+    assert res.returncode == 100, res.explain()
+    sbin.unlink()
+    expect(run([*qmail, *where, "--no-alternatives"], env=ENV))
+    assert os.readlink(sbin) == os.readlink(lib) == str(ours)
+    expect(run([*qmail, *where, "--no-alternatives"], env=ENV))  # our own links are replaced
+    expect(run([*qmail, *where, "--no-alternatives", "--remove"], env=ENV))
+    assert not os.path.lexists(sbin) and not os.path.lexists(lib)

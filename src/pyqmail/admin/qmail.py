@@ -7,6 +7,10 @@ usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
        qmail down [--home DIR]
        qmail user add|del|passwd|list [--home DIR] [NAME]
        qmail status|doctor|trace|queue|report [--home DIR] ...
+       qmail services [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N]
+       qmail systemd [--home DIR] [ports] [--install | --uninstall] [--unit-dir DIR]
+       qmail sendmail-install [--home DIR] [--remove] [--force] [--sbin PATH] [--lib PATH]
+       qmail man [--home DIR]
 
 Each command of COMMANDS lives in its own module, imported only when it runs,
 as `command(argv) -> exit code` with argv[0] "qmail NAME": its options are its
@@ -27,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("pyqmail.admin.trace", "show how an address would be routed and delivered"),
     "queue": ("pyqmail.admin.queue", "list, show, delete, expire or retry queued messages"),
     "report": ("pyqmail.admin.report", "an HTML page of delivery statistics from qmail-send's log"),
+    "services": ("pyqmail.admin.services", "write QMAILHOME/service as `qmail up` does, starting nothing"),
+    "systemd": ("pyqmail.admin.systemd", "write (--install: and install) a systemd unit running the home at boot"),
+    "sendmail-install": ("pyqmail.admin.sendmail_install",
+                         "make this home's sendmail the system's /usr/sbin/sendmail (--remove: undo)"),
+    "man": ("pyqmail.admin.manpages", "write the man pages into QMAILHOME/man (qmail init does)"),
 }
 
 
