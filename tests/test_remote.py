@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import QHome, expect, run
+from conftest import CI, QHome, expect, run, world_dir
 from remotekit import DROP, SILENT, BlackHole, DnsServer, SmtpServer, dead_port
 
 from pyqmail.remote import smtpclient as sc
@@ -40,7 +43,7 @@ def test_usage(qhome: QHome, dnsd: DnsServer) -> None:
 
 
 def test_message_arrives_byte_for_byte(qhome: QHome, dnsd: DnsServer) -> None:
-    message = (b"Subject: dots\n\n.leading dot\n..two dots\n.\nmiddle . dot\nbare cr\r\n"
+    message = (b"Subject: dots\n\n.leading dot\n..two dots\n.\nmiddle . dot\ncr lf\r\nbare\rcr\n"
                b"8-bit \xe9\xff\x00 nul\n\n")
     with SmtpServer() as srv:
         route(qhome, srv)
@@ -49,8 +52,56 @@ def test_message_arrives_byte_for_byte(qhome: QHome, dnsd: DnsServer) -> None:
     s = srv.sessions[0]
     assert s.commands == [b"HELO test.example.com", b"MAIL FROM:<s@x.org>", b"RCPT TO:<a@example.com>",
                           b"RCPT TO:<b@example.com>", b"DATA", b"QUIT"]
-    assert s.data == (b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nmiddle . dot\r\nbare cr\r\r\n"
-                      b"8-bit \xe9\xff\x00 nul\r\n\r\n")
+    # notqmail 1.09: CR LF goes as CR LF, a bare CR as CR LF (qmail 1.03 sent "cr lf\r\r\n").
+    assert s.data == (b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nmiddle . dot\r\ncr lf\r\n"
+                      b"bare\r\ncr\r\n8-bit \xe9\xff\x00 nul\r\n\r\n")
+
+
+def _smtp_sink() -> str:
+    for path in (shutil.which("smtp-sink"), "/usr/sbin/smtp-sink"):
+        if path and Path(path).exists():
+            return path
+    if CI:
+        pytest.fail("smtp-sink missing: .ci/run installs Debian's postfix (unconfigured)")
+    pytest.skip("smtp-sink (Debian postfix) not installed")
+
+
+def test_line_ends_as_postfix_smtp_sink_reads_them(qhome: QHome, dnsd: DnsServer) -> None:
+    """Postfix's smtp-sink, a real SMTP server, reads the lines qmail-remote sends (its dump has LF ends)."""
+    sink = _smtp_sink()
+    base = world_dir()
+    dump = base / "dump"
+    base.chmod(0o777)  # smtp-sink drops to nobody when run as root
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sink, *(["-u", "nobody"] if os.geteuid() == 0 else []), "-D", str(dump), f"127.0.0.1:{port}", "5"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = b""
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, argv
+        qhome.control("smtproutes", f"example.com:[127.0.0.1]:{port}\n")
+        # "x\r.\r\n" would end DATA early if the dot after a bare CR went unstuffed (notqmail 1.09
+        # sends it so); the line "after" would then reach the server as a command.
+        message = b"Subject: t\n\ncr lf\r\nbare\rcr\n.dot\nx\r.\r\nafter\nend\r"
+        out = remote(qhome, dnsd, "example.com", "s@x.org", "a@example.com", message=message)
+        assert out == b"r\0K127.0.0.1 accepted message.\nRemote host said: 250 2.0.0 Ok\n\0"
+        want = b"Subject: t\n\ncr lf\nbare\ncr\n.dot\nx\n.\nafter\nend\n"
+        while not dump.exists() or want not in dump.read_bytes():
+            assert time.monotonic() < deadline, dump.read_bytes() if dump.exists() else "no dump"
+            time.sleep(0.05)  # smtp-sink writes its dump file on its own time
+        assert dump.read_bytes().endswith(b"\n" + want + b"\n")
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+        shutil.rmtree(base, ignore_errors=True)
+    assert b"fatal" not in err, err
 
 
 def test_empty_message_and_bounce_sender(qhome: QHome, dnsd: DnsServer) -> None:

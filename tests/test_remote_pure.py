@@ -64,17 +64,46 @@ def stuff(message: bytes, cuts: list[int]) -> tuple[bytes, bool]:
     for c in [*cuts, len(message)]:
         out += s.feed(message[last:c])
         last = c
+    out += s.end()
     return out, s.complete()
 
 
 def test_stuffer_at_every_chunk_boundary() -> None:
-    message = b".a\n..b\nc.\n.\n\r\n\n.x"
-    want = b"..a\r\n...b\r\nc.\r\n..\r\n\r\r\n\r\n..x"
+    message = b".a\n..b\nc.\n.\n\r\n\n.x\r.y\rz\r\r\n.x"
+    want = b"..a\r\n...b\r\nc.\r\n..\r\n\r\n\r\n..x\r\n..y\r\nz\r\n\r\n..x"
     for i in range(len(message) + 1):
         for j in range(i, len(message) + 1):
             assert stuff(message, [i, j]) == (want, False)
     assert stuff(b"", []) == (b"", True)
     assert stuff(b"a\n", [1]) == (b"a\r\n", True)
+    assert stuff(b"a\r", [1]) == (b"a\r\n", True)  # a final CR ends the last line
+
+
+# What notqmail 1.09's qmail-remote (built from source) sends for these messages: CR LF as
+# CR LF, a bare CR as CR LF, LF as CR LF (qmail 1.03 sent CR CR LF for CR LF).
+@pytest.mark.parametrize("message, wire", [
+    (b"a\r\nb\n", b"a\r\nb\r\n"),
+    (b"a\rb\n", b"a\r\nb\r\n"),
+    (b"a\r", b"a\r\n"),
+    (b"\r\n", b"\r\n"),
+    (b"a\n\rb\n", b"a\r\n\r\nb\r\n"),
+    (b".a\r\n..b\r", b"..a\r\n...b\r\n"),
+])
+def test_stuffer_as_notqmail_1_09(message: bytes, wire: bytes) -> None:
+    assert stuff(message, []) == (wire, True)
+
+
+# Where notqmail 1.09 puts a bare CR or an unstuffed dot on the wire (it sends the byte after a
+# bare CR as it is), every CR ends a line and the new line is stuffed.
+@pytest.mark.parametrize("message, wire, c_wire", [
+    (b"a\r\r\n", b"a\r\n\r\n", b"a\r\n\r\r\n"),
+    (b"x\r\rz\n", b"x\r\n\r\nz\r\n", b"x\r\n\rz\r\n"),
+    (b"x\r.y\n", b"x\r\n..y\r\n", b"x\r\n.y\r\n"),
+    (b".\r.\n", b"..\r\n..\r\n", b"..\r\n.\r\n"),  # C's would end DATA there
+])
+def test_stuffer_where_notqmail_breaks_the_protocol(message: bytes, wire: bytes, c_wire: bytes) -> None:
+    assert stuff(message, []) == (wire, True)
+    assert wire != c_wire
 
 
 @pytest.mark.parametrize("box, quoted", [

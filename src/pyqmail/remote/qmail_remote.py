@@ -135,6 +135,7 @@ def _blast(conn: Smtp, msgfd: int) -> bytes | None:
         if len(buf) >= CHUNK:
             conn.send(bytes(buf))
             buf.clear()
+    buf += stuffer.end()
     if not stuffer.complete():
         return sc.PARTIAL_LINE
     buf += b".\r\n"

@@ -138,21 +138,47 @@ class Reply:
 
 
 class Stuffer:
-    """Encode a message for DATA: LF becomes CRLF, a leading dot is doubled."""
+    """Encode a message for DATA as notqmail 1.09's qmail-remote: every line ending (LF, CR LF,
+    or a bare CR) becomes CRLF, and a line starting with a dot gets a second one.
+
+    qmail 1.03 sent a CR as it was (CR CR LF for CR LF). Where 1.09 itself would put a bare CR
+    or an unstuffed dot on the wire (the byte after a bare CR is sent as it is, so CR CR or
+    CR '.'), each CR is a line end here too and the new line is dot-stuffed: a line "." made
+    from "x\r.\r\n" would otherwise end DATA early.
+    """
 
     def __init__(self) -> None:
         self.at_line_start = True
+        self._cr = False  # the last byte fed was a CR: CR LF or a bare CR, the next byte tells
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the SMTP form of the next piece of the message."""
         if not chunk:
             return b""
-        out = chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
-        if self.at_line_start and chunk[:1] == b".":
+        if self._cr:
+            chunk = b"\r" + chunk
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        return self._lines(chunk)
+
+    def end(self) -> bytes:
+        """Return what is held back at the end of the message (a final CR, as CRLF)."""
+        if not self._cr:
+            return b""
+        self._cr = False
+        return self._lines(b"\r")
+
+    def _lines(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        out = data.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+        if self.at_line_start and data[:1] == b".":
             out = b"." + out
-        self.at_line_start = chunk.endswith(b"\n")
+        self.at_line_start = data.endswith(b"\n")
         return out
 
     def complete(self) -> bool:
-        """Return False if the message ended inside a line (SMTP cannot carry that)."""
-        return self.at_line_start
+        """Return False if the message ended inside a line (SMTP cannot carry that); call after end()."""
+        return self.at_line_start and not self._cr
