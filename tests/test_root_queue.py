@@ -85,10 +85,14 @@ def test_local_user_envelope_errors_pass_through(root_home: QHome, queued: subpr
     assert files(root_home.queue)["todo"] == [] and files(root_home.queue)["mess"] == []
 
 
-def test_local_user_without_server_is_temporary(root_home: QHome) -> None:
+def test_local_user_without_server_drops_into_maildrop(root_home: QHome) -> None:
+    # No qmail-queued: the message waits in maildrop/ (tests/test_intake_root.py has the rest).
     p = qq(root_home, b"x\n", envelope(b"a", b"b"), user=TEST_USER)
-    assert p.returncode == 62
+    assert p.returncode == 0, p.stderr
     assert files(root_home.queue)["mess"] == []
+    (drop,) = os.listdir(root_home.path / "maildrop")
+    assert drop.startswith("m")
+    assert (root_home.path / "maildrop" / drop).stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
 
 
 def test_local_user_cannot_write_queue_directly(root_home: QHome) -> None:

@@ -274,6 +274,8 @@ def make_layout(lay: _Layout) -> None:
         lay.d(rel, "root", 0o755)
     lay.d("alias", "alias", 0o2755)
     lay.d("run", "qmailq", 0o755)
+    if not lay.inst.single:  # qmail-queue's fallback when qmail-queued is down (pyqmail.queue.maildrop)
+        lay.d("maildrop", "qmailq", 0o3733)
     lay.d("authenticated", "root", 0o755)  # POP-before-SMTP stamps: only the POP3 service's user writes (pop3.relay)
     lay.d("queue", "qmailq", 0o750)
     lay.d("queue/pid", "qmailq", 0o700)

@@ -78,6 +78,10 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
     """Return {service name: the argv its run script execs} for what `qmail up` runs."""
     bindir = os.path.join(qmail_home, "bin")
     out = {"send": [os.path.join(bindir, "qmail-start"), "./Maildir/"]}
+    if not inst.single:
+        # Root mode: local users queue through qmail-queued, a service of its
+        # own so that intake does not depend on qmail-send.
+        out["queued"] = [os.path.join(bindir, "qmail-queued")]
     if ports.smtp:
         out["smtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtp,
                                   [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)

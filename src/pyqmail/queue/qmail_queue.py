@@ -10,7 +10,10 @@ Run as root, qmail-queue writes the queue as qmailq. Run as another local
 user in a root-mode installation, it cannot write the queue itself (Python
 cannot be setuid), so it hands its two descriptors to qmail-queued over a UNIX
 socket; the server learns the caller's uid from the kernel (SO_PEERCRED) and
-writes the queue exactly as here, naming that uid in the Received line.
+writes the queue exactly as here, naming that uid in the Received line. When
+no qmail-queued answers, it writes the message and envelope into
+QMAILHOME/maildrop/ instead (pyqmail.queue.maildrop), where qmail-queued
+finds it later and queues it with the uid of the file's owner.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ FD_ERRSTR = 6
 ADDR_MAX = 1003  # bytes of an envelope address, its terminating NUL included
 SUICIDE_SECONDS = 86400
 SOCKET = "run/qmail-queue.sock"
+# The socket's protocol: the client sends REQUEST_QUEUE with descriptors 0 and
+# 1; the server answers ACK once it holds them (before reading either), then
+# the exit code as one byte. No ACK means nothing has read the descriptors,
+# so the client may still write the message into the maildrop. REQUEST_STOP
+# (no descriptors) asks a `qmail-queued -p` to give way to a standalone one:
+# STOP_YES or STOP_NO.
+REQUEST_QUEUE = b"Q"
+REQUEST_STOP = b"S"
+ACK = b"+"  # 43: not one of qmail-queue's exit codes
+STOP_YES = b"y"
+STOP_NO = b"n"
 _CHUNK = 65536
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -150,14 +164,15 @@ def _open_pid(pid: int, start: int) -> tuple[int, str]:
 
 
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-                  inst: _home.Install, now: float | None = None) -> int:
+                  inst: _home.Install, now: float | None = None, msg_len: int | None = None) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
 
-    The working directory becomes QMAILHOME/queue.
+    The message is what msg_fd holds up to its end, or exactly msg_len bytes
+    (fewer is a read error, 54). The working directory becomes QMAILHOME/queue.
     """
     q = _Queuer()
     try:
-        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now)
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len)
     except Die as e:
         q.cleanup()
         return e.code
@@ -167,7 +182,7 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
 
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-           inst: _home.Install, now: float | None) -> int:
+           inst: _home.Install, now: float | None, msg_len: int | None) -> int:
     if now is None:
         now = time.time()
     try:
@@ -203,13 +218,18 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
 
     # The message, behind its Received line.
     buf = bytearray(received_line(pid, uid, inst, now))
-    while True:
+    left = -1 if msg_len is None else msg_len
+    while left:
         try:
-            chunk = os.read(msg_fd, _CHUNK)
+            chunk = os.read(msg_fd, _CHUNK if left < 0 else min(left, _CHUNK))
         except OSError:
             raise Die(QueueExit.READ_ERROR) from None
         if not chunk:
+            if left > 0:
+                raise Die(QueueExit.READ_ERROR)
             break
+        if left > 0:
+            left -= len(chunk)
         buf += chunk
         if len(buf) >= _CHUNK:
             _write(fd, buf)
@@ -267,22 +287,139 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 
 def hand_to_server(qmail_home: str) -> int:
-    """Pass descriptors 0 and 1 to qmail-queued; return the exit code it answers."""
+    """Pass descriptors 0 and 1 to qmail-queued; return the exit code it answers.
+
+    If no qmail-queued takes them (no socket, nobody listening, or the server
+    goes away before acknowledging), write the message into the maildrop.
+    """
     import socket
 
     path = os.path.join(qmail_home, SOCKET)
     try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     except OSError:
         return QueueExit.QUEUE_ERROR
     with s:
         try:
-            socket.send_fds(s, [b"Q"], [FD_MESSAGE, FD_ENVELOPE])
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return drop_message(qmail_home, FD_MESSAGE, FD_ENVELOPE)
+        except OSError:
+            return QueueExit.QUEUE_ERROR
+        try:
+            socket.send_fds(s, [REQUEST_QUEUE], [FD_MESSAGE, FD_ENVELOPE], socket.MSG_NOSIGNAL)
+            ack = s.recv(1)
+        except OSError:
+            ack = b""
+        if not ack:
+            # The server closed (or died) before taking the descriptors: the
+            # kernel dropped them unread, so the message is still ours.
+            return drop_message(qmail_home, FD_MESSAGE, FD_ENVELOPE)
+        if ack != ACK:
+            return ack[0]  # a server of the one-byte protocol answered the exit code
+        try:
             answer = s.recv(1)
         except OSError:
             return QueueExit.BUG
     return answer[0] if answer else QueueExit.BUG
+
+
+def drop_message(qmail_home: str, msg_fd: int, env_fd: int, now: float | None = None) -> int:
+    """Write the message on msg_fd and the envelope on env_fd into the maildrop; return the exit code.
+
+    Exit 0 means the file is on disk under its final name `m...`; the envelope
+    is checked as queue_message checks it (11, 54, 91), and any other failure
+    is a temporary one, the file removed.
+    """
+    from pyqmail.queue import maildrop
+
+    if now is None:
+        now = time.time()
+    top = os.path.join(qmail_home, maildrop.DIR)
+    name = maildrop.unique(now)
+    tmp = os.path.join(top, "t" + name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return QueueExit.QUEUE_ERROR
+    published = False
+    try:
+        _drop(fd, top, msg_fd, env_fd)
+        try:
+            os.rename(tmp, os.path.join(top, "m" + name))
+        except OSError:
+            raise Die(QueueExit.QUEUE_ERROR) from None
+        published = True
+        # Writers cannot open the directory (it is not readable) to fsync it.
+        # The rename changed the file's ctime in the same journal transaction
+        # (ext4, xfs), so fsyncing the file commits the rename too. A failure
+        # now is reported, but the file stays: a duplicate is better than a loss.
+        _fsync(fd)
+        return QueueExit.OK
+    except Die as e:
+        if not published:
+            _unlink_quietly(fd, tmp)
+        return e.code
+    except BaseException:
+        if not published:
+            _unlink_quietly(fd, tmp)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(fd: int, path: str) -> None:
+    try:
+        durable.trunc_unlink(fd, path)
+    except OSError:
+        pass  # a t file left behind is removed by qmail-queued after 36 hours
+
+
+def _drop(fd: int, top: str, msg_fd: int, env_fd: int) -> None:
+    from pyqmail.queue import maildrop
+
+    buf = bytearray(maildrop.header(0))
+    offset = maildrop.HEADER_SIZE
+    while True:
+        try:
+            chunk = os.read(msg_fd, _CHUNK)
+        except OSError:
+            raise Die(QueueExit.READ_ERROR) from None
+        if not chunk:
+            break
+        offset += len(chunk)
+        buf += chunk
+        if len(buf) >= _CHUNK:
+            _write(fd, buf)
+            buf.clear()
+    _write(fd, buf)
+    buf.clear()
+    env = _Envelope(env_fd)
+    if env.byte() != ord("F"):
+        raise Die(QueueExit.ENVELOPE_FORMAT)
+    buf += b"F" + env.address()
+    while True:
+        kind = env.byte()
+        if kind == 0:
+            break
+        if kind != ord("T"):
+            raise Die(QueueExit.ENVELOPE_FORMAT)
+        buf += b"T" + env.address()
+        if len(buf) >= _CHUNK:
+            _write(fd, buf)
+            buf.clear()
+    buf += b"\0"
+    _write(fd, buf)
+    try:
+        if os.pwrite(fd, offset.to_bytes(8, "big"), maildrop.OFFSET_AT) != 8:
+            raise Die(QueueExit.WRITE_ERROR)
+        # The group is the directory's (setgid): qmailq's group qmail reads it.
+        os.fchmod(fd, maildrop.FILE_MODE)
+        if os.fstat(fd).st_gid != os.stat(top).st_gid:
+            raise Die(QueueExit.QUEUE_ERROR)  # not setgid: qmail-queued could not read the file
+    except OSError:
+        raise Die(QueueExit.WRITE_ERROR) from None
+    _fsync(fd)
 
 
 @program("qmail-queue", crash=QueueExit.BUG)

@@ -5,34 +5,68 @@ C qmail makes qmail-queue setuid qmailq. Python programs cannot be setuid, so
 QMAILHOME/run/qmail-queue.sock. qmail-queue, run by any other user, connects
 and passes its descriptors 0 and 1; the server learns the caller's uid from
 the kernel (SO_PEERCRED), queues the message exactly as qmail-queue does with
-that uid in the Received line, and answers qmail-queue's exit code as one byte.
+that uid in the Received line, and answers qmail-queue's exit code as one byte
+(after an acknowledgement, see qmail_queue.ACK).
+
+When no qmail-queued runs, qmail-queue writes the message into
+QMAILHOME/maildrop/ instead. qmail-queued scans that directory at start,
+every SCAN_INTERVAL seconds and on SIGALRM, queues each `m` file with the uid
+of the file's owner (the kernel's word, never the file's) and removes it.
 
 usage: qmail-queued [-p]   (started as root or as qmailq; as root it becomes qmailq)
 
-With -p (as qmail-start starts it) it exits when the process that started
-it has gone, so that it lives exactly as long as qmail-send.
+Only the holder of the lock QMAILHOME/queue/lock/queued (an exclusive flock;
+the file says "PID\\n", or "PID p\\n" for -p) touches the socket. A second
+qmail-queued finding the lock held exits 111 ("already running") without
+touching anything, unless the holder is a -p instance: that one is asked
+over the socket to give way, and the new one takes its place. With -p (as
+qmail-start starts it) it exits when the process that started it has gone,
+so that it lives no longer than qmail-send; while another qmail-queued holds
+the lock it only waits (touching nothing) and serves once that one stops;
+asked to give way, it removes its socket, unlocks and waits again.
+SIGTERM: stop accepting, remove the socket, exit 0. SIGALRM: scan the
+maildrop now.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import select
 import signal
 import socket
+import stat
 import struct
+import time
 
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
-from pyqmail.queue import qmail_queue
+from pyqmail.queue import maildrop, qmail_queue
 from pyqmail.queue.exits import QueueExit
 
 _UCRED = struct.Struct("iII")
 ANSWER_TIMEOUT = 60  # seconds a client has to send its descriptors
-PARENT_CHECK = 1.0  # seconds between checks that the starting process lives (-p)
+SCAN_INTERVAL = 1.0  # seconds between maildrop scans; also between checks that the starting process lives (-p)
+LOCK = "queue/lock/queued"
+TAKEOVER_SECONDS = 30.0  # how long a standalone qmail-queued waits for a -p holder to give way
+EXIT_FAIL = 111
+# Exit codes of queue_message that mean the drop file itself is bad: it is
+# removed. Every other failure is the queue's: the file stays for the next scan.
+_MALFORMED = (QueueExit.ADDR_TOO_LONG, QueueExit.READ_ERROR, QueueExit.ENVELOPE_FORMAT)
 
 
-def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install) -> int:
-    """Queue the message of one client connection; return the exit code sent back."""
+def _say(text: str) -> None:
+    try:
+        os.write(2, f"qmail-queued: {text}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass  # stderr gone: nowhere left to say it
+
+
+def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
+              stoppable: bool = False) -> int:
+    """Answer one client connection (queue its message, or a stop request); return the exit code sent."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     _, uid, _ = _UCRED.unpack(creds)
     conn.settimeout(ANSWER_TIMEOUT)
@@ -42,7 +76,13 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install) -> int:
         return QueueExit.READ_ERROR
     code: int = QueueExit.READ_ERROR
     try:
-        if msg == b"Q" and len(fds) == 2:
+        if msg == qmail_queue.REQUEST_STOP and not fds:
+            return _stop_request(conn, uid, inst, server_pid, stoppable)
+        if msg == qmail_queue.REQUEST_QUEUE and len(fds) == 2:
+            try:
+                conn.sendall(qmail_queue.ACK)
+            except OSError:
+                return code  # the client is gone; its message was never read
             signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
             signal.alarm(qmail_queue.SUICIDE_SECONDS)
             code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, os.getpid(), inst)
@@ -53,9 +93,248 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install) -> int:
     try:
         conn.sendall(bytes([code]))
     except OSError:
-        pass
+        pass  # the client is gone; the exit code was for it alone
     return code
 
+
+def _stop_request(conn: socket.socket, uid: int, inst: _home.Install, server_pid: int, stoppable: bool) -> int:
+    """A standalone qmail-queued asks this -p server to give way (USR1 to it): only root or qmailq may."""
+    ok = stoppable and uid in (0, inst.uid("qmailq")) and server_pid > 1 and os.getppid() == server_pid
+    try:
+        conn.sendall(qmail_queue.STOP_YES if ok else qmail_queue.STOP_NO)
+    except OSError:
+        ok = False
+    if ok:
+        os.kill(server_pid, signal.SIGUSR1)
+    return 0 if ok else 1
+
+
+# --- the maildrop -----------------------------------------------------------------
+
+class Pickup:
+    """Queue the maildrop's `m` files, one scan at a time."""
+
+    def __init__(self, qmail_home: str, inst: _home.Install, qmailq: int) -> None:
+        self.top = os.path.join(qmail_home, maildrop.DIR)
+        self.qmail_home = qmail_home
+        self.inst = inst
+        self.qmailq = qmailq
+        self.warned: set[str] = set()  # names whose removal failed: said once, not every scan
+
+    def scan(self, now: float | None = None) -> int:
+        """Queue every good `m` file, refuse the bad ones; return how many were queued."""
+        if now is None:
+            now = time.time()
+        queued = 0
+        try:
+            it = os.scandir(self.top)
+        except OSError as e:
+            if self.top not in self.warned:
+                self.warned.add(self.top)
+                _say(f"warning: unable to read {self.top}: {e.strerror}")
+            return 0
+        self.warned.discard(self.top)
+        with it:
+            for entry in it:
+                name = entry.name
+                if name.startswith("m"):
+                    try:
+                        result = self.pick_up(name)
+                    except Exception as e:  # noqa: BLE001 - one file must not stop intake
+                        # A bug of ours, not the file's fault: keep the file, say so once.
+                        if name not in self.warned and len(self.warned) < 10000:
+                            self.warned.add(name)
+                            _say(f"warning: internal error on {maildrop.DIR}/{name}: {type(e).__name__}: {e}")
+                        continue
+                    if result is None:
+                        break  # the queue is in trouble: try again at the next scan
+                    queued += result
+                else:
+                    self._expire(name, now)
+        return queued
+
+    def pick_up(self, name: str) -> int | None:
+        """Queue maildrop/name if it is a good drop file; return 1 if queued, 0 if not, None on queue trouble."""
+        path = os.path.join(self.top, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            self._refuse(name, f"unable to stat: {e.strerror}")
+            return 0
+        why = self._bad(st)
+        if why:
+            self._refuse(name, why, st)
+            return 0
+        try:
+            # O_NOFOLLOW: a symlink swapped in since lstat is refused (ELOOP);
+            # O_NONBLOCK: a FIFO swapped in does not hang the scan.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            self._refuse(name, f"unable to open: {e.strerror}")
+            return 0
+        try:
+            fst = os.fstat(fd)
+            why = self._bad(fst)
+            if not why and (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                why = "replaced while being read"
+            if why:
+                self._refuse(name, why, fst)
+                return 0
+            try:
+                head = os.pread(fd, maildrop.HEADER_SIZE, 0)
+                offset = maildrop.envelope_offset(head, fst.st_size)
+                if offset is not None:
+                    os.lseek(fd, maildrop.HEADER_SIZE, os.SEEK_SET)
+            except OSError as e:
+                self._refuse(name, f"unable to read: {e.strerror}")
+                return 0
+            if offset is None:
+                self._refuse(name, "not a drop file")
+                return 0
+            # The uid is the file's owner: set by the kernel when its creator
+            # made it, and a user can give a file away to nobody.
+            code = qmail_queue.queue_message(self.qmail_home, fd, fd, fst.st_uid, os.getpid(), self.inst,
+                                             msg_len=offset - maildrop.HEADER_SIZE)
+        finally:
+            os.close(fd)
+        if code in _MALFORMED:
+            self._refuse(name, f"malformed (qmail-queue exit {code})")
+            return 0
+        if code != QueueExit.OK:
+            _say(f"warning: trouble queueing {maildrop.DIR}/{name} (qmail-queue exit {code}); will try again")
+            return None
+        self._remove(name)
+        return 1
+
+    def _bad(self, st: os.stat_result) -> str:
+        """Return why a drop file with this status is refused, or "" if it is not."""
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_nlink != 1:
+            # A hard link to another user's file would be queued as that user.
+            return f"has {st.st_nlink} links"
+        if st.st_uid in (0, self.qmailq):
+            # root's and qmailq's qmail-queue write the queue themselves, never here.
+            return f"owned by uid {st.st_uid}"
+        return ""
+
+    def _refuse(self, name: str, why: str, st: os.stat_result | None = None) -> None:
+        if name not in self.warned:
+            owner = "" if st is None else f" (uid {st.st_uid})"
+            _say(f"warning: refused {maildrop.DIR}/{name}{owner}: {why}")
+        self._remove(name, isdir=st is not None and stat.S_ISDIR(st.st_mode))
+
+    def _remove(self, name: str, isdir: bool = False) -> None:
+        path = os.path.join(self.top, name)
+        try:
+            if isdir:
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass  # gone already
+        except OSError as e:
+            if name not in self.warned:
+                if len(self.warned) < 10000:
+                    self.warned.add(name)
+                _say(f"warning: unable to remove {maildrop.DIR}/{name}: {e.strerror}")
+            return
+        self.warned.discard(name)
+
+    def _expire(self, name: str, now: float) -> None:
+        """Remove a `t` file (or anything else not `m`) left for STALE_SECONDS: its writer is dead."""
+        path = os.path.join(self.top, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return  # gone, or not ours to judge: the next scan looks again
+        if now - st.st_mtime > maildrop.STALE_SECONDS:
+            self._remove(name, isdir=stat.S_ISDIR(st.st_mode))
+
+
+def _make_maildrop(qmail_home: str, q: _home.Account, gid: int) -> None:
+    """Create QMAILHOME/maildrop if missing and give it its owner and mode; say so if that fails."""
+    path = os.path.join(qmail_home, maildrop.DIR)
+    try:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            _say(f"warning: {path} is not a directory: local users cannot queue while qmail-queued is down")
+            return
+        if (st.st_uid, st.st_gid) != (q.uid, gid) and os.geteuid() == 0:
+            os.lchown(path, q.uid, gid)
+        if stat.S_IMODE(st.st_mode) != maildrop.MODE:
+            os.chmod(path, maildrop.MODE)
+    except OSError as e:
+        _say(f"warning: unable to create {path}: {e.strerror}: local users cannot queue while qmail-queued is down")
+
+
+# --- the lock ---------------------------------------------------------------------
+
+def _open_lock(path: str, q: _home.Account, gid: int) -> int:
+    """Open (as root: create for qmailq) the lock file; raise OSError."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return os.open(path, flags)
+    if os.geteuid() == 0:
+        os.fchown(fd, q.uid, gid)
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _ask_to_stop(sock_path: str) -> bytes:
+    """Ask the server on sock_path to give way; return its answer, b"" if none."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(ANSWER_TIMEOUT)
+            s.connect(sock_path)
+            s.sendall(qmail_queue.REQUEST_STOP)
+            return s.recv(1)
+    except OSError:
+        return b""
+
+
+def _take_over(lock: int, sock_path: str, deadline: float) -> bool:
+    """Take the lock from a -p holder; return False if the holder is standalone or will not go."""
+    next_ask = 0.0
+    while time.monotonic() < deadline:
+        if _try_lock(lock):
+            return True
+        if time.monotonic() >= next_ask:
+            # Asked again every half second: a -p holder that gave way
+            # waits before it looks at the lock again, but a slow start
+            # here must not lose the lock to it for good.
+            answer = _ask_to_stop(sock_path)
+            if answer == qmail_queue.STOP_NO:
+                return False
+            next_ask = time.monotonic() + 0.5
+        # No answer: the holder has the lock but not yet its socket (it is
+        # starting), or it is stopping. Either way, look again shortly.
+        time.sleep(0.05)
+    return _try_lock(lock)
+
+
+# --- the server -------------------------------------------------------------------
 
 def _reap(signum: int, frame: object) -> None:
     while True:
@@ -67,56 +346,189 @@ def _reap(signum: int, frame: object) -> None:
             return
 
 
-@program("qmail-queued", crash=111)
+class _Flags:
+    stop = False  # TERM: stop for good
+    give_way = False  # USR1 (from a child answering a stop request): a -p server waits again
+    scan = True
+
+
+class _Server:
+    """What one qmail-queued needs while it holds the lock."""
+
+    def __init__(self, qmail_home: str, inst: _home.Install, q: _home.Account, gid: int, lock: int,
+                 with_parent: bool, parent: int, flags: _Flags) -> None:
+        self.qmail_home = qmail_home
+        self.inst = inst
+        self.q = q
+        self.gid = gid
+        self.lock = lock
+        self.with_parent = with_parent
+        self.parent = parent
+        self.flags = flags
+        self.sock_path = os.path.join(qmail_home, qmail_queue.SOCKET)
+
+    def orphaned(self) -> bool:
+        return self.with_parent and os.getppid() != self.parent
+
+    def wait(self, first: bool) -> bool:
+        """Wait (-p) or ask (standalone) for the lock; return False if this process is not to serve."""
+        if first and _try_lock(self.lock):
+            return True
+        if not self.with_parent:
+            return first and _take_over(self.lock, self.sock_path, time.monotonic() + TAKEOVER_SECONDS)
+        # Another qmail-queued serves. Wait for it to go (a standalone one
+        # stopped, or the -p one of a qmail-send that has just ended),
+        # touching nothing meanwhile.
+        while True:
+            if self.flags.stop or self.orphaned():
+                return False
+            if not first:
+                time.sleep(SCAN_INTERVAL)  # having given way: let the standalone one take the lock
+            first = False
+            if _try_lock(self.lock):
+                return not self.orphaned()
+
+    def serve(self) -> None:
+        """Hold the socket and scan the maildrop until TERM, give-way or (-p) qmail-send's end."""
+        # From here on this process alone touches the socket and the maildrop.
+        _make_maildrop(self.qmail_home, self.q, self.gid)
+        if os.geteuid() == 0:
+            drop(Credentials(self.q.uid, self.gid))
+        try:
+            os.ftruncate(self.lock, 0)
+            os.pwrite(self.lock, f"{os.getpid()}{' p' if self.with_parent else ''}\n".encode(), 0)
+        except OSError as e:
+            _say(f"warning: unable to write {LOCK}: {e.strerror}")
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old = os.umask(0)
+            try:
+                srv.bind(self.sock_path)
+            finally:
+                os.umask(old)
+            os.chmod(self.sock_path, 0o666)
+            srv.listen(64)
+            srv.setblocking(False)
+            self._loop(srv)
+        finally:
+            # Remove the socket while still holding the lock, so that clients
+            # find no server (and use the maildrop) instead of a dead one.
+            srv.close()
+            try:
+                os.unlink(self.sock_path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    _say(f"warning: unable to remove {self.sock_path}: {e.strerror}")
+            try:
+                os.ftruncate(self.lock, 0)
+            except OSError:
+                pass  # the content is only a note for people; the lock itself is what counts
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+
+    def _loop(self, srv: socket.socket) -> None:
+        flags = self.flags
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        old_wake = signal.set_wakeup_fd(wake_w)
+        pickup = Pickup(self.qmail_home, self.inst, self.q.uid)
+        server_pid = os.getpid()
+        next_scan = 0.0
+        try:
+            while not (flags.stop or flags.give_way or self.orphaned()):
+                now = time.monotonic()
+                if flags.scan or now >= next_scan:
+                    flags.scan = False
+                    pickup.scan()
+                    now = time.monotonic()
+                    next_scan = now + SCAN_INTERVAL
+                try:
+                    ready, _, _ = select.select([srv.fileno(), wake_r], [], [], max(0.0, next_scan - now))
+                except InterruptedError:
+                    continue
+                if wake_r in ready:
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass  # another signal's byte was read already
+                if srv.fileno() not in ready:
+                    continue
+                try:
+                    conn, _ = srv.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                conn.setblocking(True)
+                pid = os.fork()
+                if pid == 0:
+                    code = 81
+                    try:
+                        srv.close()
+                        os.close(self.lock)  # the lock belongs to the server alone: a child must not keep it
+                        signal.set_wakeup_fd(-1)
+                        os.close(wake_r)
+                        os.close(wake_w)
+                        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1):
+                            signal.signal(signum, signal.SIG_DFL)
+                        code = serve_one(conn, self.qmail_home, self.inst, server_pid, stoppable=self.with_parent)
+                    finally:
+                        os._exit(code)
+                conn.close()
+        finally:
+            signal.set_wakeup_fd(old_wake)
+            os.close(wake_r)
+            os.close(wake_w)
+
+
+@program("qmail-queued", crash=EXIT_FAIL)
 def main(argv: list[str]) -> int:
-    """Serve queue requests of local users until killed."""
+    """Serve queue requests of local users and the maildrop until TERM (or, with -p, qmail-send's end)."""
     qmail_home = _home.home()
     inst = _home.install()
     q = inst.users.get("qmailq")
     if inst.single or q is None:
-        os.write(2, b"qmail-queued: fatal: this installation is single-user; qmail-queue writes the queue itself\n")
-        return 111
+        _say("fatal: this installation is single-user; qmail-queue writes the queue itself")
+        return EXIT_FAIL
+    gid = inst.groups.get("qmail", q.gid)
     with_parent = argv[1:2] == ["-p"]
     parent = os.getppid()
-    if os.geteuid() == 0:
-        drop(Credentials(q.uid, q.gid))
-    if os.getuid() != q.uid:
-        os.write(2, b"qmail-queued: fatal: must run as root or qmailq\n")
-        return 111
-    path = os.path.join(qmail_home, qmail_queue.SOCKET)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0)
-    try:
-        srv.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o666)
-    srv.listen(64)
-    signal.signal(signal.SIGCHLD, _reap)
+    if os.geteuid() != 0 and os.getuid() != q.uid:
+        _say("fatal: must run as root or qmailq")
+        return EXIT_FAIL
     os.umask(0o033)
-    if with_parent:
-        srv.settimeout(PARENT_CHECK)
-    while True:
-        if with_parent and os.getppid() != parent:
-            return 0
-        try:
-            conn, _ = srv.accept()
-        except InterruptedError:
-            continue
-        except TimeoutError:
-            continue
-        conn.settimeout(None)
-        pid = os.fork()
-        if pid == 0:
-            srv.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            code = 81
-            try:
-                code = serve_one(conn, qmail_home, inst)
-            finally:
-                os._exit(code)
-        conn.close()
+    flags = _Flags()
+
+    def on_term(signum: int, frame: object) -> None:
+        flags.stop = True
+
+    def on_usr1(signum: int, frame: object) -> None:
+        flags.give_way = with_parent
+
+    def on_alrm(signum: int, frame: object) -> None:
+        flags.scan = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGALRM, on_alrm)
+    signal.signal(signal.SIGCHLD, _reap)
+    try:
+        lock = _open_lock(os.path.join(qmail_home, LOCK), q, gid)
+    except OSError as e:
+        _say(f"fatal: unable to open {LOCK}: {e.strerror}")
+        return EXIT_FAIL
+    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags)
+    try:
+        first = True
+        while server.wait(first):
+            first = False
+            server.serve()
+            if not flags.give_way:
+                return 0
+            flags.give_way = False  # a standalone qmail-queued took over: wait for it to stop
+        if first and not with_parent:
+            _say("fatal: qmail-queued is already running")
+            return EXIT_FAIL
+        return 0
+    finally:
+        os.close(lock)

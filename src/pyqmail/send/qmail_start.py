@@ -12,18 +12,28 @@ ids, as qmail's: the qmail group for all; qmail-send as qmails, qmail-clean
 as qmailq, qmail-rspawn as qmailr, qmail-lspawn stays root (it delivers as
 each recipient); the logger runs as qmaill in group nofiles. Otherwise
 (single-user mode) everything runs as the invoking user. qmail-start prints
-nothing, even on failure. qmail-queued, the injection server of root mode,
-is not started here: `qmail up` runs it beside qmail-start.
+nothing, even on failure, with one exception: before touching anything it
+checks qmail-send's lock (queue/lock/sendmutex), and if another qmail-send
+holds it writes qmail-send's own `alert: cannot start: qmail-send is already
+running` to descriptor 1 and exits 111, so that a second qmail-start spawns
+no daemon, makes no pipe and leaves qmail-queued's socket alone. In root
+mode it also starts `qmail-queued -p`, the injection server, for
+installations that run only the book's qmail-send service; where qmail-queued
+runs as a service of its own (`qmail up`), that one serves and the -p one
+waits.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 from pyqmail import home as _home
 from pyqmail import spawn
 from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
+from pyqmail.queue import layout
+from pyqmail.send import log
 
 DEFAULT_DELIVERY = "./Mailbox"
 EXIT_FAIL = 111
@@ -53,6 +63,23 @@ def _ids(inst: _home.Install) -> dict[str, Credentials] | None:
     }
 
 
+def send_running(qmail_home: str) -> bool:
+    """Return True if a qmail-send holds queue/lock/sendmutex now (False if it cannot be told)."""
+    try:
+        fd = os.open(os.path.join(qmail_home, "queue", layout.SENDMUTEX), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # qmail-send itself then says why it cannot start
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # the lock, if taken, ends here: qmail-send takes its own
+    return False
+
+
 @program("qmail-start", crash=EXIT_FAIL)
 def main(argv: list[str]) -> int:
     """Start the delivery daemons and become qmail-send; return 111 only if that fails."""
@@ -72,6 +99,13 @@ def main(argv: list[str]) -> int:
             drop(creds["start"], allow_root=True)
         except OSError:
             return EXIT_FAIL
+
+    if send_running(qmail_home):
+        try:
+            os.write(1, log.CANNOT_START_RUNNING)
+        except OSError:
+            pass  # no log: the exit code says it
+        return EXIT_FAIL
 
     def who(name: str) -> Credentials | None:
         return None if creds is None else creds[name]
@@ -98,7 +132,8 @@ def main(argv: list[str]) -> int:
         # Root mode: local users, qmail-send's bounces (as qmails) and
         # qmail-local's forwards (as the user) queue through qmail-queued,
         # pyqmail's stand-in for a setuid qmail-queue. It becomes qmailq
-        # itself and ends when qmail-send (this process, later) ends.
+        # itself and ends when qmail-send (this process, later) ends; if a
+        # standalone qmail-queued holds its lock, it waits and touches nothing.
         try:
             spawn.spawn(os.path.join(bindir, "qmail-queued"), ["qmail-queued", "-p"],
                         fds={**({1: 1} if _open(1) else {}), **stderr})
