@@ -110,6 +110,17 @@ def test_clean_root_mode_home(dns: DnsServer) -> None:
         shutil.rmtree(home.path.parent, ignore_errors=True)
 
 
+def layout_entries(home: QHome) -> int:
+    """Return how many directories and files `qmail init`'s layout has (the doctor checks each)."""
+    from pyqmail import home as _home
+    from pyqmail.admin import doctor, install
+
+    inst = _home.parse_install((home.path / "conf" / "install").read_text())
+    expect = doctor._Expect(str(home.path), inst)
+    install.make_layout(expect)
+    return len(expect.entries)
+
+
 # --- control files ------------------------------------------------------------------------
 
 def test_missing_rcpthosts_is_an_open_relay(site: Site, dns: DnsServer) -> None:

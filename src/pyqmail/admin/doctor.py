@@ -7,8 +7,12 @@ Seed 003's checklist, automated: control files present and consistent
 not older than their sources, every local user's home directory (and its
 parents) and .qmail files safe from other users, the alias user's
 postmaster, mailer-daemon and root files, the queue as `qmail init` made
-it (owners, modes, the trigger FIFO), the SMTP and QMTP ports, and
-control/me in DNS ($DNSCACHEIP honoured).
+it (owners, modes, the trigger FIFO), the SMTP and QMTP ports, what runs
+(this home's services under any svscan, two svscans over one directory,
+two systems for one home, stale run/up.pid and run/svscan.pid, a dangling
+run/qmail-queue.sock, qmail-queued's lock held with no socket, messages
+waiting in maildrop/), and control/me in DNS ($DNSCACHEIP honoured; a
+loopback name is fine on a system listening on loopback only).
 
 One line per item: "ok: ...", "note: ..." (worth knowing, not a fault) or
 "problem: ...; fix: ..." with the command that fixes it. Exit 0 without
@@ -22,6 +26,7 @@ import os
 import pwd
 import socket
 import stat
+import time
 
 from pyqmail import control, durable, errors
 from pyqmail import home as _home
@@ -457,13 +462,65 @@ def check_ports(r: Report, inst: _home.Install) -> None:
             r.ok(f"127.0.0.1:{port} ({service}) accepts connections")
 
 
-def check_dns(r: Report, home: str, dns: mx.Lookup) -> None:
-    """control/me should have an address in DNS."""
+def is_loopback_name(name: str) -> bool:
+    """Return whether name is a loopback host name: localhost, *.localdomain, localhost.*, 127.x.y.z."""
+    n = control.lower(name).rstrip(".")
+    if n == "localhost" or n.startswith("localhost.") or n.endswith(".localdomain") or n == "localdomain":
+        return True
+    parts = n.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() for p in parts)
+
+
+def _loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_hosts(home: str) -> list[str] | None:
+    """Return the hosts this home's tcpservers listen on (`qmail up`'s and any other supervision's).
+
+    None if no run script of this home runs a tcpserver.
+    """
+    from pyqmail.admin import status, supervision
+
+    dirs = [os.path.join(home, supervision.UP_SERVICES, n) for n in status.service_names(home) or []]
+    dirs += [s.directory for s in supervision.survey(home, 0).services]
+    hosts = []
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "run"), "rb") as f:
+                where = status.listen_address(f.read(status.RUN_MAX))
+        except (OSError, ValueError):
+            continue
+        if where is not None:
+            hosts.append(where.rpartition(":")[0])
+    return hosts or None
+
+
+def loopback_only(home: str, inst: _home.Install) -> bool:
+    """Return whether the system listens on loopback alone (`qmail up`'s single-user default)."""
+    hosts = listen_hosts(home)
+    if hosts is None:
+        return inst.single  # nothing written yet: `qmail up` as an ordinary user listens on 127.0.0.1
+    return all(_loopback_host(h) for h in hosts)
+
+
+def check_dns(r: Report, home: str, dns: mx.Lookup, inst: _home.Install | None = None) -> None:
+    """control/me should have an address in DNS (a loopback name on a loopback-only system need not)."""
     try:
         me = control.read_line("me")
     except control.ControlError:
         return
     if not me:
+        return
+    if is_loopback_name(me) and inst is not None and loopback_only(home, inst):
+        r.ok(f"control/me {me} is a loopback name, and the system listens on loopback only")
         return
     status, ips = mx.ip_plus(dns, me, 0)
     if status == mx.SOFT:
@@ -473,6 +530,186 @@ def check_dns(r: Report, home: str, dns: mx.Lookup) -> None:
                   f"add an A record for {me}, or put this host's DNS name into {_q(os.path.join(home, 'control', 'me'))}")
     else:
         r.ok(f"{me} resolves to {', '.join(a.ip for a in ips)}")
+
+
+# --- what runs: supervision, pid files, the socket, the locks, the maildrop -------------
+
+SOCKET = "run/qmail-queue.sock"  # qmail-queued's socket (pyqmail.queue.qmail_queue.SOCKET)
+QUEUED_LOCK = "queue/lock/queued"  # qmail-queued's flock'd lock, "PID\n" or "PID p\n"
+MAILDROP = "maildrop"  # qmail-queue's drop directory when qmail-queued is away
+UP_PID = "run/up.pid"  # `qmail up`'s, flock'd while it runs
+SVSCAN_PID = "run/svscan.pid"  # the svscan `qmail up` started
+PID_MAX = 64
+
+
+def _read_pid(path: str) -> int | None:
+    """Return the pid at the start of path; None if it holds none. Raise OSError (FileNotFoundError: absent)."""
+    with open(path, "rb") as f:
+        words = f.read(PID_MAX).split()
+    return int(words[0]) if words and words[0].isdigit() and int(words[0]) > 0 else None
+
+
+def _is_process(pid: int, names: tuple[str, ...]) -> bool | None:
+    """Return whether pid runs one of the programs names (by comm or argv); None if it does not exist."""
+    from pyqmail.admin import supervision
+
+    try:
+        comm = supervision._read(f"/proc/{pid}/comm", 64).decode("latin-1").strip()
+        argv = supervision._read(f"/proc/{pid}/cmdline", supervision.CMDLINE_MAX).split(b"\0")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # hidden from us: not ours to call stale
+    words = {comm, *(os.path.basename(os.fsdecode(a)) for a in argv[:4] if a)}
+    return any(n in words for n in names) or any(n in os.fsdecode(b" ".join(argv[:4])) for n in names)
+
+
+def _lock_held(path: str) -> bool | None:
+    """Return whether a process holds path's flock; None if there is no such file.
+
+    A free lock is taken for a moment (LOCK_SH|LOCK_NB, dropped at once): a
+    daemon starting in that instant sees it held and is restarted by supervise.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def check_supervision(r: Report, home: str, now: int) -> None:
+    """This home's services wherever they run; two svscans over one directory; two systems for one home."""
+    from pyqmail.admin import supervision
+
+    s = supervision.survey(home, now)
+    for svc in s.services:
+        line = f"service {svc.directory}: {svc.state} ({svc.where()})"
+        if svc.up:
+            r.ok(line)
+        else:
+            r.note(line)
+    for top, procs in s.scanners().items():
+        if len(procs) > 1:
+            pids = ", ".join(str(p.pid) for p in procs)
+            r.problem(f"{len(procs)} svscan processes (pids {pids}) run over {top}: each starts its own "
+                      "supervise, and the second of each pair cannot lock the service",
+                      f"kill {' '.join(str(p.pid) for p in procs[1:])}")
+    roots: dict[str, list[str]] = {}
+    for svc in s.running():
+        roots.setdefault(os.path.dirname(svc.directory), []).append(os.path.basename(svc.directory))
+    if len(roots) > 1:
+        where = "; ".join(f"{top} ({', '.join(names)})" for top, names in roots.items())
+        own = os.path.join(home, supervision.UP_SERVICES)
+        others = [t for t in roots if t != own]
+        fix = (f"qmail down --home {_q(home)}" if own in roots else
+               "svc -dx " + " ".join(_q(os.path.join(t, n)) for t in others[1:] for n in roots[t]))
+        r.problem(f"two systems run this home's programs, from {where}: the second qmail-send cannot start "
+                  "and the second tcpservers cannot bind", fix)
+
+
+def check_pidfiles(r: Report, home: str) -> None:
+    """run/up.pid and run/svscan.pid: present only while what they name runs."""
+    for rel, names, what in ((UP_PID, ("qmail",), "qmail up"), (SVSCAN_PID, ("svscan",), "svscan")):
+        path = os.path.join(home, rel)
+        try:
+            pid = _read_pid(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            r.note(f"cannot read {rel}: {errors.describe(e)}")
+            continue
+        if rel == UP_PID:
+            try:
+                held = _lock_held(path)
+            except OSError as e:
+                r.note(f"cannot check {rel}: {errors.describe(e)}")
+                continue
+            if held:
+                r.ok(f"{rel}: qmail up runs (pid {pid})")
+                continue
+            why = "no `qmail up` holds its lock"
+        else:
+            alive = None if pid is None else _is_process(pid, names)
+            if alive:
+                r.ok(f"{rel}: svscan runs (pid {pid})")
+                continue
+            why = ("it holds no pid" if pid is None else f"pid {pid} does not exist" if alive is None
+                   else f"pid {pid} is not {what}")
+        r.problem(f"{rel} is stale: {why}; `qmail status` and `qmail down` may act on the wrong process",
+                  f"rm {_q(path)}")
+
+
+def check_socket(r: Report, home: str, inst: _home.Install) -> None:
+    """run/qmail-queue.sock answers; qmail-queued's lock with no socket; messages waiting in maildrop/."""
+    path = os.path.join(home, SOCKET)
+    sock_ok: bool | None = None  # None: no socket file
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        r.note(f"cannot check {SOCKET}: {errors.describe(e)}")
+        return
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            r.problem(f"{SOCKET} is not a socket: qmail-queued cannot bind it",
+                      f"rm {_q(path)}, then restart qmail-queued")
+            sock_ok = False
+        else:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(PORT_TIMEOUT)
+            try:
+                s.connect(path)
+                sock_ok = True
+                r.ok(f"{SOCKET}: qmail-queued answers")
+            except ConnectionRefusedError:
+                sock_ok = False
+                r.problem(f"{SOCKET} is dangling: nothing listens on it (ECONNREFUSED), so local users' and "
+                          "qmail-smtpd's messages go to maildrop/ or fail until qmail-queued runs again",
+                          "restart qmail-queued (svc -t its service, or restart qmail-send's service: "
+                          "qmail-start starts one)")
+            except OSError as e:
+                r.note(f"cannot connect to {SOCKET}: {errors.describe(e)}")
+            finally:
+                s.close()
+    lock = os.path.join(home, QUEUED_LOCK)
+    try:
+        held = _lock_held(lock)
+        holder = _read_pid(lock) if held else None
+    except OSError as e:
+        held, holder = None, None
+        if not inst.single:
+            r.note(f"cannot check {QUEUED_LOCK}: {errors.describe(e)}; run qmail doctor as root")
+    if held and not sock_ok:
+        who = f"pid {holder}" if holder else "a process"
+        r.problem(f"qmail-queued ({who}) holds {QUEUED_LOCK} but {SOCKET} "
+                  f"{'does not exist' if st is None else 'does not answer'}: it accepts nothing",
+                  f"kill {holder}   (supervise or qmail-start starts it again)" if holder else
+                  f"restart qmail-queued (fuser {_q(lock)} names it)")
+    drop = os.path.join(home, MAILDROP)
+    try:
+        waiting = sum(1 for n in os.listdir(drop) if n.startswith("m"))
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if not inst.single:
+            r.note(f"cannot list {MAILDROP}/: {errors.describe(e)}; run qmail doctor as root")
+        return
+    if waiting and not held:
+        r.problem(f"{waiting} message{'s wait' if waiting != 1 else ' waits'} in {MAILDROP}/, start qmail-queued: "
+                  "nothing queues them while it is down",
+                  "svc -u the qmail-queued service (or start qmail-send's service: qmail-start starts one)")
+    elif waiting:
+        r.note(f"{waiting} message{'s' if waiting != 1 else ''} in {MAILDROP}/: qmail-queued queues them "
+               "within a second")
 
 
 # --- the command ---------------------------------------------------------------------
@@ -494,7 +731,10 @@ def doctor(home: str, dns: mx.Lookup) -> Report:
     check_alias(r, inst)
     check_layout(r, home, inst)
     check_ports(r, inst)
-    check_dns(r, home, dns)
+    check_supervision(r, home, int(time.time()))
+    check_pidfiles(r, home)
+    check_socket(r, home, inst)
+    check_dns(r, home, dns, inst)
     return r
 
 

@@ -2,7 +2,8 @@
 
     qmail status [--home DIR]
 
-Reads the layout `qmail up` makes: the svscan directory QMAILHOME/service
+Reads the layout `qmail up` makes and any other supervision running this
+home's programs (pyqmail.admin.supervision): the svscan directory QMAILHOME/service
 (one daemontools service per program, each with a log/ service),
 run/up.pid and run/svscan.pid, and the multilog logs
 QMAILHOME/log/NAME/current (with the rotated @*.s files). One item per line:
@@ -11,6 +12,8 @@ QMAILHOME/log/NAME/current (with the rotated @*.s files). One item per line:
     svscan: running (pid N) | not running [...]
     nothing runs: start it with: qmail up --home HOME     (only then)
     service NAME: <svstat's text>                          (NAME/log for the logger)
+    supervised by svscan (pid N) in DIR                    (this home's services elsewhere:
+    service DIR/NAME: <svstat's text>                       the book's /service, systemd's...)
     listening NAME: HOST:PORT                              (from the run script's tcpserver)
     messages in queue: N
     messages in queue but not yet preprocessed: M
@@ -393,6 +396,36 @@ def check_logs(r: Report, qmail_home: str, names: list[str], network: set[str]) 
 
 # --- the command -----------------------------------------------------------------------------
 
+def check_elsewhere(r: Report, qmail_home: str, now: int) -> tuple[bool, list[str]]:
+    """Report this home's services outside QMAILHOME/service (the book's /service, systemd's...).
+
+    Return (whether a supervise runs any of them, the directories holding them).
+    """
+    from pyqmail.admin import supervision
+
+    s = supervision.survey(qmail_home, now)
+    own = os.path.join(os.path.abspath(qmail_home), SERVICE_DIR)
+    running = False
+    tops: list[str] = []
+    last_where = ""
+    for svc in s.services:
+        top = os.path.dirname(svc.directory)
+        if top == own:
+            continue
+        if top not in tops:
+            tops.append(top)
+        where = svc.where()
+        if where != last_where:
+            r.add(f"supervised by {where}" if svc.running or svc.scanner else f"not supervised: {top}")
+            last_where = where
+        running |= service_line(r, svc.directory, svc.directory, now)
+        log = os.path.join(svc.directory, "log")
+        if os.path.isdir(log):
+            running |= service_line(r, log, log, now)
+        check_listen(r, svc.directory, svc.directory)
+    return running, tops
+
+
 def collect(qmail_home: str, now: int) -> Report:
     """Return the status report of the installation in qmail_home at unix time now."""
     r = Report()
@@ -409,11 +442,16 @@ def collect(qmail_home: str, now: int) -> Report:
             supervised |= service_line(r, f"{name}/log", os.path.join(sdir, "log"), now)
         if check_listen(r, name, sdir):
             network.add(name)
-    if not (up_runs or svscan_runs or supervised):
-        r.lines.insert(lines_before, f"nothing runs: start it with: qmail up --home {qmail_home}"
-                       .encode("latin-1", "replace"))
+    elsewhere, tops = check_elsewhere(r, qmail_home, now)
+    if not (up_runs or svscan_runs or supervised or elsewhere):
+        if tops:
+            advice = "nothing runs: this home's services in " + ", ".join(tops) + \
+                     " are not supervised: start svscan over " + (tops[0] if len(tops) == 1 else "one of them")
+        else:
+            advice = f"nothing runs: start it with: qmail up --home {qmail_home}"
+        r.lines.insert(lines_before, advice.encode("latin-1", "replace"))
         r.down = True
-    if services is None:
+    if services is None and not tops:
         r.add(f"services: none ({qmail_home}/{SERVICE_DIR} does not exist)")
     check_queue(r, qmail_home, now)
     check_logs(r, qmail_home, log_names(qmail_home, services or []), network)

@@ -301,16 +301,118 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
     inst = _home.install()
     os.makedirs(os.path.join(qmail_home, "run"), exist_ok=True)
     pidfile = os.path.join(qmail_home, PIDFILE)
-    other = _alive(pidfile)
-    if other and other != os.getpid():
-        print(f"qmail up: fatal: already running in {qmail_home} (pid {other}); "
+    lock = take_lock(pidfile)
+    if lock < 0:
+        print(f"qmail up: fatal: already running in {qmail_home} ({f'pid {-lock}' if lock < -1 else 'pid unknown'}); "
               f"stop it with: qmail down --home {qmail_home}", file=err)
         return 111
-    # Services a killed `qmail up` left behind.
-    stop_all(qmail_home)
-    with open(pidfile, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    try:
+        elsewhere = supervised_elsewhere(qmail_home)
+        if elsewhere:
+            print(f"qmail up: fatal: this home's services already run: {elsewhere}; "
+                  f"see: qmail status --home {qmail_home}", file=err)
+            _release(pidfile, lock)
+            return 111
+        # Services a killed `qmail up` left behind.
+        stop_all(qmail_home)
+    except BaseException:
+        _release(pidfile, lock)
+        raise
+    return _run(qmail_home, inst, ports, out, pidfile, lock)
 
+
+def take_lock(pidfile: str) -> int:
+    """flock pidfile and write our pid into it; return the descriptor, or -PID of the holder (-1: unknown)."""
+    import fcntl
+
+    fd = os.open(pidfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            text = os.pread(fd, 64, 0).strip()
+        finally:
+            os.close(fd)
+        return -int(text) if text.isdigit() and int(text) > 1 else -1
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release(pidfile: str, fd: int) -> None:
+    """Remove the pid file, then drop its lock."""
+    try:
+        os.unlink(pidfile)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def locked(pidfile: str) -> bool:
+    """Return whether a process holds the flock of pidfile."""
+    import fcntl
+
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def supervised_elsewhere(qmail_home: str) -> str:
+    """Describe where this home's services run outside `qmail up`'s control; "" if nowhere."""
+    from pyqmail.admin import supervision
+
+    s = supervision.survey(qmail_home, int(time.time()))
+    places: dict[str, list[str]] = {}
+    for svc in s.running(include_own=False):
+        places.setdefault(svc.where(), []).append(svc.directory)
+    ours = _alive(os.path.join(qmail_home, SVSCAN_PIDFILE))
+    own_dir = os.path.realpath(os.path.join(qmail_home, SERVICES))
+    for top, procs in s.scanners().items():
+        for p in procs:
+            if os.path.realpath(top) == own_dir and p.pid != ours:
+                places.setdefault(f"svscan (pid {p.pid}) in {top}", [])
+    return "; ".join(f"{where}: {', '.join(dirs)}" if dirs else where for where, dirs in places.items())
+
+
+def postmaster_goes(qmail_home: str, inst: _home.Install) -> str:
+    """Return, in words, where mail to postmaster is delivered (alias/.qmail-postmaster, else the default)."""
+    from pyqmail.local import dotqmail
+
+    alias_dir = os.path.join(qmail_home, "alias")
+    default = f"the alias user's default delivery, {alias_dir}/Maildir/"
+    try:
+        with open(os.path.join(alias_dir, ".qmail-postmaster"), "rb") as f:
+            text = f.read(1 << 16)
+    except FileNotFoundError:
+        return default
+    except OSError as e:
+        return f"unknown ({alias_dir}/.qmail-postmaster: {e.strerror})"
+    said = []
+    for line in dotqmail.parse(text):
+        target = os.fsdecode(line.target)
+        if line.kind == dotqmail.FORWARD:
+            where = f"forwarded to {target}"
+            if inst.single and target.partition("@")[0] == pwd.getpwuid(os.getuid()).pw_name:
+                where += f" (you: {os.path.join(pwd.getpwuid(os.getuid()).pw_dir, 'Maildir')}/)"
+            said.append(where)
+        elif line.kind in (dotqmail.MAILDIR, dotqmail.MBOX):
+            said.append(f"delivered to {os.path.normpath(os.path.join(alias_dir, target))}"
+                        + ("/" if line.kind == dotqmail.MAILDIR else ""))
+        elif line.kind == dotqmail.PROGRAM:
+            said.append(f"piped to {target}")
+    return ", ".join(said) if said else default
+
+
+def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfile: str, lock: int) -> int:
+    """Write the services and run svscan over them until SIGINT/SIGTERM; release the lock at the end."""
     pw = pwd.getpwuid(os.getuid())
     user = pw.pw_name
     with open(os.path.join(qmail_home, "control", "me"), encoding="latin-1") as f:
@@ -371,6 +473,8 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
             where = f" on {ports.host}:{listening[name]}" if name in listening else ""
             print(f"qmail up: {name}{where}: {' '.join(argv)}", file=out)
         print(f"qmail up: mail to {user}@{me} is delivered to {maildir}/", file=out)
+        print(f"qmail up: mail to postmaster@{me} (and root, mailer-daemon) goes by "
+              f"{qmail_home}/alias/.qmail-postmaster: {postmaster_goes(qmail_home, inst)}", file=out)
         print(f"qmail up: send one with: echo 'Subject: hello' | {qmail_home}/bin/qmail-inject {user}", file=out)
         if ports.smtp:
             print(f"qmail up: or over SMTP: swaks --server {host} --port {ports.smtp} --to {user}@{me}", file=out)
@@ -393,10 +497,7 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all(qmail_home, out)
-        try:
-            os.unlink(pidfile)
-        except FileNotFoundError:
-            pass
+        _release(pidfile, lock)
         print("qmail up: stopped", file=out, flush=True)
     return 0
 
@@ -404,7 +505,8 @@ def up(qmail_home: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr, port
 def down(qmail_home: str, err: TextIO = sys.stderr) -> int:
     """Stop the `qmail up` running for qmail_home (or what a killed one left); 0, or 111 if nothing runs."""
     pidfile = os.path.join(qmail_home, PIDFILE)
-    pid = _alive(pidfile)
+    # Only a pid file whose lock is held names a running `qmail up`: a stale one may name anybody.
+    pid = _alive(pidfile) if locked(pidfile) else 0
     if not pid:
         top = os.path.join(qmail_home, SERVICES)
         left = _alive(os.path.join(qmail_home, SVSCAN_PIDFILE)) or (
@@ -422,7 +524,7 @@ def down(qmail_home: str, err: TextIO = sys.stderr) -> int:
     # may not have reaped it yet, so the pid alone says nothing).
     deadline = time.monotonic() + STOP_TIMEOUT * 2
     while time.monotonic() < deadline:
-        if not _alive(pidfile):
+        if not locked(pidfile):
             return 0
         time.sleep(0.1)
     print(f"qmail down: pid {pid} still running after {STOP_TIMEOUT * 2:.0f} s", file=err)
