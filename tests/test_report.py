@@ -175,3 +175,39 @@ def test_screenshot_shows_the_plots(tmp_path: Path) -> None:
             assert n > 300, (kind, region, seen)  # a plot drawn in that colour
         else:
             assert n == 0, (kind, region, seen)  # and nowhere else
+
+
+def test_terminal_gets_a_file_and_its_path(tmp_path: Path) -> None:
+    """On a terminal, `qmail report` writes ./qmail-report.html and prints where; `-o -` still means stdout."""
+    import pty
+    import subprocess
+
+    send_log(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    controller, terminal = pty.openpty()
+    try:
+        p = subprocess.run([VENV_BIN / "qmail", "report", "--home", str(tmp_path)], stdout=terminal,
+                           stderr=subprocess.PIPE, cwd=work, env={"PATH": "/usr/bin:/bin"}, timeout=120)
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert p.returncode == 0, p.stderr
+    out = work / "qmail-report.html"
+    assert shown == f"qmail report: wrote {out} (open it in a browser)\r\n".encode()
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    # not a terminal: stdout, as before
+    res = expect(run([VENV_BIN / "qmail", "report", "--home", str(tmp_path)], cwd=tmp_path))
+    assert res.stdout.startswith(b"<!DOCTYPE html>")

@@ -2,6 +2,9 @@
 
 usage: qmail report [--home DIR] [--log FILE ...] [-o OUT.html]
 
+Without -o the page goes to stdout, or, when stdout is a terminal, to
+./qmail-report.html, whose path is printed.
+
 The log (default: QMAILHOME/log/send, multilog's @-files in order, then
 current) goes through matchup and qmailanalog's summaries; the page shows
 deliveries over time (success, failure, deferral), the distribution of the
@@ -31,6 +34,7 @@ FD_IN = 0
 FD_OUT = 1
 
 SEND_LOG = os.path.join("log", "send")
+TTY_FILE = "qmail-report.html"  # written in the current directory when stdout is a terminal
 COLORS = {"success": "#2e7d32", "failure": "#c62828", "deferral": "#ef6c00", "delay": "#1565c0"}
 TIME_BINS = 60
 TOP_REASONS = 10
@@ -374,7 +378,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--home", default=None, help=install.HOME_HELP)
     p.add_argument("--log", nargs="+", default=None, metavar="FILE",
                    help="qmail-send log files to read, in order (- for stdin; default: QMAILHOME/log/send)")
-    p.add_argument("-o", "--output", default="-", metavar="OUT.html", help="where to write the page (default: stdout)")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.html",
+                   help="where to write the page, - for stdout (default: stdout, or ./qmail-report.html when "
+                        "stdout is a terminal)")
     return p
 
 
@@ -408,10 +414,17 @@ def command(argv: list[str]) -> int:
 
             paths = log_files(os.path.abspath(args.home or install.default_home()))
         data = page(analyse(paths), paths)
+        output = args.output
+        if output is None:
+            # HTML on a terminal helps nobody: write a file and say where it is.
+            output = os.path.abspath(TTY_FILE) if os.isatty(FD_OUT) else "-"
         try:
-            _write_file(args.output, data)
+            _write_file(output, data)
         except OSError as e:
-            raise ReportError(f"unable to write {args.output}: {describe(e)}") from e
+            raise ReportError(f"unable to write {output}: {describe(e)}") from e
+        if args.output is None and output != "-":
+            os.write(FD_OUT, f"qmail report: wrote {output} (open it in a browser)\n"
+                     .encode("utf-8", "backslashreplace"))
     except ReportError as e:
         os.write(2, f"{argv[0]}: fatal: {e}\n".encode("utf-8", "backslashreplace"))
         return EXIT_TEMPORARY
