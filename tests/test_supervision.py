@@ -287,3 +287,14 @@ def test_up_prints_where_postmaster_mail_goes(home: QHome) -> None:
         _home.set_default(saved or "")
         _home.reset()
 
+
+
+def test_systemd_unit_names_its_svscan_directory(home: QHome) -> None:
+    from pyqmail.admin import supervision
+
+    units = home.path / "boot" / "systemd"
+    units.mkdir(parents=True)
+    (units / "pyqmail-x.service").write_text(
+        f"[Service]\nExecStart={home.path}/bin/svscan /srv/qmail-services\nRestart=always\n")
+    (units / "other.timer").write_text("ExecStart=/bin/svscan /nope\n")
+    assert supervision.unit_scan_dirs(str(home.path)) == ["/srv/qmail-services"]
