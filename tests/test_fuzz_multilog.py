@@ -40,6 +40,13 @@ def _regex(pattern: bytes) -> re.Pattern[bytes]:
     return re.compile(b"".join(out), re.DOTALL)
 
 
+@given(st.integers(0, 6000))
+@bounded
+def test_settings_of_any_length(digits: int) -> None:
+    # Found by this fuzzer: s or n with more than 4300 digits raised ValueError.
+    assert multilog.scan_ulong(b"7" * digits + b"x") == 7 * (pow(10, digits, 9 << 64) - 1) // 9 % (1 << 64)
+
+
 @given(PATTERN, LINE_TEXT)
 @bounded
 def test_match_equals_the_plain_reading(pattern: bytes, line: bytes) -> None:
@@ -48,7 +55,8 @@ def test_match_equals_the_plain_reading(pattern: bytes, line: bytes) -> None:
 
 ACTION = st.one_of(
     st.tuples(st.sampled_from([b"+", b"-"]), PATTERN).map(b"".join),
-    st.sampled_from([b"e", b"=status0", b"=status1", b"./log0", b"./log1", b"s4096", b"s1", b"n2", b"n99"]),
+    st.sampled_from([b"e", b"=status0", b"=status1", b"./log0", b"./log1", b"s4096", b"s1", b"n2", b"n99",
+                     b"s" + b"9" * 5000, b"n" + b"7" * 5000]),
 )
 INPUT = st.one_of(st.binary(max_size=3000),
                   st.lists(st.tuples(LINE_TEXT, st.sampled_from([b"\n", b"\n", b""])).map(b"".join),

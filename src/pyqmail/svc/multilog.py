@@ -82,13 +82,14 @@ def match(pattern: bytes, line: bytes) -> bool:
 
 
 def scan_ulong(text: bytes) -> int:
-    """Return the number the leading digits of text spell (0 if none)."""
-    digits = b""
+    """Return the number the leading digits of text spell (0 if none), wrapping as C's unsigned long."""
+    # int() of the digits raised ValueError past 4300 of them (s777...7 in a script).
+    n = 0
     for b in text:
         if not 0x30 <= b <= 0x39:
             break
-        digits += bytes([b])
-    return int(digits) if digits else 0
+        n = (n * 10 + b - 0x30) & 0xFFFFFFFFFFFFFFFF
+    return n
 
 
 def _warn(*parts: bytes) -> None:
