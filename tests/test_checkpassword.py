@@ -190,7 +190,7 @@ def test_imports_stay_few() -> None:
     ours, foreign = out.split(b"\n")[:2]
     assert set(ours.split()) <= {b"pyqmail", b"pyqmail.entry", b"pyqmail.home", b"pyqmail.spawn", b"pyqmail.privs",
                                  b"pyqmail.sig", b"pyqmail.pop3", b"pyqmail.pop3.checkpassword",
-                                 b"pyqmail.pop3.passwords"}, ours
+                                 b"pyqmail.pop3.passwords", b"pyqmail.proctitle"}, ours
     assert foreign == b"", foreign
 
 
