@@ -6,22 +6,30 @@ the fuzzed envelope. Properties: the only outcomes are the envelope or
 qmail-queue's exits 11 (address too long), 54 (read error: the envelope
 ended early) and 91 (envelope format), as qmail-queue(8) lists them; a
 well-formed envelope reads back exactly; nothing past an address's 1003
-bytes is buffered. qmail-qmqpc's reader turns the same envelope into QMQP
-netstrings or exits 91/54 (its EXIT_FORMAT/EXIT_READ).
+bytes is buffered. The program itself, run on some of these envelopes, exits
+as the reader says and leaves the queue as it was unless it exits 0 (then the
+todo file holds the envelope). qmail-qmqpc's reader turns the same envelope
+into QMQP netstrings or exits 91/54 (its EXIT_FORMAT/EXIT_READ).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
+from collections.abc import Iterator
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import QHome, make_home
 from fuzzkit import bounded, tracing  # noqa: F401  (tracing: an autouse fixture)
 from pyqmail.qmtp import qmail_qmqpc
 from pyqmail.queue import qmail_queue
 from pyqmail.queue.exits import QueueExit
+from queuefmt import files, parse_todo
 
 ADDR = st.one_of(st.binary(max_size=40).map(lambda b: b.replace(b"\0", b"")),
                  st.integers(990, 1010).map(lambda n: b"x" * n))
@@ -115,3 +123,41 @@ def test_qmqpc_reads_a_wellformed_envelope(sender: bytes, recips: list[bytes]) -
     finally:
         os.close(fd)
     assert out == b"".join(b"%d:%s," % (len(a), a) for a in [sender, *recips])
+
+
+# --- the program itself: a few envelopes through QMAILHOME/bin/qmail-queue -------------------
+
+PROCESS_EXAMPLES = 20 if os.environ.get("PYQMAIL_FUZZ", "ci") == "ci" else max(
+    20, int(os.environ.get("PYQMAIL_FUZZ_EXAMPLES", "1000000")) // 100)
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[QHome]:
+    h = make_home()
+    yield h
+    shutil.rmtree(h.path.parent, ignore_errors=True)
+
+
+@settings(max_examples=PROCESS_EXAMPLES)
+@given(st.one_of(RAW, st.builds(_envelope, ADDR, st.lists(ADDR, max_size=5))))
+def test_qmail_queue_program_any_envelope(home: QHome, data: bytes) -> None:
+    before = files(home.queue)
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    try:
+        p = subprocess.run([home.bin("qmail-queue")], input=b"Subject: x\n\nbody\n", stdout=r,
+                           stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    finally:
+        os.close(r)
+    after = files(home.queue)
+    assert after["pid"] == [] and after["intd"] == after["todo"]
+    want = _queue_reads(data)
+    if isinstance(want, int):
+        assert p.returncode == want, p.stderr
+        assert after == before
+        return
+    assert p.returncode == 0, p.stderr
+    (new,) = set(after["todo"]) - set(before["todo"])
+    env = parse_todo((home.queue / "todo" / new).read_bytes())
+    assert (env.sender + b"\0", [r + b"\0" for r in env.recipients]) == want
