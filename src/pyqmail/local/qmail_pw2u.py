@@ -5,16 +5,19 @@ stop if a home is missing; -H do not check homes; -U (default) skip names
 with uppercase letters; -u allow them; -cCHAR use CHAR as the extension
 break; -C no extensions; -/ use .qmail-/ instead of .qmail-. The files
 include, exclude, mailnames, subusers and append in QMAILHOME/users change
-the rules as the man page says. Errors exit 111 (usage: 100).
+the rules as the man page says. Errors exit 111 (usage: 100); output is
+buffered as qmail's, so what a fatal error leaves written is what qmail's
+leaves (every line of the passwd file's but a last unterminated one, once its
+end has been read).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pyqmail import home as _home
-from pyqmail import slurp
 from pyqmail.entry import program
 from pyqmail.local import users
 from pyqmail.outbuf import Substdio
@@ -23,6 +26,7 @@ from pyqmail.sgetopt import Getopt
 EXIT_USAGE = 100
 EXIT_TEMP = 111
 OUTSIZE = 8192  # qmail's SUBSTDIO_OUTSIZE: what is written before a fatal error depends on it
+INSIZE = 8192  # qmail's SUBSTDIO_INSIZE: standard input is read this much at a time
 MAX_INPUT = 1 << 30
 
 HOME_SKIP = 2  # -o: skip if home does not exist; skip if not owned
@@ -163,8 +167,13 @@ def do_account(line: bytes, opts: Options, incl: ConstMap | None, excl: ConstMap
     # The subusers pass looks users up case-insensitively; the last one wins.
     state.allusers[users.lower(user)] = uugh
 
+    # One put per substdio call of qmail's: where a buffer fills decides what a later fatal
+    # error leaves written.
     if user == alias_name:
-        out.put(b"+" + uugh + opts.dashcolon + b":\n")
+        out.put(b"+")
+        out.put(uugh)
+        out.put(opts.dashcolon)
+        out.put(b":\n")
         state.flagalias = True
 
     names = mana.get(user) if mana is not None else None
@@ -173,9 +182,17 @@ def do_account(line: bytes, opts: Options, incl: ConstMap | None, excl: ConstMap
     for name in names.split(b":"):
         if not name:
             continue
-        out.put(b"=" + name + uugh + b"::\n")
+        out.put(b"=")
+        out.put(name)
+        out.put(uugh)
+        out.put(b"::\n")
         if opts.brk:
-            out.put(b"+" + name + opts.brk + uugh + opts.dashcolon + b":\n")
+            out.put(b"+")
+            out.put(name)
+            out.put(opts.brk)
+            out.put(uugh)
+            out.put(opts.dashcolon)
+            out.put(b":\n")
 
 
 def do_subuser(line: bytes, opts: Options, state: State, out: Out) -> None:
@@ -197,19 +214,54 @@ def do_subuser(line: bytes, opts: Options, state: State, out: Out) -> None:
     pre = line[second + 1:third]
     # constmap hands back a C string: a NUL inside the stored entry cuts it.
     uugh = uugh.split(b"\0", 1)[0]
-    out.put(b"=" + sub + uugh + opts.dashcolon + pre + b":\n")
+    out.put(b"=")
+    out.put(sub)
+    out.put(uugh)
+    out.put(opts.dashcolon)
+    out.put(pre)
+    out.put(b":\n")
     if opts.brk:
-        out.put(b"+" + sub + opts.brk + uugh + opts.dashcolon + pre + b"-:\n")
+        out.put(b"+")
+        out.put(sub)
+        out.put(opts.brk)
+        out.put(uugh)
+        out.put(opts.dashcolon)
+        out.put(pre)
+        out.put(b"-:\n")
 
 
-def _read_all(fd: int) -> bytes:
-    try:
-        data = slurp.read_all(fd, MAX_INPUT)
-    except OSError:
-        raise Fatal(b"unable to read input") from None
-    if data is None:
-        raise Fatal(b"out of memory")
-    return data
+def stdin_lines(out: Out) -> Iterator[bytes]:
+    """Yield standard input's lines as qmail's getln on subfdin does (with newlines, then the rest).
+
+    Like qmail's subfd_read, standard output is flushed before every read of
+    8192 bytes: all the lines of the passwd file but a last one without a
+    newline are written by the time its end is read, whatever follows. A
+    failed flush is a failed read, as there.
+    """
+    buf = bytearray()
+    total = 0
+    start = 0  # where the next line starts in buf
+    seen = 0  # buf[start:seen] holds no newline
+    while True:
+        nl = buf.find(b"\n", seen)
+        if nl != -1:
+            yield bytes(buf[start:nl + 1])
+            start = seen = nl + 1
+            continue
+        del buf[:start]
+        start, seen = 0, len(buf)
+        try:
+            out.flush()
+            chunk = os.read(0, INSIZE)
+        except (Fatal, OSError):
+            raise Fatal(b"unable to read input") from None
+        if not chunk:
+            yield bytes(buf)
+            return
+        total += len(chunk)
+        if total > MAX_INPUT:
+            raise Fatal(b"out of memory")
+        buf += chunk
 
 
 def _read_users_file(name: str) -> bytes | None:
@@ -245,7 +297,7 @@ def pw2u(opts: Options, out: Out) -> None:
     mana = ConstMap(mana_l, True) if mana_l is not None else None
     alias_name = alias_user_name()
     state = State()
-    for line in users.getlines(_read_all(0)):
+    for line in stdin_lines(out):
         do_account(line, opts, incl, excl, mana, state, out, alias_name)
     if not state.flagalias:
         raise Fatal(b"unable to find " + alias_name + b" user")
@@ -255,7 +307,8 @@ def pw2u(opts: Options, out: Out) -> None:
             do_subuser(line, opts, state, out)
     append = _read_users_file("append")
     if append is not None:
-        out.put(append)
+        for line in users.getlines(append):
+            out.put(line)
     out.put(b".\n")
     out.flush()
 
