@@ -275,6 +275,12 @@ def test_systemd_unit_verifies_and_its_commands_start_and_stop_svscan(home: QHom
         until("qmail-send's service to be up",
               lambda: b": up (pid " in run([home.bin("svstat"), send, send / "log"], env=ENV).stdout.split(b"\n")[0]
               and run([home.bin("svok"), send / "log"], env=ENV).returncode == 0)
+        # `qmail up` sees the unit's svscan as a running system, not as one a killed
+        # `qmail up` left behind: it refuses and leaves it running.
+        refused = run([home.bin("qmail"), "up", "--home", home.path, "--smtp-port", "0", "--pop3-port", "0",
+                       "--qmtp-port", "0"], env=ENV, timeout=120)
+        assert refused.returncode == 111 and f"systemd unit {name} (svscan pid {svscan.pid}) ".encode() in refused.stderr, refused
+        assert svscan.poll() is None
         stop = unit["ExecStop"][0]
         assert stop.startswith("-")
         expect(run(shlex.split(stop[1:]), env=env_main, timeout=300))
@@ -283,6 +289,7 @@ def test_systemd_unit_verifies_and_its_commands_start_and_stop_svscan(home: QHom
             assert run([home.bin("svok"), d], env=ENV).returncode != 0, f"{d} still supervised"
         expect(run(shlex.split(unit["ExecStopPost"][0]), env=env_main))
         assert not (home.path / "run" / "svscan.pid").exists()
+        assert not (home.path / "run" / "svscan.unit").exists()
     finally:
         if svscan.poll() is None:
             os.killpg(svscan.pid, signal.SIGKILL)

@@ -33,6 +33,7 @@ from pyqmail import home as _home
 UNIT_DIR = "/etc/systemd/system"
 BOOT_DIR = "boot/systemd"
 SVSCAN_PIDFILE = "run/svscan.pid"
+UNIT_MARK = "run/svscan.unit"  # the unit whose svscan run/svscan.pid names
 UNIT_PREFIX = "pyqmail"
 STOP_TIMEOUT = 300  # seconds: qmail down waits up to 240 for deliveries to finish
 _UNSAFE = set(" \t\n\"'\\$%;`")
@@ -97,11 +98,14 @@ def unit_text(qmail_home: str, inst: _home.Install) -> str:
     lines += [
         f"Environment=PATH={bindir}:/usr/local/bin:/usr/bin:/bin",
         f"ExecStart={bindir}/svscan {qmail_home}/service",
-        # svscan's pid where `qmail up`, `qmail down` and `qmail status` look for it.
-        f"ExecStartPost={_which('sh', '/bin/sh')} -c 'echo $MAINPID > {qmail_home}/{SVSCAN_PIDFILE}'",
+        # svscan's pid where `qmail up`, `qmail down` and `qmail status` look for it, and
+        # the unit's name beside it: `qmail up` must not take this svscan for one a killed
+        # `qmail up` left behind (it would stop it and start its own).
+        f"ExecStartPost={_which('sh', '/bin/sh')} -c 'echo $MAINPID > {qmail_home}/{SVSCAN_PIDFILE}; "
+        f"echo systemd > {qmail_home}/{UNIT_MARK}'",
         # svscan first (it would restart what svc -dx stops), then each service, then the logs.
         f"ExecStop=-{bindir}/qmail down --home {qmail_home}",
-        f"ExecStopPost={_which('rm', '/bin/rm')} -f {qmail_home}/{SVSCAN_PIDFILE}",
+        f"ExecStopPost={_which('rm', '/bin/rm')} -f {qmail_home}/{SVSCAN_PIDFILE} {qmail_home}/{UNIT_MARK}",
         "KillMode=control-group",
         f"TimeoutStopSec={STOP_TIMEOUT}",
         "Restart=always",

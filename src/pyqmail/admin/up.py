@@ -367,13 +367,18 @@ def locked(pidfile: str) -> bool:
 
 def supervised_elsewhere(qmail_home: str) -> str:
     """Describe where this home's services run outside `qmail up`'s control; "" if nowhere."""
-    from pyqmail.admin import supervision
+    from pyqmail.admin import supervision, systemd
 
     s = supervision.survey(qmail_home, int(time.time()))
     places: dict[str, list[str]] = {}
     for svc in s.running(include_own=False):
         places.setdefault(svc.where(), []).append(svc.directory)
     ours = _alive(os.path.join(qmail_home, SVSCAN_PIDFILE))
+    if ours and os.path.exists(os.path.join(qmail_home, systemd.UNIT_MARK)):
+        # A systemd unit's svscan over QMAILHOME/service, not a killed `qmail up`'s.
+        places.setdefault(f"systemd unit {systemd.unit_name(qmail_home)} (svscan pid {ours}) "
+                          f"in {os.path.join(qmail_home, SERVICES)}", [])
+        ours = 0
     own_dir = os.path.realpath(os.path.join(qmail_home, SERVICES))
     for top, procs in s.scanners().items():
         for p in procs:
