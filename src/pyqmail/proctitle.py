@@ -48,6 +48,11 @@ def _load() -> ModuleType | None:
     return None
 
 
+def _printable(text: str) -> str:
+    """Return text with undecodable bytes (surrogate escapes) as \\xNN, encodable as UTF-8."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def preload() -> None:
     """Load the C module now, in a parent, so that its forked children share it."""
     global _spt, _looked
@@ -59,15 +64,19 @@ def preload() -> None:
 def set_title(path: str, argv: Sequence[str]) -> None:
     """Show this process as argv (its command line) and path's file name (its comm)."""
     preload()
-    name = os.path.basename(path)[:COMM_MAX]
+    # Arguments are bytes in qmail (qmail-local's address may be any bytes): shown
+    # with \xNN escapes, never an error, since a title is cosmetic and the program's
+    # exit code is its interface (an exception here would bounce mail).
+    title = _printable(" ".join(argv))
+    name = _printable(os.path.basename(path))[:COMM_MAX]
     if _spt is not None:
-        _spt.setproctitle(" ".join(argv))
+        _spt.setproctitle(title)
         # setproctitle sets comm from the title's start; exec sets it from the file name.
         _spt.setthreadtitle(name)
         return
     try:
         # Without the C module only comm can change (Linux lets a process rename itself).
-        with open("/proc/self/comm", "w") as f:
+        with open("/proc/self/comm", "w", encoding="utf-8") as f:
             f.write(name)
     except OSError:
         pass  # no /proc: the title is cosmetic, the program runs the same
