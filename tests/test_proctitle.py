@@ -86,7 +86,7 @@ def test_argv_bytes_that_are_not_utf8_are_shown_escaped() -> None:
     # Addresses are bytes in qmail: qmail-local's argv may hold any of them.
     code = ("import sys, os; sys.path.insert(0, sys.argv[1]); from pyqmail import proctitle; "
             "proctitle.set_title('/x/qmail-local', ['qmail-local', os.fsdecode(b'a\\xff\\xfeb')]); "
-            "print(open('/proc/self/cmdline', 'rb').read().rstrip(b'\\0').decode(), open('/proc/self/comm').read())")
+            "print(open('/proc/self/cmdline', 'rb').read().rstrip(b'\\0').decode(), open('/proc/self/comm').read(), sep=chr(10))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "src")], capture_output=True, check=True).stdout
     title, comm = out.split(b"\n")[:2]
     assert title.rstrip() == b"qmail-local a\\xff\\xfeb" and comm == b"qmail-local"
