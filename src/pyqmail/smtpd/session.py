@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 ADDR_MAX = 900  # bytes of an address, qmail's terminating NUL included
-# The recipients of one transaction are kept as qmail keeps them, in one
-# buffer of NUL-terminated addresses. Past this many bytes a RCPT gets
-# 452 (RFC 5321 4.5.3.1.10; 4.5.3.1.8's minimum of 100 recipients is 90 100
+# The recipients of one transaction are kept as qmail keeps them, as
+# NUL-terminated addresses, in buffers of RCPT_CHUNK bytes (one growing
+# buffer would be copied as it grows, and the copies left behind in the heap
+# would double the memory). Past RCPT_BYTES_MAX bytes a RCPT gets 452
+# (RFC 5321 4.5.3.1.10; 4.5.3.1.8's minimum of 100 recipients needs 90 000
 # bytes at most), which bounds a session's memory whatever the client sends.
 RCPT_BYTES_MAX = 16 * 1024 * 1024
+RCPT_CHUNK = 65536
 MAXHOPS = 100
 
 # What the shell does after sending the replies.
@@ -155,14 +158,15 @@ class Config:
 class Session:
     """One SMTP conversation's state: HELO name, envelope sender, recipients."""
 
-    __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "helohost", "fakehelo")
+    __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.seenmail = False
         self.flagbarf = False
         self.mailfrom = b""
-        self.rcpts = bytearray()  # each accepted recipient followed by a NUL
+        self.rcpts: list[bytearray] = []  # accepted recipients, each followed by a NUL
+        self.rcptbytes = 0
         self.helohost = b""
         self.fakehelo: bytes | None = None
         self._helo(cfg.peer.remotehost)
@@ -174,12 +178,12 @@ class Session:
 
     def recipients(self) -> Iterator[bytes]:
         """Yield the recipients accepted so far, one at a time."""
-        buf = self.rcpts
-        pos = 0
-        while pos < len(buf):
-            end = buf.index(0, pos)
-            yield bytes(buf[pos:end])
-            pos = end + 1
+        for buf in self.rcpts:
+            pos = 0
+            while pos < len(buf):
+                end = buf.index(0, pos)
+                yield bytes(buf[pos:end])
+                pos = end + 1
 
     def greeting(self) -> bytes:
         """Return the 220 line."""
@@ -244,7 +248,8 @@ class Session:
             return replies.SYNTAX
         self.flagbarf = self._badmailfrom(addr)
         self.seenmail = True
-        self.rcpts = bytearray()
+        self.rcpts = []
+        self.rcptbytes = 0
         self.mailfrom = addr
         return replies.OK
 
@@ -260,10 +265,15 @@ class Session:
             addr += self.cfg.relayclient
         elif not self.cfg.rcpthosts.allowed(addr):
             return replies.NOGATEWAY
-        if len(self.rcpts) + len(addr) + 1 > RCPT_BYTES_MAX:
+        size = len(addr) + 1
+        if self.rcptbytes + size > RCPT_BYTES_MAX:
             return replies.TOO_MANY_RCPTS
-        self.rcpts += addr
-        self.rcpts.append(0)
+        if not self.rcpts or len(self.rcpts[-1]) + size > RCPT_CHUNK:
+            self.rcpts.append(bytearray())
+        buf = self.rcpts[-1]
+        buf += addr
+        buf.append(0)
+        self.rcptbytes += size
         return replies.OK
 
     def received(self, when: int) -> bytes:
