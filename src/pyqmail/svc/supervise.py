@@ -8,6 +8,10 @@ State lives in s/supervise/: `lock` (one supervise per service), the
 `control` FIFO (svc's commands u d o p c h a i t k x), the `ok` FIFO (held
 open so svok and svstat can tell supervise runs) and the 18-byte `status`
 file (see pyqmail.svc.status), replaced atomically at every change.
+Beyond daemontools: a supervise starting where a killed one left its service
+running (the status file's pid, started when the file says) first sends
+that process TERM and CONT, as `svc -d` would, so that a service never runs
+twice nor outlives its supervision (see orphan()).
 Exit 100 for usage, 111 if s cannot be set up (or is locked), 0 after `x`
 once the service is down.
 """
@@ -42,6 +46,10 @@ KNOBS = (PAUSE_ENV, RESCAN_ENV)
 PAUSE = 1.0
 FORK_PAUSE = 60.0
 IDLE = 3600.0
+# How far a process's start (/proc, to the clock tick, from a boot time in
+# whole seconds) may be from the status file's stamp for it to be the process
+# the file names; a pid reused since started later than that.
+ORPHAN_SLACK = 2.0
 
 # Control commands that only signal the child, when there is one.
 SIGNALS = {"a": signal.SIGALRM, "h": signal.SIGHUP, "k": signal.SIGKILL,
@@ -128,12 +136,25 @@ class Supervisor:
         except OSError as e:
             raise self._fatal(b"unable to acquire " + d + b"/supervise/lock: ", e) from None
         self.lock = lock  # held open for our lifetime
+        self.stop_orphan()
         self.control = self._fifo(CONTROL, os.O_RDONLY, b"unable to read ")
         # Our own writer: the FIFO never reads as end-of-file when svc closes.
         self.control_w = self._fifo(CONTROL, os.O_WRONLY, b"unable to write ", make=False)
         self.pidchange()
         self.announce()
         self.ok = self._fifo(status.OK, os.O_RDONLY, b"unable to read ")
+
+    def stop_orphan(self) -> None:
+        """Send TERM and CONT to the service a killed supervise left running here, if any."""
+        pid = orphan()
+        if pid:
+            warn(WARNING + self.dir + b": pid " + str(pid).encode()
+                 + b" of a killed supervise still runs: stopping it")
+            for signum in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass  # gone meanwhile: nothing to stop
 
     def _fifo(self, name: str, mode: int, what: bytes, make: bool = True) -> int:
         if make:
@@ -277,6 +298,47 @@ class Supervisor:
                 ch = b""
             if ch:
                 self.command(ch.decode("latin-1"))
+
+
+def orphan() -> int:
+    """Return the pid of a service a previous supervise left running here, else 0.
+
+    Called with the lock held, so no supervise runs here: a status file naming
+    a running pid was left by one that died without seeing its child exit.
+    The process counts only if it started when the file was stamped.
+    """
+    try:
+        with open(status.NAME, "rb") as f:
+            st = status.unpack(f.read(status.SIZE), True)
+    except FileNotFoundError:
+        return 0  # a first start
+    except (OSError, ValueError):
+        return 0  # unreadable or short: nothing named can be trusted, so nothing is stopped
+    if not st.pid or st.pid == os.getpid():
+        return 0
+    started = process_start(st.pid)
+    if started is None or abs(started - (st.stamp + st.nano / 1e9)) > ORPHAN_SLACK:
+        return 0
+    return st.pid
+
+
+def process_start(pid: int) -> float | None:
+    """Return the unix time pid started at (from /proc), or None if it runs no more or /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None  # no such process, or no /proc: nothing to stop
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        if fields[0] == b"Z":
+            return None  # dead already
+        # Field 22 of proc(5), the start in clock ticks after boot; fields[0] is field 3.
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return None
 
 
 def _drain(fd: int) -> None:
