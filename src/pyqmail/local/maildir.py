@@ -5,7 +5,8 @@ injected: the clock, the sleep between name collisions, the pid and the host
 in the unique name. On top of maildir(5), the new/ directory is fsync'd
 after the link, so that an acknowledged delivery survives a crash on
 filesystems where a link is not durable until its directory is
-(ARCHITECTURE decision 7).
+(ARCHITECTURE decision 7); if that fsync fails, the link is taken back and
+the delivery is a temporary failure.
 
 `deliver` answers with one of qmail-local's maildir outcomes; the words for
 them are qmail-local's.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from pyqmail import errors
+from pyqmail import durable, errors
 from pyqmail import sig as signal
 from pyqmail.durable import write_all
 
@@ -127,12 +128,22 @@ def _deliver_in(dirfd: int, message_fd: int, head: bytes, pid: int, host: bytes,
             return outcome
         try:
             os.link(tmp, new, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except OSError:
+            return TEMPORARY
+        try:
             newfd = os.open(b"new", _DIR, dir_fd=dirfd)
             try:
-                os.fsync(newfd)
+                durable.fsync(newfd)
             finally:
                 os.close(newfd)
         except OSError:
+            # The link may not survive a crash, so the delivery is not
+            # done: take it back, and qmail-send tries again later. A reader
+            # that already moved it to cur/ gets it twice, never lost.
+            try:
+                os.unlink(new, dir_fd=dirfd)
+            except OSError:
+                pass  # safe: a reader has it already, or it stays in new/: a duplicate at worst
             return TEMPORARY
         return OK
     except _Timeout:
@@ -165,7 +176,7 @@ def _write_message(fd: int, message_fd: int, head: bytes) -> int:
         except OSError:
             return TEMPORARY
     try:
-        os.fsync(fd)
+        durable.fsync(fd)
     except OSError:
         return TEMPORARY
     return OK

@@ -17,6 +17,7 @@ import fcntl
 import os
 import time
 
+from pyqmail import durable
 from pyqmail import sig as signal
 from pyqmail.durable import write_all
 
@@ -182,7 +183,7 @@ def _append(fd: int, message_fd: int, head: bytes) -> tuple[int, OSError | None]
     out += quoter.end() + b"\n"
     try:
         write_all(fd, out)
-        os.fsync(fd)
+        durable.fsync(fd)
     except OSError as e:
         return WRITE_ERROR, e
     return OK, None

@@ -19,6 +19,7 @@ finds it later and queues it with the uid of the file's owner.
 from __future__ import annotations
 
 import os
+import select
 from pyqmail import sig as signal
 import time
 
@@ -77,15 +78,57 @@ def received_line(pid: int, uid: int, inst: _home.Install, when: float) -> bytes
     return f"Received: (qmail {pid} {who}); {date822(when)}\n".encode()
 
 
+class Watch:
+    """A qmail-queued child's watch on its client: the client's socket and an idle time.
+
+    C's caller can kill the setuid qmail-queue it started; here the work is
+    the server's, so it stops when the client does: when the client's
+    socket hangs up (or carries anything more: the client sends nothing
+    after its request), and when the client's descriptors give nothing for
+    `idle` seconds. Either is qmail-queue's read error, 54.
+    """
+
+    def __init__(self, peer: int, idle: float) -> None:
+        self._peer = peer
+        self._idle_ms = max(0, int(idle * 1000))
+        self._polls: dict[int, select.poll] = {}
+
+    def wait(self, fd: int) -> None:
+        """Return once fd is readable; Die(54) if the client goes or fd stays silent for the idle time."""
+        poll = self._polls.get(fd)
+        if poll is None:
+            poll = self._polls[fd] = select.poll()
+            poll.register(fd, select.POLLIN)
+            poll.register(self._peer, select.POLLIN)
+        while True:
+            try:
+                events = poll.poll(self._idle_ms)
+                break
+            except InterruptedError:
+                continue
+        if not events or any(efd == self._peer for efd, _ in events):
+            raise Die(QueueExit.READ_ERROR)
+
+    def check(self) -> None:
+        """Die(54) unless the client is still there, waiting for its answer."""
+        poll = select.poll()
+        poll.register(self._peer, select.POLLIN)
+        if poll.poll(0):
+            raise Die(QueueExit.READ_ERROR)
+
+
 class _Envelope:
     """Read the envelope from a descriptor, one bounded address at a time."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, watch: Watch | None = None) -> None:
         self._fd = fd
         self._buf = b""
         self._pos = 0
+        self._watch = watch
 
     def _fill(self) -> None:
+        if self._watch is not None:
+            self._watch.wait(self._fd)
         try:
             data = os.read(self._fd, _CHUNK)
         except OSError:
@@ -116,25 +159,29 @@ class _Envelope:
 
 
 class _Queuer:
-    """One message on its way from S1 to S4; cleanup() takes it back to S1."""
+    """One message on its way from S1 to S4; cleanup() takes it back to S1, close() closes its files."""
 
     def __init__(self) -> None:
         self.mess_fd = -1
         self.intd_fd = -1
         self.mess_fn = ""
         self.intd_fn = ""
+        self.made: list[tuple[int, str]] = []  # (descriptor, name) of files cleanup() removes, newest last
 
     def cleanup(self) -> None:
-        if self.intd_fd != -1:
+        """Remove what was made (intd/N, then mess/N), stopping at the first failure as qmail does."""
+        for fd, fn in reversed(self.made):
             try:
-                durable.trunc_unlink(self.intd_fd, self.intd_fn)
+                durable.trunc_unlink(fd, fn)
             except OSError:
                 return
-        if self.mess_fd != -1:
-            try:
-                durable.trunc_unlink(self.mess_fd, self.mess_fn)
-            except OSError:
-                return
+        self.made.clear()
+
+    def close(self) -> None:
+        for fd in (self.intd_fd, self.mess_fd):
+            if fd != -1:
+                os.close(fd)
+        self.intd_fd = self.mess_fd = -1
 
 
 def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -146,7 +193,7 @@ def _write(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 def _fsync(fd: int) -> None:
     try:
-        os.fsync(fd)
+        durable.fsync(fd)
     except OSError:
         raise Die(QueueExit.WRITE_ERROR) from None
 
@@ -164,25 +211,32 @@ def _open_pid(pid: int, start: int) -> tuple[int, str]:
 
 
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-                  inst: _home.Install, now: float | None = None, msg_len: int | None = None) -> int:
+                  inst: _home.Install, now: float | None = None, msg_len: int | None = None,
+                  watch: Watch | None = None) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
 
     The message is what msg_fd holds up to its end, or exactly msg_len bytes
     (fewer is a read error, 54). The working directory becomes QMAILHOME/queue.
+    With watch (qmail-queued's child), every read waits on the watch and the
+    client must still be there when the message is committed. Exit 0 means
+    the message is on disk; any other exit leaves nothing to deliver (or, in
+    the one case todo/N could not be taken back, a duplicate at worst).
     """
     q = _Queuer()
     try:
-        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len)
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch)
     except Die as e:
         q.cleanup()
         return e.code
     except BaseException:
         q.cleanup()
         raise
+    finally:
+        q.close()
 
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-           inst: _home.Install, now: float | None, msg_len: int | None) -> int:
+           inst: _home.Install, now: float | None, msg_len: int | None, watch: Watch | None) -> int:
     if now is None:
         now = time.time()
     try:
@@ -195,22 +249,22 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
         raise Die(QueueExit.QUEUE_ERROR) from None
 
     fd, pid_fn = _open_pid(pid, int(now))
+    q.mess_fd = fd
     try:
         messnum = os.fstat(fd).st_ino
     except OSError:
-        os.close(fd)
         raise Die(QueueExit.PID_ERROR) from None
     mess_fn = layout.split_name("mess", messnum, inst.split)
     try:
         os.link(pid_fn, mess_fn)
     except OSError:
-        os.close(fd)
         try:
             os.unlink(pid_fn)
         except OSError:
-            pass
+            pass  # safe: qmail-clean removes pid/ files left for 36 hours
         raise Die(QueueExit.MESS_ERROR) from None
-    q.mess_fd, q.mess_fn = fd, mess_fn  # S2: from here on, cleanup removes mess/N
+    q.mess_fn = mess_fn
+    q.made.append((fd, mess_fn))  # S2: from here on, cleanup removes mess/N
     try:
         os.unlink(pid_fn)
     except OSError:
@@ -220,6 +274,8 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     buf = bytearray(received_line(pid, uid, inst, now))
     left = -1 if msg_len is None else msg_len
     while left:
+        if watch is not None:
+            watch.wait(msg_fd)
         try:
             chunk = os.read(msg_fd, _CHUNK if left < 0 else min(left, _CHUNK))
         except OSError:
@@ -242,9 +298,10 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
         ifd = durable.create_excl(intd_fn)
     except OSError:
         raise Die(QueueExit.INTD_ERROR) from None
-    q.intd_fd, q.intd_fn = ifd, intd_fn  # S3
+    q.intd_fd, q.intd_fn = ifd, intd_fn
+    q.made.append((ifd, intd_fn))  # S3
 
-    env = _Envelope(env_fd)
+    env = _Envelope(env_fd, watch)
     out = bytearray(f"u{uid}\0p{pid}\0".encode())
     if env.byte() != ord("F"):
         raise Die(QueueExit.ENVELOPE_FORMAT)
@@ -261,25 +318,47 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
             out.clear()
     _write(ifd, out)
     _fsync(ifd)
+    if watch is not None:
+        watch.check()  # a client killed before this point has queued nothing, as with C's qmail-queue
 
     # mess/N must be on disk before todo/N names it. Both files' data is
     # fsync'd above; the two directory entries are made durable together by
     # the fsync of todo/ below: ext4 and xfs commit metadata in order, so a
     # journal commit that holds the todo link holds the earlier mess link.
+    todo_fn = f"todo/{messnum}"
     try:
-        os.link(intd_fn, f"todo/{messnum}")
+        os.link(intd_fn, todo_fn)
     except OSError:
         raise Die(QueueExit.TODO_ERROR) from None
-    # S4: queued. From here on nothing is removed, whatever happens.
-    q.intd_fd = q.mess_fd = -1
+    # S4: queued. From here on mess/N and intd/N are never removed, whatever happens.
+    q.made.clear()
     try:
         durable.fsync_dir("todo")
     except OSError:
-        pass  # the link exists; a crash before the directory reaches the disk is qmail's risk
-    os.close(ifd)
-    os.close(fd)
+        return _take_back(todo_fn)
     layout.pull_trigger(".")
     return QueueExit.OK
+
+
+def _take_back(todo_fn: str) -> int:
+    """The todo/ fsync failed after the link: take the message back from S4; return the exit code.
+
+    qmail-send may have seen todo/N already. If it is gone, qmail-send has
+    preprocessed it, and qmail-send removes todo/N only after its own info/,
+    local/ and remote/ files are fsync'd: the message is durable after all,
+    exit 0. Otherwise todo/N is unlinked and the exit is temporary (53). mess/N
+    and intd/N are not removed: qmail-send may have opened todo/N just before
+    the unlink and be preprocessing it (then it is delivered, and the
+    sender's retry makes a duplicate: never a loss); if not, qmail-send's
+    cleanup removes them after 36 hours, as a crashed qmail-queue's.
+    """
+    try:
+        os.unlink(todo_fn)
+    except FileNotFoundError:
+        return QueueExit.OK
+    except OSError:
+        pass  # safe: todo/N stays and is delivered; the temporary exit risks a duplicate, never a loss
+    return QueueExit.WRITE_ERROR
 
 
 def _on_alarm(signum: int, frame: object) -> None:
@@ -352,9 +431,16 @@ def drop_message(qmail_home: str, msg_fd: int, env_fd: int, now: float | None = 
         published = True
         # Writers cannot open the directory (it is not readable) to fsync it.
         # The rename changed the file's ctime in the same journal transaction
-        # (ext4, xfs), so fsyncing the file commits the rename too. A failure
-        # now is reported, but the file stays: a duplicate is better than a loss.
-        _fsync(fd)
+        # (ext4, xfs), so fsyncing the file commits the rename too. If that
+        # fails, the file is taken back and the exit is temporary.
+        try:
+            durable.fsync(fd)
+        except OSError:
+            try:
+                os.unlink(os.path.join(top, "m" + name))
+            except OSError:
+                pass  # safe: gone (qmail-queued has queued it) or stuck: a duplicate at worst, never a loss
+            return QueueExit.WRITE_ERROR
         return QueueExit.OK
     except Die as e:
         if not published:

@@ -475,7 +475,7 @@ class Send:
         """fsync the marks of the reports just read, together (beyond qmail: against delivering twice)."""
         for fd, fn in self.unsynced.items():
             try:
-                os.fsync(fd)
+                durable.fsync(fd)
             except OSError:
                 self.log(log.trouble_marking(fn.encode()))
         self.unsynced.clear()
@@ -503,7 +503,7 @@ class Send:
             # Beyond qmail: the note must be on disk before the recipient is marked done.
             while True:
                 try:
-                    os.fsync(fd)
+                    durable.fsync(fd)
                     break
                 except OSError:
                     self.pause(log.BOUNCE_APPEND)
@@ -930,7 +930,7 @@ class Send:
         try:
             if fd == -1:
                 fd = self.dirfds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            os.fsync(fd)
+            durable.fsync(fd)
         except OSError:
             if fd != -1:
                 os.close(fd)
@@ -950,7 +950,7 @@ class Send:
             try:
                 for out, fn in p.files:
                     try:
-                        os.fsync(out)
+                        durable.fsync(out)
                     except OSError:
                         self.log(log.trouble(b"fsyncing", fn.encode()))
                         break
@@ -959,6 +959,7 @@ class Send:
             finally:
                 p.close()
         synced: dict[str, bool] = {}
+        failed = False
         for p in good:
             ok = True
             for _, fn in p.files:
@@ -971,6 +972,13 @@ class Send:
                     break
             if ok:
                 self.clean("todo", p.messid, p.channels)
+            else:
+                failed = True
+        if failed or len(good) < len(batch):
+            # todo/N stays (nothing was scheduled), so the next scan of todo/
+            # preprocesses it again; make that scan come soon (qmail: at the
+            # next trigger, or SLEEP_TODO later).
+            self.nexttodorun = min(self.nexttodorun, self.recent + SLEEP_SYSFAIL)
 
     # Cleanups ------------------------------------------------------------------------
 
