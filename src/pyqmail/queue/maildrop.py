@@ -32,6 +32,17 @@ def unique(now: float) -> str:
     return f"{int(now)}.{os.getpid()}.{os.urandom(16).hex()}"
 
 
+def writer_pid(name: str) -> int:
+    """Return the pid in a drop file's name `mTIME.PID.RANDOM` (the client's word: a note for the
+    Received line and the `p` record only), or qmail-queued's own pid if the name has none."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[1].isdigit() and parts[1].isascii() and 0 < len(parts[1]) <= 10:
+        pid = int(parts[1])
+        if 0 < pid < 2**31:
+            return pid
+    return os.getpid()
+
+
 def header(offset: int) -> bytes:
     """Return the header of a drop file whose envelope starts at offset."""
     return MAGIC + offset.to_bytes(8, "big")

@@ -13,7 +13,28 @@ QMAILHOME/maildrop/ instead. qmail-queued scans that directory at start,
 every SCAN_INTERVAL seconds and on SIGALRM, queues each `m` file with the uid
 of the file's owner (the kernel's word, never the file's) and removes it.
 
-usage: qmail-queued [-p]   (started as root or as qmailq; as root it becomes qmailq)
+usage: qmail-queued [-p] [-c N] [-t SECONDS]
+(started as root or as qmailq; as root it becomes qmailq)
+
+Limits, so that local users stay in their lane (C's setuid qmail-queue is
+the caller's own process; here the work is the server's, so it is bounded
+and accounted to the caller):
+
+  -c N        at most N children serve one uid at a time (default 20). A
+              connection past the limit is closed before its descriptors
+              are taken, so that client writes the message into the
+              maildrop itself: its own process, its own time, bounded by
+              the disk only, as with C's qmail-queue.
+  -t SECONDS  a child whose client's descriptors give nothing for SECONDS
+              (default 1200, qmail-smtpd's timeout) gives up: qmail-queue's
+              read error, 54, nothing queued.
+
+A child also stops, queueing nothing, as soon as its client hangs up (the
+client was killed, or gave up): the caller can kill what it started, as it
+can kill C's qmail-queue. The Received line, the `p` record and so qmail-
+send's log lines name the client's pid (SO_PEERCRED), as they name C's
+qmail-queue; a maildrop message names the pid its client wrote into the
+drop file's name (a note only: the uid is the file owner's).
 
 Only the holder of the lock QMAILHOME/queue/lock/queued (an exclusive flock;
 the file says "PID\\n", or "PID p\\n" for -p) touches the socket. A second
@@ -45,9 +66,12 @@ from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
 from pyqmail.queue import maildrop, qmail_queue
 from pyqmail.queue.exits import QueueExit
+from pyqmail.sgetopt import Getopt
 
 _UCRED = struct.Struct("iII")
 ANSWER_TIMEOUT = 60  # seconds a client has to send its descriptors
+PER_UID = 20  # -c: children serving one uid at a time
+IDLE_SECONDS = 1200.0  # -t: a client's descriptors silent this long is a read error (qmail-smtpd's timeout)
 SCAN_INTERVAL = 1.0  # seconds between maildrop scans; also between checks that the starting process lives (-p)
 LOCK = "queue/lock/queued"
 TAKEOVER_SECONDS = 30.0  # how long a standalone qmail-queued waits for a -p holder to give way
@@ -64,12 +88,19 @@ def _say(text: str) -> None:
         pass  # stderr gone: nowhere left to say it
 
 
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """Return the (pid, uid, gid) the kernel gives for the process that connected conn."""
+    pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
 def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
-              stoppable: bool = False) -> int:
+              stoppable: bool = False, idle: float = IDLE_SECONDS) -> int:
     """Answer one client connection (queue its message, or a stop request); return the exit code sent."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    _, uid, _ = _UCRED.unpack(creds)
-    conn.settimeout(ANSWER_TIMEOUT)
+    client_pid, uid, _ = peer_credentials(conn)
+    if client_pid <= 0:
+        client_pid = os.getpid()  # the client is in another pid namespace: the kernel says 0
+    conn.settimeout(min(ANSWER_TIMEOUT, idle))
     try:
         msg, fds, _, _ = socket.recv_fds(conn, 1, 4)
     except (OSError, socket.timeout):
@@ -83,9 +114,11 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
                 conn.sendall(qmail_queue.ACK)
             except OSError:
                 return code  # the client is gone; its message was never read
+            conn.settimeout(None)
+            watch = qmail_queue.Watch(conn.fileno(), idle)
             signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
             signal.alarm(qmail_queue.SUICIDE_SECONDS)
-            code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, os.getpid(), inst)
+            code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch)
             signal.alarm(0)
     finally:
         for fd in fds:
@@ -93,7 +126,7 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
     try:
         conn.sendall(bytes([code]))
     except OSError:
-        pass  # the client is gone; the exit code was for it alone
+        pass  # safe: the client is gone; the exit code was for it alone
     return code
 
 
@@ -197,8 +230,8 @@ class Pickup:
                 return 0
             # The uid is the file's owner: set by the kernel when its creator
             # made it, and a user can give a file away to nobody.
-            code = qmail_queue.queue_message(self.qmail_home, fd, fd, fst.st_uid, os.getpid(), self.inst,
-                                             msg_len=offset - maildrop.HEADER_SIZE)
+            code = qmail_queue.queue_message(self.qmail_home, fd, fd, fst.st_uid, maildrop.writer_pid(name),
+                                             self.inst, msg_len=offset - maildrop.HEADER_SIZE)
         finally:
             os.close(fd)
         if code in _MALFORMED:
@@ -336,14 +369,52 @@ def _take_over(lock: int, sock_path: str, deadline: float) -> bool:
 
 # --- the server -------------------------------------------------------------------
 
-def _reap(signum: int, frame: object) -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+def _on_child(signum: int, frame: object) -> None:
+    """SIGCHLD: nothing here; the signal's byte on the wake-up pipe makes the loop reap."""
+
+
+class Children:
+    """The connection children that run, by uid: the -c limit's count."""
+
+    def __init__(self, per_uid: int) -> None:
+        self.per_uid = per_uid
+        self.uid_of: dict[int, int] = {}  # child pid -> the uid it serves
+        self.count: dict[int, int] = {}  # uid -> children serving it
+        self.said: set[int] = set()  # uids whose refusal was said, until they drop below the limit
+
+    def full(self, uid: int) -> bool:
+        """Return True if uid has its limit of children already (said once per time it reaches it)."""
+        if self.count.get(uid, 0) < self.per_uid:
+            return False
+        if uid not in self.said:
+            self.said.add(uid)
+            _say(f"warning: uid {uid} has {self.per_uid} connections being served: "
+                 "further ones are refused (their qmail-queue uses the maildrop)")
+        return True
+
+    def add(self, pid: int, uid: int) -> None:
+        self.uid_of[pid] = uid
+        self.count[uid] = self.count.get(uid, 0) + 1
+
+    def reap(self) -> None:
+        """Collect every child that has ended."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            uid = self.uid_of.pop(pid, None)
+            if uid is None:
+                continue
+            n = self.count[uid] - 1
+            if n:
+                self.count[uid] = n
+            else:
+                del self.count[uid]
+            if n < self.per_uid:
+                self.said.discard(uid)
 
 
 class _Flags:
@@ -356,7 +427,9 @@ class _Server:
     """What one qmail-queued needs while it holds the lock."""
 
     def __init__(self, qmail_home: str, inst: _home.Install, q: _home.Account, gid: int, lock: int,
-                 with_parent: bool, parent: int, flags: _Flags) -> None:
+                 with_parent: bool, parent: int, flags: _Flags, children: Children, idle: float) -> None:
+        self.children = children
+        self.idle = idle
         self.qmail_home = qmail_home
         self.inst = inst
         self.q = q
@@ -385,6 +458,7 @@ class _Server:
             if not first:
                 time.sleep(SCAN_INTERVAL)  # having given way: let the standalone one take the lock
             first = False
+            self.children.reap()  # children of an earlier turn as holder
             if _try_lock(self.lock):
                 return not self.orphaned()
 
@@ -452,12 +526,23 @@ class _Server:
                     try:
                         os.read(wake_r, 512)
                     except BlockingIOError:
-                        pass  # another signal's byte was read already
+                        pass  # safe: another signal's byte was read already
+                    self.children.reap()
                 if srv.fileno() not in ready:
                     continue
                 try:
                     conn, _ = srv.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                try:
+                    _, uid, _ = peer_credentials(conn)
+                except OSError:
+                    conn.close()
+                    continue
+                if self.children.full(uid):
+                    # Closed before the descriptors are taken: the kernel drops
+                    # them unread, and the client writes the maildrop itself.
+                    conn.close()
                     continue
                 conn.setblocking(True)
                 pid = os.fork()
@@ -471,9 +556,11 @@ class _Server:
                         os.close(wake_w)
                         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1):
                             signal.signal(signum, signal.SIG_DFL)
-                        code = serve_one(conn, self.qmail_home, self.inst, server_pid, stoppable=self.with_parent)
+                        code = serve_one(conn, self.qmail_home, self.inst, server_pid, stoppable=self.with_parent,
+                                         idle=self.idle)
                     finally:
                         os._exit(code)
+                self.children.add(pid, uid)
                 conn.close()
         finally:
             signal.set_wakeup_fd(old_wake)
@@ -491,7 +578,25 @@ def main(argv: list[str]) -> int:
         _say("fatal: this installation is single-user; qmail-queue writes the queue itself")
         return EXIT_FAIL
     gid = inst.groups.get("qmail", q.gid)
-    with_parent = argv[1:2] == ["-p"]
+    with_parent = False
+    per_uid = PER_UID
+    idle = IDLE_SECONDS
+    opts = Getopt(argv, "pc:t:")
+    while (opt := opts.next()) is not None:
+        try:
+            if opt == "p":
+                with_parent = True
+            elif opt == "c":
+                per_uid = int(opts.optarg or "")
+            elif opt == "t":
+                idle = float(opts.optarg or "")
+            else:
+                raise ValueError
+        except ValueError:
+            opt = "?"
+        if opt == "?" or per_uid < 1 or not 0 < idle < 10**9:
+            _say("usage: qmail-queued [-p] [-c N] [-t SECONDS]")
+            return EXIT_FAIL
     parent = os.getppid()
     if os.geteuid() != 0 and os.getuid() != q.uid:
         _say("fatal: must run as root or qmailq")
@@ -511,13 +616,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGALRM, on_alrm)
-    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGCHLD, _on_child)
     try:
         lock = _open_lock(os.path.join(qmail_home, LOCK), q, gid)
     except OSError as e:
         _say(f"fatal: unable to open {LOCK}: {e.strerror}")
         return EXIT_FAIL
-    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags)
+    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags, Children(per_uid), idle)
     try:
         first = True
         while server.wait(first):
