@@ -52,7 +52,7 @@ def program(name: str, crash: int, on_crash: Callable[[str], None] | None = None
                 try:
                     os.write(2, (reason + "\n").encode("utf-8", "backslashreplace"))
                 except OSError:
-                    pass
+                    pass  # safe: stderr gone, nowhere left to say it; the exit code still says temporary
                 rc = crash
             if not _flush_std():
                 rc = crash if rc == 0 else rc

@@ -91,7 +91,7 @@ class Getopt:
             try:
                 os.write(2, os.fsencode(msg))
             except OSError:
-                pass
+                pass  # safe: stderr gone; the caller still gets '?' and fails
         return "?"
 
     def __iter__(self) -> Iterator[tuple[str, str | None]]:

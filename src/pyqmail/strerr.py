@@ -30,4 +30,4 @@ def warn(text: bytes) -> None:
     try:
         os.write(2, text + b"\n")
     except OSError:
-        pass
+        pass  # safe: stderr gone; the caller's exit code carries the failure

@@ -180,7 +180,7 @@ def service_line(r: Report, label: str, service_dir: str, now: int) -> bool:
             r.down = True
             return False
         except OSError:
-            pass
+            pass  # safe: the first error, e, is the one reported just below
         r.add(f"service {label}: {e}")
         r.trouble = True
         return False

@@ -140,7 +140,7 @@ class Database:
             try:
                 os.unlink(tmp)
             except OSError:
-                pass
+                pass  # safe: already failing, and the write error is reported; a left tmp file is rewritten next time
             raise _temp(f"unable to write {self.path}", e) from None
 
 

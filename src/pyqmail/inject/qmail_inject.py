@@ -144,7 +144,7 @@ class Output:
             while data:
                 data = data[os.write(FD_OUT, data):]
         except OSError:
-            pass
+            pass  # safe: qmail-inject ignores a failed write to standard output; the exit code is the message's
 
 
 def _env(name: bytes) -> bytes | None:
@@ -369,5 +369,5 @@ def main(argv: list[str]) -> int:
     try:
         os.write(FD_ERR, FATAL + text)
     except OSError:
-        pass
+        pass  # safe: stderr gone; the exit code carries the failure
     return int(code)

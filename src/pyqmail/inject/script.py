@@ -155,4 +155,4 @@ def complain(text: bytes) -> None:
     try:
         os.write(2, text)
     except OSError:
-        pass
+        pass  # safe: stderr gone; the exit code carries the failure

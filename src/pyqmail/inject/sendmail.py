@@ -49,7 +49,7 @@ def _say(text: bytes) -> None:
     try:
         os.write(2, text)
     except OSError:
-        pass
+        pass  # safe: stderr gone; the exit code carries the failure
 
 
 def run_in_place(path: str, argv: list[str]) -> int:

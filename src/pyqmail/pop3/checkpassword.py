@@ -188,7 +188,7 @@ def _refuse(name: bytes, why: str) -> int:
     try:
         os.write(2, text.encode("ascii", "replace"))
     except OSError:
-        pass
+        pass  # safe: only the log line is lost; the login is refused all the same
     try:
         delay = float(os.environ.get(DELAY_ENV, FAIL_DELAY))
     except ValueError:
@@ -202,7 +202,7 @@ def _temp(why: str) -> int:
     try:
         os.write(2, f"checkpassword: temporary failure: {why}\n".encode("utf-8", "replace"))
     except OSError:
-        pass
+        pass  # safe: only the log line is lost; the exit code says temporary
     return EXIT_TEMP
 
 
@@ -249,7 +249,7 @@ def main(argv: list[str]) -> int:
     try:
         os.close(FD_AUTH)
     except OSError:
-        pass
+        pass  # safe: the input was read in full; a failed close loses nothing
     parsed = parse_input(data)
     if parsed is None:
         return EXIT_USAGE

@@ -163,7 +163,7 @@ def _refuse_root() -> int:
     try:
         os.write(FD_ERR, ROOT_REFUSED)
     except OSError:
-        pass
+        pass  # safe: stderr gone; the exit code says why
     return EXIT_ROOT
 
 

@@ -104,4 +104,4 @@ def warn(prog: str, text: str) -> None:
     try:
         os.write(2, f"{prog}: warning: {text}\n".encode("utf-8", "backslashreplace"))
     except OSError:
-        pass
+        pass  # safe: only the warning is lost

@@ -37,6 +37,6 @@ def pull_trigger(queue_dir: str) -> None:
     try:
         os.write(fd, b"\0")
     except OSError:
-        pass
+        pass  # safe: nobody listening or a full FIFO; qmail-send scans todo/ on its own schedule too
     finally:
         os.close(fd)

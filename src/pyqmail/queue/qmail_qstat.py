@@ -37,7 +37,7 @@ def _complain(text: bytes) -> None:
     try:
         os.write(FD_ERR, text)
     except OSError:
-        pass
+        pass  # safe: stderr gone; the exit code carries the failure
 
 
 def _find_complaint(path: bytes, e: OSError) -> bytes:

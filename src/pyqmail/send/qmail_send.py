@@ -1173,7 +1173,7 @@ def _die(line: bytes) -> int:
     try:
         os.write(FD_LOG, line)
     except OSError:
-        pass
+        pass  # safe: the logger is gone; the exit code says temporary
     return EXIT_TEMPORARY
 
 

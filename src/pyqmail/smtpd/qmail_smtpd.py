@@ -216,7 +216,7 @@ def _data(session: Session, inp: Input, out: Output) -> None:
         try:
             q.close(b"", [])
         except OSError:
-            pass
+            pass  # safe: abandoned (no envelope end), nothing is queued; the first error is re-raised
         raise
     hops = blast.hops >= MAXHOPS
     if hops:

@@ -97,7 +97,7 @@ def _warn(*parts: bytes) -> None:
     try:
         os.write(FD_ERR, WARNING + b"".join(parts) + b"\n")
     except OSError:
-        pass
+        pass  # safe: only the warning is lost; logging goes on
 
 
 _T = TypeVar("_T")
@@ -506,7 +506,7 @@ class Multilog:
                     try:
                         os.write(FD_ERR, alert)
                     except OSError:
-                        pass
+                        pass  # safe: the alert copy on stderr is lost; the log itself is written on
             elif kind == b"=":
                 if selected:
                     record = line + b"\n" * (STATUS_LEN - len(line))

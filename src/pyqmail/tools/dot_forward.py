@@ -178,7 +178,7 @@ class DotForward:
         try:
             common.write_all(fd, data)
         except OSError:
-            pass
+            pass  # safe: a blind copy for -n/-N output only; the delivery's result does not depend on it
 
     def parse_line(self, line: bytes) -> None:
         """Act on the addresses of one line, right to left as dot-forward does."""

@@ -210,7 +210,7 @@ def _copy(mbox: bytes, mboxtmp: bytes, pq: PrioQ) -> None:
             try:
                 os.close(fdnew)
             except OSError:
-                pass
+                pass  # safe: the data was fsync'd above; a failed close loses nothing
     finally:
         os.close(fdold)
     try:

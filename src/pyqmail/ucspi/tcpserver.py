@@ -82,7 +82,7 @@ def warn(cfg: Config, text: bytes) -> None:
         try:
             os.write(2, text + b"\n")
         except OSError:
-            pass
+            pass  # safe: stderr gone; only the message is lost
 
 
 def status(cfg: Config, text: bytes) -> None:
@@ -91,7 +91,7 @@ def status(cfg: Config, text: bytes) -> None:
         try:
             os.write(2, text + b"\n")
         except OSError:
-            pass
+            pass  # safe: stderr gone; only the status line is lost
 
 
 def safe(field: bytes) -> bytes:
@@ -212,7 +212,7 @@ def local_address(host: str, cfg: Config) -> tuple[int, str]:
             socket.inet_pton(socket.AF_INET6, host)
             return socket.AF_INET6, host
         except OSError:
-            pass
+            pass  # not an IPv6 literal: resolved as a name below
     family = socket.AF_UNSPEC if cfg.v6env else socket.AF_INET
     try:
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
