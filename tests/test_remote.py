@@ -50,7 +50,8 @@ def test_message_arrives_byte_for_byte(qhome: QHome, dnsd: DnsServer) -> None:
         out = remote(qhome, dnsd, "example.com", "s@x.org", "a@example.com", "b@example.com", message=message)
     assert out == b"r\0r\0K127.0.0.1 accepted message.\nRemote host said: 250 ok 12345 qp 1\n\0"
     s = srv.sessions[0]
-    assert s.commands == [b"HELO test.example.com", b"MAIL FROM:<s@x.org>", b"RCPT TO:<a@example.com>",
+    # EHLO first (for STARTTLS, issue 13); this server does not know it (502), so HELO follows.
+    assert s.commands == [b"EHLO test.example.com", b"HELO test.example.com", b"MAIL FROM:<s@x.org>", b"RCPT TO:<a@example.com>",
                           b"RCPT TO:<b@example.com>", b"DATA", b"QUIT"]
     # notqmail 1.09: CR LF goes as CR LF, a bare CR as CR LF (qmail 1.03 sent "cr lf\r\r\n").
     assert s.data == (b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nmiddle . dot\r\ncr lf\r\n"
@@ -109,7 +110,7 @@ def test_empty_message_and_bounce_sender(qhome: QHome, dnsd: DnsServer) -> None:
         route(qhome, srv)
         out = remote(qhome, dnsd, "example.com", "", "a@example.com", message=b"")
     assert out.startswith(b"r\0K")
-    assert srv.sessions[0].commands[1] == b"MAIL FROM:<>"
+    assert srv.sessions[0].commands[1] == b"HELO test.example.com" and srv.sessions[0].commands[2] == b"MAIL FROM:<>"
     assert srv.sessions[0].data == b""
 
 
@@ -118,8 +119,8 @@ def test_helohost_and_quoting(qhome: QHome, dnsd: DnsServer) -> None:
     with SmtpServer() as srv:
         route(qhome, srv)
         remote(qhome, dnsd, "example.com", "a b@x", 'we"ird@example.com', "noat", "x..y@example.com")
-    assert srv.sessions[0].commands[:5] == [
-        b"HELO helo.example.net", b'MAIL FROM:<"a b"@x>', b'RCPT TO:<"we\\"ird"@example.com>',
+    assert srv.sessions[0].commands[:6] == [
+        b"EHLO helo.example.net", b"HELO helo.example.net", b'MAIL FROM:<"a b"@x>', b'RCPT TO:<"we\\"ird"@example.com>',
         b"RCPT TO:<noat>", b'RCPT TO:<"x..y"@example.com>']
 
 
@@ -289,7 +290,7 @@ def test_book_smtproutes_examples(qhome: QHome) -> None:
         for host, srv in cases:
             out = remote(qhome, d, host, "s@x", f"u@{host}")
             assert out.startswith(b"r\0K127.0.0.1 accepted message."), (host, out)
-            assert srv.sessions[-1].commands[2] == f"RCPT TO:<u@{host}>".encode()
+            assert srv.sessions[-1].commands[3] == f"RCPT TO:<u@{host}>".encode()
         assert [len(s.sessions) for s in (real, two, three, sub, isp)] == [1, 1, 1, 1, 1]
         assert ("realdomain.com", "MX") not in d.queries  # a relay is used as its only MX
         # "example4.com:" is an exception from the catch-all: DNS as usual, which knows nothing
@@ -377,7 +378,7 @@ def test_mx_delivery_on_port_25(qhome: QHome) -> None:
         out = remote(qhome, d, "example.com", "s@x", "u@alias.example.com")
     assert out == b"r\0K127.0.0.2 accepted message.\nRemote host said: 250 mx took it\n\0"
     # the recipient's domain is a CNAME: qmail-remote sends the canonical name
-    assert mxsrv.sessions[0].commands[2] == b"RCPT TO:<u@example.com>"
+    assert mxsrv.sessions[0].commands[3] == b"RCPT TO:<u@example.com>"
 
 
 # -- tcpto ------------------------------------------------------------------------------------

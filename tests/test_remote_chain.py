@@ -111,7 +111,7 @@ def test_relayed_message_arrives_byte_for_byte(site: Site) -> None:
             assert d.stop() == 0
     assert _deliveries(lines) == [b"success: 127.0.0.1_accepted_message./Remote_host_said:_250_ok_12345_qp_1/"]
     (s,) = peer.sessions
-    assert s.commands == [b"HELO " + FQDN.encode(), b"MAIL FROM:<joe@test.example.com>",
+    assert s.commands == [b"EHLO " + FQDN.encode(), b"HELO " + FQDN.encode(), b"MAIL FROM:<joe@test.example.com>",
                           b"RCPT TO:<friend@far.example>", b"DATA", b"QUIT"]
     assert s.data == _smtp_data(queued)
     assert b"\r\n..starts with a dot\r\n" in s.data

@@ -15,7 +15,7 @@ Extension: a host with no A record but AAAA records is reached over IPv6.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,10 +40,11 @@ _DOTTED = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)\Z", re.ASCII)
 
 @dataclass(frozen=True, slots=True)
 class IpMx:
-    """An address to try (text form, as qmail prints it) and the preference of its MX."""
+    """An address to try (text form, as qmail prints it), the preference of its MX and the host's name."""
 
     ip: str
     pref: int
+    name: str = field(default="", compare=False)  # the MX (or relay) name; "" for a literal
 
 
 def literal(host: str) -> str | None:
@@ -72,10 +73,10 @@ def ip_plus(dns: Lookup, host: str, pref: int) -> tuple[int, list[IpMx]]:
     if status == HARD:
         st6, addrs6 = dns.query(host, "AAAA")
         if st6 == OK and addrs6:
-            return OK, [IpMx(a, pref) for a in addrs6]
+            return OK, [IpMx(a, pref, host) for a in addrs6]
     if status != OK:
         return status, []
-    return OK, [IpMx(a, pref) for a in addrs]
+    return OK, [IpMx(a, pref, host) for a in addrs]
 
 
 def ip(dns: Lookup, host: str) -> tuple[int, list[IpMx]]:
@@ -185,6 +186,7 @@ class Resolver:
         self.nameservers = nameservers
         self.lifetime = lifetime
         self._r: dns.resolver.Resolver | None = None
+        self.secure: set[tuple[str, str]] = set()  # (name, type) answered with the AD bit
 
     def _resolver(self) -> dns.resolver.Resolver:
         # Made on first use: a route to [d.d.d.d] never pays for importing dnspython.
@@ -200,6 +202,12 @@ class Resolver:
                 r = dns.resolver.Resolver()
             r.lifetime = self.lifetime
             r.timeout = min(5.0, self.lifetime)
+            # Ask for DNSSEC validation status (RFC 6840 section 5.7): the AD bit of the answer
+            # says the resolver validated it; DANE (pyqmail.remote.dane) counts only those.
+            import dns.flags
+
+            r.flags = dns.flags.RD | dns.flags.AD
+            r.use_edns(0, dns.flags.DO, 1232)
             self._r = r
         return self._r
 
@@ -212,6 +220,7 @@ class Resolver:
     def query(self, name: str, rdtype: str) -> tuple[int, list[str]]:
         """Return (OK, records as text) or (SOFT|HARD, []) for name's rdtype records."""
         import dns.exception
+        import dns.flags
         import dns.name
         import dns.resolver
 
@@ -223,6 +232,8 @@ class Resolver:
             return HARD, []
         except dns.exception.DNSException:
             return SOFT, []
+        if ans.response.flags & dns.flags.AD:
+            self.secure.add((name.rstrip(".").lower(), rdtype))
         if ans.rrset is None:
             return HARD, []
         out = []
@@ -231,9 +242,18 @@ class Resolver:
                 out.append(f"{rd.preference} {rd.exchange.to_text(omit_final_dot=True)}")
             elif rdtype == "CNAME":
                 out.append(rd.target.to_text(omit_final_dot=True))
+            elif rdtype == "TXT":
+                out.append(b"".join(rd.strings).decode("latin-1"))
+            elif rdtype == "TLSA":
+                out.append(f"{rd.usage} {rd.selector} {rd.mtype} {rd.cert.hex()}")
             else:
                 out.append(rd.address)
         return OK, out
+
+
+def authenticated(dns: Lookup, name: str, rdtype: str) -> bool:
+    """Return whether dns answered name's rdtype records with the AD bit (DNSSEC-validated)."""
+    return (name.rstrip(".").lower(), rdtype) in getattr(dns, "secure", ())
 
 
 def local_addresses() -> set[str]:

@@ -10,6 +10,18 @@ Routes come from control/smtproutes, else DNS (pyqmail.remote.mx: the
 resolver honours $DNSCACHEIP). Hosts that keep timing out are skipped for
 a while through queue/lock/tcpto. Extension: control/outgoingip, if set,
 is the local address connections are made from.
+
+TLS, as the qmail-tls patch's qmail-remote, plus DANE and MTA-STS (pyqmail.remote.tls, dane,
+mtasts): EHLO, then STARTTLS whenever the server offers it (HELO when EHLO is refused);
+control/tlshosts/FQDN.pem makes TLS and a certificate verifying against that CA file (with
+FQDN's name) required, control/notlshosts/FQDN forbids TLS to FQDN (qmail 1.03's HELO
+conversation), control/tlshosts/exhaustivelist forbids opportunistic TLS to every other host;
+an smtproutes port 465 means TLS from the first byte. DNSSEC-authenticated TLSA records at
+_PORT._tcp.FQDN make TLS and their match required (DANE); an MTA-STS policy in enforce mode
+limits the MX hosts to its patterns and requires TLS with a certificate valid for the MX name.
+A failed handshake defers the message (Z), as in the patch. Every message report made after
+a handshake ends with a TLS line (smtpclient.tls_note). Test seams: $PYQMAIL_SMTP_PORT (the
+port of MX deliveries, 25) and $PYQMAIL_MTASTS_PORT (the policy's HTTPS port, 443).
 """
 
 from __future__ import annotations
@@ -18,12 +30,14 @@ import errno
 import os
 import select
 import socket
+import ssl
 import time
+from dataclasses import dataclass, field
 
 from pyqmail import control
 from pyqmail import home as _home
 from pyqmail.entry import program
-from pyqmail.remote import mx, smtproutes, tcpto
+from pyqmail.remote import dane, mtasts, mx, smtproutes, tcpto, tls
 from pyqmail.remote import smtpclient as sc
 from pyqmail.smtpd.ipme import IpmeError
 
@@ -36,6 +50,8 @@ PREF_RELAY = 300000
 PREF_ALIASES = 500000
 TCPTO_PATH = "queue/lock/tcpto"
 CHUNK = 65536
+SMTPS_PORT = 465
+X509_V_ERR_HOSTNAME_MISMATCH = 62
 
 
 class _Dropped(Exception):
@@ -63,10 +79,19 @@ class Smtp:
         self.pending = b""
         self.text = b""
         self.critical = False  # the final dot is sent: a dropped connection may duplicate
+        self.why = b""  # a TLS error that ended the connection
+        self.tls_note = b""  # the report's TLS line once TLS is up
 
     def _wait(self, write: bool) -> None:
+        if isinstance(self.sock, ssl.SSLSocket) and not write and self.sock.pending():
+            return  # decrypted bytes already wait inside OpenSSL: poll would not see them
         if not _ready(self.sock, write, self.timeout):
             raise _Dropped()
+
+    def _tls_error(self, e: OSError) -> _Dropped:
+        if isinstance(e, ssl.SSLError):
+            self.why = tls.reason(e).encode("latin-1", "replace")
+        return _Dropped()
 
     def send(self, data: bytes) -> None:
         """Send all of data, or raise _Dropped."""
@@ -75,11 +100,16 @@ class Smtp:
             self._wait(True)
             try:
                 n = self.sock.send(view[:CHUNK])
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 continue
             except OSError as e:
-                raise _Dropped() from e
+                raise self._tls_error(e) from e
             view = view[n:]
+
+    def starttls(self, ctx: ssl.SSLContext, name: str | None) -> None:
+        """Shake hands on this connection (bytes read ahead are dropped: RFC 3207 section 4.2)."""
+        self.pending = b""
+        self.sock = tls.handshake(self.sock, ctx, name or None, self.timeout)
 
     def reply(self) -> int:
         """Read one reply; return its code and keep its text, or raise _Dropped."""
@@ -94,10 +124,10 @@ class Smtp:
             self._wait(False)
             try:
                 data = self.sock.recv(CHUNK)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue
             except OSError as e:
-                raise _Dropped() from e
+                raise self._tls_error(e) from e
             if not data:
                 raise _Dropped()
             self.pending = data
@@ -117,7 +147,82 @@ def _ready(sock: socket.socket, write: bool, timeout: int) -> bool:
 
 def _quit(conn: Smtp, partner: bytes, what: tuple[bytes, bytes]) -> bytes:
     conn.send(b"QUIT\r\n")  # waiting for the answer is "just too ridiculous" (qmail)
-    return sc.final(what, partner, conn.text)
+    return sc.final(what, partner, conn.text) + conn.tls_note
+
+
+@dataclass
+class Plan:
+    """What TLS a connection must have (decided before connecting; see plan())."""
+
+    use_tls: bool = True  # False: no TLS at all, qmail 1.03's HELO conversation
+    smtps: bool = False  # TLS from the first byte (smtproutes port 465)
+    required: bytes = b""  # why TLS is required (a report's words), empty when it is opportunistic
+    name: str = ""  # the host's name: SNI and the name certificates are checked against
+    cafile: str | None = None  # control/tlshosts/NAME.pem
+    tlsa: list[dane.Tlsa] = field(default_factory=list)  # authenticated TLSA records (usable or not)
+    sts: mtasts.Policy | None = None  # an MTA-STS policy in enforce or testing mode
+    settings: tls.Settings = field(default_factory=lambda: tls.Settings(None, None))
+
+
+def _ehlo_keywords(text: bytes) -> set[bytes]:
+    """Return the upper-cased keywords of an EHLO reply's text (its lines after the first)."""
+    return {line[4:].split(b" ", 1)[0].upper() for line in text.split(b"\n")[1:] if len(line) > 4}
+
+
+def _verify_failed(conn: Smtp, partner: bytes, text: bytes) -> bytes:
+    conn.send(b"QUIT\r\n")
+    return sc.tls_failed(text, partner, True)
+
+
+def _start_tls(conn: Smtp, plan: Plan, partner: bytes) -> bytes | None:
+    """Shake hands and check the peer as plan says; return a report if the message must wait."""
+    name = plan.name.encode("latin-1")
+    try:
+        if plan.cafile is not None:
+            ctx = tls.context(plan.settings, cafile=plan.cafile, hostname_check=bool(plan.name))
+        elif plan.sts is not None and plan.sts.mode == "enforce" and not plan.tlsa:
+            ctx = tls.context(plan.settings, system_cas=True, hostname_check=True)
+        else:
+            ctx = tls.context(plan.settings)
+    except (ssl.SSLError, OSError) as e:
+        what = plan.cafile or "CA certificates"
+        err = tls.reason(e) if isinstance(e, ssl.SSLError) else (e.strerror or str(e))
+        return sc.tls_failed(b"TLS unable to load " + what.encode("latin-1") + b": " + err.encode("latin-1"),
+                             partner, False)
+    try:
+        conn.starttls(ctx, plan.name or None)
+    except ssl.SSLCertVerificationError as e:
+        msg = str(e.verify_message).encode("latin-1", "replace")
+        if e.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+            text = sc.tls_unverified_name(name)
+        elif plan.cafile is not None:
+            text = sc.tls_unverified_ca(plan.cafile.encode("latin-1"), msg)
+        else:
+            text = sc.tls_unverified(name, b"MTA-STS", msg)
+        return sc.tls_failed(text, partner, True)
+    except tls.HandshakeFailed as e:
+        return sc.tls_failed(sc.tls_connect(str(e).encode("latin-1", "replace")), partner, True)
+    assert isinstance(conn.sock, ssl.SSLSocket)
+    verified: bytes | None = None
+    testing: bytes | None = None
+    if plan.cafile is not None:
+        verified = b"control/tlshosts/" + name + b".pem"
+    elif plan.tlsa:
+        if any(r.usable for r in plan.tlsa):
+            how, why = dane.check(plan.tlsa, tls.peer_chain(conn.sock), [plan.name])
+            if how is None:
+                return _verify_failed(conn, partner, sc.tls_unverified(name, b"DANE", why.encode("latin-1")))
+            verified = how.encode("ascii")
+    elif plan.sts is not None and plan.sts.mode == "enforce":
+        verified = b"MTA-STS"
+    elif plan.sts is not None:
+        from pyqmail.remote import x509verify
+
+        why_not = x509verify.verify(tls.peer_chain(conn.sock), [], [plan.name], default_paths=True)
+        if why_not is not None:
+            testing = b"certificate not valid for " + name + b": " + why_not.encode("latin-1")
+    conn.tls_note = sc.tls_note(tls.describe(conn.sock).encode("latin-1"), verified, testing)
+    return None
 
 
 def _blast(conn: Smtp, msgfd: int) -> bytes | None:
@@ -144,18 +249,54 @@ def _blast(conn: Smtp, msgfd: int) -> bytes | None:
     return None
 
 
-def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: list[bytes], msgfd: int) -> bytes:
+def _hello(conn: Smtp, partner: bytes, helohost: bytes, plan: Plan) -> bytes | None:
+    """Say EHLO (or HELO) and set up TLS as plan says; return a report if the message must wait."""
+    if not plan.use_tls:
+        return None if conn.command(b"HELO " + helohost) == 250 else _quit(conn, partner, sc.HELO_REJECTED)
+    code = 250
+    if not plan.smtps:
+        code = conn.command(b"EHLO " + helohost)
+        if code == 250 and b"STARTTLS" in _ehlo_keywords(conn.text):
+            if conn.command(b"STARTTLS") == 220:
+                conn.text = b""
+                failed = _start_tls(conn, plan, partner)
+                if failed is not None:
+                    return failed
+                code = conn.command(b"EHLO " + helohost)
+            elif plan.required:
+                conn.send(b"QUIT\r\n")
+                return sc.tls_failed(sc.starttls_rejected(plan.required), partner, False) + sc.said(conn.text)
+            else:
+                conn.text = b""
+        elif plan.required:
+            conn.send(b"QUIT\r\n")
+            return sc.tls_failed(sc.no_tls(plan.required), partner, False)
+    else:
+        code = conn.command(b"EHLO " + helohost)
+    if code != 250 and conn.command(b"HELO " + helohost) != 250:
+        return _quit(conn, partner, sc.HELO_REJECTED)
+    return None
+
+
+def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: list[bytes], msgfd: int,
+         plan: Plan | None = None) -> bytes:
     """Run the SMTP conversation; return every report, NUL-terminated."""
     out = bytearray()
+    plan = plan if plan is not None else Plan(use_tls=False)
 
     def last(report: bytes) -> bytes:
         return bytes(out) + report + b"\0"
 
     try:
+        if plan.smtps:
+            failed = _start_tls(conn, plan, partner)
+            if failed is not None:
+                return last(failed)
         if conn.reply() != 220:
             return last(_quit(conn, partner, sc.GREETING_FAILED))
-        if conn.command(b"HELO " + helohost) != 250:
-            return last(_quit(conn, partner, sc.HELO_REJECTED))
+        failed = _hello(conn, partner, helohost, plan)
+        if failed is not None:
+            return last(failed)
         code = conn.command(b"MAIL FROM:<" + sender + b">")
         if code >= 500:
             return last(_quit(conn, partner, sc.SENDER_REJECTED_PERM))
@@ -186,7 +327,7 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
             return last(_quit(conn, partner, sc.AFTER_DATA_TEMP))
         return last(_quit(conn, partner, sc.ACCEPTED))
     except _Dropped:
-        return last(sc.dropped(partner, conn.critical))
+        return last(sc.dropped(partner, conn.critical, conn.why))
 
 
 def connect(ip: str, port: int, timeout: int, source: str | None) -> tuple[socket.socket | None, bool]:
@@ -232,6 +373,76 @@ def _mangle(addr: bytes, dns: mx.Lookup | None) -> tuple[bytes, bool, bytes | No
     return sc.quote_box(addr[:at]) + b"@" + host, alias, None
 
 
+@dataclass
+class _TlsControl:
+    """The TLS control files, read once per delivery."""
+
+    settings: tls.Settings
+    exhaustive: bool
+
+
+def _read_tls_control() -> _TlsControl:
+    """Read the TLS control files; raise control.ControlError if one cannot be read."""
+    ciphers = control.read_lines(tls.CIPHERS)
+    clientcert = tls.CLIENTCERT if _exists(tls.CLIENTCERT) else None
+    return _TlsControl(tls.Settings(":".join(ciphers) if ciphers else None, clientcert),
+                       _exists("control/tlshosts/exhaustivelist"))
+
+
+def _exists(path: str) -> bool:
+    """Return whether path exists (qmail's stat() == 0); raise control.ControlError if that cannot be told."""
+    try:
+        os.stat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise control.ControlError(path) from e
+
+
+def _safe_name(name: str) -> bool:
+    # A host name that is also a harmless file name under control/tlshosts/.
+    return bool(name) and "/" not in name and not name.startswith(".") and "\0" not in name
+
+
+def plan(a: mx.IpMx, port: int, tc: _TlsControl, dns: mx.Lookup, secure_domain: bool,
+         sts: mtasts.Policy | None, smtps: bool) -> tuple[Plan, bytes | None]:
+    """Return the TLS plan for a connection to a, or a report saying why a must not be tried now.
+
+    Precedence: tlshosts/NAME.pem, notlshosts/NAME, DANE (TLSA records of a DNSSEC-secure host),
+    MTA-STS, tlshosts/exhaustivelist, opportunistic TLS.
+    """
+    name = a.name.rstrip(".")
+    p = Plan(smtps=smtps, name=name, settings=tc.settings)
+    if _safe_name(name):
+        pem = f"control/tlshosts/{name}.pem"
+        if _exists(pem):
+            p.cafile = pem
+            p.required = pem.encode("latin-1") + b" exists"
+            return p, None
+        if _exists(f"control/notlshosts/{name}"):
+            p.use_tls = smtps
+            return p, None
+    if name and secure_domain and (mx.authenticated(dns, name, "A") or mx.authenticated(dns, name, "AAAA")):
+        base = f"_{port}._tcp.{name}"
+        status, records = dns.query(base, "TLSA")
+        if status == mx.SOFT:
+            return p, sc.tlsa_temp(base.encode("latin-1"))
+        if status == mx.OK and mx.authenticated(dns, base, "TLSA"):
+            p.tlsa = [r for r in (dane.parse(t) for t in records) if r is not None]
+            if p.tlsa:
+                p.required = b"TLSA records exist"
+                return p, None
+    if sts is not None:
+        p.sts = sts
+        if sts.mode == "enforce":
+            p.required = b"the MTA-STS policy is enforce"
+        return p, None
+    if tc.exhaustive:
+        p.use_tls = smtps
+    return p, None
+
+
 def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) -> bytes:
     """Deliver the message on descriptor 0; return qmail-remote's whole output."""
     if len(argv) < 4:
@@ -246,16 +457,20 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         helo = control.read_default("helohost", None)
         route_lines = control.read_lines("smtproutes") or []
         source = control.read_line("outgoingip")
+        tc = _read_tls_control()
     except control.ControlError:
         return sc.CONTROL + b"\0"
     if helo is None:
         return sc.CONTROL + b"\0"
     args = [os.fsencode(a) for a in argv]
     host = args[1].decode("latin-1")
+    domain = host
     route = smtproutes.lookup(smtproutes.parse(route_lines), host)
     port = smtproutes.DEFAULT_PORT
     if route is not None:
         host, port = route.relay, route.port
+    elif env.get("PYQMAIL_SMTP_PORT", "").isdigit():
+        port = int(env["PYQMAIL_SMTP_PORT"]) & 0xFFFF  # a test seam: MX hosts on a port other than 25
     resolver: mx.Lookup = dns if dns is not None else mx.Resolver.from_env(env)
     sender, _, _ = _mangle(args[2], None)
     try:
@@ -289,10 +504,32 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
     candidates = [a for a in ips if a.pref < pref_me]
     if not candidates:
         return sc.AMBIGMX + b"\0"
+    # DNSSEC: an MX host's TLSA records count only if the domain's MX answer (or, for a route
+    # or a host without MX, nothing more than the host's own address answer) was validated.
+    secure_domain = route is not None or mx.literal(domain) is not None or \
+        mx.authenticated(resolver, domain, "MX") or candidates[0].name == domain
+    sts = None
+    if route is None and mx.literal(domain) is None and domain:
+        sts_port = env.get("PYQMAIL_MTASTS_PORT", "")
+        sts = mtasts.policy(domain, resolver, int(sts_port) if sts_port.isdigit() else mtasts.DEFAULT_PORT)
+        if sts is not None and sts.mode == "none":
+            sts = None
+        if sts is not None and sts.mode == "enforce":
+            candidates = [a for a in candidates if a.name and sts.allows(a.name)]
+            if not candidates:
+                return sc.sts_no_mx(domain.encode("latin-1")) + b"\0"
     table = tcpto.Table(TCPTO_PATH)
+    refused = b""
     for a in candidates:
         ip4 = mx.ipv4_bytes(a.ip)
         if ip4 is not None and table.skip(ip4, int(time.time())):
+            continue
+        try:
+            p, refusal = plan(a, port, tc, resolver, secure_domain, sts, port == SMTPS_PORT)
+        except control.ControlError:
+            return sc.CONTROL + b"\0"
+        if refusal is not None:
+            refused = refusal
             continue
         try:
             sock, timed_out = connect(a.ip, port, timeout_connect, source)
@@ -301,10 +538,13 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         if ip4 is not None:
             table.record(ip4, timed_out, int(time.time()))
         if sock is not None:
-            with sock:
-                return smtp(Smtp(sock, timeout), a.ip.encode("ascii"), helo.encode("latin-1"),
-                            sender, recips, FD_MESSAGE)
-    return sc.NOCONN + b"\0"
+            conn = Smtp(sock, timeout)
+            try:
+                return smtp(conn, a.ip.encode("ascii"), helo.encode("latin-1"), sender, recips, FD_MESSAGE, p)
+            finally:
+                conn.sock.close()
+                sock.close()
+    return (refused or sc.NOCONN) + b"\0"
 
 
 def preload() -> None:
@@ -315,6 +555,7 @@ def preload() -> None:
     import struct  # noqa: F401
 
     import pyqmail.smtpd.ipme  # noqa: F401
+    import ssl  # noqa: F401 - opportunistic TLS needs it on most deliveries
 
 
 @program("qmail-remote", crash=0, on_crash=_on_crash)

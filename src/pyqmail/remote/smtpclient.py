@@ -49,10 +49,66 @@ def perm_dns(host: bytes) -> bytes:
     return b"DSorry, I couldn't find any host named " + safe(host) + b". (#5.1.2)\n"
 
 
-def dropped(partner: bytes, critical: bool) -> bytes:
-    """Return the report for a connection that died (critical: after the final dot)."""
+def dropped(partner: bytes, critical: bool, why: bytes = b"") -> bytes:
+    """Return the report for a connection that died (critical: after the final dot; why: a TLS error)."""
     dup = b"Possible duplicate! " if critical else b""
-    return b"ZConnected to " + partner + b" but connection died. " + dup + b"(#4.4.2)\n"
+    return b"ZConnected to " + partner + b" but connection died. " + dup + (why + b" " if why else b"") + b"(#4.4.2)\n"
+
+
+# TLS (the qmail-tls patch's texts where it has one; it ends them with "; connecting to IP." before
+# the handshake and "; connected to IP." after it, and gives no enhanced status code).
+def tls_failed(text: bytes, partner: bytes, after_handshake: bool) -> bytes:
+    """Return a Z report for a TLS failure: text, then where."""
+    return b"Z" + text + (b"; connected to " if after_handshake else b"; connecting to ") + partner + b".\n"
+
+
+def no_tls(why: bytes) -> bytes:
+    """The server does not offer STARTTLS (or EHLO) but TLS is required (why: the requirement)."""
+    return b"No TLS achieved while " + why
+
+
+def starttls_rejected(why: bytes) -> bytes:
+    return b"STARTTLS rejected while " + why
+
+
+def tls_connect(reason: bytes) -> bytes:
+    return b"TLS connect failed: " + reason
+
+
+def tls_unverified_ca(cafile: bytes, reason: bytes) -> bytes:
+    return b"TLS unable to verify server with " + cafile + b": " + reason
+
+
+def tls_unverified_name(host: bytes) -> bytes:
+    # the patch writes "dNSNnames"
+    return b"TLS unable to verify server " + host + b": certificate contains no matching dNSNames"
+
+
+def tls_unverified(host: bytes, how: bytes, reason: bytes) -> bytes:
+    """A DANE or MTA-STS check failed (how: b"DANE", b"MTA-STS")."""
+    return b"TLS unable to verify server " + host + b" with " + how + b": " + reason
+
+
+def tls_note(version_cipher: bytes, verified: bytes | None, testing: bytes | None = None) -> bytes:
+    """Return the line every message report ends with after a TLS handshake (pyqmail's form).
+
+    'TLS: TLSv1.3 TLS_AES_256_GCM_SHA384, verified (DANE-EE).' or '..., not verified.', then, in
+    MTA-STS testing mode, 'MTA-STS testing: ...' for what enforce mode would have refused.
+    A report without a TLS line is of a plain-text session.
+    """
+    state = b"verified (" + verified + b")" if verified else b"not verified"
+    out = b"TLS: " + version_cipher + b", " + state + b".\n"
+    if testing:
+        out += b"MTA-STS testing: " + testing + b".\n"
+    return out
+
+
+def sts_no_mx(domain: bytes) -> bytes:
+    return b"ZThe MTA-STS policy of " + safe(domain) + b" (enforce) lists none of its MX hosts. (#4.7.5)\n"
+
+
+def tlsa_temp(name: bytes) -> bytes:
+    return b"ZTLSA lookup for " + safe(name) + b" failed temporarily. (#4.4.3)\n"
 
 
 def said(text: bytes) -> bytes:
