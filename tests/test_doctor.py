@@ -131,6 +131,17 @@ def test_missing_rcpthosts_is_an_open_relay(site: Site, dns: DnsServer) -> None:
         f"(an open relay); fix: cp {c}/locals {c}/rcpthosts   (then add each virtual domain)")
 
 
+def test_percenthack_on_an_rcpthosts_domain_is_an_open_relay(site: Site, dns: DnsServer) -> None:
+    c = site.home.path / "control"
+    site.home.control("percenthack", "elsewhere.example\n")  # not in rcpthosts: unreachable, harmless
+    assert problems(check(site, dns, 0)) == []
+    site.home.control("percenthack", "elsewhere.example\ntest.example.com\n")
+    assert only_problem(site, dns) == (
+        "problem: test.example.com is in control/percenthack and control/rcpthosts: anyone can relay through "
+        "this host with user%elsewhere@test.example.com; "
+        f"fix: remove test.example.com from {c}/percenthack (or from rcpthosts, if it must stay)")
+
+
 def test_missing_me(site: Site, dns: DnsServer) -> None:
     site.home.control("me", None)
     p = only_problem(site, dns)

@@ -11,7 +11,9 @@ it (owners, modes, the trigger FIFO), the SMTP and QMTP ports, what runs
 (this home's services under any svscan, two svscans over one directory,
 two systems for one home, stale run/up.pid and run/svscan.pid, a dangling
 run/qmail-queue.sock, qmail-queued's lock held with no socket, messages
-waiting in maildrop/), and control/me in DNS ($DNSCACHEIP honoured; a
+waiting in maildrop/), control/servercert.pem (unreadable by qmail-smtpd's
+user or readable by everyone, key and certificate not a pair, expired or
+expiring within 14 days), and control/me in DNS ($DNSCACHEIP honoured; a
 loopback name is fine on a system listening on loopback only).
 
 One line per item: "ok: ...", "note: ..." (worth knowing, not a fault) or
@@ -158,6 +160,8 @@ def check_controls(r: Report, home: str) -> None:
                 r.problem(f"{d} is in control/locals but not in control/rcpthosts: "
                           "qmail-smtpd refuses mail for it from other hosts",
                           f"echo {_q(d)} >> {_q(cdir)}/rcpthosts")
+    if hosts is not None:
+        check_percenthack(r, cdir, hosts)
     vmap = ColonMap(line.encode(control.ENCODING) for line in vdoms)
     for line in vdoms:
         key, colon, prepend = line.partition(":")
@@ -177,6 +181,22 @@ def check_controls(r: Report, home: str) -> None:
                 r.problem(f"control/virtualdomains: {domain} is not in control/rcpthosts: qmail-smtpd "
                           "refuses its mail from other hosts",
                           f"echo {_q(domain)} >> {_q(cdir)}/rcpthosts")
+
+
+def check_percenthack(r: Report, cdir: str, hosts: control.DomainSet) -> None:
+    """control/percenthack: a domain also in rcpthosts relays user%elsewhere@domain for anyone."""
+    try:
+        percent = control.read_lines("percenthack") or []
+    except control.ControlError as e:
+        r.problem(str(e), f"chmod 644 {_q(cdir)}/percenthack")
+        return
+    for d in percent:
+        if d and hosts.match(d):
+            # qmail-send(8): user%fqdn@domain becomes user@fqdn before locals are consulted, and
+            # qmail-smtpd accepts any recipient at an rcpthosts domain: an open relay.
+            r.problem(f"{d} is in control/percenthack and control/rcpthosts: anyone can relay through "
+                      f"this host with user%elsewhere@{d}",
+                      f"remove {_q(d)} from {_q(cdir)}/percenthack (or from rcpthosts, if it must stay)")
 
 
 def check_compiled(r: Report, home: str) -> None:
@@ -737,6 +757,122 @@ def check_socket(r: Report, home: str, inst: _home.Install) -> None:
                "within a second")
 
 
+# --- the TLS certificate -------------------------------------------------------------
+
+def _day(t: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def check_certs(r: Report, home: str, inst: _home.Install, now: int) -> None:
+    """control/servercert.pem: readable by qmail-smtpd's user and no one else, key and certificate a pair, in date."""
+    from pyqmail.admin import certs
+
+    path = os.path.join(home, certs.SERVERCERT)
+    name = certs.SERVERCERT
+    mode = install.cert_mode(inst)
+    qmaild = inst.users["qmaild"].name
+    own = (f"chmod {mode:o} {_q(path)}" if inst.single
+           else f"chown {qmaild}:qmail {_q(path)}; chmod {mode:o} {_q(path)}")
+    remake = f"qmail init --new-cert --home {_q(home)}"
+    rebuild = f"cat fullchain.pem privkey.pem > {_q(path)}; {own}   (docs/TLS.md)"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        r.note(f"no {name}: qmail-smtpd offers no STARTTLS and qmail-popup no STLS; "
+               f"a self-signed one: {remake}; one from a CA: docs/TLS.md")
+        return
+    except OSError as e:
+        r.problem(f"cannot stat {name}: {errors.describe(e)}", own)
+        return
+    try:
+        with open(path, "rb") as f:
+            data = f.read(certs.PEM_MAX)
+    except PermissionError as e:
+        if os.geteuid() != 0 and not inst.single:
+            r.note(f"cannot check {name} as this user ({errors.describe(e)}): run qmail doctor as root")
+        else:
+            r.problem(f"cannot read {name}: {errors.describe(e)}", own)
+        return
+    except OSError as e:
+        r.problem(f"cannot read {name}: {errors.describe(e)}", own)
+        return
+    if st.st_mode & 0o004 or (inst.single and st.st_mode & 0o040):
+        r.problem(f"{name} holds the private key and every user can read it (mode {stat.S_IMODE(st.st_mode):o})",
+                  own)
+    if not inst.single and os.geteuid() == 0:
+        readers = [("qmaild", path, "qmail-smtpd")]
+        client = os.path.join(home, certs.CLIENTCERT)
+        if os.path.lexists(client):
+            readers.append(("qmailr", client, "qmail-remote"))
+        for role, p, program in readers:
+            acct = inst.users[role]
+            err = certs.readable_as(p, acct.uid, acct.gid)
+            if err:
+                why = os.strerror(err) if 0 < err < 255 else f"exit {err}"
+                real = os.path.realpath(p)
+                # clientcert.pem linked to servercert.pem (the patch's `make cert`): qmailr reads it as group qmail.
+                fix = (own if real == os.path.realpath(path) else
+                       f"chown root:qmail {_q(real)}; chmod 640 {_q(real)}")
+                r.problem(f"{acct.name} ({program}'s user) cannot read {os.path.relpath(p, home)}: {why}", fix)
+    try:
+        blocks = certs.read_pem(data)
+    except certs.CertError as e:
+        r.problem(f"{name} is damaged: {e}", f"{rebuild}, or a self-signed one: {remake}")
+        return
+    ders = [der for label, der in blocks if label == "CERTIFICATE"]
+    if not ders:
+        r.problem(f"{name} holds no certificate", f"{rebuild}, or a self-signed one: {remake}")
+        return
+    if not any(label in certs.KEY_LABELS for label, _der in blocks):
+        r.problem(f"{name} holds no private key: the certificate alone cannot serve TLS",
+                  f"cat privkey.pem >> {_q(path)}")
+        return
+    if certs.key_encrypted(blocks, data):
+        r.problem(f"the private key in {name} is encrypted: qmail-smtpd has no passphrase to give",
+                  "openssl pkey -in privkey.pem -out plain.pem, then "
+                  f"cat fullchain.pem plain.pem > {_q(path)}; {own}")
+        return
+    why_not = certs.key_mismatch(path)
+    if why_not is not None:
+        r.problem(f"the key in {name} does not belong to its first certificate (OpenSSL: {why_not})",
+                  f"the server's own certificate first, with its own key: {rebuild}; or a self-signed one: {remake}")
+        return
+    try:
+        infos = [certs.parse_cert(der) for der in ders]
+    except certs.CertError as e:
+        r.problem(f"cannot read the certificate in {name}: {e}", f"{rebuild}, or a self-signed one: {remake}")
+        return
+    leaf = infos[0]
+    renew = remake if leaf.self_signed else f"renew it with your ACME client or CA, then {rebuild}"
+    names = ", ".join(leaf.names()) or "no host name"
+    days = (leaf.not_after - now) // 86400
+    if now >= leaf.not_after:
+        r.problem(f"the certificate in {name} ({names}) expired on {_day(leaf.not_after)}: "
+                  "senders that verify it, and every mail client, refuse it", renew)
+    elif leaf.not_after - now < certs.SOON_DAYS * 86400:
+        r.problem(f"the certificate in {name} ({names}) expires on {_day(leaf.not_after)}, "
+                  f"in {days} day{'s' if days != 1 else ''}", renew)
+    elif now < leaf.not_before:
+        r.problem(f"the certificate in {name} ({names}) is not valid before {_day(leaf.not_before)}: "
+                  "is this system's clock right?", f"check the clock (date -u), or {renew}")
+    else:
+        r.ok(f"{name}: certificate for {names}, valid until {_day(leaf.not_after)} ({days} days)")
+    for info in infos[1:]:
+        if now >= info.not_after:
+            r.problem(f"a chain certificate in {name} ({info.common_name or 'no name'}) expired on "
+                      f"{_day(info.not_after)}", f"your CA's current chain: {rebuild}")
+    if leaf.self_signed:
+        r.note(f"{name} is self-signed: senders encrypt to it but cannot verify it, mail clients warn; "
+               "one from a CA: docs/TLS.md")
+    try:
+        me = control.read_line("me")
+    except control.ControlError:
+        me = None  # check_controls reports it
+    if me and leaf.names() and not any(certs.name_matches(n, me) for n in leaf.names()):
+        r.note(f"the certificate in {name} is for {names}, not control/me ({me}): clients verify the name "
+               "they connected to (the MX name for senders using DANE or MTA-STS)")
+
+
 # --- the command ---------------------------------------------------------------------
 
 def doctor(home: str, dns: mx.Lookup) -> Report:
@@ -759,6 +895,7 @@ def doctor(home: str, dns: mx.Lookup) -> Report:
     check_supervision(r, home, int(time.time()))
     check_pidfiles(r, home)
     check_socket(r, home, inst)
+    check_certs(r, home, inst, int(time.time()))
     check_dns(r, home, dns, inst)
     return r
 
