@@ -241,9 +241,10 @@ def test_root_mode_delivers_as_the_recipient(root_home: QHome, user_dir: Path) -
     assert f.stat().st_uid == pw.pw_uid and f.stat().st_gid == pw.pw_gid
 
 
-def test_root_mode_group_writable_home_defers(root_home: QHome, user_dir: Path) -> None:
+def test_root_mode_world_writable_home_defers(root_home: QHome, user_dir: Path) -> None:
+    # C qmail's default conf-patrn (002): only a world-writable home defers (issue 12 B3).
     pw = pwd.getpwnam(TEST_USER)
-    home = _pqtest_home(user_dir, 0o775)
+    home = _pqtest_home(user_dir, 0o757)
     _root_assign(root_home, [f"=pq:{TEST_USER}:{pw.pw_uid}:{pw.pw_gid}:{home}:::"])
     num = _root_queue(root_home, b"pq@" + FQDN.encode())
     reps = lspawn(root_home, spawnproto.command(0, messid(num), b"s@x", b"pq@" + FQDN.encode()))
