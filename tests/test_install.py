@@ -92,7 +92,9 @@ def test_config_fast_files(fqdn: str, ddom: str, pdom: str) -> None:
         f"Putting {fqdn} into control/locals...\n"
         f"Putting {fqdn} into control/rcpthosts...\n"
         f"Now qmail will refuse to accept SMTP messages except to {fqdn}.\n"
-        "Make sure to change rcpthosts if you add hosts to locals or virtualdomains!\n")
+        "Make sure to change rcpthosts if you add hosts to locals or virtualdomains!\n"
+        f"Putting a self-signed certificate for {fqdn} into control/servercert.pem...\n")
+    assert _mode(c / "servercert.pem") == 0o600  # tests/test_certs.py: the certificate itself
 
 
 def test_refuses_to_overwrite_without_force(qhome: QHome) -> None:

@@ -75,7 +75,11 @@ timeoutremote: (Default.) SMTP client data timeout is 1200 seconds.
 timeoutsmtpd: (Default.) SMTP server data timeout is 1200 seconds.
 
 virtualdomains: (Default.) No virtual domains.
+
+servercert.pem: I have no idea what this file does.
 """
+# servercert.pem: the certificate `qmail init` makes (pyqmail.admin.certs); qmail
+# 1.03's qmail-showctl knows no TLS file and says so of it.
 
 
 def header(qhome: QHome, home: str | None = None) -> bytes:
@@ -244,6 +248,8 @@ timeoutsmtpd: SMTP server data timeout is 900 seconds.
 
 virtualdomains: 
 Virtual domain: virt.example:joe
+
+servercert.pem: I have no idea what this file does.
 """
     assert body(qhome) == expected
 

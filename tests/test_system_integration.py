@@ -210,7 +210,7 @@ def test_svscanboot_starts_svscan_and_its_services(home: QHome) -> None:
 
 # --- the boot-time service directory and the systemd unit ---------------------
 
-NO_PORTS = ["--smtp-port", "0", "--pop3-port", "0", "--qmtp-port", "0"]
+NO_PORTS = ["--smtp-port", "0", "--pop3-port", "0", "--qmtp-port", "0", "--smtps-port", "0", "--pop3s-port", "0"]
 
 
 def _tool(name: str) -> str:
@@ -277,8 +277,7 @@ def test_systemd_unit_verifies_and_its_commands_start_and_stop_svscan(home: QHom
               and run([home.bin("svok"), send / "log"], env=ENV).returncode == 0)
         # `qmail up` sees the unit's svscan as a running system, not as one a killed
         # `qmail up` left behind: it refuses and leaves it running.
-        refused = run([home.bin("qmail"), "up", "--home", home.path, "--smtp-port", "0", "--pop3-port", "0",
-                       "--qmtp-port", "0"], env=ENV, timeout=120)
+        refused = run([home.bin("qmail"), "up", "--home", home.path, *NO_PORTS], env=ENV, timeout=120)
         assert refused.returncode == 111 and f"systemd unit {name} (svscan pid {svscan.pid}) ".encode() in refused.stderr, refused
         assert svscan.poll() is None
         stop = unit["ExecStop"][0]

@@ -10,6 +10,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -62,6 +63,15 @@ def _pop3_has(port: int, user: str, password: str, subject: str) -> bool:
     """Log in over POP3 and say whether a message with subject is there."""
     p = poplib.POP3("127.0.0.1", port, timeout=30)
     try:
+        try:
+            caps = p.capa()
+        except poplib.error_proto:
+            caps = {}  # qmail 1.03's qmail-popup has no CAPA
+        if "STLS" in caps:  # qmail up's POP3 service sets $FORCETLS: no password before STLS
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # qmail init's self-signed certificate (tests/test_certs.py verifies it)
+            p.stls(context=ctx)
         p.user(user)
         p.pass_(password)
         count, _ = p.stat()
@@ -98,16 +108,18 @@ def test_up_supervises_delivers_serves_pop3_and_down_stops() -> None:
     home = base / "q"
     maildir = Path(pwd.getpwnam(TEST_USER).pw_dir) / "Maildir"
     env = {"PATH": "/usr/bin:/bin", "HOME": pwd.getpwnam(TEST_USER).pw_dir}
-    smtp_port, pop3_port = _free_port(), _free_port()
+    smtp_port, pop3_port, smtps_port, pop3s_port = _free_port(), _free_port(), _free_port(), _free_port()
     up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home, "--smtp-port", str(smtp_port),
-                           "--pop3-port", str(pop3_port), "--qmtp-port", "0"], **_as_user(),  # type: ignore[call-overload]
+                           "--pop3-port", str(pop3_port), "--qmtp-port", "0", "--smtps-port", str(smtps_port),
+                           "--pop3s-port", str(pop3s_port)], **_as_user(),  # type: ignore[call-overload]
                           env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True)
     try:
         text = _read_until_ready(up)
         assert "running in" in text and f"{maildir}/" in text, text
         assert "localhost.localdomain" in (home / "control" / "me").read_text()
-        assert sorted(os.listdir(home / "service")) == ["pop3d", "send", "smtpd"]
+        # With qmail init's certificate: SMTPS and POP3S too (tests/test_certs.py).
+        assert sorted(os.listdir(home / "service")) == ["pop3d", "pop3s", "send", "smtpd", "smtps"]
         subject = f"up-test {uuid.uuid4()}"
         r = subprocess.run([home / "bin" / "qmail-inject", TEST_USER], input=f"Subject: {subject}\n\nhi\n".encode(),
                            **_as_user(), env=env, capture_output=True, timeout=30)  # type: ignore[call-overload]
@@ -117,10 +129,11 @@ def test_up_supervises_delivers_serves_pop3_and_down_stops() -> None:
         svstat = shutil.which("svstat")
         if svstat is None and CI:
             pytest.fail("svstat missing: .ci/run installs daemontools")
-        dirs = [str(home / "service" / n / sub) for n in ("pop3d", "send", "smtpd") for sub in ("", "log")]
+        names = ("pop3d", "pop3s", "send", "smtpd", "smtps")
+        dirs = [str(home / "service" / n / sub) for n in names for sub in ("", "log")]
         if svstat is not None:
             out = subprocess.run([svstat, *dirs], capture_output=True, timeout=30).stdout.decode()
-            assert out.count(": up (pid ") == 6, out
+            assert out.count(": up (pid ") == 2 * len(names), out
         # A service whose process dies is started again.
         from pyqmail.svc import status
 

@@ -47,6 +47,7 @@ class Options:
     create_users: bool = False
     single_user: bool = False
     upgrade: bool = False
+    new_cert: bool = False
 
 
 HOME_HELP = ("the installation (default: $QMAILHOME, else the home of the bin/qmail stub that runs, "
@@ -750,6 +751,7 @@ def upgrade(qmail_home: str, out: TextIO) -> str:
     lib = install_code(lay)
     for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():
         lay.file(f"boot/{name}", text, "root", 0o755)
+    _upgrade_cert(lay, out)
     if previous == lib:
         print(f"{qmail_home} already runs {os.path.basename(lib)}; stubs rewritten.", file=out)
     else:
@@ -764,7 +766,9 @@ def upgrade(qmail_home: str, out: TextIO) -> str:
 def init(opts: Options, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Install and configure a qmail home; return 0, or 100 with the reason on err."""
     try:
-        if opts.upgrade:
+        if opts.new_cert:
+            new_cert(opts.home, out)
+        elif opts.upgrade:
             upgrade(opts.home, out)
         else:
             _init(opts, out)
@@ -822,6 +826,7 @@ def _init(opts: Options, out: TextIO) -> None:
         lay.file(f"boot/{name}", text, "root", 0o755)
     __import__("pyqmail.admin.manpages", fromlist=["install"]).install(qmail_home)
     _config_fast(lay, fqdn, out)
+    install_cert(lay, fqdn, out)
     user = opts.user
     if user is None and inst.single:
         user = pwd.getpwuid(os.getuid()).pw_name
@@ -845,3 +850,80 @@ def _config_fast(lay: _Layout, fqdn: str, out: TextIO) -> None:
     lay.file("control/rcpthosts", fqdn + "\n", "root", 0o644)
     print(f"Now qmail will refuse to accept SMTP messages except to {fqdn}.", file=out)
     print("Make sure to change rcpthosts if you add hosts to locals or virtualdomains!", file=out)
+
+
+# --- the TLS certificate ---------------------------------------------------------
+
+CERT_ROLE = "qmaild"  # qmail-smtpd's user owns it, group qmail, 0640: the qmail-tls patch's `make cert`
+
+
+def cert_mode(inst: _home.Install) -> int:
+    """Return servercert.pem's mode: 0640 (qmaild, group qmail) as root, 0600 in a single-user home."""
+    return 0o600 if inst.single else 0o640
+
+
+def install_cert(lay: _Layout, fqdn: str, out: TextIO, replace: bool = False) -> bool:
+    """Make control/servercert.pem, a self-signed certificate for fqdn, unless one exists; return True if made.
+
+    replace: make a new one anyway, the old one kept as servercert.pem.old.
+    Without the openssl program (or if it fails) say so and what to run
+    later, and return False: the installation works without TLS.
+    """
+    from pyqmail.admin import certs
+
+    path = os.path.join(lay.home, certs.SERVERCERT)
+    if not replace and os.path.lexists(path):
+        return False
+    try:
+        pem = certs.make_self_signed(fqdn)
+    except certs.CertError as e:
+        print(f"qmail init: warning: no {certs.SERVERCERT} made ({e}): qmail-smtpd offers no STARTTLS "
+              f"until there is one; make it later with: qmail init --new-cert --home {lay.home}", file=out)
+        return False
+    if replace and os.path.lexists(path):
+        old = path + ".old"
+        try:
+            os.unlink(old)
+        except FileNotFoundError:
+            pass
+        os.link(path, old)  # the same inode: its owner and mode stay
+        print(f"Keeping the previous certificate in {certs.SERVERCERT}.old.", file=out)
+    lay.file(certs.SERVERCERT, pem.decode("ascii"), CERT_ROLE, cert_mode(lay.inst))
+    print(f"Putting a self-signed certificate for {fqdn} into {certs.SERVERCERT}...", file=out)
+    return True
+
+
+def _upgrade_cert(lay: _Layout, out: TextIO) -> None:
+    """On --upgrade, make the certificate a home made before pyqmail had TLS lacks (an existing one stays)."""
+    try:
+        with open(os.path.join(lay.home, "control", "me"), encoding="latin-1") as f:
+            fqdn = f.readline().strip()
+    except FileNotFoundError:
+        return
+    if fqdn:
+        install_cert(lay, fqdn, out)
+
+
+def new_cert(qmail_home: str, out: TextIO) -> None:
+    """`qmail init --new-cert`: replace control/servercert.pem by a new self-signed one for control/me.
+
+    Raise InstallError if qmail_home is no home, has no control/me, or no certificate could be made.
+    """
+    from pyqmail.admin import certs
+
+    qmail_home = os.path.abspath(qmail_home)
+    try:
+        with open(os.path.join(qmail_home, _home.INSTALL_FILE), encoding="utf-8") as f:
+            inst = _home.parse_install(f.read())
+        with open(os.path.join(qmail_home, "control", "me"), encoding="latin-1") as f:
+            fqdn = f.readline().strip()
+    except FileNotFoundError as e:
+        raise InstallError(f"qmail init: fatal: {qmail_home} is not a pyqmail home ({e.filename} is missing)") from None
+    except ValueError as e:
+        raise InstallError(f"qmail init: fatal: {e}") from None
+    if not fqdn:
+        raise InstallError(f"qmail init: fatal: {qmail_home}/control/me is empty")
+    if not inst.single and os.geteuid() != 0:
+        raise InstallError(f"qmail init: fatal: {qmail_home} is a root-mode home: run --new-cert as root")
+    if not install_cert(_Layout(qmail_home, inst), fqdn, out, replace=True):
+        raise InstallError(f"qmail init: fatal: no certificate made in {qmail_home}/{certs.SERVERCERT}")

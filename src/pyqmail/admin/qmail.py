@@ -3,7 +3,9 @@
 usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
                   [--create-users] [--single-user] [FQDN]
        qmail init --upgrade [--home DIR]
+       qmail init --new-cert [--home DIR]
        qmail up [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N]
+                [--smtps-port N] [--pop3s-port N]
        qmail down [--home DIR]
        qmail user add|del|passwd|list [--home DIR] [NAME]
        qmail status|doctor|trace|queue|report [--home DIR] ...
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--upgrade", action="store_true",
                    help="install the running pyqmail's code into an existing home and point its stubs at it; "
                         "control files, aliases, users and the queue are kept, nothing is restarted")
+    i.add_argument("--new-cert", action="store_true",
+                   help="replace control/servercert.pem by a new self-signed certificate for control/me "
+                        "(the old one kept as servercert.pem.old)")
     i.add_argument("fqdn", nargs="?", default=None, metavar="FQDN", help="this host's fully qualified name (default: from DNS)")
     for name, text in (("up", "run the mail system until Ctrl-C or `qmail down`"),
                        ("down", "stop what `qmail up` started")):
@@ -63,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--smtp-port", type=int, default=None, help="SMTP port (default 25 as root, else 2525; 0: none)")
             c.add_argument("--pop3-port", type=int, default=None, help="POP3 port (default 110 as root, else 2110; 0: none)")
             c.add_argument("--qmtp-port", type=int, default=None, help="QMTP port (default 209 as root, else 2209; 0: none)")
+            c.add_argument("--smtps-port", type=int, default=None,
+                           help="SMTPS port, TLS from the first byte (default 465 as root, else 2465; 0: none)")
+            c.add_argument("--pop3s-port", type=int, default=None,
+                           help="POP3S port, TLS from the first byte (default 995 as root, else 2995; 0: none)")
     for name, (_module, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     u = sub.add_parser("user", help="manage the POP3 virtual users (QMAILHOME/users/poppasswd)")
@@ -98,13 +107,14 @@ def main(argv: list[str]) -> int:
     if args.command == "init":
         from pyqmail.admin import install
 
-        if args.upgrade and args.fqdn is not None:
-            print("qmail init: fatal: --upgrade keeps control/me: give no FQDN", file=sys.stderr)
+        if (args.upgrade or args.new_cert) and args.fqdn is not None:
+            print(f"qmail init: fatal: {'--upgrade' if args.upgrade else '--new-cert'} keeps control/me: "
+                  "give no FQDN", file=sys.stderr)
             return 100
         opts = install.Options(
             home=args.home or install.default_home(), fqdn=args.fqdn, user=args.user,
             split=args.split, force=args.force, create_users=args.create_users,
-            single_user=args.single_user, upgrade=args.upgrade)
+            single_user=args.single_user, upgrade=args.upgrade, new_cert=args.new_cert)
         return install.init(opts, sys.stdout, sys.stderr)
     if args.command in ("up", "down"):
         import os
@@ -121,6 +131,10 @@ def main(argv: list[str]) -> int:
             ports.qmtp = args.qmtp_port
         if args.pop3_port is not None:
             ports.pop3 = args.pop3_port
+        if args.smtps_port is not None:
+            ports.smtps = args.smtps_port
+        if args.pop3s_port is not None:
+            ports.pop3s = args.pop3s_port
         return up.up(qhome, ports=ports)
     if args.command == "user":
         import os

@@ -37,22 +37,32 @@ class _Stop(Exception):
 
 
 class Ports:
-    """Where `qmail up` listens: SMTP, POP3, QMTP (0 = do not run that service)."""
+    """Where `qmail up` listens: SMTP, POP3, QMTP, SMTPS, POP3S (0 = do not run that service)."""
 
-    __slots__ = ("host", "smtp", "pop3", "qmtp")
+    __slots__ = ("host", "smtp", "pop3", "qmtp", "smtps", "pop3s")
 
-    def __init__(self, host: str, smtp: int, qmtp: int, pop3: int = 0) -> None:
+    def __init__(self, host: str, smtp: int, qmtp: int, pop3: int = 0, smtps: int = 0, pop3s: int = 0) -> None:
         self.host = host
         self.smtp = smtp
         self.pop3 = pop3
         self.qmtp = qmtp
+        self.smtps = smtps
+        self.pop3s = pop3s
 
 
 def default_ports() -> Ports:
     """Root: qmail's ports on every address; otherwise loopback and unprivileged ports."""
     if os.geteuid() == 0:
-        return Ports("0", 25, 209, 110)
-    return Ports("127.0.0.1", 2525, 2209, 2110)
+        return Ports("0", 25, 209, 110, 465, 995)
+    return Ports("127.0.0.1", 2525, 2209, 2110, 2465, 2995)
+
+
+# The environment words a TLS service's argv starts with (env(1)'s NAME=VALUE,
+# given to `env -` in the run script): what qmail-smtpd and qmail-popup read.
+SMTPS_ENV = "SMTPS=1"  # TLS from the first byte (RFC 8314), port 465
+POP3S_ENV = "POP3S=1"  # TLS from the first byte, port 995
+FORCETLS_ENV = "FORCETLS=1"  # qmail-popup refuses USER and PASS before STLS
+SERVERCERT = "control/servercert.pem"  # pyqmail.admin.certs.SERVERCERT, not imported: `qmail up` stays light
 
 
 def _sh(word: str) -> str:
@@ -75,8 +85,17 @@ def _tcpserver(qmail_home: str, inst: _home.Install, fqdn: str, host: str, port:
 
 
 def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> dict[str, list[str]]:
-    """Return {service name: the argv its run script execs} for what `qmail up` runs."""
+    """Return {service name: the argv its run script execs} for what `qmail up` runs.
+
+    An argv may start with NAME=VALUE words: that service's environment,
+    which the run script gives to env(1). With control/servercert.pem the
+    POP3 service refuses passwords before STLS ($FORCETLS) and the SMTPS and
+    POP3S services run; without it there is no TLS to offer or require.
+    """
     bindir = os.path.join(qmail_home, "bin")
+    tls = os.path.lexists(os.path.join(qmail_home, SERVERCERT))
+    popup = [os.path.join(bindir, "qmail-popup"), fqdn, os.path.join(bindir, "checkpassword"),
+             os.path.join(bindir, "qmail-pop3d"), "Maildir"]
     out = {"send": [os.path.join(bindir, "qmail-start"), "./Maildir/"]}
     if not inst.single:
         # Root mode: local users queue through qmail-queued, a service of its
@@ -87,12 +106,17 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
                                   [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)
     if ports.pop3:
         # As root, checkpassword needs root to read /etc/shadow and become the user.
-        out["pop3d"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.pop3,
-                                  [os.path.join(bindir, "qmail-popup"), fqdn, os.path.join(bindir, "checkpassword"),
-                                   os.path.join(bindir, "qmail-pop3d"), "Maildir"], as_qmaild=False)
+        out["pop3d"] = ([FORCETLS_ENV] if tls else []) + _tcpserver(qmail_home, inst, fqdn, ports.host, ports.pop3,
+                                                                  popup, as_qmaild=False)
     if ports.qmtp:
         out["qmtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.qmtp,
                                   [os.path.join(bindir, "qmail-qmtpd")], as_qmaild=True)
+    if ports.smtps and tls:
+        out["smtps"] = [SMTPS_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtps,
+                                               [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)]
+    if ports.pop3s and tls:
+        out["pop3s"] = [POP3S_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.pop3s,
+                                               popup, as_qmaild=False)]
     return out
 
 
@@ -473,7 +497,8 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
         host = "127.0.0.1" if ports.host == "0" else ports.host
         print(f"qmail up: running in {qmail_home} ({'single-user' if inst.single else 'root'} mode), "
               f"services in {qmail_home}/{SERVICES}, logs in {qmail_home}/{LOGDIR}/", file=out)
-        listening = {"smtpd": ports.smtp, "pop3d": ports.pop3, "qmtpd": ports.qmtp}
+        listening = {"smtpd": ports.smtp, "pop3d": ports.pop3, "qmtpd": ports.qmtp,
+                     "smtps": ports.smtps, "pop3s": ports.pop3s}
         for name, argv in wanted.items():
             where = f" on {ports.host}:{listening[name]}" if name in listening else ""
             print(f"qmail up: {name}{where}: {' '.join(argv)}", file=out)
@@ -483,9 +508,15 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
         print(f"qmail up: send one with: echo 'Subject: hello' | {qmail_home}/bin/qmail-inject {user}", file=out)
         if ports.smtp:
             print(f"qmail up: or over SMTP: swaks --server {host} --port {ports.smtp} --to {user}@{me}", file=out)
+        if "smtps" in wanted:
+            print(f"qmail up: or over SMTPS: swaks --server {host} --port {ports.smtps} --tls-on-connect "
+                  f"--to {user}@{me}", file=out)
         if ports.pop3:
             print(f"qmail up: read it over POP3 at {host}:{ports.pop3} as user {user}, "
                   f"password in {password_file}", file=out)
+        if "pop3s" in wanted:
+            print(f"qmail up: or over POP3S at {host}:{ports.pop3s}", file=out)
+        print(_tls_line(qmail_home, ports, wanted), file=out)
         print(f"qmail up: status with: qmail status --home {qmail_home}", file=out)
         print(f"qmail up: stop with Ctrl-C or: qmail down --home {qmail_home}", file=out, flush=True)
         while not stopping:
@@ -505,6 +536,20 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
         _release(pidfile, lock)
         print("qmail up: stopped", file=out, flush=True)
     return 0
+
+
+def _tls_line(qmail_home: str, ports: Ports, wanted: dict[str, list[str]]) -> str:
+    """Say what TLS the services offer, or why they offer none."""
+    cert = os.path.join(qmail_home, SERVERCERT)
+    if not os.path.lexists(cert):
+        return (f"qmail up: no TLS: {cert} is missing (make one with: qmail init --new-cert --home {qmail_home}, "
+                "or see docs/TLS.md)")
+    offers = ["STARTTLS on SMTP" if "smtpd" in wanted else "",
+              "STLS on POP3 (required before a password)" if "pop3d" in wanted else "",
+              f"SMTPS on port {ports.smtps}" if "smtps" in wanted else "",
+              f"POP3S on port {ports.pop3s}" if "pop3s" in wanted else ""]
+    said = ", ".join(o for o in offers if o) or "no service to offer it on"
+    return f"qmail up: TLS with {cert}: {said}"
 
 
 def down(qmail_home: str, err: TextIO = sys.stderr) -> int:
