@@ -330,6 +330,12 @@ def test_mta_sts_testing_only_notes(qhome: QHome, pki: dict[str, Cert]) -> None:
     assert out.startswith(f"r\0K{MX} accepted message.".encode()), out
     assert out.endswith(b", not verified.\nMTA-STS testing: certificate not valid for mx1.example.com: "
                         b"unable to get local issuer certificate.\n\0")
+    with PolicyServer(server_context(pki["sts"]), POLICY.format(mode="testing")) as pol, \
+            _sts_dns("mx.elsewhere.net") as d, TlsSmtpServer(server_context(pki["mx"]), host=MX) as srv:
+        out = remote(qhome, _sts_env(d, pol, pki, srv.port))
+    assert out.startswith(f"r\0K{MX} accepted message.".encode()), out
+    assert out.endswith(b", not verified.\nMTA-STS testing: mx.elsewhere.net is not an MX host of the policy; "
+                        b"certificate not valid for mx.elsewhere.net: hostname mismatch.\n\0")
 
 
 # --- pure parts ----------------------------------------------------------------------------------
@@ -356,3 +362,38 @@ def test_mta_sts_policy_parsing() -> None:
     assert mtasts.txt_id(["v=STSv1; id=abc123;"]) == "abc123"
     assert mtasts.txt_id(["v=STSv1; id=abc123", "v=STSv1; id=x"]) is None
     assert mtasts.txt_id(["v=spf1 -all"]) is None and mtasts.txt_id(["v=STSv1; id=bad-id"]) is None
+
+
+# --- through qmail-send --------------------------------------------------------------------------
+
+def test_qmail_send_log_line_says_tls(pki: dict[str, Cert]) -> None:
+    from sendkit import Running, make_site, qqueue, remove_site
+
+    site = make_site("test.example.com")
+    try:
+        with TlsSmtpServer(server_context(pki["pfx"])) as srv:
+            site.home.control("smtproutes", f":pfx.example.test:{srv.port}\n")
+            tlshosts(site.home, "pfx.example.test", pki["ca"])
+            with DnsServer({("pfx.example.test", "A"): ["127.0.0.1"]}) as d:
+                run_ = Running(site, env=site.env(**d.env))
+                try:
+                    run_.wait_for(b"status: local 0/10 remote 0/20")
+                    qqueue(site.home, b"s@x.example", [b"ok@far.example"], b"Subject: far\n\nremote\n",
+                           user=site.user)
+                    lines = run_.wait_for(lambda ls: any(x.startswith(b"end msg ") for x in ls))
+                finally:
+                    assert run_.stop() == 0
+    finally:
+        remove_site(site)
+    (done,) = [x.split(b": ", 1)[1] for x in lines if x.startswith(b"delivery ")]
+    assert done.startswith(b"success: 127.0.0.1_accepted_message./Remote_host_said:_250_ok_queued/TLS:_TLSv1.3_")
+    assert done.endswith(b",_verified_(control/tlshosts/pfx.example.test.pem)./")
+    assert srv.sessions[0].tls == "TLSv1.3"
+
+
+def test_root_home_has_private_mta_sts_cache(root_home: QHome) -> None:
+    import pwd
+    import stat
+
+    st = (root_home.queue / "mtasts").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o700 and pwd.getpwuid(st.st_uid).pw_name == "qmailr"

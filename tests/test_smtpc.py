@@ -50,8 +50,8 @@ def test_every_recipient_accepted(qhome: QHome) -> None:
         p = smtpc(qhome, envelope(b"s@here.example", b"a@far.example", b"b@other.example"))
     assert (p.returncode, p.stderr) == (0, b"")
     (s,) = srv.sessions
-    assert s.commands[0].startswith(b"HELO ")
-    assert s.commands[1:] == [b"MAIL FROM:<s@here.example>", b"RCPT TO:<a@far.example>",
+    assert s.commands[0].startswith(b"EHLO ") and s.commands[1].startswith(b"HELO ")  # qmail-remote's EHLO, refused
+    assert s.commands[2:] == [b"MAIL FROM:<s@here.example>", b"RCPT TO:<a@far.example>",
                               b"RCPT TO:<b@other.example>", b"DATA", b"QUIT"]
     assert re.fullmatch(RECEIVED + rb"Subject: smarthost\r\n\r\n\.\.dot\r\nbody\r\n", s.data), s.data
 
@@ -62,7 +62,7 @@ def test_smarthost_from_the_environment(qhome: QHome) -> None:
         qhome.control("smtproutes", f"relay.example:[127.0.0.1]:{srv.port}\n")
         p = smtpc(qhome, envelope(b"s@here.example", b"a@far.example"), SMARTHOST="relay.example")
     assert p.returncode == 0, p.stderr
-    assert srv.sessions[0].commands[2] == b"RCPT TO:<a@far.example>"
+    assert srv.sessions[0].commands[3] == b"RCPT TO:<a@far.example>"
 
 
 @pytest.mark.parametrize("rcpt,code", [
@@ -150,7 +150,7 @@ def test_as_qmailqueue_for_qmail_inject(qhome: QHome, tmp_path: Path) -> None:
                        "PYTHONPATH": str(ROOT / "src"), "DNSCACHEIP": "127.0.0.1:9"})
     expect(res)
     (s,) = srv.sessions
-    assert s.commands[1:3] == [b"MAIL FROM:<me@here.example>", b"RCPT TO:<friend@far.example>"]
+    assert s.commands[2:4] == [b"MAIL FROM:<me@here.example>", b"RCPT TO:<friend@far.example>"]
     assert b"\r\nSubject: via inject\r\n" in s.data and s.data.endswith(b"\r\n\r\nhi\r\n")
 
 

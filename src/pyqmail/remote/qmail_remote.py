@@ -219,8 +219,10 @@ def _start_tls(conn: Smtp, plan: Plan, partner: bytes) -> bytes | None:
         from pyqmail.remote import x509verify
 
         why_not = x509verify.verify(tls.peer_chain(conn.sock), [], [plan.name], default_paths=True)
+        notes = [] if plan.sts.allows(plan.name) else [name + b" is not an MX host of the policy"]
         if why_not is not None:
-            testing = b"certificate not valid for " + name + b": " + why_not.encode("latin-1")
+            notes.append(b"certificate not valid for " + name + b": " + why_not.encode("latin-1"))
+        testing = b"; ".join(notes) or None
     conn.tls_note = sc.tls_note(tls.describe(conn.sock).encode("latin-1"), verified, testing)
     return None
 
