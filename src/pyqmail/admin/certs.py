@@ -216,8 +216,7 @@ def _dns_names(data: bytes, start: int, stop: int) -> tuple[str, ...]:
     while pos < seq_stop:
         e_start, e_stop = _expect(data, pos, seq_stop, _SEQUENCE)
         o_start, o_stop = _expect(data, e_start, e_stop, _OID)
-        p = o_stop
-        tag, v_start, v_stop = _tlv(data, p, e_stop)
+        tag, v_start, v_stop = _tlv(data, o_stop, e_stop)
         if tag == _BOOLEAN:  # critical
             tag, v_start, v_stop = _tlv(data, v_stop, e_stop)
         if tag != _OCTETS:
@@ -247,7 +246,7 @@ def parse_cert(der: bytes) -> CertInfo:
         pos = stop
     pos = _expect(der, pos, t_stop, _INTEGER)[1]  # serialNumber
     pos = _expect(der, pos, t_stop, _SEQUENCE)[1]  # signature AlgorithmIdentifier
-    _tag, i_start, i_stop = _tlv(der, pos, t_stop)
+    i_stop = _tlv(der, pos, t_stop)[2]
     issuer = der[pos:i_stop]
     v_start, v_stop = _expect(der, i_stop, t_stop, _SEQUENCE)
     not_before, p = _time(der, v_start, v_stop)
