@@ -17,16 +17,20 @@ from __future__ import annotations
 import os
 
 from pyqmail.entry import program
+from pyqmail.queue.envelope import Exit, Reader, Spool
 
 TYPE_CHECKING = False  # typing costs milliseconds per message; mypy sees the imports
 if TYPE_CHECKING:
     import socket
-    from typing import IO
 
 PORT_QMQP = 628
 CONNECT_SECONDS = 10
 IO_SECONDS = 60
-SPOOL_MAX = 1 << 20  # message bytes kept in memory; the rest goes to a temporary file
+SPOOL_MAX = 1 << 20  # message (and envelope) bytes kept in memory; the rest goes to a temporary file
+# C's qmail-qmqpc passes an address of any length on and lets the server judge
+# it (qmail-qmqpd refuses 1000 bytes or more with a D reply, exit 31); ours
+# does the same up to this bound, which keeps its memory bounded (exit 11 past it).
+QMQP_ADDR_MAX = 65536
 
 EXIT_OK = 0
 EXIT_PERM = 31
@@ -41,14 +45,6 @@ EXIT_CONN_REJECTED = 73
 EXIT_CONN = 74
 EXIT_FORMAT = 91
 EXIT_BUG = 81
-
-
-class Exit(Exception):
-    """End with this qmail-queue exit code."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 def server_address(line: str) -> tuple[str, int] | None:
@@ -67,88 +63,32 @@ def server_address(line: str) -> tuple[str, int] | None:
     return "%d.%d.%d.%d" % ip, port
 
 
-class Spool:
-    """The message from descriptor 0: in memory, or in a temporary file past SPOOL_MAX."""
-
-    __slots__ = ("head", "file", "size")
-
-    def __init__(self) -> None:
-        self.head = bytearray()
-        self.file: IO[bytes] | None = None
-        self.size = 0
-
-    def slurp(self, fd: int) -> None:
-        """Read fd to its end; raise Exit(54) (51 for lack of memory) on failure."""
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except MemoryError:
-                raise Exit(EXIT_NOMEM) from None
-            except OSError:
-                raise Exit(EXIT_READ) from None
-            if not chunk:
-                return
-            self.size += len(chunk)
-            if self.file is None and len(self.head) + len(chunk) <= SPOOL_MAX:
-                self.head += chunk
-                continue
-            try:
-                if self.file is None:
-                    import tempfile
-
-                    self.file = tempfile.TemporaryFile()
-                self.file.write(chunk)
-            except OSError:
-                raise Exit(EXIT_READ) from None
-
-    def send(self, sock: socket.socket) -> None:
-        """Send the message on sock."""
-        sock.sendall(self.head)
-        if self.file is not None:
-            self.file.flush()
-            self.file.seek(0)
-            while True:
-                data = self.file.read(65536)
-                if not data:
-                    break
-                sock.sendall(data)
-
-
 def netstr(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
+def spool_envelope(fd: int) -> Spool:
+    """Read the envelope on fd into a Spool of QMQP netstrings, the sender's first."""
+    out = Spool(SPOOL_MAX)
+    try:
+        for _, addr in Reader(fd, early=EXIT_FORMAT, addr_max=QMQP_ADDR_MAX).fields():
+            out.write(netstr(addr[:-1]))
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
 def read_envelope(fd: int) -> bytes:
     """Read the envelope on fd; return the sender and recipients as QMQP netstrings."""
-    out = bytearray()
-    buf = b""
-    first = True
-    while True:
-        nul = buf.find(b"\0")
-        if nul == -1:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                raise Exit(EXIT_READ) from None
-            if not chunk:
-                raise Exit(EXIT_FORMAT)  # the envelope ended without its final NUL
-            buf += chunk
-            continue
-        line = buf[:nul]
-        buf = buf[nul + 1:]
-        if first:
-            if not line or line[:1] != b"F":
-                raise Exit(EXIT_FORMAT)
-            first = False
-        else:
-            if not line:
-                return bytes(out)
-            if line[:1] != b"T":
-                raise Exit(EXIT_FORMAT)
-        out += netstr(line[1:])
+    out = spool_envelope(fd)
+    try:
+        return b"".join(out.chunks())
+    finally:
+        out.close()
 
 
-def deliver(ip: str, port: int, spool: Spool, after: bytes) -> int:
+def deliver(ip: str, port: int, spool: Spool, after: Spool) -> int:
     """Give the message to one server; return the exit code (72 or 73: try the next server)."""
     import socket
 
@@ -167,10 +107,14 @@ def deliver(ip: str, port: int, spool: Spool, after: bytes) -> int:
         sock.settimeout(IO_SECONDS)
         before = b"%d:" % spool.size
         try:
-            total = len(before) + spool.size + len(after)
+            total = len(before) + spool.size + 1 + after.size
             sock.sendall(b"%d:" % total + before)
-            spool.send(sock)
-            sock.sendall(after + b",")
+            for chunk in spool.chunks():
+                sock.sendall(chunk)
+            sock.sendall(b",")
+            for chunk in after.chunks():
+                sock.sendall(chunk)
+            sock.sendall(b",")
             while True:
                 data = sock.recv(1024)
                 if not data:
@@ -205,9 +149,9 @@ def main(argv: list[str]) -> int:
             raise Exit(EXIT_CONTROL) from None
         if servers is None:
             raise Exit(EXIT_CONTROL)
-        spool = Spool()
+        spool = Spool(SPOOL_MAX)
         spool.slurp(0)
-        after = b"," + read_envelope(1)
+        after = spool_envelope(1)
         last = EXIT_CONTROL
         for line in servers:
             where = server_address(line)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class QueueExit:
     """qmail-queue(8) exit codes (plain ints: enum costs milliseconds per process start)."""
@@ -105,3 +107,24 @@ def report(code: int, custom: bytes = b"") -> bytes:
 
 CRASHED = b"Zqq crashed (#4.3.0)"
 WAIT_FAILED = b"Zqq waitpid surprise (#4.3.0)"
+
+
+def relay(code: int | None, custom: bytes, fd: int = 6) -> int:
+    """Return the exit code a filter ends with for its own qmail-queue's (QQ.code, QQ.custom).
+
+    The code passes through untouched and so does the descriptor-6 text,
+    written on fd (the filter's own descriptor 6, its caller's pipe) when
+    there is one, so that 31, 71 and 82 with its D/Z text reach qmail-smtpd
+    exactly as qmail-queue gave them. A qmail-queue killed by a signal (or
+    none at all) is 81, qq internal bug.
+    """
+    if code is None or code < 0:
+        return QueueExit.BUG
+    if custom:
+        try:
+            view = memoryview(custom)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            pass  # safe: no descriptor 6 (a caller that reads none); the exit code still says it
+    return code

@@ -1,9 +1,16 @@
-"""Handing a message to qmail-queue, as every queueing program does.
+"""Handing a message to qmail-queue, as every queueing program does (qmail's qmail.c).
 
 `QQ` starts $QMAILQUEUE (or QMAILHOME/bin/qmail-queue) through the spawn fast
 path with the message pipe on descriptor 0, the envelope pipe on descriptor
 1 and a pipe for a custom error string on descriptor 6, and turns its exit
-code into the D/Z report qmail's programs give (exits.report).
+code into the D/Z report qmail's programs give (exits.report). After close(),
+`code` and `custom` hold qmail-queue's raw exit code and descriptor-6 text,
+which a filter hands on untouched (exits.relay).
+
+A receiver of network mail (qmail-smtpd, qmail-qmtpd, qmail-qmqpd) passes
+network=True: when control/smtpfilters names filters, the message goes
+through `qmail-qfilter` with that chain, and the chain ends at the program
+named above (given to qmail-qfilter as $QQF_QMAILQUEUE).
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from pyqmail.queue import exits
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
 FD_ERRSTR = 6
+CUSTOM_READ = 1024  # bytes of descriptor 6 read (exits.custom_report uses the first 255)
+SMTPFILTERS = "smtpfilters"
 
 
 def queue_program(env: Mapping[str, str] | None = None) -> str:
@@ -27,23 +36,80 @@ def queue_program(env: Mapping[str, str] | None = None) -> str:
     return env.get("QMAILQUEUE") or os.path.join(_home.home(), "bin", "qmail-queue")
 
 
+def smtpfilters() -> list[list[str]]:
+    """Return the filter commands of control/smtpfilters (none if it is missing); raise ControlError.
+
+    One command per line, its words separated by blanks (no quoting); lines
+    starting with # are comments. A first word without a slash names
+    QMAILHOME/bin/WORD when that exists, else it is looked up in $PATH by
+    qmail-qfilter, as execvp does.
+    """
+    from pyqmail import control
+
+    lines = control.read_lines(SMTPFILTERS)
+    out = []
+    bindir = os.path.join(_home.home(), "bin")
+    for line in lines or ():
+        words = line.split()
+        if "/" not in words[0] and os.path.exists(os.path.join(bindir, words[0])):
+            words[0] = os.path.join(bindir, words[0])
+        out.append(words)
+    return out
+
+
+def chain_argv(filters: Sequence[Sequence[str]]) -> list[str]:
+    """Return qmail-qfilter's argv for filters: QMAILHOME/bin/qmail-qfilter f1 [args] -- f2 [args] ..."""
+    argv = [os.path.join(_home.home(), "bin", "qmail-qfilter")]
+    for i, words in enumerate(filters):
+        if i:
+            argv.append("--")
+        argv += words
+    return argv
+
+
 class QQ:
     """One running qmail-queue: write the message, then close() with the envelope."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, program: str | None = None) -> None:
+    code: int | None
+    """qmail-queue's exit code once closed (-N: killed by signal N; 120/61/55: it could not be started)."""
+    custom: bytes
+    """What qmail-queue wrote on descriptor 6 (its first CUSTOM_READ bytes), once closed."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, program: str | None = None,
+                 network: bool = False) -> None:
+        """Start qmail-queue (program, else $QMAILQUEUE, else QMAILHOME/bin/qmail-queue) with env.
+
+        network=True: the chain of control/smtpfilters comes first (see the module).
+        """
         self._env = dict(os.environ if env is None else env)
-        prog = program or queue_program(self._env)
-        msg_r, self._msg = os.pipe2(os.O_CLOEXEC)
-        env_r, self._envfd = os.pipe2(os.O_CLOEXEC)
-        self._err, err_w = os.pipe2(os.O_CLOEXEC)
+        self.code = None
+        self.custom = b""
         self._failed = False
         self._abandoned = False
         self._buf = bytearray()
         self._envelope: bytearray | None = None  # what begin() and to() have not written yet
         self._start_error = 120
+        prog = program or queue_program(self._env)
+        argv = [prog]
+        if network:
+            from pyqmail.control import ControlError
+
+            try:
+                chain = smtpfilters()
+            except ControlError:
+                self.pid = -1
+                self._start_error = 55
+                return
+            if chain:
+                self._env["QQF_QMAILQUEUE"] = prog
+                argv = chain_argv(chain)
+                prog = argv[0]
+        msg_r, self._msg = os.pipe2(os.O_CLOEXEC)
+        env_r, self._envfd = os.pipe2(os.O_CLOEXEC)
+        self._err, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             # qmail-queue runs in QMAILHOME, as qmail's programs start it.
-            self.pid = spawn.spawn(prog, [prog], env=self._env, fds={0: msg_r, 1: env_r, 2: 2, FD_ERRSTR: err_w},
+            self.pid = spawn.spawn(prog, argv, env=self._env, fds={0: msg_r, 1: env_r, 2: 2, FD_ERRSTR: err_w},
                                    cwd=_home.home())
         except OSError:
             self.pid = -1
@@ -105,6 +171,7 @@ class QQ:
         """Send the envelope (begin(sender) and to() each recipient unless begun), wait for qmail-queue;
         return b"" or its D/Z report. An abandoned envelope is never ended, so nothing is queued."""
         if self.pid == -1:
+            self.code = self._start_error
             return exits.report(self._start_error)
         self.begin(sender)
         for r in recipients:
@@ -117,9 +184,9 @@ class QQ:
             self._send_envelope()
         os.close(self._envfd)
         custom = bytearray()
-        while len(custom) < 1024:
+        while len(custom) < CUSTOM_READ:
             try:
-                chunk = os.read(self._err, 1024)
+                chunk = os.read(self._err, CUSTOM_READ - len(custom))
             except OSError:
                 break
             if not chunk:
@@ -127,6 +194,7 @@ class QQ:
             custom += chunk
         os.close(self._err)
         code = spawn.wait(self.pid)
+        self.code, self.custom = code, bytes(custom)
         if code < 0:
             return exits.CRASHED
         if code == 0 and (self._failed or self._abandoned):

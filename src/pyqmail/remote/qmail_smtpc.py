@@ -23,59 +23,21 @@ qmail-remote cannot run or gives no usable report.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 from pyqmail import control, spawn
 from pyqmail import home as _home
 from pyqmail.control import ControlError
 from pyqmail.entry import program
+from pyqmail.queue.envelope import Exit, read_envelope, spool
 from pyqmail.queue.exits import QueueExit
-from pyqmail.queue.qmail_queue import ADDR_MAX, received_line
+from pyqmail.queue.qmail_queue import received_line
 from pyqmail.remote import smtproutes
 
 CHUNK = 65536
 REPORT_MAX = 1 << 20  # qmail-remote's reports: a letter and a short text per recipient
 NO_CONNECTION = b"Sorry, I wasn't able to establish an SMTP connection."
 CONNECTION_DIED = b"but connection died."
-
-
-class Exit(Exception):
-    """End with this qmail-queue exit code."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-def read_envelope(fd: int) -> tuple[bytes, list[bytes]]:
-    """Read the envelope on fd; return the sender and the recipients."""
-    buf = b""
-    fields: list[bytes] = []
-    while True:
-        nul = buf.find(b"\0")
-        if nul == -1:
-            if len(buf) > ADDR_MAX:  # the letter, then more than an address can hold
-                raise Exit(QueueExit.ADDR_TOO_LONG)
-            try:
-                chunk = os.read(fd, CHUNK)
-            except OSError:
-                raise Exit(QueueExit.READ_ERROR) from None
-            if not chunk:
-                raise Exit(QueueExit.READ_ERROR)  # qmail-queue: the envelope ended early
-            buf += chunk
-            continue
-        line, buf = buf[:nul], buf[nul + 1:]
-        if len(line) > ADDR_MAX:  # ADDR_MAX counts the address and its NUL
-            raise Exit(QueueExit.ADDR_TOO_LONG)
-        if not fields:
-            if line[:1] != b"F":
-                raise Exit(QueueExit.ENVELOPE_FORMAT)
-        elif not line:
-            return fields[0], fields[1:]
-        elif line[:1] != b"T":
-            raise Exit(QueueExit.ENVELOPE_FORMAT)
-        fields.append(line[1:])
 
 
 def smarthost(env: dict[str, str]) -> str:
@@ -91,33 +53,6 @@ def smarthost(env: dict[str, str]) -> str:
     if not relay:
         raise Exit(QueueExit.CONFIG_ERROR)
     return relay
-
-
-def spool(fd: int, head: bytes) -> int:
-    """Copy head and then fd's bytes to an unnamed temporary file; return it, at its start."""
-    try:
-        f = tempfile.TemporaryFile()
-    except OSError:
-        raise Exit(QueueExit.WRITE_ERROR) from None
-    out = os.dup(f.fileno())
-    f.close()
-    try:
-        os.write(out, head)
-        while True:
-            try:
-                chunk = os.read(fd, CHUNK)
-            except OSError:
-                raise Exit(QueueExit.READ_ERROR) from None
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view):]
-        os.lseek(out, 0, os.SEEK_SET)
-    except OSError:
-        os.close(out)
-        raise Exit(QueueExit.WRITE_ERROR) from None
-    return out
 
 
 def remote(host: str, sender: bytes, recips: list[bytes], message_fd: int, env: dict[str, str]) -> bytes:
