@@ -167,10 +167,15 @@ def test_data_any_input_any_chunking(data: bytes, cuts: list[int]) -> None:
     cut, status2, used2 = _feed(data, cuts)
     assert status1 in (MORE, END, STRAY_NEWLINE)
     assert (status1, used1) == (status2, used2)
-    out1, out2 = whole.take(), cut.take()
-    assert out1 == out2
-    assert (whole.hops, whole.size) == (cut.hops, cut.size)
     if status1 == STRAY_NEWLINE:
+        # The message is thrown away (qmail-smtpd dies): what went out of a long line before does not matter.
         assert data[used1 - 1:used1] == b"\n" and data[used1 - 2:used1 - 1] != b"\r"
+    elif status1 == END:
+        assert whole.take() == cut.take()
+        assert (whole.hops, whole.size) == (cut.hops, cut.size)
+    else:
+        # Mid-message: each has sent a prefix of the same message; the rest of a line may be held.
+        out1, out2 = whole.take(), cut.take()
+        assert out1.startswith(out2) or out2.startswith(out1)
     # Nothing is held back but the current line, and never more than a long line of it.
     assert len(cut._part) <= LONG_LINE
