@@ -43,6 +43,10 @@ SENDER = f"{BOUNCE_USER}@{FQDN}"
 # What the killer aims at, by the kernel's comm (pyqmail.proctitle makes it the program's name).
 KINDS = ("qmail-send", "qmail-lspawn", "qmail-local", "qmail-rspawn", "qmail-remote", "qmail-clean",
          "qmail-queued", "qmail-queue", "tcpserver", "qmail-smtpd", "supervise", "multilog")
+# The whole system at rest: each daemon once (qmail-queued: the service's and qmail-start's -p one),
+# a supervise for each of the 3 services and their logs, a multilog for each log.
+WHOLE = {"svscan": 1, "supervise": 6, "multilog": 3, "qmail-send": 1, "qmail-lspawn": 1, "qmail-rspawn": 1,
+         "qmail-clean": 1, "qmail-queued": 2, "tcpserver": 1}
 ID_RE = re.compile(rb"^X-Crash-Id: (\S+)\r?$", re.M)
 
 # The reaper: a child subreaper that starts svscan (its own session, as `qmail up`
@@ -258,6 +262,14 @@ class Counts:
     left_in_queue: dict[int, str] = field(default_factory=dict)
     left_processes: dict[int, str] = field(default_factory=dict)
 
+    def queue_words(self) -> str:
+        """Say what stays in the queue: how many messages in each state."""
+        if not self.left_in_queue:
+            return "nothing"
+        by = collections.Counter(self.left_in_queue.values())
+        words = [f"{n} {st}" for st, n in sorted(by.items())]
+        return " ".join(words)
+
     def summary(self, seed: int) -> str:
         kinds = " ".join(f"{k}={self.kills[k]}" for k in KINDS if self.kills[k])
         return (f"crash harness: seed {seed}: {sum(self.kills.values())} kills ({kinds}) over "
@@ -266,7 +278,7 @@ class Counts:
                 f"delivered {self.delivered}, lost {len(self.lost)}, duplicated {self.duplicated}, "
                 f"unacknowledged but delivered {self.unacknowledged}, bounces {self.bounces}, "
                 f"postmaster {self.postmaster}; drained in {self.drain_seconds:.0f} s; "
-                f"left in queue {self.left_in_queue or 'nothing'}; "
+                f"left in queue {self.queue_words()}; "
                 f"processes left {self.left_processes or 'none'}")
 
 
@@ -381,6 +393,18 @@ class System:
         if self.reaper is None:
             return {}
         return descendants(self.reaper.pid)
+
+    def census(self) -> dict[str, int]:
+        """Return how many processes of each kind in WHOLE run now."""
+        got = collections.Counter(self.processes().values())
+        return {k: got[k] for k in WHOLE}
+
+    def wait_whole(self, timeout: float) -> dict[str, int]:
+        """Wait until the census is WHOLE (every killed daemon back, no orphan); return the last census."""
+        deadline = time.monotonic() + timeout
+        while (c := self.census()) != WHOLE and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return c
 
     def describe(self) -> str:
         logs = []

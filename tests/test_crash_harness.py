@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from conftest import VENV_BIN, expect, need_root_setup, run, world_dir
-from crashkit import KINDS, Killer, Load, System, count, descendants, proc_table, settle, wait_select
+from crashkit import KINDS, WHOLE, Killer, Load, System, count, descendants, proc_table, settle, wait_select
 from pyqmail.svc import status
 
 
@@ -93,6 +93,8 @@ def test_random_sigkills_under_mixed_load_lose_nothing() -> None:
         counts.load_seconds = load_seconds
         counts.drain_seconds = time.monotonic() - drained_from
         counts.left_in_queue = system.queue_left()
+        # svscan rescans every 5 s and supervise pauses 1 s after a start: a killed daemon is back within 10 s.
+        census = system.wait_whole(30)
         running = sorted(set(system.processes().values()))
         counts.left_processes = system.stop()
         signal.alarm(0)
@@ -103,6 +105,7 @@ def test_random_sigkills_under_mixed_load_lose_nothing() -> None:
         assert not counts.lost, (f"lost {len(counts.lost)}: {counts.lost[:20]}\n{counts.summary(seed)}\n"
                                  f"{system.describe()}")
         assert counts.bounces == 0 and counts.postmaster == 0, counts.summary(seed)
+        assert census == WHOLE, f"not every daemon came back (or one runs twice): {census}\n{system.describe()}"
         assert settled, f"queue did not drain: {counts.left_in_queue}\n{system.describe()}"
         # What may stay: a message a killed qmail-queue or qmail-send left in mess/ alone (S2)
         # or in intd/ (S3): qmail-send's 36-hour cleanup removes it (INTERNALS.md).
