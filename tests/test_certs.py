@@ -5,10 +5,9 @@ Every certificate here is made by the real openssl program (`openssl ca` for cho
 validity dates), and pyqmail's DER reader is checked against what openssl says.
 
 The end-to-end handshakes at the end need TLS in qmail-smtpd and qmail-popup
-(deliverables 2 and 3). TLS_PROBE: qmail-smtpd lists STARTTLS in its EHLO reply,
-and qmail-popup STLS in its CAPA reply, once they have TLS and a readable
-control/servercert.pem; while a program answers without it, its handshake test
-skips (and says so). Everything else here runs now.
+(deliverables 2 and 3). TLS_PROBE: qmail-smtpd lists STARTTLS in its EHLO reply
+once it has TLS and a readable control/servercert.pem; while it answers without
+it, its handshake test skips (and says so). qmail-popup has STLS: its test runs.
 """
 
 from __future__ import annotations
@@ -650,9 +649,8 @@ def test_e2e_smtp_starttls_and_smtps_handshake(running: Running) -> None:
 
 
 def test_e2e_pop3_forcetls_stls_and_pop3s_handshake(running: Running) -> None:
-    """Needs qmail-popup's TLS (issue 13 deliverable 3): skipped while its CAPA lists no STLS."""
-    if not _popup_has_tls(running.ports["pop3d"]):
-        pytest.skip("TLS_PROBE: qmail-popup lists no STLS (its TLS is not in this tree yet)")
+    """qmail-popup's TLS (issue 13 deliverable 3) with the certificate qmail init made."""
+    assert _popup_has_tls(running.ports["pop3d"]), "qmail-popup lists no STLS in its CAPA reply"
     p = poplib.POP3("127.0.0.1", running.ports["pop3d"], timeout=30)
     try:
         with pytest.raises(poplib.error_proto):

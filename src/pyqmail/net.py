@@ -248,6 +248,15 @@ class Conn:
         self.buf = bytearray(data) + self.buf[self.pos:]
         self.pos = 0
 
+    def buffered(self) -> bool:
+        """Return whether bytes read from the peer wait here (or inside TLS) unused: poll would not see them."""
+        if self.pos < len(self.buf):
+            return True
+        if self.tls is None:
+            return False
+        assert self._bio_in is not None
+        return self.tls.pending() > 0 or self._bio_in.pending > 0
+
     def byte(self) -> int:
         """Return the next byte from the peer."""
         if self.pos >= len(self.buf):

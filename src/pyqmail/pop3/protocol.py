@@ -1,4 +1,4 @@
-"""POP3 as qmail-popup and qmail-pop3d speak it: replies, command lines, timed descriptor I/O.
+"""POP3 as qmail-popup and qmail-pop3d speak it: replies, command lines, the client connection (pyqmail.net).
 
 Both programs read a command line up to LF (a CR before it is dropped), cut it
 at its first NUL as C strings are, take the verb up to the first space and the
@@ -8,12 +8,16 @@ argument after the run of spaces, and compare verbs without regard to case.
 from __future__ import annotations
 
 import os
-import select
+
+from pyqmail import net
 
 OK = b"+OK \r\n"
 TIMEOUT = 1200.0  # both man pages: a 20-minute idle timeout
 MAX_LINE = 4096  # bytes kept of a command line; the rest of a longer line is read and dropped
 _CHUNK = 128  # qmail reads its input in 128-byte pieces; what it has read past a line is its own
+READ_SIZE = 65536  # what qmail-pop3d and a TLS session read at once
+OUT_MAX = 65536  # replies held before they are sent (else before the next read)
+TIMEOUT_ENV = "PYQMAIL_POP3_TIMEOUT"
 
 
 def err(text: str) -> bytes:
@@ -45,55 +49,38 @@ class Closed(Exception):
     """The peer went away, an I/O error happened, or the idle timeout passed."""
 
 
+def timeout() -> float:
+    """Return the idle timeout: TIMEOUT, or $PYQMAIL_POP3_TIMEOUT seconds (a test seam)."""
+    x = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(x) if x else TIMEOUT
+    except ValueError:
+        return TIMEOUT
+
+
+def connect(fd_in: int = 0, fd_out: int = 1, read_size: int = _CHUNK, seconds: float | None = None) -> net.Conn:
+    """Return the client on fd_in/fd_out with the idle timeout on every wait (pyqmail.net)."""
+    return net.Conn(fd_in, fd_out, timeout() if seconds is None else seconds, read_size=read_size,
+                    out_max=OUT_MAX)
+
+
+def readline(conn: net.Conn, limit: int = MAX_LINE) -> bytes:
+    """Return the next command line without its LF, at most limit bytes of it; NetError at the end or timeout."""
+    return conn.line(limit)[:limit]
+
+
 class LineReader:
-    """Read command lines from a descriptor, at most MAX_LINE bytes kept of each."""
+    """Read command lines from a descriptor, at most limit bytes kept of each (readline raises Closed)."""
 
     def __init__(self, fd: int, timeout: float = TIMEOUT, limit: int = MAX_LINE) -> None:
-        self.fd = fd
-        self.timeout = timeout
+        self.conn = net.Conn(fd, fd, timeout, read_size=_CHUNK)
         self.limit = limit
-        self._buf = b""
-
-    def _fill(self) -> bytes:
-        try:
-            ready, _, _ = select.select([self.fd], [], [], self.timeout)
-            if not ready:
-                raise Closed("timeout")
-            data = os.read(self.fd, _CHUNK)
-        except OSError as e:
-            raise Closed(str(e)) from e
-        if not data:
-            raise Closed("end of input")
-        return data
 
     def readline(self) -> bytes:
         """Return the next line without its LF; raise Closed at end of input or timeout."""
-        kept = b""
-        over = False
-        while True:
-            if not self._buf:
-                self._buf = self._fill()
-            nl = self._buf.find(b"\n")
-            piece = self._buf if nl < 0 else self._buf[:nl]
-            self._buf = b"" if nl < 0 else self._buf[nl + 1:]
-            if not over:
-                room = self.limit - len(kept)
-                if len(piece) > room:
-                    piece, over = piece[:room], True
-                kept += piece
-            if nl >= 0:
-                return kept
-
-
-def write_all(fd: int, data: bytes, timeout: float = TIMEOUT) -> None:
-    """Write all of data to fd; raise Closed on error or when fd stays unwritable for timeout."""
-    view = memoryview(data)
-    try:
-        while view:
-            _, ready, _ = select.select([], [fd], [], timeout)
-            if not ready:
-                raise Closed("timeout")
-            n = os.write(fd, view)
-            view = view[n:]
-    except OSError as e:
-        raise Closed(str(e)) from e
+        try:
+            return readline(self.conn, self.limit)
+        except net.Timeout:
+            raise Closed("timeout") from None
+        except net.NetError as e:
+            raise Closed(str(e)) from None

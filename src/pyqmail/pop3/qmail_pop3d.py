@@ -15,7 +15,11 @@ import time
 
 from pyqmail.entry import program
 from pyqmail.pop3.mailbox import COPY_CHUNK, Blaster, Message, ScanError, clean_tmp, scan
-from pyqmail.pop3.protocol import OK, Closed, LineReader, err, scan_ulong, split_command, write_all
+from pyqmail.pop3.protocol import OK, READ_SIZE, Closed, connect, err, readline, scan_ulong, split_command
+
+TYPE_CHECKING = False  # typing costs milliseconds per login; mypy sees the imports
+if TYPE_CHECKING:
+    from pyqmail import net
 
 EXIT = 0  # qmail-pop3d's die()
 EXIT_ROOT = 1
@@ -38,13 +42,15 @@ ROOT_REFUSED = b"qmail-pop3d invoked as uid 0, terminating\n"
 class Session:
     """The transaction state of one POP3 session over a listed Maildir (RFC 1939 section 5)."""
 
-    def __init__(self, messages: list[Message], out: int = FD_OUT) -> None:
+    def __init__(self, messages: list[Message], conn: net.Conn | None = None) -> None:
         self.messages = messages
         self.last = 0  # the highest message number accessed (LAST, from RFC 1460)
-        self.out = out
+        self.conn = conn
 
     def send(self, data: bytes) -> None:
-        write_all(self.out, data)
+        """Queue a reply for the client (sent before the next read, or once OUT_MAX bytes wait)."""
+        assert self.conn is not None
+        self.conn.put(data)
 
     def msgno(self, arg: bytes) -> int:
         """Return the index that arg names, or -1 after sending qmail's error for it."""
@@ -115,7 +121,8 @@ class Session:
             blaster = Blaster(limit)
             # "+OK" goes out with the message's first bytes, in one write, as
             # qmail's buffered output sends it: alone, it would wait for the
-            # client's delayed acknowledgement (40 ms per RETR).
+            # client's delayed acknowledgement (40 ms per RETR). (The pieces
+            # are also held here so that a subclass's send sees whole replies.)
             pending = [OK]
             size = len(OK)
             while not blaster.done:
@@ -170,47 +177,56 @@ def _refuse_root() -> int:
 @program("qmail-pop3d", crash=EXIT)
 def main(argv: list[str]) -> int:
     """Serve the Maildir argv[1] over POP3 on descriptors 0 and 1; exit 0 (1 if run as root)."""
+    from pyqmail import net
+
     if os.getuid() == 0:
         return _refuse_root()
+    conn = connect(FD_IN, FD_OUT, read_size=READ_SIZE)  # the last reader: what it reads ahead is its own
     try:
-        if len(argv) < 2:
-            write_all(FD_OUT, ERR_NOMAILDIR)
-            return EXIT
         try:
-            os.chdir(argv[1])
-        except OSError:
-            write_all(FD_OUT, ERR_NOMAILDIR)
-            return EXIT
-        now = int(time.time())
-        clean_tmp(now)
-        try:
-            messages = scan(now)
-        except ScanError:
-            write_all(FD_OUT, ERR_SCAN)
-            return EXIT
-        session = Session(messages)
-        session.send(OK)
-        reader = LineReader(FD_IN)
-        handlers = {
-            b"stat": session.stat,
-            b"list": lambda arg: session.listing(arg, uidl=False),
-            b"uidl": lambda arg: session.listing(arg, uidl=True),
-            b"dele": session.dele,
-            b"retr": session.top,
-            b"rset": session.rset,
-            b"last": session.last_,
-            b"top": session.top,
-            b"noop": session.noop,
-        }
-        while True:
-            verb, arg = split_command(reader.readline())
-            if verb == b"quit":
-                session.quit()
-                return EXIT
-            handler = handlers.get(verb)
-            if handler is None:
-                session.send(ERR_UNIMPL)
-            else:
-                handler(arg)
-    except Closed:
+            return _serve(argv, conn)
+        finally:
+            conn.flush()
+    except (Closed, net.NetError):
         return EXIT
+
+
+def _serve(argv: list[str], conn: net.Conn) -> int:
+    if len(argv) < 2:
+        conn.put(ERR_NOMAILDIR)
+        return EXIT
+    try:
+        os.chdir(argv[1])
+    except OSError:
+        conn.put(ERR_NOMAILDIR)
+        return EXIT
+    now = int(time.time())
+    clean_tmp(now)
+    try:
+        messages = scan(now)
+    except ScanError:
+        conn.put(ERR_SCAN)
+        return EXIT
+    session = Session(messages, conn)
+    session.send(OK)
+    handlers = {
+        b"stat": session.stat,
+        b"list": lambda arg: session.listing(arg, uidl=False),
+        b"uidl": lambda arg: session.listing(arg, uidl=True),
+        b"dele": session.dele,
+        b"retr": session.top,
+        b"rset": session.rset,
+        b"last": session.last_,
+        b"top": session.top,
+        b"noop": session.noop,
+    }
+    while True:
+        verb, arg = split_command(readline(conn))
+        if verb == b"quit":
+            session.quit()
+            return EXIT
+        handler = handlers.get(verb)
+        if handler is None:
+            session.send(ERR_UNIMPL)
+        else:
+            handler(arg)
