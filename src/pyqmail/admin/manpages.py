@@ -75,6 +75,7 @@ SECTIONS: dict[str, tuple[int, str]] = {
     "qmail-tcpto": (8, "print TCP timeout table"),
     "qmail-tcpok": (8, "clear TCP timeout table"),
     "qmail-smtpc": (8, "send a message to a smarthost without a queue"),
+    "qmail-qfilter": (1, "front end for qmail-queue that does filtering"),
     "qmail-popup": (8, "read a POP username and password"),
     "qmail-pop3d": (8, "distribute mail via POP"),
     "checkpassword": (8, "check a POP or IMAP login, then run a program as the user"),

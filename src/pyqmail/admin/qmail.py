@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sendmail-install": ("pyqmail.admin.sendmail_install",
                          "make this home's sendmail the system's /usr/sbin/sendmail (--remove: undo)"),
     "man": ("pyqmail.admin.manpages", "write the man pages into QMAILHOME/man (qmail init does)"),
+    "dkim": ("pyqmail.admin.dkim", "DKIM keys for qmail-dkim: keygen DOMAIN [SELECTOR] writes one, prints its DNS record"),
 }
 
 

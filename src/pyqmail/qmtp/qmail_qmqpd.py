@@ -88,7 +88,7 @@ def serve(conn: Conn) -> None:
     length = src.getlen()
     try:
         os.chdir(_home.home())
-        q = QQ()
+        q = QQ(network=True)
     except OSError:
         raise Exit(EXIT_RESOURCES) from None
     qp = max(q.pid, 0)

@@ -143,7 +143,7 @@ def one_message(conn: Conn, cfg: Settings) -> None:
     if length == 0:
         raise Exit(EXIT_PROTOCOL)
     try:
-        q = QQ()
+        q = QQ(network=True)
     except OSError:
         raise Exit(EXIT_RESOURCES) from None
     qp = max(q.pid, 0)

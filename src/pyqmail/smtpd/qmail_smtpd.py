@@ -184,7 +184,7 @@ def _setup() -> tuple[Config, int]:
 def _data(session: Session, inp: Input, out: Output) -> None:
     """Receive one message after DATA and queue it; the reply goes to out."""
     try:
-        q = QQ()
+        q = QQ(network=True)
     except OSError:
         out.put(replies.QQT_FAILURE)
         return
