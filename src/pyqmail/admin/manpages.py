@@ -65,6 +65,7 @@ SECTIONS: dict[str, tuple[int, str]] = {
     "qmail-qmtpd": (8, "receive mail via QMTP"),
     "qmail-qmqpd": (8, "receive mail via QMQP"),
     "qmail-qmqpc": (8, "queue a mail message via QMQP"),
+    "qmail-dkim": (8, "sign or verify a mail message with DKIM, then queue it"),
     "tcpserver": (1, "accepts incoming TCP connections"),
     "tcprules": (1, "compiles rules for tcpserver"),
     "tcprulescheck": (1, "tries out rules for tcpserver"),
@@ -146,6 +147,7 @@ SYNOPSES: dict[str, str] = {
     "qmail-qmtpd": "qmail-qmtpd",
     "qmail-qmqpd": "qmail-qmqpd",
     "qmail-qmqpc": "qmail-qmqpc",
+    "qmail-dkim": "qmail-dkim",
     "tcpserver": ("tcpserver [ -1UXpPhHrRoOdDqQv46 ] [ -c limit ] [ -x rules.cdb ] [ -B banner ] [ -g gid ] "
                   "[ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port program [ arg ... ]"),
     "tcprules": "tcprules rules.cdb rules.tmp",
