@@ -5,6 +5,7 @@ untouched; filters rewrite, reject (31), defer (71), drop (99); a 50 MB message 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -199,3 +200,26 @@ def test_without_filters_it_is_qmail_queue(qhome: QHome) -> None:
     assert p.returncode == 0, p.stderr
     ((mess, sender, rcpts),) = queued(qhome.queue)
     assert (sender, rcpts) == (b"a@b", [b"u@test.example.com"]) and mess.endswith(b"\nSubject: s\n\nhi\n")
+
+
+def test_qmtpd_and_qmqpd_read_smtpfilters(qhome: QHome, tmp_path: Path) -> None:
+    """The other network receivers go through the chain too: a rewriting filter, then a rejecting one."""
+    from test_qmtp import TCP as QMTP_TCP
+    from test_qmtp import ns, qmqp, qmtp
+    from smtpdkit import Conversation
+
+    qhome.control("smtpfilters", f"{script(tmp_path / 'add', 'echo X-Filtered: yes; cat')}\n")
+    c = Conversation(qhome.bin("qmail-qmtpd"), dict(QMTP_TCP))
+    c.send(qmtp(b"Subject: q\n\nhi\n", b"a@b", b"u@test.example.com"))
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.rest().split(b":", 1)[1].startswith(b"Kok ")
+    c = Conversation(qhome.bin("qmail-qmqpd"), dict(QMTP_TCP))
+    c.send(qmqp(b"Subject: q\n\nhi\n", b"a@b", b"u@test.example.com"))
+    assert c.rest().split(b":", 1)[1].startswith(b"Kok ")
+    assert [m.split(b"\n")[1] for m, _, _ in queued(qhome.queue)] == [b"X-Filtered: yes"] * 2
+    qhome.control("smtpfilters", f"{script(tmp_path / 'no', 'exit 31')}\n")
+    c = Conversation(qhome.bin("qmail-qmtpd"), dict(QMTP_TCP))
+    c.send(qmtp(b"Subject: q\n\nhi\n", b"a@b", b"u@test.example.com"))
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.rest() == ns(b"Dmail server permanently rejected message (#5.3.0)")
+    Conversation.close_all()
