@@ -5,6 +5,7 @@ untouched; filters rewrite, reject (31), defer (71), drop (99); a 50 MB message 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -223,3 +224,28 @@ def test_qmtpd_and_qmqpd_read_smtpfilters(qhome: QHome, tmp_path: Path) -> None:
     c.sock.shutdown(socket.SHUT_WR)
     assert c.rest() == ns(b"Dmail server permanently rejected message (#5.3.0)")
     Conversation.close_all()
+
+
+def test_root_mode_smtpd_through_the_chain(root_home: QHome) -> None:
+    """Root mode: qmail-smtpd as qmaild runs qmail-qfilter and the filter as qmaild; qmail-queue then
+    hands the filtered message to qmail-queued, which names the network as its source."""
+    from conftest import world_dir
+    from test_intake_root import Queued, _queued, _smtp, _wait
+
+    d = world_dir()
+    try:
+        filt = script(d / "add", "echo 'X-Filtered: as '$(id -un); cat")
+        root_home.control("smtpfilters", filt + "\n")
+        q = Queued(root_home)
+        try:
+            assert _smtp(root_home, "chain").startswith(b"250 ")
+            _wait(lambda: bool(files(root_home.queue)["todo"]), what="the message in todo/")
+        finally:
+            assert q.stop() == 0
+        ((who, uid, subject),) = _queued(root_home)
+        assert (who, subject) == (b"invoked from network", b"chain")
+        (todo,) = files(root_home.queue)["todo"]
+        mess = (root_home.queue / "mess" / str(int(todo) % 23) / todo).read_bytes()
+        assert mess.split(b"\n")[1] == b"X-Filtered: as qmaild"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
