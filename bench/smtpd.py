@@ -1,6 +1,6 @@
 """qmail-smtpd under load: accepted messages/s, and memory per idle connection.
 
-usage: python bench/smtpd.py [N] [K] [--loop]
+usage: python bench/smtpd.py [N] [K] [--loop] [--tls]
 
 Sends N messages of 4 KB (default 2000) over K parallel client threads
 (default 10), one SMTP connection per message, with smtplib, to qmail-smtpd
@@ -11,6 +11,12 @@ accept loop that starts it through pyqmail.spawn as tcpserver does.
 
 Then it opens 20 connections, reads each greeting, and prints the PSS and RSS
 of the 20 idle qmail-smtpd processes from /proc/PID/smaps_rollup.
+
+With --tls the same server is measured twice in the same run: plain text, then
+with STARTTLS on every connection (smtplib's starttls() before the message,
+no certificate verification, a self-signed ECDSA P-256 control/servercert.pem
+made by the openssl command when the home has none); and the idle processes are
+measured plain, then after the TLS handshake (EHLO, STARTTLS, handshake, EHLO).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -66,12 +73,12 @@ def accept_loop(home: str) -> tuple[int, int]:
         os._exit(0)
 
 
-def start_tcpserver(home: str) -> tuple[int, int]:
+def start_tcpserver(home: str, env: dict[str, str] | None = None) -> tuple[int, int]:
     """Start pyqmail's tcpserver on 127.0.0.1:0; return (pid, port)."""
     # -l as the book's run file has it (-l "$LOCAL"): no lookup of our own name per connection.
     p = subprocess.Popen([os.path.join(home, "bin", "tcpserver"), "-1", "-HR", "-l", "bench.example.com", "-c", "100", "127.0.0.1", "0",
                           os.path.join(home, "bin", "qmail-smtpd")],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", **(env or {})})
     assert p.stdout is not None
     port = int(p.stdout.readline())
     return p.pid, port
@@ -102,6 +109,129 @@ def rollup(pid: int) -> dict[str, int]:
     return got
 
 
+def ensure_cert(home: str) -> None:
+    """Give home a self-signed control/servercert.pem (certificate and key) unless it has one."""
+    path = os.path.join(home, "control", "servercert.pem")
+    if os.path.exists(path):
+        return
+    key, crt = path + ".key", path + ".crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", crt, "-days", "30", "-subj", "/CN=bench.example.com"],
+                   check=True, capture_output=True)
+    with open(path, "wb") as f:
+        for part in (crt, key):
+            with open(part, "rb") as g:
+                f.write(g.read())
+            os.unlink(part)
+    os.chmod(path, 0o600)
+
+
+def client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # opportunistic, as MTAs deliver
+    return ctx
+
+
+def throughput(port: int, n: int, k: int, tls: bool) -> tuple[int, float, list[str]]:
+    """Send n messages over k threads, one connection each; return (sent, seconds, errors)."""
+    body = ("Subject: bench\r\n\r\n" + ("x" * 74 + "\r\n") * (SIZE // 76 + 1))[:SIZE]
+    counts = [0] * k
+    errors: list[str] = []
+    ctx = client_context()
+
+    def client(i: int, todo: int) -> None:
+        for _ in range(todo):
+            try:
+                with smtplib.SMTP("127.0.0.1", port, local_hostname="bench.client", timeout=60) as s:
+                    if tls:
+                        s.starttls(context=ctx)
+                    s.sendmail("sender@bench.client", ["rcpt@bench.example.com"], body)
+                counts[i] += 1
+            except (OSError, smtplib.SMTPException) as e:
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i, n // k + (i < n % k))) for i in range(k)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts), time.perf_counter() - start, errors
+
+
+def idle(pid: int, port: int, tls: bool) -> tuple[float, float, int]:
+    """Open IDLE connections (after the TLS handshake if tls); return (mean PSS KiB, mean RSS KiB, count)."""
+    before = set(children(pid))
+    conns: list[socket.socket] = []
+    ctx = client_context()
+    for _ in range(IDLE):
+        c = socket.create_connection(("127.0.0.1", port))
+        f = c.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        if tls:
+            c.sendall(b"EHLO bench.client\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            c.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220 ")
+            f.close()
+            c = ctx.wrap_socket(c)
+            c.sendall(b"EHLO bench.client\r\n")
+            got = b""
+            while not got.endswith(b"8BITMIME\r\n"):
+                got += c.recv(1000)
+        else:
+            f.close()
+        conns.append(c)
+    time.sleep(0.5)
+    procs = [p for p in children(pid) if p not in before]
+    stats = [rollup(p) for p in procs]
+    for c in conns:
+        c.close()
+    time.sleep(0.5)
+    pss = [s["Pss"] for s in stats]
+    rss = [s["Rss"] for s in stats]
+    return sum(pss) / len(pss), sum(rss) / len(rss), len(procs)
+
+
+def main_tls(n: int, k: int, use_loop: bool, home: str) -> None:
+    """Plain, then STARTTLS on every connection, against the same server; then idle PSS both ways."""
+    ensure_cert(home)
+    pid, port = accept_loop(home) if use_loop else start_tcpserver(home)
+    server = "Python accept loop + spawn" if use_loop else "pyqmail tcpserver"
+    try:
+        rates = {}
+        for tls in (False, True):
+            done, elapsed, errors = throughput(port, n, k, tls)
+            rates[tls] = done / elapsed
+            print(f"qmail-smtpd via {server}, {'STARTTLS' if tls else 'plain text'}: {done} messages of {SIZE} "
+                  f"bytes over {k} parallel sessions, one connection each, in {elapsed:.2f} s: "
+                  f"{rates[tls]:.0f} accepted messages/s ({len(errors)} errors{': ' + errors[0] if errors else ''})")
+        print(f"STARTTLS / plain: {100 * rates[True] / rates[False]:.0f}% (floor 50%)")
+        for tls in (False, True):
+            pss, rss, count = idle(pid, port, tls)
+            print(f"{count} idle qmail-smtpd processes, {'after the TLS handshake' if tls else 'plain text'}: "
+                  f"PSS {pss / 1024:.2f} MiB ({pss:.0f} KiB) each, RSS {rss / 1024:.2f} MiB each")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    if use_loop:
+        return
+    # The same, with $DISABLETLS: STARTTLS not offered, so tcpserver's parent never loads ssl.
+    pid, port = start_tcpserver(home, {"DISABLETLS": "1"})
+    try:
+        pss, rss, count = idle(pid, port, False)
+        print(f"{count} idle qmail-smtpd processes, plain text with $DISABLETLS (ssl not loaded): "
+              f"PSS {pss / 1024:.2f} MiB ({pss:.0f} KiB) each, RSS {rss / 1024:.2f} MiB each")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 2000
@@ -113,6 +243,9 @@ def main() -> None:
             __import__("pyqmail.ucspi.tcpserver")
         except ImportError:
             use_loop = True
+    if "--tls" in sys.argv:
+        main_tls(n, k, use_loop, home)
+        return
     pid, port = accept_loop(home) if use_loop else start_tcpserver(home)
     server = "Python accept loop + spawn" if use_loop else "pyqmail tcpserver"
     body = ("Subject: bench\r\n\r\n" + ("x" * 74 + "\r\n") * (SIZE // 76 + 1))[:SIZE]

@@ -31,6 +31,11 @@ GREETING = b"220 test.example.com ESMTP\r\n"
 TCP = {"TCPREMOTEIP": "192.0.2.7", "TCPLOCALIP": "192.0.2.1", "TCPREMOTEHOST": "client.example.net"}
 
 
+def no_certificate(qhome: QHome) -> None:
+    """Remove the certificate `qmail init` makes: qmail 1.03's EHLO, without STARTTLS (test_smtpd_tls has it)."""
+    (qhome.path / "control" / "servercert.pem").unlink(missing_ok=True)
+
+
 def talk(qhome: QHome, env: dict[str, str] | None = None) -> Conversation:
     """Start qmail-smtpd on a socketpair and read its greeting."""
     c = Conversation(qhome.bin("qmail-smtpd"), dict(TCP, **(env or {})))
@@ -65,6 +70,7 @@ def smtp(qhome: QHome):
 # --- real clients over TCP -----------------------------------------------------------------
 
 def test_smtplib_delivers(qhome: QHome, smtp: ForkServer) -> None:
+    no_certificate(qhome)
     before = int(time.time())
     with smtplib.SMTP("127.0.0.1", smtp.port, local_hostname="client.example", timeout=30) as s:
         code, ehlo = s.ehlo()
@@ -195,6 +201,7 @@ def test_relay_control_over_tcp(qhome: QHome) -> None:
 # --- exact dialogues -----------------------------------------------------------------------
 
 def test_whole_dialogue(qhome: QHome) -> None:
+    no_certificate(qhome)
     c = talk(qhome)
     dialogue(c,
              (b"EHLO liar.example\r\n", b"250-test.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"),
@@ -537,6 +544,7 @@ def test_huge_command_lines_are_bounded(qhome: QHome) -> None:
 
 
 def test_pipelined_before_the_greeting(qhome: QHome) -> None:
+    no_certificate(qhome)
     c = Conversation(qhome.bin("qmail-smtpd"), TCP)
     c.send(b"EHLO early.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@test.example.com>\r\nRCPT TO:<v@nowhere.example>\r\n"
            b"DATA\r\nSubject: early\r\n\r\n..x\r\n.\r\nMAIL FROM:<c@d>\r\nRCPT TO:<w@test.example.com>\r\n"

@@ -7,20 +7,32 @@ thin I/O shell around `session.Session` (the command state machine) and
 seconds for each, replies buffered and sent before each read, and the message
 handed to qmail-queue (or $QMAILQUEUE) through `QQ`. A death (timeout, bare
 LF, unreadable controls) sends its reply and exits 1; QUIT exits 0; the
-client going away exits 1, as in qmail.
+client going away exits 1, as in qmail. The connection is a `pyqmail.net.Conn`.
+
+TLS, as the qmail-tls patch (notqmail's smtp-tls branch), with its control files
+(see pyqmail.smtpd.tls): EHLO lists STARTTLS before TLS when
+control/servercert.pem is readable and $DISABLETLS is unset; STARTTLS answers
+`220 ready for tls` and shakes hands within timeoutsmtpd seconds; anything the
+client sent after the STARTTLS line is dropped, and the session starts over
+(no HELO, MAIL or RCPT survives: RFC 3207). $SMTPS set: TLS from the first byte
+(port 465). The Received line says `with ESMTPS (CIPHER encrypted)`, plus
+`(cert ADDRESS)` when a client certificate in control/tlsclients allowed
+relaying. A certificate that cannot be used is `454 TLS missing certificate:
+REASON (#4.3.0)` and a line on descriptor 2; a failed handshake is `454 TLS
+connection failed: REASON (#4.3.0)` and the end of that connection.
 """
 
 from __future__ import annotations
 
 import os
 import posix
-import select
 import time
 
 from pyqmail import control
 from pyqmail import home as _home
 from pyqmail.control import ControlError
 from pyqmail.entry import program
+from pyqmail.net import Conn, Gone, NetError, Timeout, TlsFailed
 # Everything a session needs is imported here, not when first used: tcpserver
 # imports this module once in its parent, so every connection shares it.
 from pyqmail.queue.qq import QQ
@@ -29,7 +41,11 @@ from pyqmail.smtpd.data import END, MORE, Blast
 from pyqmail.smtpd.ipme import Ipme, IpmeError
 from pyqmail.smtpd.rcpthosts import RcptHosts
 from pyqmail.smtpd.received import Peer
-from pyqmail.smtpd.session import DATA, MAXHOPS, QUIT, Config, Session, data_reply, scan_ulong
+from pyqmail.smtpd.session import DATA, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply, scan_ulong
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ssl
 
 FD_IN = 0
 FD_OUT = 1
@@ -39,7 +55,7 @@ READ_SIZE = 65536
 WRITE_SIZE = 512  # a reply at a time: a write never blocks for long after poll says it may go
 LINE_MAX = 65536  # bytes kept of a command line; the rest, up to its LF, is read and dropped
 DEFAULT_TIMEOUT = 1200
-POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int: a longer timeout (24.8 days) is cut to this
+SERVERCERT = "control/servercert.pem"  # pyqmail.smtpd.tls reads it; here only its readability is asked
 
 
 # What tcpserver's parent says in its warm-up sessions (see preload): every
@@ -47,10 +63,6 @@ POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int: a longer timeout (24.8 days
 WARM_SCRIPT = (b"EHLO warm.up\r\nHELO warm.up\r\nMAIL FROM:<warm@up>\r\nRCPT TO:<warm@up>\r\n"
                b"NOOP\r\nVRFY warm\r\nHELP\r\nRSET\r\nJUNK\r\nQUIT\r\n")
 WARM_SESSIONS = 12  # CPython specialises a function's code after 8 calls
-
-
-def _ms(seconds: int) -> int:
-    return min(seconds * 1000, POLL_MAX_MS)
 
 
 class Die(Exception):
@@ -61,91 +73,9 @@ class Die(Exception):
         self.reply = reply
 
 
-class Output:
-    """Replies waiting to be sent; flushed before every read, as qmail's substdio is."""
-
-    __slots__ = ("fd", "timeout", "buf")
-
-    def __init__(self, fd: int, timeout: int) -> None:
-        self.fd = fd
-        self.timeout = timeout
-        self.buf = bytearray()
-
-    def put(self, data: bytes) -> None:
-        self.buf += data
-
-    def flush(self) -> None:
-        """Send everything; raise Die(None) if the client cannot take it within the timeout."""
-        while self.buf:
-            p = select.poll()
-            p.register(self.fd, select.POLLOUT)
-            try:
-                if not p.poll(_ms(self.timeout)):
-                    raise Die(None)
-                n = os.write(self.fd, self.buf[:WRITE_SIZE])
-            except OSError:
-                raise Die(None) from None
-            if n <= 0:
-                raise Die(None)
-            del self.buf[:n]
-
-
-class Input:
-    """Bytes from the client, read in bounded chunks with a timeout for each."""
-
-    __slots__ = ("fd", "timeout", "out", "buf", "pos")
-
-    def __init__(self, fd: int, timeout: int, out: Output) -> None:
-        self.fd = fd
-        self.timeout = timeout
-        self.out = out
-        self.buf = bytearray()
-        self.pos = 0
-
-    def read(self) -> bytes:
-        """Return the next chunk from the client after sending pending replies; Die on timeout or end."""
-        self.out.flush()
-        p = select.poll()
-        p.register(self.fd, select.POLLIN)
-        try:
-            if not p.poll(_ms(self.timeout)):
-                raise Die(replies.TIMEOUT)
-            data = os.read(self.fd, READ_SIZE)
-        except OSError:
-            raise Die(None) from None
-        if not data:
-            raise Die(None)
-        return data
-
-    def pending(self) -> bytes:
-        """Return and forget the bytes read but not yet used."""
-        data = bytes(self.buf[self.pos:])
-        self.buf = bytearray()
-        self.pos = 0
-        return data
-
-    def unread(self, data: bytes) -> None:
-        """Put back bytes to be used before anything read later."""
-        self.buf = bytearray(data) + self.buf[self.pos:]
-        self.pos = 0
-
-    def line(self) -> bytes:
-        """Return the next line without its LF; a line longer than LINE_MAX is cut there."""
-        head = None
-        while True:
-            nl = self.buf.find(b"\n", self.pos)
-            if nl != -1:
-                line = bytes(self.buf[self.pos:nl])
-                self.pos = nl + 1
-                return line if head is None else head
-            if head is None and len(self.buf) - self.pos > LINE_MAX:
-                head = bytes(self.buf[self.pos:self.pos + LINE_MAX])
-            if head is not None:
-                self.buf.clear()  # drop the rest of an overlong line
-            else:
-                del self.buf[:self.pos]
-            self.pos = 0
-            self.buf += self.read()
+def _cert_readable() -> bool:
+    """Whether STARTTLS is offered: control/servercert.pem is readable (the patch stat()s it)."""
+    return os.access(SERVERCERT, os.R_OK)
 
 
 def _setup() -> tuple[Config, int]:
@@ -177,24 +107,25 @@ def _setup() -> tuple[Config, int]:
     cfg = Config(greeting.encode("latin-1"), Peer.from_env(env),
                  liphost=None if liphost is None else liphost.encode("latin-1"),
                  rcpthosts=rcpthosts, badmailfrom=badmailfrom,
-                 databytes=databytes, relayclient=env.get(b"RELAYCLIENT"), is_local=Ipme())
+                 databytes=databytes, relayclient=env.get(b"RELAYCLIENT"), is_local=Ipme(),
+                 starttls=None if b"DISABLETLS" in env else _cert_readable)
     return cfg, timeout
 
 
-def _data(session: Session, inp: Input, out: Output) -> None:
-    """Receive one message after DATA and queue it; the reply goes to out."""
+def _data(session: Session, conn: Conn) -> None:
+    """Receive one message after DATA and queue it; the reply goes to conn."""
     try:
         q = QQ(network=True)
     except OSError:
-        out.put(replies.QQT_FAILURE)
+        conn.put(replies.QQT_FAILURE)
         return
     qp = max(q.pid, 0)
-    out.put(replies.GO_AHEAD)
+    conn.put(replies.GO_AHEAD)
     q.write(session.received(int(time.time())))
     blast = Blast()
     limit = session.cfg.databytes
     overflow = False
-    data = inp.pending()
+    data = conn.pending()
     try:
         while True:
             status, used = blast.feed(data)
@@ -206,11 +137,11 @@ def _data(session: Session, inp: Input, out: Output) -> None:
                 else:
                     q.write(piece)
             if status == END:
-                inp.unread(data[used:])
+                conn.unread(data[used:])
                 break
             if status != MORE:
                 raise Die(replies.STRAY_NEWLINE)
-            data = inp.read()
+            data = conn.read()
     except BaseException:
         q.fail()  # the client is gone or broke the protocol: nothing is queued
         try:
@@ -222,24 +153,92 @@ def _data(session: Session, inp: Input, out: Output) -> None:
     if hops:
         q.fail()
     report = q.close(session.mailfrom, session.recipients())
-    out.put(data_reply(report, hops, overflow, qp, int(time.time())))
+    conn.put(data_reply(report, hops, overflow, qp, int(time.time())))
 
 
-def serve(inp: Input, out: Output, session: Session) -> int:
+def _log(text: bytes) -> None:
+    """Write one line to descriptor 2 (the service's log), in one write."""
+    try:
+        os.write(2, b"qmail-smtpd: " + text + b"\n")
+    except OSError:
+        pass  # safe: no log to write to; the client has had its 454 reply
+
+
+def _start_tls(session: Session, conn: Conn, smtps: bool) -> None:
+    """Answer STARTTLS (or begin an SMTPS session): 454 or 220, the handshake, a fresh session.
+
+    A certificate that cannot be used is a 454 (for SMTPS, the end of the
+    connection); a failed handshake is Die with the patch's 454.
+    """
+    from pyqmail.smtpd import tls
+
+    try:
+        ciphers = tls.ciphers(posix.environ)
+        clients = tls.clients()
+        ctx = tls.server_context(ciphers, bool(clients))
+    except tls.Unusable as e:
+        _log(b"TLS unusable: %s: %s: %s" % (SERVERCERT.encode(), e.what.encode(),
+                                            e.why.encode("utf-8", "replace")))
+        reply = replies.tls_failed(e.what.encode(), e.why.encode("utf-8", "replace"))
+        if smtps:
+            raise Die(reply) from None
+        conn.pending()  # the patch's flush_io: what was pipelined after STARTTLS is dropped
+        conn.put(reply)
+        return
+    if not smtps:
+        conn.put(replies.READY_FOR_TLS)
+    try:
+        conn.starttls(ctx)
+    except TlsFailed as e:
+        raise Die(replies.tls_failed(b"connection failed", e.reason.encode("utf-8", "replace"))) from None
+    assert conn.tls is not None
+    obj = conn.tls
+
+    def verify() -> tuple[bytes | None, bytes | None]:
+        return _verify_client(obj, clients)
+
+    session.tls_started(tls.cipher_name(obj), verify if ctx.verify_mode != 0 else None)
+
+
+def _verify_client(obj: ssl.SSLObject, clients: frozenset[bytes]) -> tuple[bytes | None, bytes | None]:
+    """Return (the certificate's address, None) if tlsclients lists it, else (None, why)."""
+    from pyqmail.smtpd import tls
+
+    email = tls.cert_email(obj)
+    if email is None:
+        return None, None  # no certificate (one that does not verify fails the handshake)
+    if not email:
+        return None, b"contains no email address"
+    if email not in clients:
+        return None, b"email address not in my list of tlsclients"
+    os.environb[b"RELAYCLIENT"] = b""  # as the patch: qmail-queue (and a QMAILQUEUE filter) see it
+    return email, None
+
+
+def serve(conn: Conn, session: Session, smtps: bool = False) -> int:
     """Run the conversation until QUIT (0) or a death (1)."""
     death: bytes | None
     try:
-        out.put(session.greeting())
+        if smtps:
+            _start_tls(session, conn, True)
+        conn.put(session.greeting())
         while True:
-            reply, step = session.command(inp.line())
-            out.put(reply)
+            reply, step = session.command(conn.line(LINE_MAX))
+            conn.put(reply)
             if step == QUIT:
-                out.flush()
+                conn.flush()
+                conn.close_tls()
                 return EXIT_QUIT
             if step == DATA:
-                _data(session, inp, out)
+                _data(session, conn)
+            elif step == STARTTLS:
+                _start_tls(session, conn, False)
     except Die as e:
         death = e.reply
+    except Timeout as e:
+        death = replies.TIMEOUT if e.reading else None
+    except (Gone, NetError):
+        death = None
     except ControlError:
         death = replies.CONTROL
     except MemoryError:
@@ -247,11 +246,11 @@ def serve(inp: Input, out: Output, session: Session) -> int:
     except IpmeError:
         death = replies.IPME
     if death is not None:
-        out.put(death)
+        conn.put(death)
         try:
-            out.flush()
-        except Die:
-            pass
+            conn.flush()
+        except NetError:
+            pass  # safe: the client is gone; we exit 1 anyway
     return EXIT_DEATH
 
 
@@ -273,8 +272,20 @@ def preload() -> None:
         with mine, client:
             client.sendall(WARM_SCRIPT)
             client.shutdown(socket.SHUT_WR)
-            out = Output(mine.fileno(), timeout)
-            serve(Input(mine.fileno(), timeout, out), out, Session(cfg))
+            serve(_conn(mine.fileno(), mine.fileno(), timeout), Session(cfg))
+    if cfg.starttls is not None and cfg.starttls():
+        # STARTTLS is offered: import ssl here, once, and let OpenSSL set itself up (its first
+        # context loads its providers), so that no child pays for it (35 ms, and pages of its
+        # own) at every STARTTLS. Without a certificate, or with $DISABLETLS, nothing is loaded.
+        import ssl
+
+        from pyqmail.smtpd import tls  # noqa: F401
+
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+
+def _conn(fd_in: int, fd_out: int, timeout: int) -> Conn:
+    return Conn(fd_in, fd_out, timeout, read_size=READ_SIZE, write_size=WRITE_SIZE)
 
 
 @program("qmail-smtpd", crash=EXIT_DEATH)
@@ -283,12 +294,11 @@ def main(argv: list[str]) -> int:
     try:
         cfg, timeout = _setup()
     except Die as e:
-        out = Output(FD_OUT, DEFAULT_TIMEOUT)
-        out.put(e.reply or b"")
+        conn = _conn(FD_IN, FD_OUT, DEFAULT_TIMEOUT)
+        conn.put(e.reply or b"")
         try:
-            out.flush()
-        except Die:
-            pass
+            conn.flush()
+        except NetError:
+            pass  # safe: the client is gone; we exit 1 anyway
         return EXIT_DEATH
-    out = Output(FD_OUT, timeout)
-    return serve(Input(FD_IN, timeout, out), out, Session(cfg))
+    return serve(_conn(FD_IN, FD_OUT, timeout), Session(cfg), b"SMTPS" in posix.environ)

@@ -36,6 +36,11 @@ HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
 GO_AHEAD = b"354 go ahead\r\n"
 EHLO_EXTENSIONS = b"250-PIPELINING\r\n250 8BITMIME\r\n"
 
+# STARTTLS, as the qmail-tls patch (notqmail's smtp-tls branch) says it.
+EHLO_STARTTLS = b"250-STARTTLS\r\n"
+READY_FOR_TLS = b"220 ready for tls\r\n"
+STARTTLS_PARAMETERS = b"501 Syntax error (no parameters allowed) (#5.5.4)\r\n"
+
 
 def greeting(text: bytes) -> bytes:
     """Return the 220 line for control/smtpgreeting text."""
@@ -47,9 +52,22 @@ def helo(text: bytes) -> bytes:
     return b"250 " + text + CRLF
 
 
-def ehlo(text: bytes) -> bytes:
-    """Return the reply to EHLO: the greeting, then PIPELINING and 8BITMIME."""
+def ehlo(text: bytes, starttls: bool = False) -> bytes:
+    """Return the reply to EHLO: the greeting, STARTTLS when offered, then PIPELINING and 8BITMIME."""
+    if starttls:
+        return b"250-" + text + CRLF + EHLO_STARTTLS + EHLO_EXTENSIONS
     return b"250-" + text + CRLF + EHLO_EXTENSIONS
+
+
+def tls_failed(what: bytes, why: bytes | None) -> bytes:
+    """Return the patch's 454 for a TLS problem: what failed, and OpenSSL's reason."""
+    return b"454 TLS " + what + (b": " + why if why else b"") + b" (#4.3.0)\r\n"
+
+
+def nogateway_tls(why: bytes | None) -> bytes:
+    """Return the 553 for a relay attempt inside TLS without a certificate that allows it (the patch's text)."""
+    return (b"553 sorry, that domain isn't in my list of allowed rcpthosts; no valid cert for gatewaying"
+            + (b": " + why if why else b"") + b" (#5.7.1)\r\n")
 
 
 def quit(text: bytes) -> bytes:

@@ -12,7 +12,7 @@ longer than 899 bytes is a syntax error.
 from __future__ import annotations
 
 from pyqmail.smtpd import replies
-from pyqmail.smtpd.received import Peer
+from pyqmail.smtpd.received import Peer, safe
 from pyqmail.smtpd.rcpthosts import RcptHosts
 
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
@@ -34,6 +34,7 @@ MAXHOPS = 100
 CONTINUE = 0
 QUIT = 1
 DATA = 2
+STARTTLS = 3  # set TLS up (the shell sends 220 or 454), then call Session.tls_started
 
 _U64 = (1 << 64) - 1
 
@@ -138,13 +139,14 @@ class Config:
     """What qmail-smtpd reads at start: control files and environment."""
 
     __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "relayclient", "peer",
-                 "is_local")
+                 "is_local", "starttls")
 
     def __init__(self, greeting: bytes, peer: Peer, liphost: bytes | None = None,
                  rcpthosts: RcptHosts | None = None,
                  badmailfrom: frozenset[bytes] | None = None, databytes: int = 0,
                  relayclient: bytes | None = None,
-                 is_local: Callable[[tuple[int, int, int, int]], bool] | None = None) -> None:
+                 is_local: Callable[[tuple[int, int, int, int]], bool] | None = None,
+                 starttls: Callable[[], bool] | None = None) -> None:
         self.greeting = greeting
         self.peer = peer
         self.liphost = liphost
@@ -153,12 +155,15 @@ class Config:
         self.databytes = databytes  # 0: no limit
         self.relayclient = relayclient
         self.is_local = is_local
+        # None: no STARTTLS ($DISABLETLS); else whether to offer it now (a certificate is readable).
+        self.starttls = starttls
 
 
 class Session:
     """One SMTP conversation's state: HELO name, envelope sender, recipients."""
 
-    __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo")
+    __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo",
+                 "relayclient", "protocol", "tls", "tls_verify", "verified", "verify_err")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -169,6 +174,12 @@ class Session:
         self.rcptbytes = 0
         self.helohost = b""
         self.fakehelo: bytes | None = None
+        self.relayclient = cfg.relayclient  # a client certificate in tlsclients sets it to b""
+        self.protocol = b"SMTP"  # the Received line's "with"
+        self.tls = False
+        self.tls_verify: Callable[[], tuple[bytes | None, bytes | None]] | None = None
+        self.verified = False
+        self.verify_err: bytes | None = None
         self._helo(cfg.peer.remotehost)
 
     @property
@@ -230,7 +241,14 @@ class Session:
         if verb == b"ehlo":
             self.seenmail = False
             self._helo(arg)
-            return replies.ehlo(self.cfg.greeting), CONTINUE
+            return replies.ehlo(self.cfg.greeting, not self.tls and self.cfg.starttls is not None
+                                and self.cfg.starttls()), CONTINUE
+        if verb == b"starttls":
+            if self.tls or self.cfg.starttls is None:
+                return replies.UNIMPLEMENTED, CONTINUE
+            if arg:
+                return replies.STARTTLS_PARAMETERS, CONTINUE
+            return b"", STARTTLS
         if verb == b"rset":
             self.seenmail = False
             return replies.FLUSHED, CONTINUE
@@ -261,10 +279,10 @@ class Session:
             return replies.SYNTAX
         if self.flagbarf:
             return replies.BADMAILFROM
-        if self.cfg.relayclient is not None:
-            addr += self.cfg.relayclient
-        elif not self.cfg.rcpthosts.allowed(addr):
-            return replies.NOGATEWAY
+        if self.relayclient is not None:
+            addr += self.relayclient
+        elif not self.cfg.rcpthosts.allowed(addr) and not self._tls_relay():
+            return replies.nogateway_tls(self.verify_err) if self.tls else replies.NOGATEWAY
         size = len(addr) + 1
         if self.rcptbytes + size > RCPT_BYTES_MAX:
             return replies.TOO_MANY_RCPTS
@@ -278,7 +296,37 @@ class Session:
 
     def received(self, when: int) -> bytes:
         """Return the Received field for the message now starting."""
-        return self.cfg.peer.received(b"SMTP", self.fakehelo, when)
+        return self.cfg.peer.received(self.protocol, self.fakehelo, when)
+
+    def tls_started(self, cipher: bytes,
+                    verify: Callable[[], tuple[bytes | None, bytes | None]] | None = None) -> None:
+        """Start over inside TLS: no HELO, MAIL or RCPT state survives (RFC 3207 section 4.2).
+
+        verify, called at most once, when a recipient needs relaying, returns the
+        client certificate's address if it is in tlsclients, else (None, why).
+        """
+        self.tls = True
+        self.protocol = b"ESMTPS (" + cipher + b" encrypted)"
+        self.tls_verify = verify
+        self.seenmail = False
+        self.flagbarf = False
+        self.mailfrom = b""
+        self.rcpts = []
+        self.rcptbytes = 0
+        self._helo(self.cfg.peer.remotehost)
+
+    def _tls_relay(self) -> bool:
+        """Whether the client's certificate allows relaying (asked once per session, as the patch)."""
+        if not self.tls or self.verified or self.tls_verify is None:
+            return False
+        self.verified = True
+        email, why = self.tls_verify()
+        if email is None:
+            self.verify_err = why
+            return False
+        self.relayclient = b""
+        self.protocol += b"\n  (cert " + safe(email) + b")"  # a continuation line of Received
+        return True
 
 
 def data_reply(report: bytes, hops: bool, overflow: bool, qp: int, when: int) -> bytes:
