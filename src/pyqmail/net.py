@@ -57,7 +57,14 @@ class Timeout(NetError):
 
 
 class Gone(NetError):
-    """The peer closed the connection, or reading or writing it failed (TLS errors included)."""
+    """The peer closed the connection, or reading or writing it failed (TLS errors included).
+
+    `error` is the ssl.SSLError when TLS failed after the handshake, else None.
+    """
+
+    def __init__(self, reason: str, error: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.error = error
 
 
 class TlsFailed(NetError):
@@ -201,7 +208,7 @@ class Conn:
         try:
             self.tls.write(data)
         except OSError as e:  # ssl.SSLError is an OSError
-            raise Gone(reason(e)) from None
+            raise Gone(reason(e), e) from None
         self._tls_send()
 
     # -- input ----------------------------------------------------------------
@@ -356,7 +363,7 @@ class Conn:
             except ssl.SSLZeroReturnError:
                 raise Gone("end of input") from None
             except OSError as e:
-                raise Gone(reason(e)) from None
+                raise Gone(reason(e), e) from None
             self._tls_send()
             if not data:
                 raise Gone("end of input")

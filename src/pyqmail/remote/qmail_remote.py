@@ -34,7 +34,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from pyqmail import control
+from pyqmail import control, net
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.remote import dane, mtasts, mx, smtproutes, tcpto, tls
@@ -71,66 +71,49 @@ def _on_crash(reason: str) -> None:
 
 
 class Smtp:
-    """The SMTP connection: qmail's timeouts on every read and write."""
+    """The SMTP conversation on one connection (pyqmail.net): qmail's timeout on every read and write."""
 
     def __init__(self, sock: socket.socket, timeout: int) -> None:
         self.sock = sock
-        self.timeout = timeout
-        self.pending = b""
+        self.conn = net.Conn(sock.fileno(), sock.fileno(), timeout)
         self.text = b""
         self.critical = False  # the final dot is sent: a dropped connection may duplicate
         self.why = b""  # a TLS error that ended the connection
         self.tls_note = b""  # the report's TLS line once TLS is up
 
-    def _wait(self, write: bool) -> None:
-        if isinstance(self.sock, ssl.SSLSocket) and not write and self.sock.pending():
-            return  # decrypted bytes already wait inside OpenSSL: poll would not see them
-        if not _ready(self.sock, write, self.timeout):
-            raise _Dropped()
-
-    def _tls_error(self, e: OSError) -> _Dropped:
-        if isinstance(e, ssl.SSLError):
-            self.why = tls.reason(e).encode("latin-1", "replace")
+    def _dropped(self, e: net.NetError) -> _Dropped:
+        err = e.error if isinstance(e, net.Gone) else None
+        # An SSLEOFError is the peer closing without close_notify: a dropped connection, as in plain text.
+        if isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLEOFError):
+            self.why = net.reason(err).encode("latin-1", "replace")
         return _Dropped()
 
     def send(self, data: bytes) -> None:
         """Send all of data, or raise _Dropped."""
-        view = memoryview(data)
-        while view:
-            self._wait(True)
-            try:
-                n = self.sock.send(view[:CHUNK])
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                continue
-            except OSError as e:
-                raise self._tls_error(e) from e
-            view = view[n:]
+        self.conn.put(data)
+        try:
+            self.conn.flush()
+        except net.NetError as e:
+            raise self._dropped(e) from e
 
     def starttls(self, ctx: ssl.SSLContext, name: str | None) -> None:
-        """Shake hands on this connection (bytes read ahead are dropped: RFC 3207 section 4.2)."""
-        self.pending = b""
-        self.sock = tls.handshake(self.sock, ctx, name or None, self.timeout)
+        """Shake hands on this connection (bytes read ahead are dropped: RFC 3207 section 4.2); net.TlsFailed."""
+        self.conn.starttls(ctx, server_side=False, server_hostname=name or None)
 
     def reply(self) -> int:
         """Read one reply; return its code and keep its text, or raise _Dropped."""
         rep = sc.Reply()
-        while True:
-            if self.pending:
-                used = rep.feed(self.pending)
-                self.pending = self.pending[used:]
+        try:
+            while True:
+                data = self.conn.chunk(CHUNK)
+                used = rep.feed(data)
                 if rep.done:
+                    if used < len(data):
+                        self.conn.unread(data[used:])
                     self.text = bytes(rep.text)
                     return rep.code
-            self._wait(False)
-            try:
-                data = self.sock.recv(CHUNK)
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                continue
-            except OSError as e:
-                raise self._tls_error(e) from e
-            if not data:
-                raise _Dropped()
-            self.pending = data
+        except net.NetError as e:
+            raise self._dropped(e) from e
 
     def command(self, line: bytes) -> int:
         """Send a command line and return the reply's code."""
@@ -191,25 +174,29 @@ def _start_tls(conn: Smtp, plan: Plan, partner: bytes) -> bytes | None:
                              partner, False)
     try:
         conn.starttls(ctx, plan.name or None)
-    except ssl.SSLCertVerificationError as e:
-        msg = str(e.verify_message).encode("latin-1", "replace")
-        if e.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+    except net.TlsFailed as e:
+        v = e.error
+        if not isinstance(v, ssl.SSLCertVerificationError):
+            return sc.tls_failed(sc.tls_connect(e.reason.encode("latin-1", "replace")), partner, True)
+        msg = str(v.verify_message).encode("latin-1", "replace")
+        if v.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
             text = sc.tls_unverified_name(name)
         elif plan.cafile is not None:
             text = sc.tls_unverified_ca(plan.cafile.encode("latin-1"), msg)
         else:
             text = sc.tls_unverified(name, b"MTA-STS", msg)
         return sc.tls_failed(text, partner, True)
-    except tls.HandshakeFailed as e:
-        return sc.tls_failed(sc.tls_connect(str(e).encode("latin-1", "replace")), partner, True)
-    assert isinstance(conn.sock, ssl.SSLSocket)
+    except net.NetError:
+        raise _Dropped() from None  # what was queued before the handshake could not be sent
+    session = conn.conn.tls
+    assert session is not None
     verified: bytes | None = None
     testing: bytes | None = None
     if plan.cafile is not None:
         verified = b"control/tlshosts/" + name + b".pem"
     elif plan.tlsa:
         if any(r.usable for r in plan.tlsa):
-            how, why = dane.check(plan.tlsa, tls.peer_chain(conn.sock), [plan.name])
+            how, why = dane.check(plan.tlsa, tls.peer_chain(session), [plan.name])
             if how is None:
                 return _verify_failed(conn, partner, sc.tls_unverified(name, b"DANE", why.encode("latin-1")))
             verified = how.encode("ascii")
@@ -218,12 +205,12 @@ def _start_tls(conn: Smtp, plan: Plan, partner: bytes) -> bytes | None:
     elif plan.sts is not None:
         from pyqmail.remote import x509verify
 
-        why_not = x509verify.verify(tls.peer_chain(conn.sock), [], [plan.name], default_paths=True)
+        why_not = x509verify.verify(tls.peer_chain(session), [], [plan.name], default_paths=True)
         notes = [] if plan.sts.allows(plan.name) else [name + b" is not an MX host of the policy"]
         if why_not is not None:
             notes.append(b"certificate not valid for " + name + b": " + why_not.encode("latin-1"))
         testing = b"; ".join(notes) or None
-    conn.tls_note = sc.tls_note(tls.describe(conn.sock).encode("latin-1"), verified, testing)
+    conn.tls_note = sc.tls_note(tls.describe(session).encode("latin-1"), verified, testing)
     return None
 
 

@@ -1,9 +1,8 @@
-"""qmail-remote's client TLS: contexts from the control files, a timed handshake, the peer's chain.
+"""qmail-remote's client TLS: contexts from the control files, the peer's chain, the session's name.
 
-This is the one seam between qmail-remote and the ssl module (OpenSSL does the cryptography).
-The connection itself stays qmail-remote's Smtp object: `handshake` turns its non-blocking
-socket into a non-blocking SSLSocket with qmail's timeout on every wait, so moving qmail-remote
-onto a shared transport later means replacing this module's two entry points.
+The connection is pyqmail.net's Conn (qmail-remote's Smtp holds one): its starttls() shakes
+hands on the socket under qmail's timeout, through a MemoryBIO, and leaves the ssl.SSLObject
+in `conn.tls`, which `peer_chain` and `describe` read. OpenSSL does the cryptography.
 
 Control files (the qmail-tls patch's): control/clientcert.pem (certificate and key offered when
 a server asks; an unusable file is ignored, as the patch does), control/tlsclientciphers
@@ -13,20 +12,11 @@ ssl module cannot set TLS 1.3 suites).
 
 from __future__ import annotations
 
-import select
 import ssl
 from dataclasses import dataclass
 
 CLIENTCERT = "control/clientcert.pem"
 CIPHERS = "tlsclientciphers"
-
-
-class HandshakeFailed(Exception):
-    """The TLS handshake failed; the message is OpenSSL's reason."""
-
-
-class HandshakeTimeout(HandshakeFailed):
-    """The TLS handshake stalled past the timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,48 +56,6 @@ def context(settings: Settings, cafile: str | None = None, system_cas: bool = Fa
     return ctx
 
 
-def _wait(sock: ssl.SSLSocket, write: bool, timeout: int) -> bool:
-    p = select.poll()
-    p.register(sock.fileno(), select.POLLOUT if write else select.POLLIN)
-    return bool(p.poll(max(timeout, 0) * 1000))
-
-
-def handshake(sock: object, ctx: ssl.SSLContext, server_hostname: str | None, timeout: int) -> ssl.SSLSocket:
-    """Wrap the non-blocking socket sock and shake hands within timeout seconds per wait.
-
-    server_hostname is sent as SNI (and checked when ctx checks names). Raises
-    ssl.SSLCertVerificationError when ctx's verification fails, HandshakeTimeout when the peer
-    stalls, HandshakeFailed for any other failure; the socket is then closed.
-    """
-    import socket
-
-    assert isinstance(sock, socket.socket)
-    tls = ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-    try:
-        while True:
-            try:
-                tls.do_handshake()
-                return tls
-            except ssl.SSLWantReadError:
-                if not _wait(tls, False, timeout):
-                    raise HandshakeTimeout("timed out") from None
-            except ssl.SSLWantWriteError:
-                if not _wait(tls, True, timeout):
-                    raise HandshakeTimeout("timed out") from None
-    except ssl.SSLCertVerificationError:
-        tls.close()
-        raise
-    except ssl.SSLError as e:
-        tls.close()
-        raise HandshakeFailed(reason(e)) from e
-    except OSError as e:
-        tls.close()
-        raise HandshakeFailed(e.strerror or str(e)) from e
-    except BaseException:
-        tls.close()
-        raise
-
-
 def reason(e: ssl.SSLError) -> str:
     """Return OpenSSL's short reason for e (e.g. 'wrong version number')."""
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -117,7 +65,7 @@ def reason(e: ssl.SSLError) -> str:
     return str(e)
 
 
-def peer_chain(tls: ssl.SSLSocket) -> list[bytes]:
+def peer_chain(tls: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
     """Return the certificates the peer sent, leaf first, in DER (empty if none)."""
     get = getattr(tls, "get_unverified_chain", None)  # Python 3.13+
     if get is not None:
@@ -131,7 +79,7 @@ def peer_chain(tls: ssl.SSLSocket) -> list[bytes]:
     return [leaf] if leaf else []
 
 
-def describe(tls: ssl.SSLSocket) -> str:
+def describe(tls: ssl.SSLObject | ssl.SSLSocket) -> str:
     """Return 'VERSION CIPHER' of an established connection."""
     cipher = tls.cipher()
     return f"{tls.version() or 'TLS'} {cipher[0] if cipher else 'unknown'}"
