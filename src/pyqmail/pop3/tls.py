@@ -146,6 +146,14 @@ def relay(conn: net.Conn, sock: socket.socket, first: bytes = b"") -> None:
                 to_child += conn.read()
             except net.NetError:
                 client_open = False
+            else:
+                try:  # most often the socket pair takes it at once: no poll round for it
+                    del to_child[:os.write(fd, to_child)]
+                except BlockingIOError:
+                    pass  # poll says when
+                except OSError:
+                    to_child.clear()  # qmail-pop3d is gone: its end of sock tells us next
+                    client_open = False
         if not client_open and not to_child and not shut:
             shut = True
             try:
