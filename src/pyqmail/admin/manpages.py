@@ -66,6 +66,8 @@ SECTIONS: dict[str, tuple[int, str]] = {
     "qmail-qmqpd": (8, "receive mail via QMQP"),
     "qmail-qmqpc": (8, "queue a mail message via QMQP"),
     "qmail-dkim": (8, "sign or verify a mail message with DKIM, then queue it"),
+    "qmail-spamc": (8, "mark a mail message with SpamAssassin's spamd, or refuse it as spam"),
+    "qmail-clamdscan": (8, "refuse a mail message in which ClamAV's clamd finds a virus"),
     "tcpserver": (1, "accepts incoming TCP connections"),
     "tcprules": (1, "compiles rules for tcpserver"),
     "tcprulescheck": (1, "tries out rules for tcpserver"),
@@ -148,6 +150,8 @@ SYNOPSES: dict[str, str] = {
     "qmail-qmqpd": "qmail-qmqpd",
     "qmail-qmqpc": "qmail-qmqpc",
     "qmail-dkim": "qmail-dkim",
+    "qmail-spamc": "qmail-spamc",
+    "qmail-clamdscan": "qmail-clamdscan",
     "tcpserver": ("tcpserver [ -1UXpPhHrRoOdDqQv46 ] [ -c limit ] [ -x rules.cdb ] [ -B banner ] [ -g gid ] "
                   "[ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port program [ arg ... ]"),
     "tcprules": "tcprules rules.cdb rules.tmp",
