@@ -547,13 +547,22 @@ def _link_lib(cached: str, tmp: str) -> bool:
     return True
 
 
-def _cache_lib(lib: str, cache: str) -> None:
-    """Keep lib in the cache by hard links (replacing what the cache held) for the next homes to link to."""
+def _cache_lib(lib: str, cache: str, replace: bool = False) -> None:
+    """Keep lib in the cache by hard links (replacing what the cache held) for the next homes to link to.
+
+    With replace, a cached lib dir of the same name that could not be linked
+    from is replaced: a hard link shares its inode's owner, so a home whose
+    files were chowned after `qmail init` takes the cache's files along.
+    """
     import shutil
 
     name = os.path.basename(lib)
     if os.path.isdir(os.path.join(cache, name)):
-        return
+        if not replace:
+            return
+        stale = os.path.join(cache, f".stale-{name}-{os.getpid()}")
+        os.rename(os.path.join(cache, name), stale)
+        shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(cache, 0o755, exist_ok=True)
     tmp = os.path.join(cache, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -570,7 +579,7 @@ def _cache_lib(lib: str, cache: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     # Homes hold their own links: removing older cached lib dirs costs them nothing.
     for old in os.listdir(cache):
-        if old != name and not old.startswith(".tmp-"):
+        if old != name and not old.startswith((".tmp-", ".stale-")):
             shutil.rmtree(os.path.join(cache, old), ignore_errors=True)
 
 
@@ -601,8 +610,10 @@ def install_lib(lay: _Layout) -> str:
     cache = lib_cache()
     cached = os.path.join(cache, name) if cache is not None else None
     linked = False
+    tried = False
     try:
         if cached is not None and os.path.isdir(cached) and (lay.inst.single or _trusted_path(cached)):
+            tried = True
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt of this same pid
             os.mkdir(tmp, 0o755)
             os.chmod(tmp, 0o755)
@@ -622,7 +633,7 @@ def install_lib(lay: _Layout) -> str:
     durable.fsync_dir(libroot)
     if cache is not None and not linked:
         try:
-            _cache_lib(final, cache)
+            _cache_lib(final, cache, replace=tried)
         except OSError:
             pass  # the cache only saves the next `qmail init` time; without it that one copies
     return final
