@@ -68,6 +68,7 @@ SECTIONS: dict[str, tuple[int, str]] = {
     "qmail-dkim": (8, "sign or verify a mail message with DKIM, then queue it"),
     "qmail-spamc": (8, "mark a mail message with SpamAssassin's spamd, or refuse it as spam"),
     "qmail-clamdscan": (8, "refuse a mail message in which ClamAV's clamd finds a virus"),
+    "qmail-srs": (8, "send a bounce to an SRS address back to the original sender"),
     "tcpserver": (1, "accepts incoming TCP connections"),
     "tcprules": (1, "compiles rules for tcpserver"),
     "tcprulescheck": (1, "tries out rules for tcpserver"),
@@ -152,6 +153,7 @@ SYNOPSES: dict[str, str] = {
     "qmail-dkim": "qmail-dkim",
     "qmail-spamc": "qmail-spamc",
     "qmail-clamdscan": "qmail-clamdscan",
+    "qmail-srs": "qmail-srs",
     "tcpserver": ("tcpserver [ -1UXpPhHrRoOdDqQv46 ] [ -c limit ] [ -x rules.cdb ] [ -B banner ] [ -g gid ] "
                   "[ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port program [ arg ... ]"),
     "tcprules": "tcprules rules.cdb rules.tmp",

@@ -242,6 +242,16 @@ def _run_program(command: bytes, env: dict[str, str]) -> bool:
     raise Stop(EXIT_PERMANENT if code in dotqmail.PROGRAM_HARD else EXIT_TEMPORARY)
 
 
+def _srs(sender: bytes) -> bytes:
+    """Return the sender forwards leave with: SRS-rewritten when control/srsdomain is set (pyqmail.filter.srs)."""
+    from pyqmail.filter import srs
+
+    try:
+        return srs.forward_sender(sender, time.time())
+    except srs.ConfigError as e:
+        raise Stop(EXIT_TEMPORARY, FORWARD_FAILED % (str(e).encode() + b" (#4.3.0)")) from None
+
+
 def _forward(recipients: list[bytes], sender: bytes, dtline: bytes, env: dict[str, str]) -> int:
     """Queue the message, with dtline on top, to recipients from sender; return qmail-queue's pid."""
     _rewind()
@@ -464,7 +474,7 @@ def _run(argv: list[str]) -> int:
 
     qp = 0
     if recipients:
-        qp = _forward(recipients, newsender, dtline, env)
+        qp = _forward(recipients, _srs(newsender), dtline, env)
     report = b"did %d+%d+%d\n" % (counts[0], counts[1], counts[2])
     if qp:
         report += b"qp %d\n" % qp
