@@ -584,52 +584,6 @@ def _is_process(pid: int, names: tuple[str, ...]) -> bool | None:
     return any(n in words for n in names) or any(n in os.fsdecode(b" ".join(argv[:4])) for n in names)
 
 
-def _lock_held(path: str) -> bool | None:
-    """Return whether a process holds path's flock; None if there is no such file.
-
-    Read from /proc/locks, so that the check never takes the lock itself: a
-    qmail-queued or `qmail up` starting in that instant would see it held and
-    refuse. Only where /proc/locks cannot be read is a free lock taken for a
-    moment (LOCK_SH|LOCK_NB, dropped at once).
-    """
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    held = _proc_locks_hold(st)
-    if held is not None:
-        return held
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def _proc_locks_hold(st: os.stat_result) -> bool | None:
-    """Return whether /proc/locks lists a FLOCK on st's file; None if it cannot be read."""
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks", "rb") as f:
-            text = f.read(1 << 22).decode("ascii", "replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "->" marks a waiter, not a holder.
-        fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
-            return True
-    return False
-
-
 def check_supervision(r: Report, home: str, now: int) -> None:
     """This home's services wherever they run; two svscans over one directory; two systems for one home."""
     from pyqmail.admin import supervision
@@ -672,8 +626,10 @@ def check_pidfiles(r: Report, home: str) -> None:
             r.note(f"cannot read {rel}: {errors.describe(e)}")
             continue
         if rel == UP_PID:
+            from pyqmail.admin import supervision
+
             try:
-                held = _lock_held(path)
+                held = supervision.lock_held(path)
             except OSError as e:
                 r.note(f"cannot check {rel}: {errors.describe(e)}")
                 continue
@@ -725,9 +681,11 @@ def check_socket(r: Report, home: str, inst: _home.Install) -> None:
                 r.note(f"cannot connect to {SOCKET}: {errors.describe(e)}")
             finally:
                 s.close()
+    from pyqmail.admin import supervision
+
     lock = os.path.join(home, QUEUED_LOCK)
     try:
-        held = _lock_held(lock)
+        held = supervision.lock_held(lock)
         holder = _read_pid(lock) if held else None
     except OSError as e:
         held, holder = None, None

@@ -125,18 +125,7 @@ def main(argv: list[str]) -> int:
         qhome = os.path.abspath(args.home or install.default_home())
         if args.command == "down":
             return up.down(qhome)
-        ports = up.default_ports()
-        if args.smtp_port is not None:
-            ports.smtp = args.smtp_port
-        if args.qmtp_port is not None:
-            ports.qmtp = args.qmtp_port
-        if args.pop3_port is not None:
-            ports.pop3 = args.pop3_port
-        if args.smtps_port is not None:
-            ports.smtps = args.smtps_port
-        if args.pop3s_port is not None:
-            ports.pop3s = args.pop3s_port
-        return up.up(qhome, ports=ports)
+        return up.up(qhome, ports=up.ports_from(args))
     if args.command == "user":
         import os
 

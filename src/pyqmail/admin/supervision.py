@@ -211,3 +211,49 @@ def survey(home: str, now: int, procs: list[Process] | None = None, extra: tuple
             svc.up = st.pid != 0
         s.services.append(svc)
     return s
+
+
+def lock_held(path: str) -> bool | None:
+    """Return whether a process holds path's flock; None if there is no such file.
+
+    Read from /proc/locks, so that the check never takes the lock itself: a
+    qmail-queued or `qmail up` starting in that instant would see it held and
+    refuse. Only where /proc/locks cannot be read is a free lock taken for a
+    moment (LOCK_SH|LOCK_NB, dropped at once).
+    """
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    held = _proc_locks_hold(st)
+    if held is not None:
+        return held
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _proc_locks_hold(st: os.stat_result) -> bool | None:
+    """Return whether /proc/locks lists a FLOCK on st's file; None if it cannot be read."""
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read(1 << 22).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "->" marks a waiter, not a holder.
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
+            return True
+    return False

@@ -163,18 +163,7 @@ def write_services(qmail_home: str, ports: object, out: TextIO) -> list[str]:
 def _ports(args: argparse.Namespace) -> object:
     from pyqmail.admin import up
 
-    ports = up.default_ports()
-    if args.smtp_port is not None:
-        ports.smtp = args.smtp_port
-    if args.qmtp_port is not None:
-        ports.qmtp = args.qmtp_port
-    if args.pop3_port is not None:
-        ports.pop3 = args.pop3_port
-    if args.smtps_port is not None:
-        ports.smtps = args.smtps_port
-    if args.pop3s_port is not None:
-        ports.pop3s = args.pop3s_port
-    return ports
+    return up.ports_from(args)
 
 
 def parser(prog: str, systemd: bool) -> argparse.ArgumentParser:

@@ -65,6 +65,16 @@ FORCETLS_ENV = "FORCETLS=1"  # qmail-popup refuses USER and PASS before STLS
 SERVERCERT = "control/servercert.pem"  # pyqmail.admin.certs.SERVERCERT, not imported: `qmail up` stays light
 
 
+def ports_from(args: object) -> Ports:
+    """Return the default ports with the --smtp-port ... --pop3s-port options of args applied."""
+    ports = default_ports()
+    for name in ("smtp", "qmtp", "pop3", "smtps", "pop3s"):
+        value = getattr(args, f"{name}_port", None)
+        if value is not None:
+            setattr(ports, name, value)
+    return ports
+
+
 def _sh(word: str) -> str:
     """Quote word for a /bin/sh run script."""
     return "'" + word.replace("'", "'\\''") + "'"
@@ -374,19 +384,9 @@ def _release(pidfile: str, fd: int) -> None:
 
 def locked(pidfile: str) -> bool:
     """Return whether a process holds the flock of pidfile."""
-    import fcntl
+    from pyqmail.admin import supervision
 
-    try:
-        fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return supervision.lock_held(pidfile) is True
 
 
 def supervised_elsewhere(qmail_home: str) -> str:
