@@ -198,3 +198,32 @@ def test_expired_srs_address_is_refused(qhome: QHome) -> None:
         shutil.rmtree(base, ignore_errors=True)
     assert res.returncode == 100 and b"Sorry, SRS address has expired" in res.stdout + res.stderr
     assert queued(qhome.queue) == []
+
+
+def test_routing_by_virtualdomains_reaches_qmail_srs(qhome: QHome, home: Home) -> None:
+    """qmail-send's rewrite (virtualdomains srsdomain:alias-srs) and qmail-getpw's rules give qmail-local the
+    local part and extension under which ~alias/.qmail-srs-default runs qmail-srs, case kept; it sends the bounce back."""
+    from pyqmail.local import users
+    from pyqmail.send.schedule import LOCAL, Rewriter
+
+    configure(qhome)
+    sender = forward_through(qhome, home)
+    for f in (qhome.queue / "todo").iterdir():
+        f.unlink()
+    rw = Rewriter(b"test.example.com", [b"test.example.com"], virtualdomains=[b"srs.test.example.com:alias-srs"])
+    kind, addr = rw.rewrite(sender)
+    assert (kind, addr) == (LOCAL, b"alias-srs-" + sender)
+    base, alias = make_home()
+    try:
+        entry = users.PwEntry(b"alias", 7790, 7790, bytes(alias.path))
+        got = users.getpw(addr.rpartition(b"@")[0], getpwnam=lambda n: entry if n == b"alias" else None,
+                          home_owner=lambda d: 7790)
+        assert (got.user, got.dash, got.ext) == (b"alias", b"-", b"srs-" + sender.rpartition(b"@")[0])
+        alias.write(".qmail-srs-default", b"|" + bytes(qhome.bin("qmail-srs")) + b"\n")
+        res = qlocal(qhome, [b"--", b"alias", bytes(alias.path), addr.rpartition(b"@")[0], got.dash, got.ext,
+                             SRSDOMAIN, b"", b"./Mailbox"], message=BOUNCE, env={"PATH": PATH})
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert res.returncode == 0, res.explain()
+    ((mess, bsender, rcpts),) = queued(qhome.queue)
+    assert (bsender, rcpts) == (b"", [SENDER])
