@@ -79,46 +79,33 @@ def _authenticate(childargs: list[str], user: bytes, password: bytes, stamp: byt
     In plain text the child gets descriptors 0 and 1; over TLS, a socket pair's
     end, relayed to the client until it closes.
     """
-    from pyqmail import spawn
+    from pyqmail import auth
 
-    try:
-        rfd, wfd = os.pipe()
-    except OSError:
-        return ERR_PIPE
-    # The record (two lines of at most MAX_LINE bytes each) fits in a pipe's
-    # buffer, so it is written before the child starts: a child that exits
-    # without reading it cannot make the write fail.
-    data = user + b"\0" + password + b"\0" + stamp + b"\0"
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(wfd, view):]
-    except OSError:
-        os.close(rfd)
-        return ERR_WRITE
-    finally:
-        os.close(wfd)
     conn.flush()
     pair = None
-    fds = {0: FD_IN, 1: FD_OUT, 2: 2, FD_AUTH: rfd}
+    fds = {0: FD_IN, 1: FD_OUT, 2: 2}
     if conn.tls is not None:
         import socket
 
         try:
             pair = socket.socketpair()
         except OSError:
-            os.close(rfd)
             return ERR_PIPE
         fds[0] = fds[1] = pair[1].fileno()
     try:
         try:
-            pid = spawn.spawn(childargs[0], childargs, fds=fds)
-        except OSError as e:
+            # The record (two lines of at most MAX_LINE bytes each) fits in a pipe's buffer:
+            # auth.start writes it before the child starts.
+            pid = auth.start(childargs, user, password, stamp, fds)
+        except auth.Trouble as e:
+            if e.what == "pipe":
+                return ERR_PIPE
+            if e.what == "write":
+                return ERR_WRITE
             # As exec failing in qmail's child: the child exits 1, read as a refusal.
-            os.write(2, f"qmail-popup: unable to run {childargs[0]}: {e.strerror}\n".encode("utf-8", "replace"))
+            os.write(2, f"qmail-popup: unable to run {childargs[0]}: {e.why}\n".encode("utf-8", "replace"))
             return ERR_BADAUTH
         finally:
-            os.close(rfd)
             if pair is not None:
                 pair[1].close()
         if pair is not None:
@@ -129,7 +116,7 @@ def _authenticate(childargs: list[str], user: bytes, password: bytes, stamp: byt
             except net.NetError:
                 pass  # safe: the client is gone; closing our end below ends the child's session
             pair[0].close()
-        code = spawn.wait(pid)
+        code = auth.finish(pid)
     finally:
         if pair is not None:
             pair[0].close()

@@ -20,6 +20,15 @@ client sent after the STARTTLS line is dropped, and the session starts over
 relaying. A certificate that cannot be used is `454 TLS missing certificate:
 REASON (#4.3.0)` and a line on descriptor 2; a failed handshake is `454 TLS
 connection failed: REASON (#4.3.0)` and the end of that connection.
+
+SMTP AUTH (RFC 4954), as the qmail-authentication patch (notqmail's smtp-auth
+branch): `qmail-smtpd checkprogram subprogram...` with $SMTPAUTH set offers the
+mechanisms $SMTPAUTH names (pyqmail.smtpd.auth) and runs checkprogram through the
+checkpassword interface (pyqmail.auth, as qmail-popup). $FORCETLS set and not `0`:
+no AUTH before TLS (538). Success: RELAYCLIENT and TCPREMOTEINFO for the session,
+Received says `(USER@IP)` and `with ESMTPA` (`ESMTPSA` in TLS). Each failure is
+logged with the client's IP and costs a growing delay; after control/authfailures
+($AUTHFAILURES; default 3) failures the connection is closed with 421.
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ from pyqmail.smtpd import replies
 from pyqmail.smtpd.data import END, MORE, Blast
 from pyqmail.smtpd.ipme import Ipme, IpmeError
 from pyqmail.smtpd.rcpthosts import RcptHosts
-from pyqmail.smtpd.received import Peer
-from pyqmail.smtpd.session import DATA, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply, scan_ulong
+from pyqmail.smtpd.auth import Exchange, Policy
+from pyqmail.smtpd.received import Peer, safe
+from pyqmail.smtpd.session import AUTH, DATA, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply, scan_ulong
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable
 
 FD_IN = 0
 FD_OUT = 1
@@ -56,6 +67,12 @@ WRITE_SIZE = 512  # a reply at a time: a write never blocks for long after poll 
 LINE_MAX = 65536  # bytes kept of a command line; the rest, up to its LF, is read and dropped
 DEFAULT_TIMEOUT = 1200
 SERVERCERT = "control/servercert.pem"  # pyqmail.smtpd.tls reads it; here only its readability is asked
+AUTH_FAILURES = 3  # failed logins in one session before the connection is closed (control/authfailures)
+AUTH_DELAY = 1.0  # seconds of delay after the first failed login; doubled after each further one
+AUTH_DELAY_MAX = 16.0
+AUTH_CHECK_TIMEOUT = 60  # seconds the checkprogram may take; then it is killed and the reply is 454
+AUTH_DELAY_ENV = b"PYQMAIL_SMTPD_AUTH_DELAY"  # test seam: AUTH_DELAY in seconds
+AUTH_TIMEOUT_ENV = b"PYQMAIL_SMTPD_AUTH_TIMEOUT"  # test seam: AUTH_CHECK_TIMEOUT in seconds
 
 
 # What tcpserver's parent says in its warm-up sessions (see preload): every
@@ -78,7 +95,50 @@ def _cert_readable() -> bool:
     return os.access(SERVERCERT, os.R_OK)
 
 
-def _setup() -> tuple[Config, int]:
+class AuthRun:
+    """How AUTH runs in this process: the checkprogram, the failure limit, the delay and its sleep."""
+
+    __slots__ = ("checkprogram", "limit", "delay", "timeout", "sleep", "failures")
+
+    def __init__(self, checkprogram: list[str], limit: int = AUTH_FAILURES, delay: float = AUTH_DELAY,
+                 timeout: float = AUTH_CHECK_TIMEOUT, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.checkprogram = checkprogram
+        self.limit = limit
+        self.delay = delay
+        self.timeout = timeout
+        self.sleep = sleep
+        self.failures = 0
+
+    def pause(self) -> float:
+        """Sleep after the latest failure (delay, then doubled each time, at most AUTH_DELAY_MAX); return it."""
+        d = min(self.delay * (1 << min(self.failures - 1, 30)), max(AUTH_DELAY_MAX, self.delay))
+        if d > 0:
+            self.sleep(d)
+        return d
+
+
+def _auth_setup(argv: list[str]) -> tuple[Policy | None, bool, AuthRun | None]:
+    """Read $SMTPAUTH, $FORCETLS, control/authfailures ($AUTHFAILURES); ControlError if unreadable."""
+    env = posix.environ
+    force = env.get(b"FORCETLS")
+    forcetls = force is not None and force != b"0"
+    if len(argv) < 2:
+        return None, forcetls, None  # no checkprogram: no AUTH, as the patch
+    policy = Policy.from_env(env.get(b"SMTPAUTH"))
+    if policy is None:
+        return None, forcetls, None
+    x = env.get(b"AUTHFAILURES")
+    limit = scan_ulong(x)[0] if x is not None else control.read_int("authfailures", AUTH_FAILURES)
+    delay = AUTH_DELAY
+    y = env.get(AUTH_DELAY_ENV)
+    if y is not None:
+        delay = float(y)
+    z = env.get(AUTH_TIMEOUT_ENV)
+    timeout = float(z) if z is not None else AUTH_CHECK_TIMEOUT
+    return policy, forcetls, AuthRun(argv[1:], max(limit, 1), delay, timeout)
+
+
+def _setup(argv: list[str] | None = None) -> tuple[Config, int, AuthRun | None]:
     """Read the control files and environment; raise Die with qmail's 421 if they cannot be read."""
     try:
         os.chdir(_home.home())
@@ -96,7 +156,8 @@ def _setup() -> tuple[Config, int]:
         bmf = control.read_lines("badmailfrom")
         badmailfrom = None if bmf is None else frozenset(b.encode("latin-1").lower() for b in bmf)
         databytes = control.read_int("databytes", 0) & 0xFFFFFFFF
-    except (ControlError, OSError):
+        policy, forcetls, authrun = _auth_setup(argv or [])
+    except (ControlError, OSError, ValueError):
         raise Die(replies.CONTROL) from None
     env = posix.environ  # what os.environb wraps, without its Python-level calls
     x = env.get(b"DATABYTES")
@@ -108,8 +169,9 @@ def _setup() -> tuple[Config, int]:
                  liphost=None if liphost is None else liphost.encode("latin-1"),
                  rcpthosts=rcpthosts, badmailfrom=badmailfrom,
                  databytes=databytes, relayclient=env.get(b"RELAYCLIENT"), is_local=Ipme(),
-                 starttls=None if b"DISABLETLS" in env else _cert_readable)
-    return cfg, timeout
+                 starttls=None if b"DISABLETLS" in env else _cert_readable,
+                 auth=policy, forcetls=forcetls)
+    return cfg, timeout, authrun
 
 
 def _data(session: Session, conn: Conn) -> None:
@@ -215,7 +277,64 @@ def _verify_client(obj: ssl.SSLObject, clients: frozenset[bytes]) -> tuple[bytes
     return email, None
 
 
-def serve(conn: Conn, session: Session, smtps: bool = False) -> int:
+def _log_auth_failure(session: Session, mech: bytes, user: bytes, why: bytes) -> None:
+    peer = session.cfg.peer
+    _log(b"AUTH failed: ip " + safe(peer.remoteip) + b" mechanism " + safe(mech[:20]) + b" user "
+         + safe(user[:100]) + b": " + why)
+
+
+def _auth(session: Session, conn: Conn, run: AuthRun) -> None:
+    """Run one AUTH exchange and the checkprogram; reply; Die after the session's last allowed failure."""
+    from pyqmail import auth as checkpw
+
+    stamp = b"<%d.%d@" % (os.getpid(), int(time.time())) + session.cfg.greeting.split(b" ", 1)[0] + b">"
+    ex = Exchange(session.cfg.auth, session.auth_arg, stamp)  # type: ignore[arg-type]
+    while not ex.done:
+        conn.put(ex.prompt)
+        ex.feed(conn.line(LINE_MAX))
+    if ex.reply:
+        if ex.reply is not replies.AUTH_TYPE:
+            _log_auth_failure(session, ex.mech, ex.user, ex.reply.rstrip())
+        conn.put(ex.reply)
+        return
+    conn.flush()
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        conn.put(replies.auth_trouble(b"fork"))
+        return
+    try:
+        code = checkpw.check(run.checkprogram, ex.user, ex.secret, ex.challenge, {0: null, 1: null, 2: 2},
+                             run.timeout)
+    except checkpw.Trouble as e:
+        _log(b"AUTH unable to run checkprogram: " + e.what.encode() + b": " + e.why.encode("utf-8", "replace"))
+        conn.put(replies.auth_trouble(e.what.encode()))
+        return
+    finally:
+        os.close(null)
+    if code == checkpw.ACCEPTED:
+        session.authenticated(ex.user)
+        os.environb[b"RELAYCLIENT"] = b""  # qmail-queue (and a QMAILQUEUE filter) see it, as the patch
+        os.environb[b"TCPREMOTEINFO"] = ex.user
+        _log(b"AUTH ok: ip " + safe(session.cfg.peer.remoteip) + b" user " + safe(ex.user[:100]))
+        conn.put(replies.AUTH_OK)
+        return
+    if code == checkpw.TEMPORARY or code < 0:
+        why = b"checkprogram hung" if code == checkpw.HUNG else (
+            b"checkprogram killed by signal %d" % -code if code < 0 else b"temporary failure (111)")
+        _log_auth_failure(session, ex.mech, ex.user, why)
+        conn.put(replies.AUTH_TEMPORARY if code == checkpw.TEMPORARY else replies.AUTH_CHILD)
+        return
+    run.failures += 1
+    _log_auth_failure(session, ex.mech, ex.user, b"refused (exit %d), failure %d of %d" % (code, run.failures,
+                                                                                           run.limit))
+    run.pause()
+    if run.failures >= run.limit:
+        raise Die(replies.AUTH_TOO_MANY)
+    conn.put(replies.AUTH_FAILED)
+
+
+def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | None = None) -> int:
     """Run the conversation until QUIT (0) or a death (1)."""
     death: bytes | None
     try:
@@ -233,6 +352,11 @@ def serve(conn: Conn, session: Session, smtps: bool = False) -> int:
                 _data(session, conn)
             elif step == STARTTLS:
                 _start_tls(session, conn, False)
+            elif step == AUTH:
+                if authrun is None:
+                    conn.put(replies.UNIMPLEMENTED)
+                else:
+                    _auth(session, conn, authrun)
     except Die as e:
         death = e.reply
     except Timeout as e:
@@ -265,7 +389,7 @@ def preload() -> None:
 
     for _ in range(WARM_SESSIONS):
         try:
-            cfg, timeout = _setup()
+            cfg, timeout, _ = _setup()
         except Die:
             return  # the children will say so
         mine, client = socket.socketpair()
@@ -292,7 +416,7 @@ def _conn(fd_in: int, fd_out: int, timeout: int) -> Conn:
 def main(argv: list[str]) -> int:
     """Talk SMTP on descriptors 0 and 1 until QUIT or a death."""
     try:
-        cfg, timeout = _setup()
+        cfg, timeout, authrun = _setup(argv)
     except Die as e:
         conn = _conn(FD_IN, FD_OUT, DEFAULT_TIMEOUT)
         conn.put(e.reply or b"")
@@ -301,4 +425,4 @@ def main(argv: list[str]) -> int:
         except NetError:
             pass  # safe: the client is gone; we exit 1 anyway
         return EXIT_DEATH
-    return serve(_conn(FD_IN, FD_OUT, timeout), Session(cfg), b"SMTPS" in posix.environ)
+    return serve(_conn(FD_IN, FD_OUT, timeout), Session(cfg), b"SMTPS" in posix.environ, authrun)

@@ -83,3 +83,43 @@ def accepted(when: int, qp: int) -> bytes:
 def qq_failure(report: bytes) -> bytes:
     """Return the reply for a D (554) or Z (451) report of qmail-queue."""
     return (b"554 " if report[:1] == b"D" else b"451 ") + report[1:] + CRLF
+
+
+# SMTP AUTH (RFC 4954), as Erwin Hoffmann's qmail-authentication patch (notqmail's smtp-auth
+# branch) says it; 538 as Marcel Telka's force-tls patch; see docs/DESIGN.md "SMTP AUTH".
+AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
+AUTH_FAILED = b"535 authentication failed (#5.7.1)\r\n"
+AUTH_TYPE = b"504 auth type unimplemented (#5.5.1)\r\n"
+AUTH_INPUT = b"501 malformed auth input (#5.5.4)\r\n"
+AUTH_CANCELLED = b"501 auth exchange cancelled (#5.0.0)\r\n"
+AUTH_ALREADY = b"503 you're already authenticated (#5.5.0)\r\n"
+AUTH_IN_TRANSACTION = b"503 no auth during mail transaction (#5.5.0)\r\n"
+AUTH_REQUIRED = b"530 authentication required (#5.7.1)\r\n"
+AUTH_NEED_TLS = b"538 auth not available without TLS (#5.3.3)\r\n"
+AUTH_TEMPORARY = b"454 temporary authentication failure (#4.3.0)\r\n"
+AUTH_CHILD = b"454 oops, problem with child and I can't auth (#4.3.0)\r\n"
+AUTH_TOO_MANY = b"421 too many authentication failures, closing connection (#4.7.0)\r\n"
+AUTH_USERNAME = b"334 VXNlcm5hbWU6\r\n"  # base64 "Username:"
+AUTH_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"  # base64 "Password:"
+AUTH_EMPTY = b"334 \r\n"  # PLAIN without an initial response
+
+
+def auth_trouble(what: bytes) -> bytes:
+    """Return the patch's 454 when the checkprogram cannot be run: what is pipe, write or fork."""
+    text = {b"pipe": b"unable to open pipe", b"write": b"unable to write pipe"}.get(what, b"child won't start")
+    return b"454 oops, " + text + b" and I can't auth (#4.3.0)\r\n"
+
+
+def ehlo_auth(text: bytes, starttls: bool, mechanisms: bytes | None, size: int) -> bytes:
+    """Return the reply to EHLO when a checkprogram is given and $SMTPAUTH set (the patch's lines).
+
+    mechanisms: the AUTH line's words, or None when AUTH is not offered now ($FORCETLS before TLS).
+    """
+    out = [b"250-", text, CRLF]
+    if starttls:
+        out.append(EHLO_STARTTLS)
+    out.append(b"250-PIPELINING\r\n250-8BITMIME\r\n")
+    if mechanisms is not None:
+        out += [b"250-AUTH ", mechanisms, CRLF]
+    out.append(b"250 SIZE %d\r\n" % size)
+    return b"".join(out)

@@ -17,6 +17,7 @@ from pyqmail.smtpd.rcpthosts import RcptHosts
 
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
 if TYPE_CHECKING:
+    from pyqmail.smtpd.auth import Policy
     from collections.abc import Callable, Iterator
 
 ADDR_MAX = 900  # bytes of an address, qmail's terminating NUL included
@@ -35,6 +36,7 @@ CONTINUE = 0
 QUIT = 1
 DATA = 2
 STARTTLS = 3  # set TLS up (the shell sends 220 or 454), then call Session.tls_started
+AUTH = 4  # run the AUTH exchange of Session.auth_arg (the shell), then call Session.authenticated
 
 _U64 = (1 << 64) - 1
 
@@ -139,14 +141,15 @@ class Config:
     """What qmail-smtpd reads at start: control files and environment."""
 
     __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "relayclient", "peer",
-                 "is_local", "starttls")
+                 "is_local", "starttls", "auth", "forcetls")
 
     def __init__(self, greeting: bytes, peer: Peer, liphost: bytes | None = None,
                  rcpthosts: RcptHosts | None = None,
                  badmailfrom: frozenset[bytes] | None = None, databytes: int = 0,
                  relayclient: bytes | None = None,
                  is_local: Callable[[tuple[int, int, int, int]], bool] | None = None,
-                 starttls: Callable[[], bool] | None = None) -> None:
+                 starttls: Callable[[], bool] | None = None,
+                 auth: Policy | None = None, forcetls: bool = False) -> None:
         self.greeting = greeting
         self.peer = peer
         self.liphost = liphost
@@ -157,13 +160,17 @@ class Config:
         self.is_local = is_local
         # None: no STARTTLS ($DISABLETLS); else whether to offer it now (a certificate is readable).
         self.starttls = starttls
+        # SMTP AUTH ($SMTPAUTH and a checkprogram), and $FORCETLS: no AUTH offered or taken before TLS.
+        self.auth = auth
+        self.forcetls = forcetls
 
 
 class Session:
     """One SMTP conversation's state: HELO name, envelope sender, recipients."""
 
     __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo",
-                 "relayclient", "protocol", "tls", "tls_verify", "verified", "verify_err")
+                 "relayclient", "protocol", "tls", "tls_verify", "verified", "verify_err", "cipher",
+                 "authuser", "auth_arg")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -180,6 +187,9 @@ class Session:
         self.tls_verify: Callable[[], tuple[bytes | None, bytes | None]] | None = None
         self.verified = False
         self.verify_err: bytes | None = None
+        self.cipher = b""
+        self.authuser: bytes | None = None  # the authenticated user
+        self.auth_arg = b""  # the AUTH command's argument, for the shell
         self._helo(cfg.peer.remotehost)
 
     @property
@@ -241,8 +251,14 @@ class Session:
         if verb == b"ehlo":
             self.seenmail = False
             self._helo(arg)
-            return replies.ehlo(self.cfg.greeting, not self.tls and self.cfg.starttls is not None
-                                and self.cfg.starttls()), CONTINUE
+            starttls = not self.tls and self.cfg.starttls is not None and self.cfg.starttls()
+            policy = self.cfg.auth
+            if policy is None:
+                return replies.ehlo(self.cfg.greeting, starttls), CONTINUE
+            mechs = policy.line() if self.tls or not self.cfg.forcetls else None
+            return replies.ehlo_auth(self.cfg.greeting, starttls, mechs, self.cfg.databytes), CONTINUE
+        if verb == b"auth":
+            return self._auth(arg)
         if verb == b"starttls":
             if self.tls or self.cfg.starttls is None:
                 return replies.UNIMPLEMENTED, CONTINUE
@@ -260,7 +276,28 @@ class Session:
             return replies.VRFY, CONTINUE
         return replies.UNIMPLEMENTED, CONTINUE
 
+    def _auth(self, arg: bytes) -> tuple[bytes, int]:
+        if self.cfg.auth is None:
+            return replies.UNIMPLEMENTED, CONTINUE
+        if self.cfg.forcetls and not self.tls:
+            return replies.AUTH_NEED_TLS, CONTINUE
+        if self.authuser is not None:
+            return replies.AUTH_ALREADY, CONTINUE
+        if self.seenmail:
+            return replies.AUTH_IN_TRANSACTION, CONTINUE
+        self.auth_arg = arg
+        return b"", AUTH
+
+    def authenticated(self, user: bytes) -> None:
+        """The checkprogram accepted user: relaying, TCPREMOTEINFO and Received's ESMTPA/ESMTPSA."""
+        self.authuser = user
+        self.relayclient = b""
+        self.cfg.peer.remoteinfo = user
+        self.protocol = b"ESMTPSA (" + self.cipher + b" encrypted)" if self.tls else b"ESMTPA"
+
     def _mail(self, arg: bytes) -> bytes:
+        if self.cfg.auth is not None and self.cfg.auth.required and self.authuser is None:
+            return replies.AUTH_REQUIRED
         addr = self._addr(arg)
         if addr is None:
             return replies.SYNTAX
@@ -306,7 +343,10 @@ class Session:
         client certificate's address if it is in tlsclients, else (None, why).
         """
         self.tls = True
+        self.cipher = cipher
         self.protocol = b"ESMTPS (" + cipher + b" encrypted)"
+        if self.authuser is not None:  # AUTH in plain text, then STARTTLS: still that user
+            self.protocol = b"ESMTPSA (" + cipher + b" encrypted)"
         self.tls_verify = verify
         self.seenmail = False
         self.flagbarf = False
