@@ -26,10 +26,13 @@ the client untouched. What it does to the message first:
 - seal (RFC 8617): when qmail-local forwards (RECIPIENT and DTLINE set),
   with the key of the recipient's domain, else of control/me's.
 
-Exit codes: qmail-queue's, and 35 (the $DKIMSIGN key named without `%`
-does not exist), 55 (a key cannot be read), 57/58/59 (waiting for,
-starting, or making pipes to the next program), 82 with a D or Z text on
-descriptor 6 for a rejection (31 or 71 when descriptor 6 is closed).
+The next program runs in qmail-dkim's own process (exec, or its main
+called for a pyqmail stub), reading the message and envelope from memory
+files, so its exit code is qmail-dkim's. Exit codes of qmail-dkim itself:
+35 (the $DKIMSIGN key named without `%` does not exist), 53 (no memory
+file), 55 (a key cannot be read), 58 (the next program cannot be started),
+82 with a D or Z text on descriptor 6 for a rejection (31 or 71 when
+descriptor 6 is closed), qmail-queue's 11/54/91 for a bad envelope.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pyqmail.queue import envelope as envelope_io
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from typing import NoReturn
 
 FD_MESSAGE = 0
 FD_ENVELOPE = 1
@@ -53,11 +57,10 @@ MAX_SIGNATURES = 8  # DKIM signatures verified per message, the rest ignored (a 
 
 EXIT_NOKEY = 35
 EXIT_PERM = 31
+EXIT_WRITE = 53
 EXIT_READ = 54
 EXIT_CONFIG = 55
-EXIT_WAIT = 57
 EXIT_FORK = 58
-EXIT_PIPE = 59
 EXIT_TEMP = 71
 EXIT_BUG = 81
 EXIT_CUSTOM = 82
@@ -534,41 +537,32 @@ def _fd_open(fd: int) -> bool:
         return False
 
 
-def queue(message: bytes, envelope: bytes, env: Mapping[str, str]) -> int:
-    """Hand message and envelope to $DKIMQUEUE or QMAILHOME/bin/qmail-queue; return its exit code.
+def queue(message: bytes, envelope: bytes, env: Mapping[str, str]) -> NoReturn:
+    """Become $DKIMQUEUE or QMAILHOME/bin/qmail-queue with message on 0 and envelope on 1; raise Fatal if it cannot start.
 
-    Its descriptor 6 is ours, so its custom text passes through untouched;
-    a death by signal is 81.
+    Both are in memory files (memfd), so the next program runs in this
+    process (pyqmail.spawn.become: exec, or its main called for one of our
+    stubs) and no second process is made per message; its exit code is
+    this process's and descriptor 6 is ours, so both reach our caller
+    untouched.
     """
     prog = env.get("DKIMQUEUE") or os.path.join(_home.home(), "bin", "qmail-queue")
+    errstr = _fd_open(FD_ERRSTR)
     try:
-        mr, mw = os.pipe2(os.O_CLOEXEC)
-        er, ew = os.pipe2(os.O_CLOEXEC)
-    except OSError:
-        raise Fatal(EXIT_PIPE, "unable to make pipes") from None
-    fds = {0: mr, 1: er, 2: 2}
-    if _fd_open(FD_ERRSTR):
+        mfd = os.memfd_create("qmail-dkim-message", os.MFD_CLOEXEC)
+        efd = os.memfd_create("qmail-dkim-envelope", os.MFD_CLOEXEC)
+        for fd, data in ((mfd, message), (efd, envelope)):
+            durable.write_all(fd, data)
+            os.lseek(fd, 0, os.SEEK_SET)
+    except OSError as e:
+        raise Fatal(EXIT_WRITE, f"unable to hold the message: {e.strerror}") from None
+    fds = {0: mfd, 1: efd, 2: 2}
+    if errstr:
         fds[FD_ERRSTR] = FD_ERRSTR
     try:
-        pid = spawn.spawn(prog, [prog], env=dict(env), fds=fds)
+        spawn.become(prog, [prog], env=dict(env), fds=fds)
     except OSError as e:
-        for fd in (mr, mw, er, ew):
-            os.close(fd)
         raise Fatal(EXIT_FORK, f"unable to run {prog}: {e.strerror}") from None
-    os.close(mr)
-    os.close(er)
-    for fd, data in ((mw, message), (ew, envelope)):
-        try:
-            durable.write_all(fd, data)
-        except OSError:
-            pass  # safe: the next program stopped reading; its exit code says why
-        finally:
-            os.close(fd)
-    try:
-        code = spawn.wait(pid)
-    except OSError:
-        raise Fatal(EXIT_WAIT, "unable to wait for the queue program") from None
-    return EXIT_BUG if code < 0 else code  # killed: qq internal bug, as pyqmail.queue.exits.relay
 
 
 def _reject(text: bytes) -> int:
@@ -602,18 +596,82 @@ def preload() -> None:
     import dkim  # noqa: F401
     import dkim.crypto  # noqa: F401
 
-    from pyqmail.filter import dmarc
+    from pyqmail import control  # noqa: F401
+    from pyqmail.filter import arc, dmarc, rsa
+    from pyqmail.remote import mx  # noqa: F401
 
-    for name in ("nacl.signing", "nacl.encoding", "authres", "spf", "email.utils", "dns.resolver"):
+    for name in ("nacl.signing", "nacl.encoding", "authres", "spf", "email.utils", "dns.resolver",
+                 "dns.nameserver", "dns.flags", "dns.exception", "dns.name"):
         try:
             __import__(name)
         except ImportError:
             pass  # safe: the child imports again and reports the failure
     _install_fast_rsa()
+    arc._quiet()
+    # The next program's module too: every message starts it from here.
+    stub = spawn.read_stub(os.environ.get("DKIMQUEUE") or os.path.join(_home.home(), "bin", "qmail-queue"))
+    if stub is not None:
+        try:
+            __import__(stub.module)
+        except ImportError:
+            pass  # safe: spawn imports it again in the child and reports the failure
+    if rsa.available():
+        _warm_keys()
     try:
         dmarc.org_domain("example.com")
     except ImportError:
         pass  # safe: as above
+
+
+WARM_KEYS_MAX = 64
+WARM_SIGNS = 10
+
+
+def _warm_keys() -> None:
+    """Load the RSA keys this user can read into OpenSSL and sign once with each.
+
+    Run in tcpserver's parent (after it took its uid): the children find
+    the key loaded, its Montgomery and blinding values made (6 ms each, per
+    process otherwise). A child still reads its key file per message and
+    looks it up by modulus, so a replaced key takes effect at once.
+    """
+    import dkim.crypto
+
+    from pyqmail.filter import rsa
+
+    paths: list[str] = []
+    top = os.path.join(_home.home(), "control", "domainkeys")
+    try:
+        for domain in sorted(os.listdir(top)):
+            try:
+                paths += [os.path.join(top, domain, n) for n in sorted(os.listdir(os.path.join(top, domain)))]
+            except OSError:
+                continue  # safe: a directory this user cannot read holds no key it could sign with
+    except OSError:
+        pass  # safe: no control/domainkeys, no keys to warm
+    from pyqmail import control
+
+    try:
+        paths += [line.split(":")[1].strip() for line in control.read_lines("dkimkeys") or [] if ":" in line]
+    except control.ControlError:
+        pass  # safe: qmail-dkim reads control/dkimkeys again per message and reports there
+    warm: list[Key] = []
+    for path in paths[:WARM_KEYS_MAX]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(65536)
+            modulus = dkim.crypto.parse_pem_private_key(data)["modulus"]
+        except Exception:  # noqa: BLE001 - not a readable RSA key: the children read it themselves
+            continue
+        if rsa.load_key(data, modulus):
+            rsa.sign_digest(modulus, bytes(32))
+            warm.append(Key("warm.invalid", "warm", data))
+    # CPython specialises a function's code after 8 calls: made here, those pages stay shared.
+    message = b"From: <a@warm.invalid>\nSubject: warm\n\nwarm\n"
+    fields, _ = split_header(message)
+    for _ in range(WARM_SIGNS):
+        for key in warm[:2]:
+            sign_message(message, [key], fields)
 
 
 @program("qmail-dkim", crash=EXIT_BUG)
@@ -631,7 +689,7 @@ def main(argv: list[str]) -> int:
             out = filter_message(message, envelope, env)
         except Reject as r:
             return _reject(r.text)
-        return queue(out, envelope, env)
+        queue(out, envelope, env)
     except Fatal as f:
         os.write(2, f"qmail-dkim: fatal: {f.text}\n".encode("utf-8", "replace"))
         return f.code

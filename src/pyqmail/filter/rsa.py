@@ -73,6 +73,11 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+def available() -> bool:
+    """Return whether OpenSSL can sign here (loading libcrypto on first call)."""
+    return _load() is not None
+
+
 def load_key(pem: bytes, modulus: int) -> bool:
     """Load the PEM private key whose modulus is modulus into OpenSSL; return False if unusable."""
     if modulus in _keys:

@@ -278,12 +278,16 @@ def set_ids(cfg: Config) -> None:
 def preload(argv: list[str]) -> None:
     """Import, in the parent, the modules of the pyqmail programs argv names, so no child pays for them.
 
-    A module that defines ``preload()`` (rblsmtpd: its DNS library) has it
-    called too. A module that fails to import here is left to the child,
-    which reports the failure as exec would.
+    $QMAILQUEUE's program counts too (a filter such as qmail-dkim, which
+    every message of every connection starts). A module that defines
+    ``preload()`` (rblsmtpd: its DNS library) has it called too. A module
+    that fails to import here is left to the child, which reports the
+    failure as exec would.
     """
     path = os.environ.get("PATH")
-    for word in argv:
+    for word in [*argv, os.environ.get("QMAILQUEUE", "")]:
+        if not word:
+            continue
         try:
             stub = spawn.read_stub(pathexec.target(word, path))
         except OSError:
