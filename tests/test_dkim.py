@@ -496,3 +496,43 @@ def test_bad_envelope_exits_as_qmail_queue(keyed: tuple[QHome, dict], tmp_path: 
     prog, out = catcher(tmp_path)
     assert run_filter(home, MESSAGE, {"DKIMQUEUE": prog}, envelope=envelope)[0] == code
     assert not (out / "msg").exists()
+
+
+def smtp(home: QHome, env: dict[str, str], data: bytes) -> list[bytes]:
+    """One SMTP session with home's qmail-smtpd (QMAILQUEUE=qmail-dkim); return the replies after the greeting."""
+    from smtpdkit import Conversation
+
+    c = Conversation(home.bin("qmail-smtpd"), {"QMAILQUEUE": str(home.bin("qmail-dkim")), "TCPLOCALHOST": "mx",
+                                               "TCPLOCALIP": "127.0.0.1", "TCPREMOTEIP": "127.0.0.9",
+                                               "PROTO": "TCP", **env})
+    try:
+        c.line()
+        c.send(b"HELO client.example.com\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@mx.test.example.com>\r\n"
+               b"DATA\r\n" + data.replace(b"\n", b"\r\n") + b".\r\nQUIT\r\n")
+        return c.lines(6)
+    finally:
+        c.close()
+
+
+def test_smtp_dmarc_reject_and_relay_client_signing(keyed: tuple[QHome, dict]) -> None:
+    """qmail-smtpd with QMAILQUEUE=qmail-dkim: a DMARC p=reject failure is a 554 with its reason; a relay
+    client's message is queued signed."""
+    from smtpdkit import queued
+
+    home, records = keyed
+    body = MESSAGE.split(b"\n", 2)[2]  # without the Received line: qmail-smtpd writes its own
+    home.control("dmarcbehavior", "1\n")
+    try:
+        with DNSServer(dmarc_records(records, "v=DMARC1; p=reject")) as dns:
+            before = len(queued(home.queue))
+            got = smtp(home, {"DNSCACHEIP": dns.dnscacheip}, body)
+            assert got[4] == b"554 DMARC policy of example.com rejects this message (#5.7.1)\r\n", got
+            assert len(queued(home.queue)) == before
+            got = smtp(home, {"DNSCACHEIP": dns.dnscacheip, "RELAYCLIENT": ""}, body)
+            assert got[4].startswith(b"250 ok "), got
+    finally:
+        home.control("dmarcbehavior", None)
+    mess, sender, _ = queued(home.queue)[-1]
+    assert sender == b"alice@example.com" and mess.count(b"DKIM-Signature:") == 2
+    with DNSServer(records) as dns:
+        assert mail_dkim(dns, mess)[0] == "pass"
