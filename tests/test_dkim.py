@@ -536,3 +536,34 @@ def test_smtp_dmarc_reject_and_relay_client_signing(keyed: tuple[QHome, dict]) -
     assert sender == b"alice@example.com" and mess.count(b"DKIM-Signature:") == 2
     with DNSServer(records) as dns:
         assert mail_dkim(dns, mess)[0] == "pass"
+
+
+def test_qmail_local_forward_is_sealed(keyed: tuple[QHome, dict], tmp_path: Path) -> None:
+    """A .qmail `&address` forward through qmail-local, with QMAILQUEUE=qmail-dkim in its environment
+    (as qmail-start passes it on), leaves with an ARC set that Mail::DKIM verifies."""
+    home, records = keyed
+    prog, out = catcher(tmp_path)
+    user_home = tmp_path / "bob"
+    user_home.mkdir(mode=0o755)
+    user_home.chmod(0o755)
+    (user_home / ".qmail").write_text("&carol@second.example\n")
+    with DNSServer(dmarc_records(records, "v=DMARC1; p=none")) as dns:
+        signed = sign(home, tmp_path)
+        code, _, err = run_filter(home, signed, inbound(DKIMQUEUE=prog, DNSCACHEIP=dns.dnscacheip))
+        assert code == 0, err
+        received = (out / "msg").read_bytes()
+        (out / "msg").unlink()
+        env = {"PATH": "/usr/bin:/bin", "QMAILQUEUE": str(home.bin("qmail-dkim")), "DKIMQUEUE": prog,
+               "DNSCACHEIP": dns.dnscacheip}
+        with open(tmp_path / "in", "wb") as f:
+            f.write(received)
+        with open(tmp_path / "in", "rb") as f:
+            p = subprocess.run([str(home.bin("qmail-local")), "--", "bob", str(user_home), "bob", "", "",
+                                DOMAIN, "alice@example.com", "./Mailbox"], stdin=f, capture_output=True,
+                               env=env, timeout=60)
+        assert p.returncode == 0, p
+        sealed = (out / "msg").read_bytes()
+        assert (out / "env").read_bytes() == b"Falice@example.com\0Tcarol@second.example\0\0"
+        assert sealed.startswith(b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example.com; s=default;")
+        assert b"\nDelivered-To: bob@example.com\n" in sealed
+        assert mail_dkim(dns, sealed, "arc")[0] == "pass"
