@@ -93,7 +93,13 @@ def _fresh_venv(where: Path, user: str | None = None, also: tuple[str, ...] = ()
                     user=user).stdout.decode().strip())
     from pyqmail.admin.install import _requirement_names
 
-    for name in [*_requirement_names(metadata.distribution("pyqmail").requires), *also]:
+    todo, seen = [*_requirement_names(metadata.distribution("pyqmail").requires), *also], set()
+    while todo:  # and their own requirements (PyNaCl needs cffi, which needs pycparser)
+        name = todo.pop()
+        if name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        todo += _requirement_names(metadata.distribution(name).requires)
         for f in metadata.distribution(name).files or []:
             rel = f.as_posix()
             if rel.startswith("../") or "__pycache__" in rel:
