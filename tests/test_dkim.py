@@ -567,3 +567,16 @@ def test_qmail_local_forward_is_sealed(keyed: tuple[QHome, dict], tmp_path: Path
         assert sealed.startswith(b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example.com; s=default;")
         assert b"\nDelivered-To: bob@example.com\n" in sealed
         assert mail_dkim(dns, sealed, "arc")[0] == "pass"
+
+
+def test_helo_from_qmail_smtpd_received_line() -> None:
+    """SPF's HELO name comes from qmail-smtpd's Received line: `(HELO NAME)` when given, else the host."""
+    from pyqmail.filter.dkim import _helo, split_header
+
+    def helo(line: bytes) -> str:
+        return _helo(split_header(line + b"\n  by mx with SMTP; date\nSubject: s\n\nbody\n")[0])
+
+    assert helo(b"Received: from a.example (HELO b.example) (1.2.3.4)") == "b.example"
+    assert helo(b"Received: from unknown (HELO c.example) (1.2.3.4)") == "c.example"
+    assert helo(b"Received: from a.example (1.2.3.4)") == "a.example"
+    assert helo(b"Received: from unknown (1.2.3.4)") == ""

@@ -385,13 +385,19 @@ def _me() -> str:
 
 
 def _helo(fields: list[tuple[bytes, bytes]]) -> str:
-    """Return the HELO name in the top Received line qmail-smtpd wrote, '' if none."""
+    """Return the HELO name in the top Received line qmail-smtpd wrote, '' if none.
+
+    qmail-smtpd writes `from HOST (HELO NAME)` when the client's HELO name
+    differs from HOST, else `from HOST`; HOST `unknown` names nothing.
+    """
     for name, raw in fields:
         if name == b"received":
             words = header_value(raw).split()
-            if len(words) >= 2 and words[0].lower() == b"from":
-                return words[1].decode("ascii", "replace")
-            return ""
+            if len(words) < 2 or words[0].lower() != b"from":
+                return ""
+            if len(words) >= 4 and words[2] == b"(HELO" and words[3].endswith(b")"):
+                return words[3][:-1].decode("ascii", "replace")
+            return "" if words[1] == b"unknown" else words[1].decode("ascii", "replace")
     return ""
 
 
