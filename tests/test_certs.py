@@ -467,7 +467,8 @@ def test_services_argv_and_environment(qhome: QHome) -> None:
     popup = [str(b / "qmail-popup"), FQDN, str(b / "checkpassword"), str(b / "qmail-pop3d"), "Maildir"]
     got = _services(qhome, smtp=2525, pop3=2110, smtps=2465, pop3s=2995)
     assert sorted(got) == ["pop3d", "pop3s", "send", "smtpd", "smtps"]
-    assert got["smtps"] == ["SMTPS=1", *tcp, "2465", str(b / "qmail-smtpd")]
+    auth = [str(b / "qmail-smtpd"), str(b / "checkpassword"), "/bin/true"]  # SMTP AUTH (issue 14)
+    assert got["smtps"] == ["SMTPS=1", "SMTPAUTH=", *tcp, "2465", *auth]
     assert got["pop3s"] == ["POP3S=1", *tcp, "2995", *popup]
     assert got["pop3d"] == ["FORCETLS=1", *tcp, "2110", *popup]
     assert got["smtpd"] == [*tcp, "2525", str(b / "qmail-smtpd")]
@@ -476,21 +477,23 @@ def test_services_argv_and_environment(qhome: QHome) -> None:
 
 def test_services_root_mode_users_and_default_ports(root_home: QHome) -> None:
     qmaild = pwd.getpwnam("qmaild")
-    got = _services(root_home, smtps=465, pop3s=995)
-    assert got["smtps"][:3] == ["SMTPS=1", str(root_home.bin("tcpserver")), "-v"]
-    assert ["-u", str(qmaild.pw_uid), "-g", str(qmaild.pw_gid)] == got["smtps"][8:12]
+    got = _services(root_home, smtp=25, smtps=465, pop3s=995)
+    assert got["smtps"][:4] == ["SMTPS=1", "SMTPAUTH=", str(root_home.bin("tcpserver")), "-v"]
+    assert ["-u", str(qmaild.pw_uid), "-g", str(qmaild.pw_gid)] == got["smtpd"][7:11]
+    assert "-u" not in got["smtps"]  # SMTP AUTH's checkpassword needs root, as the POP3 service
     assert "-u" not in got["pop3s"]  # qmail-popup's checkpassword needs root, as the POP3 service
 
 
 def test_qmail_services_and_systemd_take_the_tls_ports(qhome: QHome) -> None:
     res = expect(run([VENV_BIN / "qmail", "services", "--home", qhome.path, "--smtp-port", "0", "--qmtp-port", "0",
-                      "--pop3-port", "0", "--smtps-port", "4465", "--pop3s-port", "0"]))
+                      "--pop3-port", "0", "--smtps-port", "4465", "--pop3s-port", "0",
+                      "--submission-port", "0"]))
     assert sorted(os.listdir(qhome.path / "service")) == ["send", "smtps"], res.explain()
     script = (qhome.path / "service" / "smtps" / "run").read_text()
     host = "0" if os.geteuid() == 0 else "127.0.0.1"  # as root, every address
-    assert script.endswith(f"exec env - PATH='{qhome.path}/bin:/usr/local/bin:/usr/bin:/bin' 'SMTPS=1' "
+    assert script.endswith(f"exec env - PATH='{qhome.path}/bin:/usr/local/bin:/usr/bin:/bin' 'SMTPS=1' 'SMTPAUTH=' "
                            f"'{qhome.bin('tcpserver')}' '-v' '-R' '-l' '{FQDN}' '-c' '40' '{host}' '4465' "
-                           f"'{qhome.bin('qmail-smtpd')}'\n"), script
+                           f"'{qhome.bin('qmail-smtpd')}' '{qhome.bin('checkpassword')}' '/bin/true'\n"), script
     from pyqmail.admin import status
 
     assert status.listen_address(script.encode()).startswith(f"{host}:4465")  # type: ignore[union-attr]
@@ -604,7 +607,7 @@ def running(qhome: QHome) -> Running:
 def test_run_scripts_give_tcpserver_its_environment(running: Running, qhome: QHome) -> None:
     """Every service listens, and its run script hands tcpserver exactly PATH and its TLS variable."""
     path = f"{qhome.path}/bin:/usr/local/bin:/usr/bin:/bin"
-    assert running.environ(qhome, "smtps") == {"PATH": path, "SMTPS": "1"}
+    assert running.environ(qhome, "smtps") == {"PATH": path, "SMTPS": "1", "SMTPAUTH": ""}
     assert running.environ(qhome, "pop3s") == {"PATH": path, "POP3S": "1"}
     assert running.environ(qhome, "pop3d") == {"PATH": path, "FORCETLS": "1"}
     assert running.environ(qhome, "smtpd") == {"PATH": path}

@@ -111,7 +111,7 @@ def test_up_supervises_delivers_serves_pop3_and_down_stops() -> None:
     smtp_port, pop3_port, smtps_port, pop3s_port = _free_port(), _free_port(), _free_port(), _free_port()
     up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home, "--smtp-port", str(smtp_port),
                            "--pop3-port", str(pop3_port), "--qmtp-port", "0", "--smtps-port", str(smtps_port),
-                           "--pop3s-port", str(pop3s_port)], **_as_user(),  # type: ignore[call-overload]
+                           "--pop3s-port", str(pop3s_port), "--submission-port", "0"], **_as_user(),  # type: ignore[call-overload]
                           env=env, cwd=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True)
     try:

@@ -5,7 +5,7 @@ usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
        qmail init --upgrade [--home DIR]
        qmail init --new-cert [--home DIR]
        qmail up [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N]
-                [--smtps-port N] [--pop3s-port N]
+                [--smtps-port N] [--pop3s-port N] [--submission-port N]
        qmail down [--home DIR]
        qmail user add|del|passwd|list [--home DIR] [NAME]
        qmail status|doctor|trace|queue|report [--home DIR] ...
@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="SMTPS port, TLS from the first byte (default 465 as root, else 2465; 0: none)")
             c.add_argument("--pop3s-port", type=int, default=None,
                            help="POP3S port, TLS from the first byte (default 995 as root, else 2995; 0: none)")
+            c.add_argument("--submission-port", type=int, default=None,
+                           help="submission port, STARTTLS and AUTH required (default 587 as root, else 2587; 0: none)")
     for name, (_module, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     u = sub.add_parser("user", help="manage the POP3 virtual users (QMAILHOME/users/poppasswd)")

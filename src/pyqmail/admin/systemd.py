@@ -1,6 +1,6 @@
 """`qmail services` and `qmail systemd`: run a home at boot, without `qmail up` in the foreground.
 
-`qmail services [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N] [--smtps-port N] [--pop3s-port N]`
+`qmail services [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N] [--smtps-port N] [--pop3s-port N] [--submission-port N]`
 writes QMAILHOME/service/ exactly as `qmail up` does (pyqmail.admin.up's
 `services` and `write_services`) and starts nothing: svscanboot, the book's
 /service (symlink the directories there) or the systemd unit run it.
@@ -177,6 +177,8 @@ def parser(prog: str, systemd: bool) -> argparse.ArgumentParser:
     p.add_argument("--qmtp-port", type=int, default=None, help="QMTP port (default 209 as root, else 2209; 0: none)")
     p.add_argument("--smtps-port", type=int, default=None, help="SMTPS port (default 465 as root, else 2465; 0: none)")
     p.add_argument("--pop3s-port", type=int, default=None, help="POP3S port (default 995 as root, else 2995; 0: none)")
+    p.add_argument("--submission-port", type=int, default=None,
+                   help="submission port (default 587 as root, else 2587; 0: none)")
     if systemd:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--install", action="store_true", help="also copy the unit into --unit-dir")

@@ -37,24 +37,26 @@ class _Stop(Exception):
 
 
 class Ports:
-    """Where `qmail up` listens: SMTP, POP3, QMTP, SMTPS, POP3S (0 = do not run that service)."""
+    """Where `qmail up` listens: SMTP, POP3, QMTP, SMTPS, POP3S, submission (0 = do not run that service)."""
 
-    __slots__ = ("host", "smtp", "pop3", "qmtp", "smtps", "pop3s")
+    __slots__ = ("host", "smtp", "pop3", "qmtp", "smtps", "pop3s", "submission")
 
-    def __init__(self, host: str, smtp: int, qmtp: int, pop3: int = 0, smtps: int = 0, pop3s: int = 0) -> None:
+    def __init__(self, host: str, smtp: int, qmtp: int, pop3: int = 0, smtps: int = 0, pop3s: int = 0,
+                 submission: int = 0) -> None:
         self.host = host
         self.smtp = smtp
         self.pop3 = pop3
         self.qmtp = qmtp
         self.smtps = smtps
         self.pop3s = pop3s
+        self.submission = submission
 
 
 def default_ports() -> Ports:
     """Root: qmail's ports on every address; otherwise loopback and unprivileged ports."""
     if os.geteuid() == 0:
-        return Ports("0", 25, 209, 110, 465, 995)
-    return Ports("127.0.0.1", 2525, 2209, 2110, 2465, 2995)
+        return Ports("0", 25, 209, 110, 465, 995, 587)
+    return Ports("127.0.0.1", 2525, 2209, 2110, 2465, 2995, 2587)
 
 
 # The environment words a TLS service's argv starts with (env(1)'s NAME=VALUE,
@@ -62,13 +64,18 @@ def default_ports() -> Ports:
 SMTPS_ENV = "SMTPS=1"  # TLS from the first byte (RFC 8314), port 465
 POP3S_ENV = "POP3S=1"  # TLS from the first byte, port 995
 FORCETLS_ENV = "FORCETLS=1"  # qmail-popup refuses USER and PASS before STLS
+# The submission service (RFC 6409, port 587): STARTTLS, then AUTH required before MAIL
+# (the SMTP AUTH patch's $SMTPAUTH grammar: '!' = LOGIN PLAIN, required), never before TLS.
+SUBMISSION_ENV = ("SMTPAUTH=!", FORCETLS_ENV)
+SMTPS_AUTH_ENV = "SMTPAUTH="  # SMTPS: LOGIN PLAIN offered (TLS from the first byte), not required
+AUTH_SUBPROGRAM = "/bin/true"  # what checkpassword runs as the user once the login is accepted
 SERVERCERT = "control/servercert.pem"  # pyqmail.admin.certs.SERVERCERT, not imported: `qmail up` stays light
 
 
 def ports_from(args: object) -> Ports:
     """Return the default ports with the --smtp-port ... --pop3s-port options of args applied."""
     ports = default_ports()
-    for name in ("smtp", "qmtp", "pop3", "smtps", "pop3s"):
+    for name in ("smtp", "qmtp", "pop3", "smtps", "pop3s", "submission"):
         value = getattr(args, f"{name}_port", None)
         if value is not None:
             setattr(ports, name, value)
@@ -101,11 +108,16 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
     which the run script gives to env(1). With control/servercert.pem the
     POP3 service refuses passwords before STLS ($FORCETLS) and the SMTPS and
     POP3S services run; without it there is no TLS to offer or require.
+    The submission service (and SMTPS) runs qmail-smtpd with checkpassword
+    as its checkprogram, so AUTH checks the POP3 users; as root it runs
+    as root, as the POP3 service does: checkpassword must read the user
+    database and /etc/shadow (docs/DESIGN.md, issue 14).
     """
     bindir = os.path.join(qmail_home, "bin")
     tls = os.path.lexists(os.path.join(qmail_home, SERVERCERT))
     popup = [os.path.join(bindir, "qmail-popup"), fqdn, os.path.join(bindir, "checkpassword"),
              os.path.join(bindir, "qmail-pop3d"), "Maildir"]
+    smtpd_auth = [os.path.join(bindir, "qmail-smtpd"), os.path.join(bindir, "checkpassword"), AUTH_SUBPROGRAM]
     out = {"send": [os.path.join(bindir, "qmail-start"), "./Maildir/"]}
     if not inst.single:
         # Root mode: local users queue through qmail-queued, a service of its
@@ -122,8 +134,11 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
         out["qmtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.qmtp,
                                   [os.path.join(bindir, "qmail-qmtpd")], as_qmaild=True)
     if ports.smtps and tls:
-        out["smtps"] = [SMTPS_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtps,
-                                               [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)]
+        out["smtps"] = [SMTPS_ENV, SMTPS_AUTH_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtps,
+                                                               smtpd_auth, as_qmaild=False)]
+    if ports.submission and tls:
+        out["submission"] = [*SUBMISSION_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.submission,
+                                                          smtpd_auth, as_qmaild=False)]
     if ports.pop3s and tls:
         out["pop3s"] = [POP3S_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.pop3s,
                                                popup, as_qmaild=False)]
@@ -461,7 +476,8 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
         _maildir(maildir)
         for sub in ("", "tmp", "new", "cur"):
             os.chown(os.path.join(maildir, sub), alias.uid, alias.gid)
-    password_file = _pop3_user(qmail_home, inst, user, maildir_home, uid, gid) if ports.pop3 else ""
+    password_file = (_pop3_user(qmail_home, inst, user, maildir_home, uid, gid)
+                     if ports.pop3 or ports.submission else "")
     wanted = services(qmail_home, inst, ports, me)
     write_services(qmail_home, inst, wanted)
     stopping = False
@@ -498,7 +514,7 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
         print(f"qmail up: running in {qmail_home} ({'single-user' if inst.single else 'root'} mode), "
               f"services in {qmail_home}/{SERVICES}, logs in {qmail_home}/{LOGDIR}/", file=out)
         listening = {"smtpd": ports.smtp, "pop3d": ports.pop3, "qmtpd": ports.qmtp,
-                     "smtps": ports.smtps, "pop3s": ports.pop3s}
+                     "smtps": ports.smtps, "pop3s": ports.pop3s, "submission": ports.submission}
         for name, argv in wanted.items():
             where = f" on {ports.host}:{listening[name]}" if name in listening else ""
             print(f"qmail up: {name}{where}: {' '.join(argv)}", file=out)
@@ -516,6 +532,11 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
                   f"password in {password_file}", file=out)
         if "pop3s" in wanted:
             print(f"qmail up: or over POP3S at {host}:{ports.pop3s}", file=out)
+        if "submission" in wanted:
+            print(f"qmail up: mail program: outgoing server {host} port {ports.submission}, STARTTLS, "
+                  f"password authentication (PLAIN or LOGIN) as user {user}, password in {password_file}", file=out)
+            print(f"qmail up: try it: swaks --server {host} --port {ports.submission} --tls --auth PLAIN "
+                  f"--auth-user {user} --auth-password \"$(cat {password_file})\" --to someone@example.org", file=out)
         print(_tls_line(qmail_home, ports, wanted), file=out)
         print(f"qmail up: status with: qmail status --home {qmail_home}", file=out)
         print(f"qmail up: stop with Ctrl-C or: qmail down --home {qmail_home}", file=out, flush=True)
@@ -547,7 +568,8 @@ def _tls_line(qmail_home: str, ports: Ports, wanted: dict[str, list[str]]) -> st
     offers = ["STARTTLS on SMTP" if "smtpd" in wanted else "",
               "STLS on POP3 (required before a password)" if "pop3d" in wanted else "",
               f"SMTPS on port {ports.smtps}" if "smtps" in wanted else "",
-              f"POP3S on port {ports.pop3s}" if "pop3s" in wanted else ""]
+              f"POP3S on port {ports.pop3s}" if "pop3s" in wanted else "",
+              f"submission on port {ports.submission} (STARTTLS and AUTH required)" if "submission" in wanted else ""]
     said = ", ".join(o for o in offers if o) or "no service to offer it on"
     return f"qmail up: TLS with {cert}: {said}"
 
