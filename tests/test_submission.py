@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CI, IS_ROOT, TEST_USER, VENV_BIN, QHome, world_dir
+from test_smtpd_auth import _no_leftover_servers, ahome  # noqa: F401 (fixtures)
+from test_smtpd_tls import pki, tls_home  # noqa: F401 (fixtures ahome needs)
 from test_up import _as_user, _free_port, _kill_group, _port_open, _read_until_ready, _wait_for
 
 FQDN = "test.example.com"
@@ -184,3 +186,55 @@ def test_submission_through_qmail_up_relays_with_esmtpsa() -> None:
     finally:
         _kill_group(up, home)
         sink.close()
+
+
+# ------------------------------------------------------------ $SENDERCHECK (issue 14.2)
+
+
+def test_sendercheck_rules() -> None:
+    from pyqmail.smtpd.auth import SenderCheck
+
+    assert SenderCheck.from_env(None, []) is None and SenderCheck.from_env(b"0", []) is None
+    own = SenderCheck.from_env(b"1", [b"Local.Example"])
+    assert own is not None and not own.domain_only
+    assert own.allowed(b"sub@example.org", b"sub@EXAMPLE.org")
+    assert own.allowed(b"sub@example.org", b"sub-list@example.org")  # qmail's extension addresses
+    assert not own.allowed(b"sub@example.org", b"Sub@example.org")  # local parts compare exactly
+    assert not own.allowed(b"sub@example.org", b"subx@example.org")
+    assert not own.allowed(b"sub@example.org", b"sub@other.example")
+    assert own.allowed(b"pqtest", b"pqtest@local.example")  # no '@': control/locals
+    assert not own.allowed(b"pqtest", b"pqtest@example.org") and not own.allowed(b"pqtest", b"pqtest")
+    assert own.allowed(b"sub@example.org", b"")  # <>: names nobody
+    dom = SenderCheck.from_env(b"domain", [b"local.example"])
+    assert dom is not None and dom.domain_only
+    assert dom.allowed(b"sub@example.org", b"boss@Example.Org")
+    assert not dom.allowed(b"sub@example.org", b"boss@evil.example")
+    assert dom.allowed(b"pqtest", b"anyone@local.example")
+
+
+def test_sendercheck_in_qmail_smtpd(ahome: QHome) -> None:
+    """With $SENDERCHECK an authenticated MAIL FROM not the user's is 553; without AUTH nothing changes."""
+    from test_smtpd_auth import USER, plain, talk, wrapper
+
+    from pyqmail.smtpd import replies
+    from pyqmail.smtpd.auth import SENDER_NOT_YOURS
+
+    prog = wrapper(ahome)
+    c = talk(ahome, prog, DISABLETLS="1", SENDERCHECK="1")
+    c.send(b"EHLO x\r\nMAIL FROM:<boss@example.org>\r\nRSET\r\n")  # not authenticated: not checked
+    c.reply()
+    assert c.reply() == replies.OK and c.reply() == replies.FLUSHED
+    c.send(b"AUTH PLAIN " + plain() + b"\r\n")
+    assert c.reply() == replies.AUTH_OK
+    c.send(b"MAIL FROM:<boss@example.org>\r\n")
+    assert c.reply() == SENDER_NOT_YOURS
+    c.send(b"MAIL FROM:<" + USER.encode() + b"> AUTH=<>\r\nRCPT TO:<" + REMOTE.encode() + b">\r\n")
+    assert c.reply() == replies.OK and c.reply() == replies.OK
+    c.send(b"QUIT\r\n")
+    c = talk(ahome, prog, DISABLETLS="1", SENDERCHECK="domain")
+    c.send(b"EHLO x\r\nAUTH PLAIN " + plain() + b"\r\n")
+    c.reply()
+    assert c.reply() == replies.AUTH_OK
+    c.send(b"MAIL FROM:<boss@evil.example>\r\nMAIL FROM:<boss@example.org>\r\n")
+    assert c.reply() == SENDER_NOT_YOURS and c.reply() == replies.OK
+    c.send(b"QUIT\r\n")

@@ -23,11 +23,12 @@ RESPONSE_MAX = 4096  # bytes of one client response line (base64); longer is 501
 class Policy:
     """Which mechanisms are offered and whether AUTH is required before MAIL."""
 
-    __slots__ = ("mechanisms", "required")
+    __slots__ = ("mechanisms", "required", "sendercheck")
 
     def __init__(self, mechanisms: tuple[bytes, ...], required: bool) -> None:
         self.mechanisms = mechanisms
         self.required = required
+        self.sendercheck: SenderCheck | None = None  # $SENDERCHECK, set by qmail-smtpd after from_env
 
     @classmethod
     def from_env(cls, value: bytes | None) -> Policy | None:
@@ -158,3 +159,49 @@ class Exchange:
             return
         self.user, self.secret = user, digest
         self.done = True
+
+
+SENDER_NOT_YOURS = b"553 sorry, that envelope sender is not yours to use (#5.7.1)\r\n"
+
+
+class SenderCheck:
+    """$SENDERCHECK: which envelope senders an authenticated user may give in MAIL FROM.
+
+    Unset or `0`: any. `domain`: an address in the login's domain (the part after its
+    '@'), or in one of control/locals for a login without '@' (a system account or a
+    bare virtual name). Any other value: the login's own address, the login itself
+    when it has an '@', else login@D for each D in control/locals; qmail's extension
+    addresses (LOGIN-ANYTHING@D) are the user's too. Domains compare ignoring ASCII
+    case, local parts exactly. The null sender <> (bounces, vacation replies) is
+    always allowed: it names nobody. Sessions without AUTH are not checked.
+    """
+
+    __slots__ = ("domain_only", "locals")
+
+    def __init__(self, domain_only: bool, local_domains: frozenset[bytes]) -> None:
+        self.domain_only = domain_only
+        self.locals = local_domains
+
+    @classmethod
+    def from_env(cls, value: bytes | None, local_domains: list[bytes]) -> SenderCheck | None:
+        """Return the check $SENDERCHECK asks for (None: none)."""
+        if value is None or value.strip() in (b"0", b""):
+            return None
+        return cls(value.strip().lower() == b"domain", frozenset(d.lower() for d in local_domains if d))
+
+    def allowed(self, user: bytes, sender: bytes) -> bool:
+        """Return whether user (the authenticated login) may use sender (MAIL FROM's address)."""
+        if not sender:
+            return True
+        local, at, domain = sender.rpartition(b"@")
+        if not at:
+            return False  # an address without a domain names no one's mailbox
+        domain = domain.lower()
+        ulocal, uat, udomain = user.rpartition(b"@")
+        domains = frozenset((udomain.lower(),)) if uat else self.locals
+        if domain not in domains:
+            return False
+        if self.domain_only:
+            return True
+        name = ulocal if uat else user
+        return local == name or local.startswith(name + b"-")

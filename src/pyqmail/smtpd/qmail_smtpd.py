@@ -49,7 +49,7 @@ from pyqmail.smtpd import replies
 from pyqmail.smtpd.data import END, MORE, Blast
 from pyqmail.smtpd.ipme import Ipme, IpmeError
 from pyqmail.smtpd.rcpthosts import RcptHosts
-from pyqmail.smtpd.auth import Exchange, Policy
+from pyqmail.smtpd.auth import Exchange, Policy, SenderCheck
 from pyqmail.smtpd.received import Peer, safe
 from pyqmail.smtpd.session import AUTH, DATA, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply, scan_ulong
 
@@ -127,6 +127,10 @@ def _auth_setup(argv: list[str]) -> tuple[Policy | None, bool, AuthRun | None]:
     policy = Policy.from_env(env.get(b"SMTPAUTH"))
     if policy is None:
         return None, forcetls, None
+    check = env.get(b"SENDERCHECK")
+    if check is not None:
+        locs = control.read_lines("locals") or [control.me() or ""]
+        policy.sendercheck = SenderCheck.from_env(check, [d.encode("latin-1") for d in locs])
     x = env.get(b"AUTHFAILURES")
     limit = scan_ulong(x)[0] if x is not None else control.read_int("authfailures", AUTH_FAILURES)
     delay = AUTH_DELAY

@@ -12,6 +12,7 @@ longer than 899 bytes is a syntax error.
 from __future__ import annotations
 
 from pyqmail.smtpd import replies
+from pyqmail.smtpd.auth import SENDER_NOT_YOURS
 from pyqmail.smtpd.received import Peer, safe
 from pyqmail.smtpd.rcpthosts import RcptHosts
 
@@ -301,6 +302,9 @@ class Session:
         addr = self._addr(arg)
         if addr is None:
             return replies.SYNTAX
+        check = self.cfg.auth.sendercheck if self.cfg.auth is not None else None
+        if check is not None and self.authuser is not None and not check.allowed(self.authuser, addr):
+            return SENDER_NOT_YOURS  # $SENDERCHECK (issue 14.2)
         self.flagbarf = self._badmailfrom(addr)
         self.seenmail = True
         self.rcpts = []
