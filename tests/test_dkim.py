@@ -580,3 +580,30 @@ def test_helo_from_qmail_smtpd_received_line() -> None:
     assert helo(b"Received: from unknown (HELO c.example) (1.2.3.4)") == "c.example"
     assert helo(b"Received: from a.example (1.2.3.4)") == "a.example"
     assert helo(b"Received: from unknown (1.2.3.4)") == ""
+
+
+def test_root_mode_qmaild_signs_and_queues(tmp_path: Path) -> None:
+    """Root mode: qmail-dkim as qmaild (qmail-smtpd's user) reads the root:nofiles key, signs, and its
+    qmail-queue (in the same process) writes the maildrop when no qmail-queued runs."""
+    if not IS_ROOT:
+        pytest.skip("root only")
+    need_root_setup()
+    import pwd
+
+    home = make_home(single=False)
+    try:
+        expect(run([VENV_BIN / "qmail", "dkim", "keygen", "--home", home.path, DOMAIN]))
+        (tmp_path / "m").write_bytes(MESSAGE)
+        (tmp_path / "e").write_bytes(ENVELOPE)
+        tmp_path.chmod(0o755)
+        pw = pwd.getpwnam("qmaild")
+        with open(tmp_path / "m", "rb") as m, open(tmp_path / "e", "rb") as e:
+            p = subprocess.run([str(home.bin("qmail-dkim"))], stdin=m, stdout=e, stderr=subprocess.PIPE,
+                               env={"PATH": "/usr/bin:/bin", "TCPREMOTEIP": "127.0.0.1", "RELAYCLIENT": ""},
+                               user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], timeout=60)
+        assert p.returncode == 0, p.stderr
+        (dropped,) = (home.path / "maildrop").iterdir()
+        data = dropped.read_bytes()
+        assert data.count(b"DKIM-Signature:") == 1 and b" d=example.com;" in data and MESSAGE in data
+    finally:
+        shutil.rmtree(home.path.parent, ignore_errors=True)
