@@ -16,6 +16,7 @@ usage: python bench/dkim.py [N] [K]
 from __future__ import annotations
 
 import os
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def main() -> None:
     print(f"messages signed with both keys in the queue: {signed_in_queue(home)}")
     ratio = results["signing"] / results["plain"]
     print(f"signing rate / plain rate: {ratio:.0%} (floor {FLOOR:.0%}): {'ok' if ratio >= FLOOR else 'BELOW FLOOR'}")
+    shutil.rmtree(os.path.dirname(home), ignore_errors=True)
 
 
 if __name__ == "__main__":
