@@ -95,3 +95,21 @@ def test_relay_passes_code_and_text_untouched() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_reader_limit_ends_the_input_there() -> None:
+    # qmail-queued's pickup reads a drop file's envelope only up to the size the file had
+    # when it was opened: its owner growing it meanwhile cannot hold the scan.
+    data = b"Fs@x\0Tr@y\0\0" + b"Tmore@z\0" * 1000
+    fd = _fd(data)
+    try:
+        assert [a for _, a in Reader(fd, limit=12).fields()] == [b"s@x\0", b"r@y\0"]
+    finally:
+        os.close(fd)
+    fd = _fd(b"Fs@x\0Tr@y\0" + b"Tmore@z\0" * 1000 + b"\0")
+    try:
+        with pytest.raises(Exit) as e:
+            list(Reader(fd, limit=11).fields())
+        assert e.value.code == exits.QueueExit.READ_ERROR
+    finally:
+        os.close(fd)

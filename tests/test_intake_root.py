@@ -420,6 +420,8 @@ def _as_user_file(home: QHome, name: str, content: bytes, scratch: Path) -> Path
     src.write_bytes(content)
     src.chmod(0o644)
     expect(run(["cp", str(src), str(_drop_dir(home) / name)], user=TEST_USER))
+    # As qmail-queue leaves its drop files: group qmail (the directory's setgid), 0640.
+    expect(run(["chmod", "640", str(_drop_dir(home) / name)], user=TEST_USER))
     return _drop_dir(home) / name
 
 
@@ -462,6 +464,13 @@ def test_hostile_maildrop_files(site: Site) -> None:
         offset = int.from_bytes(template[16:24], "big")
         _as_user_file(home, "mlongaddr", template[:offset] + b"F" + b"a" * 2000 + b"\0\0", scratch)
         _as_user_file(home, "mbadenv", template[:offset] + b"Xa\0\0", scratch)
+        # Well formed, but not as qmail-queue leaves them: mode 0644 (another user's file
+        # hard-linked here after its own link went keeps its mode), and sparse (a gigabyte
+        # the queue would write that its owner never paid for).
+        _as_user_file(home, "mmode", template, scratch)
+        expect(run(["chmod", "644", str(drop / "mmode")], user=TEST_USER))
+        _as_user_file(home, "msparse", template, scratch)
+        expect(run(["truncate", "-s", "+1G", str(drop / "msparse")], user=TEST_USER))
         # A well-formed file owned by root: root's qmail-queue never drops, so it is refused.
         (drop / "mroot").write_bytes(template)
         # Stale and fresh t files, and junk.
@@ -473,7 +482,7 @@ def test_hostile_maildrop_files(site: Site) -> None:
         q = Queued(home, wait=False)
         try:
             _wait(lambda: _drops(home) == ["junk", "mdir", "tfresh"], 120, f"the scan: {_drops(home)}")
-            _wait(lambda: q.stderr().count("\n") >= 13, what="the refusals")  # 12 refusals + mdir's removal
+            _wait(lambda: q.stderr().count("\n") >= 15, what="the refusals")  # 14 refusals + mdir's removal
             hwm = _vm_hwm_kb(q.proc.pid)
             assert _serving(home)
         finally:
@@ -487,6 +496,7 @@ def test_hostile_maildrop_files(site: Site) -> None:
         assert victim.read_bytes().endswith(b"Fs@x\0Tr@y\0\0")  # only the link in maildrop went
         err = q.stderr()
         alias = pwd.getpwnam("alias").pw_uid
+        qgid = grp.getgrnam("qmail").gr_gid
         for line in (f"refused maildrop/mlinked (uid {alias}): has 2 links",
                      f"refused maildrop/msym (uid {uid}): not a regular file",
                      f"refused maildrop/mfifo (uid {uid}): not a regular file",
@@ -499,9 +509,11 @@ def test_hostile_maildrop_files(site: Site) -> None:
                      "refused maildrop/mnonul: malformed (qmail-queue exit 54)",
                      "refused maildrop/mlongaddr: malformed (qmail-queue exit 11)",
                      "refused maildrop/mbadenv: malformed (qmail-queue exit 91)",
-                     "refused maildrop/mroot (uid 0): owned by uid 0"):
-            assert f"qmail-queued: warning: {line}\n" in err, err
-        assert err.count("\n") == 13, err  # mdir's failed removal is said once, not every scan
+                     "refused maildrop/mroot (uid 0): owned by uid 0",
+                     f"refused maildrop/mmode (uid {uid}): group {qgid} mode 644, not a drop file's",
+                     f"refused maildrop/msparse (uid {uid}): sparse ({len(template) + 2**30} bytes, "):
+            assert f"qmail-queued: warning: {line}" in err, err
+        assert err.count("\n") == 15, err  # mdir's failed removal is said once, not every scan
         assert messages(home.queue) and all(s == "S4" for s in messages(home.queue).values())
         print(f"qmail-queued peak RSS after queueing a 64 MB drop file: {hwm} kB")
     finally:
@@ -559,3 +571,31 @@ def test_qmail_queued_answers_term_and_alrm(site: Site) -> None:
     finally:
         assert q.stop() == 0
     assert not _sock(home).exists() and _lock_text(home) == ""
+
+
+def test_queue_trouble_with_one_drop_file_holds_back_no_other(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A drop file the queue cannot take (say, one big enough to fill the disk) waits
+    # BACKOFF_SECONDS; the files after it are still queued at every scan.
+    from pyqmail import home as _home
+    from pyqmail.queue import qmail_queued
+
+    (tmp_path / "maildrop").mkdir()
+    for name in ("ma-trouble", "mb-good"):
+        (tmp_path / "maildrop" / name).write_bytes(b"x")
+    p = qmail_queued.Pickup(str(tmp_path), _home.Install(False, 23, {}, {}), -1)
+    tried: list[str] = []
+
+    def pick_up(name: str) -> int | None:
+        tried.append(name)
+        if name == "ma-trouble":
+            return None
+        os.unlink(tmp_path / "maildrop" / name)
+        return 1
+
+    monkeypatch.setattr(p, "pick_up", pick_up)
+    assert p.scan(now=1000.0) == 1
+    assert sorted(tried) == ["ma-trouble", "mb-good"]
+    tried.clear()
+    assert p.scan(now=1000.0 + qmail_queued.BACKOFF_SECONDS - 1) == 0 and tried == []
+    assert p.scan(now=1000.0 + qmail_queued.BACKOFF_SECONDS + 1) == 0 and tried == ["ma-trouble"]

@@ -76,7 +76,7 @@ def test_root_system_intake_restarts_and_aliases() -> None:
     maildir = _user_maildir()
     port = _free_port()
     up = subprocess.Popen([VENV_BIN / "qmail", "up", "--home", home, "--smtp-port", str(port),
-                           "--pop3-port", "0", "--qmtp-port", "0", "--smtps-port", "0", "--pop3s-port", "0"],
+                           "--pop3-port", "0", "--qmtp-port", "0", "--submission-port", "0", "--smtps-port", "0", "--pop3s-port", "0"],
                           env=ENV, cwd=base,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -127,7 +127,7 @@ def test_root_system_intake_restarts_and_aliases() -> None:
         # 4. A second qmail up, qmail-start and qmail-queued: refused, the system undisturbed.
         sock_ino = (home / "run" / "qmail-queue.sock").stat().st_ino
         second = subprocess.run([VENV_BIN / "qmail", "up", "--home", home, "--smtp-port", str(_free_port()),
-                                 "--pop3-port", "0", "--qmtp-port", "0", "--smtps-port", "0", "--pop3s-port", "0"],
+                                 "--pop3-port", "0", "--qmtp-port", "0", "--submission-port", "0", "--smtps-port", "0", "--pop3s-port", "0"],
                                 env=ENV, capture_output=True, timeout=120)
         assert second.returncode == 111, second
         assert b"already running" in second.stderr or b"already run" in second.stderr, second

@@ -54,23 +54,30 @@ class Reader:
     """
 
     def __init__(self, fd: int, wait: Callable[[int], None] | None = None,
-                 early: int = READ_ERROR, addr_max: int = ADDR_MAX) -> None:
+                 early: int = READ_ERROR, addr_max: int = ADDR_MAX, limit: int | None = None) -> None:
         self._fd = fd
         self._buf = b""
         self._pos = 0
         self._wait = wait
         self._early = early
         self._addr_max = addr_max
+        # At most limit bytes are read: what lies past them is as if the input ended
+        # there (qmail-queued's pickup: a drop file its owner grows while it is read).
+        self._left = -1 if limit is None else limit
 
     def _fill(self) -> None:
         if self._wait is not None:
             self._wait(self._fd)
+        if self._left == 0:
+            raise Exit(self._early)
         try:
-            data = os.read(self._fd, CHUNK)
+            data = os.read(self._fd, CHUNK if self._left < 0 else min(CHUNK, self._left))
         except OSError:
             raise Exit(READ_ERROR) from None
         if not data:
             raise Exit(self._early)
+        if self._left > 0:
+            self._left -= len(data)
         self._buf = self._buf[self._pos:] + data
         self._pos = 0
 

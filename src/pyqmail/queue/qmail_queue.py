@@ -164,11 +164,12 @@ def _open_pid(pid: int, start: int) -> tuple[int, str]:
 
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
                   inst: _home.Install, now: float | None = None, msg_len: int | None = None,
-                  watch: Watch | None = None) -> int:
+                  watch: Watch | None = None, env_len: int | None = None) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
 
     The message is what msg_fd holds up to its end, or exactly msg_len bytes
-    (fewer is a read error, 54). The working directory becomes QMAILHOME/queue.
+    (fewer is a read error, 54); the envelope is read up to its final NUL,
+    within env_len bytes if given (an envelope not ended by then: 54). The working directory becomes QMAILHOME/queue.
     With watch (qmail-queued's child), every read waits on the watch and the
     client must still be there when the message is committed. Exit 0 means
     the message is on disk; any other exit leaves nothing to deliver (or, in
@@ -176,7 +177,7 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
     """
     q = _Queuer()
     try:
-        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch)
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len)
     except Die as e:
         q.cleanup()
         return e.code
@@ -188,7 +189,8 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
 
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
-           inst: _home.Install, now: float | None, msg_len: int | None, watch: Watch | None) -> int:
+           inst: _home.Install, now: float | None, msg_len: int | None, watch: Watch | None,
+           env_len: int | None = None) -> int:
     if now is None:
         now = time.time()
     try:
@@ -254,7 +256,7 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     q.made.append((ifd, intd_fn))  # S3
 
     out = bytearray(f"u{uid}\0p{pid}\0".encode())
-    for letter, addr in Reader(env_fd, None if watch is None else watch.wait).fields():
+    for letter, addr in Reader(env_fd, None if watch is None else watch.wait, limit=env_len).fields():
         out += letter + addr
         if len(out) >= _CHUNK:
             _write(ifd, out)

@@ -75,6 +75,9 @@ IDLE_SECONDS = 1200.0  # -t: a client's descriptors silent this long is a read e
 SCAN_INTERVAL = 1.0  # seconds between maildrop scans; also between checks that the starting process lives (-p)
 LOCK = "queue/lock/queued"
 TAKEOVER_SECONDS = 30.0  # how long a standalone qmail-queued waits for a -p holder to give way
+BACKOFF_SECONDS = 300  # a drop file the queue could not take waits this long; the others go on
+SPARSE_SLACK = 1 << 16  # bytes a drop file may claim beyond its blocks on disk (filesystem rounding)
+WARNED_MAX = 10000  # names remembered as said: past this, nothing more is said about new ones
 EXIT_FAIL = 111
 # Exit codes of queue_message that mean the drop file itself is bad: it is
 # removed. Every other failure is the queue's: the file stays for the next scan.
@@ -153,6 +156,8 @@ class Pickup:
         self.inst = inst
         self.qmailq = qmailq
         self.warned: set[str] = set()  # names whose removal failed: said once, not every scan
+        self.gid = inst.groups.get("qmail", -1)  # the maildrop's group, given to drop files by setgid
+        self.backoff: dict[str, float] = {}  # name -> when to try again after queue trouble
 
     def scan(self, now: float | None = None) -> int:
         """Queue every good `m` file, refuse the bad ones; return how many were queued."""
@@ -171,16 +176,22 @@ class Pickup:
             for entry in it:
                 name = entry.name
                 if name.startswith("m"):
+                    if self.backoff.get(name, 0.0) > now:
+                        continue  # queue trouble with this one file: the others go on
                     try:
                         result = self.pick_up(name)
                     except Exception as e:  # noqa: BLE001 - one file must not stop intake
                         # A bug of ours, not the file's fault: keep the file, say so once.
-                        if name not in self.warned and len(self.warned) < 10000:
+                        if name not in self.warned and len(self.warned) < WARNED_MAX:
                             self.warned.add(name)
                             _say(f"warning: internal error on {maildrop.DIR}/{name}: {type(e).__name__}: {e}")
                         continue
                     if result is None:
-                        break  # the queue is in trouble: try again at the next scan
+                        # Trouble queueing this file (a full disk, perhaps made by this very
+                        # file): it waits; the files after it are not held behind it.
+                        self.backoff[name] = now + BACKOFF_SECONDS
+                        continue
+                    self.backoff.pop(name, None)
                     queued += result
                 else:
                     self._expire(name, now)
@@ -230,15 +241,19 @@ class Pickup:
                 return 0
             # The uid is the file's owner: set by the kernel when its creator
             # made it, and a user can give a file away to nobody.
+            # Both parts end where the file ended when it was opened: its owner may
+            # keep it open and grow it, which must not hold the scan (or fill the queue).
             code = qmail_queue.queue_message(self.qmail_home, fd, fd, fst.st_uid, maildrop.writer_pid(name),
-                                             self.inst, msg_len=offset - maildrop.HEADER_SIZE)
+                                             self.inst, msg_len=offset - maildrop.HEADER_SIZE,
+                                             env_len=fst.st_size - offset)
         finally:
             os.close(fd)
         if code in _MALFORMED:
             self._refuse(name, f"malformed (qmail-queue exit {code})")
             return 0
         if code != QueueExit.OK:
-            _say(f"warning: trouble queueing {maildrop.DIR}/{name} (qmail-queue exit {code}); will try again")
+            _say(f"warning: trouble queueing {maildrop.DIR}/{name} (qmail-queue exit {code}); "
+                 f"will try again in {BACKOFF_SECONDS} seconds")
             return None
         self._remove(name)
         return 1
@@ -253,10 +268,19 @@ class Pickup:
         if st.st_uid in (0, self.qmailq):
             # root's and qmailq's qmail-queue write the queue themselves, never here.
             return f"owned by uid {st.st_uid}"
+        if st.st_gid != self.gid or stat.S_IMODE(st.st_mode) != maildrop.FILE_MODE:
+            # qmail-queue's drop files get the directory's group (setgid) and mode 0640.
+            # Another user's file, hard-linked here after its own link was removed,
+            # keeps its group and mode, which only its owner can change.
+            return f"group {st.st_gid} mode {stat.S_IMODE(st.st_mode):o}, not a drop file's"
+        if st.st_blocks * 512 + SPARSE_SLACK < st.st_size:
+            # Written by qmail-queue, a drop file holds every byte it claims; a sparse
+            # one would make the queue write gigabytes its owner never paid for.
+            return f"sparse ({st.st_size} bytes, {st.st_blocks * 512} on disk)"
         return ""
 
     def _refuse(self, name: str, why: str, st: os.stat_result | None = None) -> None:
-        if name not in self.warned:
+        if name not in self.warned and len(self.warned) < WARNED_MAX:
             owner = "" if st is None else f" (uid {st.st_uid})"
             _say(f"warning: refused {maildrop.DIR}/{name}{owner}: {why}")
         self._remove(name, isdir=st is not None and stat.S_ISDIR(st.st_mode))
@@ -272,7 +296,7 @@ class Pickup:
             pass  # gone already
         except OSError as e:
             if name not in self.warned:
-                if len(self.warned) < 10000:
+                if len(self.warned) < WARNED_MAX:
                     self.warned.add(name)
                 _say(f"warning: unable to remove {maildrop.DIR}/{name}: {e.strerror}")
             return
