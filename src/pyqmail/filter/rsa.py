@@ -12,7 +12,8 @@ the caller then lets dkimpy do the operation itself.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+
+from pyqmail import libcrypto
 
 _EVP_PKEY_RSA = 6
 _RSA_PKCS1_PADDING = 1
@@ -22,26 +23,12 @@ _tried = False
 _keys: dict[int, int] = {}  # modulus -> EVP_PKEY*, kept for the life of the process
 
 
-def _libcrypto_path() -> str | None:
-    import _ssl  # noqa: F401 - loads the libcrypto the ssl module is linked with
-
-    try:
-        with open("/proc/self/maps", encoding="latin-1") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and "/libcrypto" in parts[5]:
-                    return parts[5].strip()
-    except OSError:
-        pass  # safe: no /proc, so ask the linker's search below
-    return ctypes.util.find_library("crypto")
-
-
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried
     if _tried:
         return _lib
     _tried = True
-    path = _libcrypto_path()
+    path = libcrypto.path()
     if path is None:
         return None
     try:

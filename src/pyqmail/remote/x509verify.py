@@ -10,7 +10,8 @@ If libcrypto cannot be found, `available()` is False and the callers say so in t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+
+from pyqmail import libcrypto
 
 X509_V_FLAG_PARTIAL_CHAIN = 0x80000
 X509_PURPOSE_SSL_SERVER = 2
@@ -19,26 +20,12 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _libcrypto_path() -> str | None:
-    import _ssl  # noqa: F401 - loads the libcrypto the ssl module is linked with
-
-    try:
-        with open("/proc/self/maps", encoding="latin-1") as f:
-            for line in f:
-                path = line.split(None, 5)[-1].strip() if len(line.split(None, 5)) == 6 else ""
-                if "/libcrypto" in path:
-                    return path
-    except OSError:
-        pass  # no /proc: fall back to the linker's search below
-    return ctypes.util.find_library("crypto")
-
-
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried
     if _tried:
         return _lib
     _tried = True
-    path = _libcrypto_path()
+    path = libcrypto.path()
     if path is None:
         return None
     try:
