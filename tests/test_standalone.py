@@ -198,6 +198,8 @@ def test_upgrade_keeps_config_and_prunes_unused_libs() -> None:
         expect(run([home / "bin" / "qmail-inject", f"nobody@{FQDN}"], input=b"Subject: queued\n\nhi\n"))
         queued = sorted(p.name for p in (home / "queue" / "todo").iterdir())
         assert queued
+        page = home / "man" / "man8" / "qmail-smtpd.8"
+        page.unlink()  # an older version's pages: the upgrade writes the new version's
         # A process started from the home's stubs before the previous lib dir became current keeps every lib dir.
         tai = subprocess.Popen([home / "bin" / "tai64n"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         try:
@@ -205,6 +207,7 @@ def test_upgrade_keeps_config_and_prunes_unused_libs() -> None:
             os.utime(home / "bin" / "qmail", (future, future))
             r = expect(run([VENV_BIN / "qmail", "init", "--upgrade", "--home", home]))
             assert b"restart them when convenient" in r.stdout
+            assert page.read_text().startswith(".TH")
             assert sorted(p.name for p in (home / "lib").iterdir()) == sorted([current.name, previous.name, oldest.name])
         finally:
             assert tai.stdin is not None

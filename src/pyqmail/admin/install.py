@@ -762,6 +762,8 @@ def upgrade(qmail_home: str, out: TextIO) -> str:
     lib = install_code(lay)
     for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():
         lay.file(f"boot/{name}", text, "root", 0o755)
+    # The new version's pages, as qmail's `make setup` installs them.
+    __import__("pyqmail.admin.manpages", fromlist=["install"]).install(qmail_home)
     _upgrade_cert(lay, out)
     if previous == lib:
         print(f"{qmail_home} already runs {os.path.basename(lib)}; stubs rewritten.", file=out)
