@@ -145,7 +145,7 @@ SYNOPSES: dict[str, str] = {
     "qbiff": "qbiff",
     "qreceipt": "qreceipt youraddress",
     "dot-forward": "dot-forward [ -nN ] file ...",
-    "qmail-smtpd": "qmail-smtpd",
+    "qmail-smtpd": "qmail-smtpd [ checkprogram subprogram ... ]",
     "qmail-newmrh": "qmail-newmrh",
     "qmail-qmtpd": "qmail-qmtpd",
     "qmail-qmqpd": "qmail-qmqpd",
