@@ -43,6 +43,34 @@ def _state(home: Path, name: str) -> str:
     return "up" if st.pid else "down"
 
 
+def _pid(home: Path, name: str) -> int:
+    from pyqmail.svc import status
+
+    try:
+        return status.read(str(home / "service" / name)).pid
+    except status.StatusError:
+        return 0
+
+
+def _lock_holder(home: Path) -> str:
+    """Return what qmail-queued's lock file says: "PID" (standalone) or "PID p" (qmail-start's)."""
+    try:
+        return (home / "queue" / "lock" / "queued").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _serving(home: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        try:
+            c.connect(str(home / "run" / "qmail-queue.sock"))
+        except OSError:
+            return False
+        return True
+
+
 def _user_maildir() -> Path:
     pw = pwd.getpwnam(TEST_USER)
     top = Path(pw.pw_dir) / "Maildir"
@@ -122,7 +150,11 @@ def test_root_system_intake_restarts_and_aliases() -> None:
         tag = f"queued-killed {uuid.uuid4()}"
         _inject_both(home, port, me, tag)
         assert _wait_for(lambda: delivered(tag), 60), log()
-        assert status.read(str(home / "service" / "queued")).pid not in (0, before)
+        assert _wait_for(lambda: _pid(home, "queued") not in (0, before))
+        # qmail-start's -p instance holds the lock (and the socket) from the kill until the
+        # supervised one, restarted a second later, takes over: wait for that to be done.
+        assert _wait_for(lambda: _lock_holder(home) == f"{_pid(home, 'queued')}" and _serving(home), 60), \
+            (_lock_holder(home), _pid(home, "queued"))
 
         # 4. A second qmail up, qmail-start and qmail-queued: refused, the system undisturbed.
         sock_ino = (home / "run" / "qmail-queue.sock").stat().st_ino

@@ -69,8 +69,12 @@ def children(pid: int) -> list[int]:
 
 
 def cmdline(pid: int) -> bytes:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read()
+    """Return pid's command line; b"" if it has exited since it was listed."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 # --- setlock, pgrphack, fghack ------------------------------------------------
