@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -190,17 +189,9 @@ def test_up_takes_a_lock_not_just_a_pid(home: QHome) -> None:
 
 
 def _locked(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    from pyqmail.admin import supervision
+
+    return supervision.lock_held(str(path)) is True
 
 
 def test_doctor_stale_svscan_pid_dangling_socket_queued_lock_and_maildrop(home: QHome) -> None:

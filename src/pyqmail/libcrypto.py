@@ -8,6 +8,7 @@ in the process.
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 
 
@@ -24,3 +25,19 @@ def path() -> str | None:
     except OSError:
         pass  # safe: no /proc, so ask the linker's search below
     return ctypes.util.find_library("crypto")
+
+
+def load(signatures: dict[str, tuple[object, list[object]]]) -> ctypes.CDLL | None:
+    """Return libcrypto with each named function's restype and argtypes set; None if any is missing."""
+    where = path()
+    if where is None:
+        return None
+    try:
+        lib = ctypes.CDLL(where)
+        for name, (res, args) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype = res
+            fn.argtypes = args
+    except (OSError, AttributeError):
+        return None  # no libcrypto, or one of another OpenSSL version's names
+    return lib

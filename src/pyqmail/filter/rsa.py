@@ -28,34 +28,24 @@ def _load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    path = libcrypto.path()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(path)
-        vp = ctypes.c_void_p
-        sz = ctypes.c_size_t
-        sigs: dict[str, tuple[object, list[object]]] = {
-            "BIO_new_mem_buf": (vp, [ctypes.c_char_p, ctypes.c_int]),
-            "BIO_free": (ctypes.c_int, [vp]),
-            "PEM_read_bio_PrivateKey": (vp, [vp, vp, vp, vp]),
-            "EVP_PKEY_free": (None, [vp]),
-            "EVP_PKEY_get_base_id": (ctypes.c_int, [vp]),
-            "EVP_PKEY_get_size": (ctypes.c_int, [vp]),
-            "EVP_PKEY_CTX_new": (vp, [vp, vp]),
-            "EVP_PKEY_CTX_free": (None, [vp]),
-            "EVP_PKEY_sign_init": (ctypes.c_int, [vp]),
-            "EVP_PKEY_CTX_set_rsa_padding": (ctypes.c_int, [vp, ctypes.c_int]),
-            "EVP_PKEY_CTX_set_signature_md": (ctypes.c_int, [vp, vp]),
-            "EVP_sha256": (vp, []),
-            "EVP_PKEY_sign": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.POINTER(sz), ctypes.c_char_p, sz]),
-        }
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype = res
-            fn.argtypes = args
-    except (OSError, AttributeError):
-        return None  # OpenSSL 1.1 names some of these differently: dkimpy signs instead
+    vp = ctypes.c_void_p
+    sz = ctypes.c_size_t
+    sigs: dict[str, tuple[object, list[object]]] = {
+        "BIO_new_mem_buf": (vp, [ctypes.c_char_p, ctypes.c_int]),
+        "BIO_free": (ctypes.c_int, [vp]),
+        "PEM_read_bio_PrivateKey": (vp, [vp, vp, vp, vp]),
+        "EVP_PKEY_free": (None, [vp]),
+        "EVP_PKEY_get_base_id": (ctypes.c_int, [vp]),
+        "EVP_PKEY_get_size": (ctypes.c_int, [vp]),
+        "EVP_PKEY_CTX_new": (vp, [vp, vp]),
+        "EVP_PKEY_CTX_free": (None, [vp]),
+        "EVP_PKEY_sign_init": (ctypes.c_int, [vp]),
+        "EVP_PKEY_CTX_set_rsa_padding": (ctypes.c_int, [vp, ctypes.c_int]),
+        "EVP_PKEY_CTX_set_signature_md": (ctypes.c_int, [vp, vp]),
+        "EVP_sha256": (vp, []),
+        "EVP_PKEY_sign": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.POINTER(sz), ctypes.c_char_p, sz]),
+    }
+    lib = libcrypto.load(sigs)  # OpenSSL 1.1 names some of these differently: dkimpy signs instead
     _lib = lib
     return lib
 

@@ -25,40 +25,30 @@ def _load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    path = libcrypto.path()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(path)
-        vp = ctypes.c_void_p
-        sigs: dict[str, tuple[object, list[object]]] = {
-            "d2i_X509": (vp, [vp, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]),
-            "X509_free": (None, [vp]),
-            "X509_STORE_new": (vp, []),
-            "X509_STORE_free": (None, [vp]),
-            "X509_STORE_add_cert": (ctypes.c_int, [vp, vp]),
-            "X509_STORE_set_default_paths": (ctypes.c_int, [vp]),
-            "X509_STORE_CTX_new": (vp, []),
-            "X509_STORE_CTX_free": (None, [vp]),
-            "X509_STORE_CTX_init": (ctypes.c_int, [vp, vp, vp, vp]),
-            "X509_STORE_CTX_get0_param": (vp, [vp]),
-            "X509_STORE_CTX_get_error": (ctypes.c_int, [vp]),
-            "X509_VERIFY_PARAM_set_flags": (ctypes.c_int, [vp, ctypes.c_ulong]),
-            "X509_VERIFY_PARAM_set_purpose": (ctypes.c_int, [vp, ctypes.c_int]),
-            "X509_VERIFY_PARAM_set1_host": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.c_size_t]),
-            "X509_VERIFY_PARAM_add1_host": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.c_size_t]),
-            "X509_verify_cert": (ctypes.c_int, [vp]),
-            "X509_verify_cert_error_string": (ctypes.c_char_p, [ctypes.c_long]),
-            "OPENSSL_sk_new_null": (vp, []),
-            "OPENSSL_sk_push": (ctypes.c_int, [vp, vp]),
-            "OPENSSL_sk_free": (None, [vp]),
-        }
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype = res
-            fn.argtypes = args
-    except (OSError, AttributeError):
-        return None
+    vp = ctypes.c_void_p
+    sigs: dict[str, tuple[object, list[object]]] = {
+        "d2i_X509": (vp, [vp, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]),
+        "X509_free": (None, [vp]),
+        "X509_STORE_new": (vp, []),
+        "X509_STORE_free": (None, [vp]),
+        "X509_STORE_add_cert": (ctypes.c_int, [vp, vp]),
+        "X509_STORE_set_default_paths": (ctypes.c_int, [vp]),
+        "X509_STORE_CTX_new": (vp, []),
+        "X509_STORE_CTX_free": (None, [vp]),
+        "X509_STORE_CTX_init": (ctypes.c_int, [vp, vp, vp, vp]),
+        "X509_STORE_CTX_get0_param": (vp, [vp]),
+        "X509_STORE_CTX_get_error": (ctypes.c_int, [vp]),
+        "X509_VERIFY_PARAM_set_flags": (ctypes.c_int, [vp, ctypes.c_ulong]),
+        "X509_VERIFY_PARAM_set_purpose": (ctypes.c_int, [vp, ctypes.c_int]),
+        "X509_VERIFY_PARAM_set1_host": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.c_size_t]),
+        "X509_VERIFY_PARAM_add1_host": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.c_size_t]),
+        "X509_verify_cert": (ctypes.c_int, [vp]),
+        "X509_verify_cert_error_string": (ctypes.c_char_p, [ctypes.c_long]),
+        "OPENSSL_sk_new_null": (vp, []),
+        "OPENSSL_sk_push": (ctypes.c_int, [vp, vp]),
+        "OPENSSL_sk_free": (None, [vp]),
+    }
+    lib = libcrypto.load(sigs)
     _lib = lib
     return lib
 
