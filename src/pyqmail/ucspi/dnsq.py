@@ -134,3 +134,16 @@ def ip4(name: bytes, caches: list[tuple[str, int]] | None = None) -> list[str]:
     """Return the IPv4 addresses of name ([] if none); raise Temporary."""
     records = _ask(name, "A", servers() if caches is None else caches)
     return [r.address for r in records]  # type: ignore[attr-defined]
+
+
+def ip6(name: bytes, caches: list[tuple[str, int]] | None = None) -> list[str]:
+    """Return the IPv6 addresses of name ([] if none); raise Temporary."""
+    records = _ask(name, "AAAA", servers() if caches is None else caches)
+    return [r.address for r in records]  # type: ignore[attr-defined]
+
+
+def mx(name: bytes, caches: list[tuple[str, int]] | None = None) -> list[tuple[int, bytes]]:
+    """Return name's MX records as (preference, exchange) ([] if none; a null MX is b"."); raise Temporary."""
+    records = _ask(name, "MX", servers() if caches is None else caches)
+    return [(r.preference, r.exchange.to_text(omit_final_dot=True).encode("ascii"))  # type: ignore[attr-defined]
+            for r in records]
