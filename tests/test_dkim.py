@@ -4,7 +4,7 @@ Cross-checked with an implementation no one here wrote: Perl's Mail::DKIM
 (Debian's libmail-dkim-perl) verifies what qmail-dkim signs and signs what
 qmail-dkim verifies, with the keys served by a DNS server on 127.0.0.1.
 Debian 12's Mail::DKIM (1.20230212) has no Ed25519 (its Algorithm/ holds
-rsa_sha1 and rsa_sha256 only), so Ed25519 is checked with dkimpy's own
+rsa_sha1 and rsa_sha256 only), so Ed25519 is checked here with dkimpy's own
 verifier, and the RSA signature beside it with Mail::DKIM.
 """
 
