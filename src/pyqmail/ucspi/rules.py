@@ -7,11 +7,17 @@ compiles to one cdb record per address (``1.2.3.4-7`` and ``10.2-3.`` are
 ranges), keyed by the address, whose data is a list of NUL-terminated
 entries: ``D`` for deny, ``+VAR=value`` per variable. tcpserver(1) looks up
 the keys of `candidates` in order and follows the first record found.
+
+IPv6 (ucspi-tcp-ipv6's forms, see DESIGN): an address may hold colons
+(``::1:allow``, ``2001:db8:1::allow`` for the prefix ``2001:db8:1:``), and
+a CIDR prefix ``2001:db8::/32`` is pyqmail's extension, stored as its
+canonical network text so that `candidates` can look it up.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import mmap
 import os
 import stat
@@ -65,7 +71,7 @@ def compile_line(line: bytes) -> list[tuple[bytes, bytes]]:
     text = trim(line)
     # The complaint prints the trimmed line as a C string: up to its first NUL.
     shown = text.split(b"\0", 1)[0]
-    colon = text.find(b":")
+    colon = _split_colon(text)
     if colon < 0:
         return []
     address = text[:colon]
@@ -98,8 +104,66 @@ def compile_line(line: bytes) -> list[tuple[bytes, bytes]]:
     return [(key, value) for key in expand(address, shown)]
 
 
+def _split_colon(text: bytes) -> int:
+    """Return the index of the colon ending a line's address (-1 if none).
+
+    0.88's: the first colon. When what follows it is not allow or deny (an
+    IPv6 address such as ``::1:allow``), ucspi-tcp-ipv6's: the last colon
+    before the first comma, if allow or deny follows that one.
+    """
+    first = text.find(b":")
+    if first < 0 or text.startswith((b"allow", b"deny"), first + 1):
+        return first
+    comma = text.find(b",")
+    last = text.rfind(b":", 0, comma if comma >= 0 else len(text))
+    if last > first and text.startswith((b"allow", b"deny"), last + 1) and _ipv6_like(text[:last]):
+        return last
+    return first
+
+
+def _ipv6_like(address: bytes) -> bool:
+    """Return True if address (after an optional ``info@``) looks like an IPv6 address or prefix.
+
+    Hex digits, colons, dots and a ``/bits``, with ``::`` or two colons at least, and an
+    optional ``%interface``: so 0.88's refusals (``a:b:allow``) stay refusals.
+    """
+    ip = address[address.rfind(b"@") + 1:].split(b"%", 1)[0]
+    return (b"::" in ip or ip.count(b":") >= 2) and not ip.strip(b"0123456789abcdefABCDEF:./")
+
+
+def cidr_key(address: bytes) -> bytes | None:
+    """Return the canonical key of an IPv6 CIDR prefix ``2001:db8::/32``, or None if address is not one."""
+    if b"/" not in address or b":" not in address or b"@" in address or b"=" in address:
+        return None
+    ip, _, bits = address.partition(b"/")
+    if not bits.isdigit() or len(bits) > 3:
+        return None
+    try:
+        net = ipaddress.IPv6Network((ip.decode("ascii"), int(bits)), strict=False)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return b"%s/%d" % (net.network_address.compressed.encode(), net.prefixlen)
+
+
+def cidr_candidates(ip: bytes) -> Iterator[bytes]:
+    """Yield the CIDR keys of an IPv6 address, /128 first, /0 last (nothing for IPv4 or garbage)."""
+    if b":" not in ip:
+        return
+    try:
+        value = int(ipaddress.IPv6Address(ip.split(b"%", 1)[0].decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return
+    for bits in range(128, -1, -1):
+        mask = ((1 << bits) - 1) << (128 - bits)
+        net = ipaddress.IPv6Address(value & mask).compressed.encode()
+        yield b"%s/%d" % (net, bits)
+
+
 def expand(address: bytes, shown: bytes = b"") -> list[bytes]:
-    """Return the keys an address stands for: itself, or each member of its range."""
+    """Return the keys an address stands for: itself, each member of its range, or a CIDR prefix's canonical key."""
+    key = cidr_key(address)
+    if key is not None:
+        return [key]
     if b"=" in address or b"@" in address:
         return [address]
     dash = address.find(b"-")
@@ -115,8 +179,11 @@ def expand(address: bytes, shown: bytes = b"") -> list[bytes]:
     return [head + str(n).encode() + tail for n in range(bottom, top + 1)]
 
 
-def candidates(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[bytes]:
-    """Yield the keys tcpserver tries for a connection, in its order (tcprules(1) ADDRESSES)."""
+def candidates(ip: bytes, host: bytes | None, info: bytes | None, cidr: bool = False) -> Iterator[bytes]:
+    """Yield the keys tcpserver tries for a connection, in its order (tcprules(1) ADDRESSES).
+
+    With cidr, an IPv6 address's CIDR keys (pyqmail's extension) follow its prefixes.
+    """
     if info is not None:
         yield info + b"@" + ip
         if host is not None:
@@ -130,6 +197,8 @@ def candidates(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[by
     for n in range(len(ip), 0, -1):
         if ip[n - 1:n] in seps:
             yield ip[:n]
+    if cidr:
+        yield from cidr_candidates(ip)
     if host is not None:
         for n in range(len(host)):
             if host[n:n + 1] == b".":
@@ -141,7 +210,7 @@ def candidates(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[by
 def find(reader: cdb.Reader, ip: bytes, host: bytes | None,
          info: bytes | None) -> tuple[bytes, bytes] | None:
     """Return (key, data) of the first rule for the connection, or None; raise CDBError."""
-    for key in candidates(ip, host, info):
+    for key in candidates(ip, host, info, cidr=True):
         data = reader.get(key)
         if data is not None:
             return key, data

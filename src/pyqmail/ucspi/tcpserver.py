@@ -1,8 +1,18 @@
 """tcpserver(1): accept TCP connections and run a program for each, as ucspi-tcp 0.88's.
 
 ``tcpserver [ -1UXpPhHrRoOdDqQv46 ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]
-[ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port
-program [ arg ... ]``
+[ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ]
+[ -I interface ] host port program [ arg ... ]``
+
+IPv6 as ucspi-tcp-ipv6 (Debian's package of the IPv6 patch): host may be an
+IPv6 address; host ``0`` listens on ``::`` for both families unless -4 (or
+the machine has no IPv6); -6 puts IPv4 clients in the IPv6 form
+(``::ffff:1.2.3.4``, PROTO=TCP6); -I names the interface of a link-local
+host (its scope; an unknown name is ignored, as the patch does). A TCP6
+connection also gets TCP6LOCALIP, TCP6LOCALPORT, TCP6LOCALHOST, TCP6REMOTEIP,
+TCP6REMOTEPORT, TCP6REMOTEHOST, TCP6REMOTEINFO (same values) and, for a
+scoped local address, TCP6INTERFACE. An IPv4 connection's environment and
+log lines stay 0.88's exactly (the patch adds TCP6* there too: see DESIGN).
 
 The parent is a single-threaded selectors loop: it accepts while fewer than
 limit children run, forks one child per connection and reaps children when
@@ -41,7 +51,7 @@ DROP = b"tcpserver: warning: dropping connection, "
 USAGE = (b"tcpserver: usage: tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ]"
          b" [ -B banner ] [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ]"
          b" [ -t timeout ] host port program")
-OPTIONS = "46dDvqQhHrR1UXx:t:u:g:l:b:B:c:pPoO"
+OPTIONS = "46dDvqQhHrR1UXx:t:u:g:l:b:B:c:pPoOI:"
 EXIT_DENY = 100
 QUIET, ERRORS, VERBOSE = 0, 1, 2
 SAFE_MAX = 100  # safecats: longer fields are cut and marked with "..."
@@ -52,7 +62,7 @@ class Config:
 
     __slots__ = ("verbosity", "limit", "backlog", "rules", "allow_norules", "banner", "uid",
                  "gid", "localname", "timeout", "remotehost", "paranoid", "remoteinfo",
-                 "killopts", "delay", "print_port", "v4only", "v6env", "argv")
+                 "killopts", "delay", "print_port", "v4only", "v6env", "interface", "argv")
 
     def __init__(self) -> None:
         self.verbosity = ERRORS
@@ -73,6 +83,7 @@ class Config:
         self.print_port = False
         self.v4only = False
         self.v6env = False
+        self.interface: str | None = None
         self.argv: list[str] = []
 
 
@@ -174,6 +185,8 @@ def parse_args(argv: list[str]) -> tuple[Config, str, str]:
             cfg.v6env, cfg.v4only = True, False
         elif opt == "l":
             cfg.localname = arg(v)
+        elif opt == "I":
+            cfg.interface = v
         else:
             raise Die(EXIT_USAGE, USAGE)
     rest = g.operands()
@@ -201,10 +214,29 @@ def _ip4_literal(host: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() and p.isascii() and int(p) < 256 for p in parts)
 
 
+def _has_ipv6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def scope_id(interface: str | None) -> int:
+    """Return the index of interface (0 for none or an unknown name, as the patch's socket_bind6)."""
+    if not interface:
+        return 0
+    try:
+        return socket.if_nametoindex(interface)
+    except OSError:
+        return 0
+
+
 def local_address(host: str, cfg: Config) -> tuple[int, str]:
     """Return (family, address) to bind for host; raise Die if it has none."""
     if host in ("", "0"):
-        return (socket.AF_INET6, "::") if cfg.v6env else (socket.AF_INET, "0.0.0.0")
+        # ucspi-tcp-ipv6: both families on "::" unless -4 or IPv6 is off.
+        return (socket.AF_INET, "0.0.0.0") if cfg.v4only or not _has_ipv6() else (socket.AF_INET6, "::")
     if _ip4_literal(host):
         return socket.AF_INET, host
     if ":" in host:
@@ -241,7 +273,10 @@ def listen(host: str, port: int, cfg: Config) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and address == "::":
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind((address, port))
+        if family == socket.AF_INET6:
+            s.bind((address, port, 0, scope_id(cfg.interface)))
+        else:
+            s.bind((address, port))
     except OSError as e:
         s.close()
         raise Die(EXIT_TEMP, FATAL + b"unable to bind: " + describe(e)) from e
@@ -357,7 +392,7 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
     c.proto = b"TCP6" if v6 else b"TCP"
     c.remoteip = netinfo.ip_text(remote_host, cfg.v6env).encode()
     status(cfg, b"tcpserver: pid %d from %s" % (pid, c.remoteip))
-    if cfg.killopts and ":" not in remote_host:  # an AF_INET socket
+    if cfg.killopts and not v6:  # an IPv4 connection (AF_INET, or mapped on a dual-stack socket)
         try:
             conn.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"")
         except OSError:
@@ -400,6 +435,8 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
         # A C string: the environment and the log stop at a NUL.
         c.remoteinfo = None if info is None else info.split(b"\0", 1)[0]
     setenv(b"TCPREMOTEINFO", c.remoteinfo)
+    if v6:
+        set_tcp6(c, local, setenv)
     deny = False
     if cfg.rules is not None:
         deny = follow_rules(cfg, c, setenv)
@@ -407,6 +444,26 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
         status(cfg, decision_line(deny, pid, c.localhost, c.localip, c.localport, c.remotehost,
                                   c.remoteip, c.remoteinfo, c.remoteport))
     return deny, c
+
+
+def set_tcp6(c: Connection, local: tuple[object, ...],
+             setenv: Callable[[bytes, bytes | None], None]) -> None:
+    """Set ucspi-tcp-ipv6's TCP6* copies of a TCP6 connection's variables."""
+    setenv(b"TCP6LOCALIP", c.localip)
+    setenv(b"TCP6LOCALPORT", c.localport)
+    setenv(b"TCP6LOCALHOST", c.localhost)
+    setenv(b"TCP6REMOTEIP", c.remoteip)
+    setenv(b"TCP6REMOTEPORT", c.remoteport)
+    setenv(b"TCP6REMOTEHOST", c.remotehost)
+    setenv(b"TCP6REMOTEINFO", c.remoteinfo)
+    interface = None
+    scope = local[3] if len(local) > 3 else 0
+    if isinstance(scope, int) and scope:
+        try:
+            interface = socket.if_indextoname(scope).encode()
+        except OSError:
+            interface = None
+    setenv(b"TCP6INTERFACE", interface)
 
 
 def follow_rules(cfg: Config, c: Connection, setenv: Callable[[bytes, bytes | None], None]) -> bool:
