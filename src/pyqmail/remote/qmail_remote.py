@@ -22,6 +22,24 @@ limits the MX hosts to its patterns and requires TLS with a certificate valid fo
 A failed handshake defers the message (Z), as in the patch. Every message report made after
 a handshake ends with a TLS line (smtpclient.tls_note). Test seams: $PYQMAIL_SMTP_PORT (the
 port of MX deliveries, 25) and $PYQMAIL_MTASTS_PORT (the policy's HTTPS port, 443).
+
+SMTP AUTH to a smarthost (RFC 4954; pyqmail.remote.auth). A control/smtproutes line may end in
+credentials, in the qmail-remote-auth patch's form or the qmail-authentication patch's:
+
+    :smarthost.example.net:587 user password
+    :smarthost.example.net:587|user|password
+
+control/authsenders routes by envelope sender (the qmail-authentication patch's file, read before
+smtproutes): sender[:relay[:port]] and credentials, the sender key being the whole address,
+@domain, .domain (subdomains) or empty (every sender, bounces included); an empty relay keeps the
+host's usual route. With credentials qmail-remote authenticates after EHLO with the first of
+CRAM-MD5, PLAIN, LOGIN the server offers (CRAM-MD5 first: a man in the middle of unverified TLS
+learns only a digest). Credentials go only inside TLS: without it the message is deferred
+("... sent only inside TLS"), unless the user is written with a leading '-' (removed before
+use). A server offering none of the three defers the message; a 5xx reply to AUTH (535) is a
+permanent failure (D) with the server's text, any other refusal (454) a temporary one (Z).
+Files holding passwords are read by qmail-remote as qmailr: root:qmail, mode 640 (qmail doctor
+checks it).
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ from dataclasses import dataclass, field
 from pyqmail import control, net
 from pyqmail import home as _home
 from pyqmail.entry import program
-from pyqmail.remote import dane, mtasts, mx, smtproutes, tcpto, tls
+from pyqmail.remote import auth, dane, mtasts, mx, smtproutes, tcpto, tls
 from pyqmail.remote import smtpclient as sc
 from pyqmail.smtpd.ipme import IpmeError
 
@@ -267,8 +285,39 @@ def _hello(conn: Smtp, partner: bytes, helohost: bytes, plan: Plan) -> bytes | N
     return None
 
 
+def _login(conn: Smtp, partner: bytes, login: auth.Credentials) -> bytes | None:
+    """Authenticate after EHLO (conn.text is its reply); return a report if the message must not go on."""
+    if conn.conn.tls is None and not login.plaintext_ok:
+        conn.text = b""
+        return _quit(conn, partner, sc.AUTH_NO_TLS)
+    mechs = auth.choose(auth.mechanisms(conn.text))
+    if not mechs:
+        conn.text = b""
+        return _quit(conn, partner, sc.AUTH_NONE_OFFERED)
+    code, mech = 0, mechs[0]
+    for mech in mechs:
+        if mech == auth.PLAIN:
+            code = conn.command(b"AUTH PLAIN " + auth.plain(login))
+        else:
+            code = conn.command(b"AUTH " + mech)
+            if code == 504:  # offered but refused: the next mechanism
+                continue
+            if code == 334 and mech == auth.CRAM:
+                response = auth.cram_md5(login, conn.text[4:])
+                code = conn.command(response if response is not None else b"*")
+            elif code == 334:
+                code = conn.command(auth.b64(login.user))
+                if code == 334:
+                    code = conn.command(auth.b64(login.password))
+        break
+    if code == 235:
+        conn.text = b""
+        return None
+    return _quit(conn, partner, sc.auth_rejected(code, mech))
+
+
 def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: list[bytes], msgfd: int,
-         plan: Plan | None = None) -> bytes:
+         plan: Plan | None = None, login: auth.Credentials | None = None) -> bytes:
     """Run the SMTP conversation; return every report, NUL-terminated."""
     out = bytearray()
     plan = plan if plan is not None else Plan(use_tls=False)
@@ -284,6 +333,8 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
         if conn.reply() != 220:
             return last(_quit(conn, partner, sc.GREETING_FAILED))
         failed = _hello(conn, partner, helohost, plan)
+        if failed is None and login is not None:
+            failed = _login(conn, partner, login)
         if failed is not None:
             return last(failed)
         code = conn.command(b"MAIL FROM:<" + sender + b">")
@@ -445,6 +496,7 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         timeout_connect = control.read_int("timeoutconnect", DEFAULT_TIMEOUT_CONNECT)
         helo = control.read_default("helohost", None)
         route_lines = control.read_lines("smtproutes") or []
+        senders = auth.parse_authsenders(control.read_lines("authsenders") or [])
         source = control.read_line("outgoingip")
         tc = _read_tls_control()
     except control.ControlError:
@@ -454,14 +506,20 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
     args = [os.fsencode(a) for a in argv]
     host = args[1].decode("latin-1")
     domain = host
+    sender, _, _ = _mangle(args[2], None)
     route = smtproutes.lookup(smtproutes.parse(route_lines), host)
+    login = route.login if route is not None else None
+    by_sender = auth.lookup_sender(senders, sender.decode("latin-1")) if senders else None
+    if by_sender is not None:  # authsenders before smtproutes; an empty relay keeps the host's route
+        relay, login = auth.split(by_sender)
+        if relay:
+            route = smtproutes.route(relay)
     port = smtproutes.DEFAULT_PORT
     if route is not None:
         host, port = route.relay, route.port
     elif env.get("PYQMAIL_SMTP_PORT", "").isdigit():
         port = int(env["PYQMAIL_SMTP_PORT"]) & 0xFFFF  # a test seam: MX hosts on a port other than 25
     resolver: mx.Lookup = dns if dns is not None else mx.Resolver.from_env(env)
-    sender, _, _ = _mangle(args[2], None)
     try:
         me = mx.local_addresses()
     except (OSError, IpmeError):
@@ -529,7 +587,8 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         if sock is not None:
             conn = Smtp(sock, timeout)
             try:
-                return smtp(conn, a.ip.encode("ascii"), helo.encode("latin-1"), sender, recips, FD_MESSAGE, p)
+                return smtp(conn, a.ip.encode("ascii"), helo.encode("latin-1"), sender, recips, FD_MESSAGE, p,
+                            login)
             finally:
                 conn.sock.close()
                 sock.close()

@@ -48,11 +48,10 @@ def smarthost(env: dict[str, str]) -> str:
         lines = control.read_lines("smtproutes")
     except ControlError:
         raise Exit(QueueExit.CONFIG_ERROR) from None
-    route = smtproutes.parse(lines or []).get("")
-    relay = (route or "").partition(":")[0]
-    if not relay:
+    route = smtproutes.route(smtproutes.parse(lines or []).get("") or "")
+    if route is None or not route.relay:
         raise Exit(QueueExit.CONFIG_ERROR)
-    return relay
+    return route.relay
 
 
 def remote(host: str, sender: bytes, recips: list[bytes], message_fd: int, env: dict[str, str]) -> bytes:

@@ -37,6 +37,18 @@ DATA_FAILED_TEMP = (b"Z", b" failed on DATA command")
 AFTER_DATA_PERM = (b"D", b" failed after I sent the message")
 AFTER_DATA_TEMP = (b"Z", b" failed after I sent the message")
 ACCEPTED = (b"K", b" accepted message")
+# SMTP AUTH to a smarthost (pyqmail's texts; the qmail-authentication patch's say "authentication
+# was rejected (MECH)" too, but it defers every refusal: RFC 4954 makes 535 permanent).
+AUTH_NO_TLS = (b"ZConnected to ", b" but TLS is not up and this route's password is sent only inside TLS"
+               b" (a user starting with - allows plain text) (#4.7.0)")
+AUTH_NONE_OFFERED = (b"ZConnected to ", b" but it offers none of the AUTH mechanisms CRAM-MD5 PLAIN LOGIN"
+                     b" (#4.7.0)")
+
+
+def auth_rejected(code: int, mech: bytes) -> tuple[bytes, bytes]:
+    """Return the message report for a refused AUTH: D for 5xx (535 and the like), Z otherwise (454)."""
+    letter = b"D" if 500 <= code < 600 else b"Z"
+    return letter + b"Connected to ", b" but authentication was rejected (AUTH " + mech + b")"
 
 
 def safe(text: bytes) -> bytes:

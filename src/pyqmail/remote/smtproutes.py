@@ -5,7 +5,9 @@ itself, then as each suffix starting at a dot (.example.com matches
 sub.example.com but not example.com), then as the empty domain; the most
 specific key wins, and of lines with the same key the last one (as qmail's
 constmap). Keys compare ASCII-case-insensitively; lines without a colon are
-ignored. An empty relay means "use DNS as usual".
+ignored. An empty relay means "use DNS as usual". Credentials may follow
+relay[:port] (`relay:port user password` or `relay:port|user|password`:
+pyqmail.remote.auth); they are never part of the relay or the port.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyqmail.control import lower
+from pyqmail.remote import auth
 
 DEFAULT_PORT = 25
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where smtproutes sends a host: relay (a name, [d.d.d.d] or empty) and port."""
+    """Where smtproutes sends a host: relay (a name, [d.d.d.d] or empty), port, and a login if any."""
 
     relay: str
     port: int
+    login: auth.Credentials | None = None
 
 
 def parse(lines: list[str]) -> dict[str, str]:
@@ -52,8 +56,14 @@ def lookup(routes: dict[str, str], host: str) -> Route | None:
             value = routes.get(lower(host[i:]))
             if value is not None:
                 break
+    return route(value or "")
+
+
+def route(value: str) -> Route | None:
+    """Return the route a line's value (relay[:port], credentials) names, None for an empty relay."""
+    value, creds = auth.split(value)
     if not value:
         return None
     relay, colon, port = value.partition(":")
     # qmail scans the port as an unsigned long and connects to its low 16 bits.
-    return Route(relay, _scan_ulong(port) & 0xFFFF if colon else DEFAULT_PORT)
+    return Route(relay, _scan_ulong(port) & 0xFFFF if colon else DEFAULT_PORT, creds)
