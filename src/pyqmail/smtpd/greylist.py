@@ -1,0 +1,296 @@
+"""Greylisting in qmail-smtpd: a new (client network, sender, recipient) waits a while.
+
+Off by default; control/greylist turns it on. Its first line is
+`DELAY [RETRY [EXPIRY]]` in seconds (an empty file: 300 172800 3024000, as
+postgrey): a triplet first seen less than DELAY seconds ago gets
+
+    451 greylisted, try again in N seconds (#4.7.1)
+
+at RCPT; a retry after DELAY and within RETRY seconds of the first attempt
+passes, and the triplet stays passed while it is seen at least once every
+EXPIRY seconds. A pending triplet not retried within RETRY is forgotten (the
+next attempt starts over). The client network is the /24 of an IPv4 address,
+the /64 of an IPv6 one; sender and recipient are lowercased, <> is empty.
+
+Never greylisted: RELAYCLIENT, authenticated and tlsclients clients, a client
+with $NOGREYLIST set (tcprules), one whose address is in control/greylistips
+(an address, a tcprules-style prefix ending in `.`, or a CIDR network, one a
+line), one whose host name ($TCPREMOTEHOST) is in or under a domain of
+control/greylistdomains, and a sender whose domain is listed there when SPF
+passed for it (a listed domain cannot be forged past SPF).
+
+The state is one SQLite file (stdlib sqlite3, WAL journal, synchronous=FULL):
+QMAILHOME/greylist/triplets.sqlite ($GREYLISTDB names another), made by
+qmail-smtpd in a directory the admin makes for it (as root: owned by qmaild,
+mode 0700; the file gets 0600; SQLite keeps its -wal and -shm files beside it
+while it is open). A write is one transaction, fsync'd at commit, so a
+qmail-smtpd killed in the middle leaves the last committed state (frames
+without a commit are ignored); many qmail-smtpd processes share it through
+SQLite's locks: readers never wait, a writer waits up to BUSY_TIMEOUT for
+another. Expired
+rows are deleted whenever a new triplet is written, so the file holds only
+live triplets (`sqlite3 FILE 'select * from triplet'` shows them). If the
+file cannot be used, the RCPT is accepted and the reason logged: a broken
+greylist must not hold all mail.
+
+$PYQMAIL_GREYLIST_NOW (seconds since the epoch) replaces the clock in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import posix
+import time
+
+from pyqmail import control
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable, Mapping, Sequence
+
+CONTROL = "greylist"
+DEFAULT_DELAY = 300
+DEFAULT_RETRY = 2 * 86400
+DEFAULT_EXPIRY = 35 * 86400
+REFRESH = 3600  # a passed triplet's last-seen time is rewritten at most this often (reads stay reads)
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's lock
+DB_DIR = "greylist"
+DB_NAME = "triplets.sqlite"
+NOW_ENV = b"PYQMAIL_GREYLIST_NOW"  # test seam: the clock
+STOP_ENV = b"PYQMAIL_GREYLIST_STOP_IN_WRITE"  # test seam: SIGSTOP inside the write transaction
+
+PASS = 0
+DEFER = 1
+
+# What a row lookup leads to (decide's second value).
+NOTHING = 0
+INSERT = 1  # a new triplet (or a forgotten one starting over)
+MARK_PASSED = 2
+TOUCH = 3  # a passed triplet seen again after REFRESH
+
+
+def deferred(wait: int) -> bytes:
+    """Return the 451 reply for a triplet that must wait wait more seconds."""
+    return b"451 greylisted, try again in %d seconds (#4.7.1)\r\n" % max(wait, 1)
+
+
+class Settings:
+    """The delays, and the whitelists."""
+
+    __slots__ = ("delay", "retry", "expiry", "ips", "domains", "db")
+
+    def __init__(self, delay: int = DEFAULT_DELAY, retry: int = DEFAULT_RETRY, expiry: int = DEFAULT_EXPIRY,
+                 ips: Sequence[str] = (), domains: Sequence[str] = (), db: str = "") -> None:
+        self.delay = delay
+        self.retry = max(retry, delay)
+        self.expiry = expiry
+        self.ips = tuple(ips)
+        self.domains = tuple(d.lower().strip(".") for d in domains if d.strip("."))
+        self.db = db
+
+    @classmethod
+    def load(cls, env: Mapping[bytes, bytes] | None = None) -> Settings | None:
+        """Read control/greylist (None: off), greylistips, greylistdomains; ControlError if unreadable."""
+        line = control.read_line(CONTROL)
+        if line is None:
+            return None
+        nums = [int(w) for w in line.split()[:3] if w.isdigit()]
+        delay, retry, expiry = nums + [DEFAULT_DELAY, DEFAULT_RETRY, DEFAULT_EXPIRY][len(nums):]
+        e = posix.environ if env is None else env
+        db = e.get(b"GREYLISTDB")
+        from pyqmail import home
+
+        path = os.fsdecode(db) if db else os.path.join(home.home(), DB_DIR, DB_NAME)
+        return cls(delay, retry, expiry, control.read_lines("greylistips") or (),
+                   control.read_lines("greylistdomains") or (), path)
+
+    def ip_listed(self, ip: str) -> bool:
+        """Whether control/greylistips lists ip (address, prefix ending in '.', or CIDR)."""
+        if not self.ips:
+            return False
+        import ipaddress
+
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        for entry in self.ips:
+            if entry.endswith((".", ":")) and "/" not in entry:
+                if ip.startswith(entry):
+                    return True
+                continue
+            try:
+                if addr in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue  # a line that is no address: ignored
+        return False
+
+    def domain_listed(self, name: str) -> bool:
+        """Whether name is a domain of control/greylistdomains or under one."""
+        name = name.lower().rstrip(".")
+        return bool(name) and any(name == d or name.endswith("." + d) for d in self.domains)
+
+
+def network(ip: str) -> str:
+    """Return the client's network for the triplet: a.b.c.0/24, or the /64 of an IPv6 address."""
+    if ":" not in ip:
+        parts = ip.split(".")
+        if len(parts) == 4:
+            return ".".join(parts[:3]) + ".0/24"
+        return ip
+    import ipaddress
+
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped is not None:
+        return network(str(addr.ipv4_mapped))
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
+
+
+def decide(row: tuple[int, int, int] | None, now: int, s: Settings) -> tuple[int, int, int]:
+    """Return (PASS or DEFER, the write to make, seconds left to wait) for a triplet's row.
+
+    row is (first seen, last seen, passed) or None for a new triplet.
+    """
+    if row is None:
+        return DEFER, INSERT, s.delay
+    first, last, passed = row
+    if passed:
+        if now - last > s.expiry:
+            return DEFER, INSERT, s.delay
+        return PASS, TOUCH if now - last >= REFRESH else NOTHING, 0
+    age = now - first
+    if age > s.retry:
+        return DEFER, INSERT, s.delay
+    if age < s.delay:
+        return DEFER, NOTHING, s.delay - age
+    return PASS, MARK_PASSED, 0
+
+
+class Trouble(Exception):
+    """The greylist file could not be used."""
+
+
+class Greylist:
+    """The triplet file, opened on first use."""
+
+    __slots__ = ("settings", "now", "_db")
+
+    def __init__(self, settings: Settings, now: Callable[[], int] | None = None) -> None:
+        self.settings = settings
+        self.now = now or clock()
+        self._db: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        import sqlite3
+
+        old = os.umask(0o077)
+        try:
+            db = sqlite3.connect(self.settings.db, timeout=BUSY_TIMEOUT, isolation_level=None)
+        except sqlite3.Error as e:
+            raise Trouble(f"{self.settings.db}: {e}") from e
+        finally:
+            os.umask(old)
+        try:
+            # auto_vacuum must come before the first table: freed pages go back to the file system.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")  # kept in the file: done once
+            db.execute("PRAGMA synchronous = FULL")  # each commit is fsync'd (about 1 ms)
+            db.execute("CREATE TABLE IF NOT EXISTS triplet (net TEXT NOT NULL, sender TEXT NOT NULL, "
+                       "rcpt TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, "
+                       "passed INTEGER NOT NULL, PRIMARY KEY (net, sender, rcpt)) WITHOUT ROWID")
+            db.execute("CREATE INDEX IF NOT EXISTS triplet_last ON triplet (last)")
+        except sqlite3.Error as e:
+            db.close()
+            raise Trouble(f"{self.settings.db}: {e}") from e
+        self._db = db
+        return db
+
+    def check(self, ip: str, sender: bytes, recipient: bytes) -> tuple[int, int]:
+        """Return (PASS, 0) or (DEFER, seconds to wait) for a triplet; raise Trouble if the file fails."""
+        import sqlite3
+
+        key = (network(ip), sender.decode("latin-1").lower(), recipient.decode("latin-1").lower())
+        now = self.now()
+        try:
+            db = self._open()
+            row = db.execute("SELECT first, last, passed FROM triplet WHERE net = ? AND sender = ? AND rcpt = ?",
+                             key).fetchone()
+            verdict, write, wait = decide(row, now, self.settings)
+            if write == NOTHING:
+                return verdict, wait
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if write == INSERT:
+                    db.execute("INSERT OR REPLACE INTO triplet VALUES (?, ?, ?, ?, ?, 0)", key + (now, now))
+                    self._prune(db, now)
+                elif write == MARK_PASSED:
+                    db.execute("UPDATE triplet SET passed = 1, last = ? WHERE net = ? AND sender = ? AND rcpt = ?",
+                               (now,) + key)
+                else:
+                    db.execute("UPDATE triplet SET last = ? WHERE net = ? AND sender = ? AND rcpt = ?",
+                               (now,) + key)
+                if STOP_ENV in posix.environ:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGSTOP)  # a test kills us here, inside the transaction
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return verdict, wait
+        except sqlite3.Error as e:
+            raise Trouble(f"{self.settings.db}: {e}") from e
+
+    def _prune(self, db: sqlite3.Connection, now: int) -> None:
+        """Delete pending triplets older than RETRY and passed ones unseen for EXPIRY."""
+        s = self.settings
+        gone = db.execute("DELETE FROM triplet WHERE last < ? AND (passed = 0 OR last < ?)",
+                          (now - min(s.retry, s.expiry), now - s.expiry)).rowcount
+        if gone > 0:
+            db.execute("PRAGMA incremental_vacuum")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def clock(env: Mapping[bytes, bytes] | None = None) -> Callable[[], int]:
+    """Return the clock: time.time, or the fixed $PYQMAIL_GREYLIST_NOW of a test."""
+    e = posix.environ if env is None else env
+    fixed = e.get(NOW_ENV)
+    if fixed is not None:
+        value = int(fixed)
+        return lambda: value
+    return lambda: int(time.time())
+
+
+def exempt(settings: Settings, ip: str, remotehost: bytes, sender: bytes, spf_passed: bool,
+           env: Mapping[bytes, bytes] | None = None) -> bool:
+    """Whether a (non-relay) client skips greylisting: $NOGREYLIST, greylistips, greylistdomains."""
+    e = posix.environ if env is None else env
+    if b"NOGREYLIST" in e:
+        return True
+    if settings.ip_listed(ip):
+        return True
+    if settings.domains:
+        if remotehost and remotehost != b"unknown" and settings.domain_listed(remotehost.decode("latin-1")):
+            return True
+        at = sender.rfind(b"@")
+        if spf_passed and at != -1 and settings.domain_listed(sender[at + 1:].decode("latin-1")):
+            return True
+    return False
+
+
+def preload() -> None:
+    """Import what a session's first greylist check needs (tcpserver's parent calls this)."""
+    import sqlite3  # noqa: F401

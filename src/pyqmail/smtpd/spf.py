@@ -1,0 +1,359 @@
+"""SPF (RFC 7208) at SMTP time, with the interface of the qmail SPF patch (Jana Saout's).
+
+control/spfbehavior ($SPFBEHAVIOR overrides it) says what a result does:
+
+    0  no SPF check, no Received-SPF header (the default)
+    1  a Received-SPF header only, never a refusal
+    2  and a DNS problem (temperror) is `451 SPF lookup failure (#4.3.0)` at MAIL
+    3  and fail refuses the recipients
+    4  and softfail too
+    5  and neutral too
+    6  and everything but pass (none and permerror too); more than 6 is 6
+
+The check runs at MAIL FROM (the patch's place); a refusal is answered at each
+RCPT with `550 EXPLANATION (#5.7.1)` (one `550-` line per line of it), as
+badmailfrom is. A client with RELAYCLIENT, an authenticated client and a
+client certificate listed in tlsclients are never checked and get no header;
+nor are 127.0.0.1 and this host's own addresses (the patch's "local policy"
+pass). control/spfrules is local mechanisms tried before the record's final
+`-all`/`~all`/`?all` run (and alone when the domain has no record);
+control/spfguess a record to assume for a domain without one;
+control/spfexp the explanation (patch macros: %{S} %{I} %{xR} ...), the
+record's own exp= taking precedence.
+
+The header is the patch's, below qmail-smtpd's Received line, e.g.
+
+    Received-SPF: pass (mx.example.org: SPF record at example.com designates 192.0.2.1 as permitted sender)
+
+with the patch's result words: `error` for RFC 7208's temperror, `unknown`
+for permerror (`RECEIVED_WORDS`). qmail-dkim's DMARC evaluation reads this
+header instead of asking SPF again (pyqmail.filter.dkim).
+
+`decide` is the pure part; `check` asks pyspf, with DNS through $DNSCACHEIP
+as pyqmail.filter.dmarc sets it up.
+"""
+
+from __future__ import annotations
+
+import posix
+
+from pyqmail import control
+from pyqmail.smtpd.received import safe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+PASS = "pass"
+FAIL = "fail"
+SOFTFAIL = "softfail"
+NEUTRAL = "neutral"
+NONE = "none"
+TEMPERROR = "temperror"
+PERMERROR = "permerror"
+
+# What the patch writes in Received-SPF for each RFC 7208 result.
+RECEIVED_WORDS = {PASS: "pass", FAIL: "fail", SOFTFAIL: "softfail", NEUTRAL: "neutral", NONE: "none",
+                  TEMPERROR: "error", PERMERROR: "unknown"}
+# And back: how a reader of the header (qmail-dkim's DMARC) gets the RFC 7208 result.
+FROM_RECEIVED = {v: k for k, v in RECEIVED_WORDS.items()} | {TEMPERROR: TEMPERROR, PERMERROR: PERMERROR}
+
+# The lowest spfbehavior at which each result refuses the message.
+REFUSE_AT = {FAIL: 3, SOFTFAIL: 4, NEUTRAL: 5, NONE: 6, PERMERROR: 6}
+TEMP_AT = 2
+
+LOOKUP_FAILURE = b"451 SPF lookup failure (#4.3.0)\r\n"
+DEFAULT_EXP = "See http://spf.pobox.com/why.html?sender=%{S}&ip=%{I}&receiver=%{xR}"
+TIMEOUT = 20  # seconds for each DNS lookup (RFC 7208 4.6.4), as pyqmail.filter.dmarc
+
+OK = 0  # go on
+TEMP = 1  # 451 at MAIL
+REFUSE = 2  # 550 at every RCPT
+
+
+def decide(result: str, behavior: int) -> int:
+    """Return OK, TEMP or REFUSE for an SPF result under spfbehavior (the patch's table)."""
+    if behavior <= 0:
+        return OK
+    if result == TEMPERROR:
+        return TEMP if behavior >= TEMP_AT else OK
+    at = REFUSE_AT.get(result)
+    return REFUSE if at is not None and behavior >= at else OK
+
+
+class Settings:
+    """spfbehavior and the texts it uses: local rules, guess, explanation."""
+
+    __slots__ = ("behavior", "rules", "guess", "exp")
+
+    def __init__(self, behavior: int, rules: str = "", guess: str = "", exp: str = DEFAULT_EXP) -> None:
+        self.behavior = behavior
+        self.rules = rules
+        self.guess = guess
+        self.exp = exp
+
+    @classmethod
+    def load(cls, env: Mapping[bytes, bytes] | None = None) -> Settings | None:
+        """Read $SPFBEHAVIOR or control/spfbehavior and the other controls; None when 0 (off).
+
+        Raise ControlError when a control file exists but cannot be read.
+        """
+        e = posix.environ if env is None else env
+        x = e.get(b"SPFBEHAVIOR")
+        if x is not None:
+            from pyqmail.smtpd.session import scan_ulong
+
+            behavior = scan_ulong(x)[0]
+        else:
+            behavior = control.read_int("spfbehavior", 0)
+        if behavior <= 0:
+            return None
+        return cls(min(behavior, 1 << 31), control.read_line("spfrules") or "",
+                   control.read_line("spfguess") or "", control.read_line("spfexp") or DEFAULT_EXP)
+
+
+class Verdict:
+    """One SPF check: the result, its Received-SPF field, and the explanation for a refusal."""
+
+    __slots__ = ("result", "field", "explanation", "domain")
+
+    def __init__(self, result: str, field: bytes, explanation: bytes, domain: str) -> None:
+        self.result = result
+        self.field = field  # "Received-SPF: ...\n"
+        self.explanation = explanation
+        self.domain = domain  # the domain checked (MAIL FROM's, or HELO's for <>)
+
+    def refusal(self) -> bytes:
+        """Return the 550 reply: one line per line of the explanation, the last with (#5.7.1)."""
+        lines = self.explanation.split(b"\n") or [b""]
+        out = [b"550-" + line + b"\r\n" for line in lines[:-1]]
+        out.append(b"550 " + lines[-1] + b" (#5.7.1)\r\n")
+        return b"".join(out)
+
+
+_UNRESERVED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
+
+
+def _urlencode(text: str) -> str:
+    return "".join(c if c in _UNRESERVED else "".join(f"%{b:02x}" for b in c.encode("utf-8")) for c in text)
+
+
+def expand(spec: str, values: Mapping[str, str]) -> str:
+    """Expand the patch's macros in spec: %{X}, %%, %_, %-, with digits, r and delimiters.
+
+    values maps a macro letter (l s o d i t p v h, and the patch's own xR xE xS)
+    to its text; an upper-case letter is URL-encoded. An unknown letter is empty.
+    """
+    out: list[str] = []
+    i = 0
+    n = len(spec)
+    while i < n:
+        c = spec[i]
+        if c != "%" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        nxt = spec[i + 1]
+        if nxt == "%":
+            out.append("%")
+            i += 2
+        elif nxt == "_":
+            out.append(" ")
+            i += 2
+        elif nxt == "-":
+            out.append("%20")
+            i += 2
+        elif nxt == "{" and "}" in spec[i + 2:]:
+            end = spec.index("}", i + 2)
+            out.append(_macro(spec[i + 2:end], values))
+            i = end + 1
+        else:
+            out.append("%")
+            i += 1
+    return "".join(out)
+
+
+def _macro(body: str, values: Mapping[str, str]) -> str:
+    x = body[:1] == "x"
+    if x:
+        body = body[1:]
+    if not body:
+        return ""
+    letter = body[0]
+    encode = letter.isupper()
+    key = ("x" + letter.upper()) if x else letter.lower()
+    text = values.get(key, "")
+    rest = body[1:]
+    j = 0
+    while j < len(rest) and rest[j].isdigit():
+        j += 1
+    digits = int(rest[:j]) if j else 0
+    rest = rest[j:]
+    reverse = rest[:1].lower() == "r"
+    if reverse:
+        rest = rest[1:]
+    delims = rest or "."
+    if digits or reverse or rest:
+        parts = [text]
+        for d in delims:
+            parts = [p for part in parts for p in part.split(d)]
+        if reverse:
+            parts.reverse()
+        if digits:
+            parts = parts[-digits:]
+        text = ".".join(parts)
+    return _urlencode(text) if encode else text
+
+
+def _header_text(result: str, values: Mapping[str, str]) -> str:
+    """Return the patch's Received-SPF text for a result (values as for expand)."""
+    if result == PASS:
+        spec = "pass (%{xr}: %{xs} designates %{i} as permitted sender)"
+    elif result == FAIL:
+        spec = "fail (%{xr}: %{xs} does not designate %{i} as permitted sender)"
+    elif result == SOFTFAIL:
+        spec = "softfail (%{xr}: transitioning %{xs} does not designate %{i} as permitted sender)"
+    elif result == NEUTRAL:
+        spec = "neutral (%{xr}: %{i} is neither permitted nor denied by %{xs})"
+    elif result == NONE:
+        spec = "none (%{xr}: domain at %{d} does not designate permitted sender hosts)"
+    elif result == TEMPERROR:
+        spec = "error (%{xr}: error in processing during lookup of %{d}: %{xe})"
+    else:
+        spec = "unknown (%{xr}: %{xe})"
+    return expand(spec, values)
+
+
+def insert_rules(record: str, rules: str) -> str:
+    """Return record with the local rules before its final run of -all/~all/?all (the patch's place).
+
+    The run is the last mechanisms sharing one of the qualifiers - ~ ? that
+    ends in `all`; without one the rules are not inserted (nothing falls
+    through to them).
+    """
+    if not rules:
+        return record
+    terms = record.split()
+    start = None
+    for k, term in enumerate(terms[1:], 1):
+        q = term[:1]
+        if start is not None and q != terms[start][:1]:
+            start = None
+        if start is None and q in ("-", "~", "?"):
+            start = k
+        if start is not None and term[1:].lower() == "all":
+            return " ".join(terms[:start] + rules.split() + terms[start:])
+    return record
+
+
+def _is_local(ip: str, ipme: Callable[[tuple[int, int, int, int]], bool] | None) -> bool:
+    if ip == "127.0.0.1":
+        return True
+    parts = ip.split(".")
+    if ipme is None or len(parts) != 4 or not all(p.isdigit() for p in parts):
+        return False
+    return ipme((int(parts[0]) & 255, int(parts[1]) & 255, int(parts[2]) & 255, int(parts[3]) & 255))
+
+
+def check(settings: Settings, ip: str, sender: str, helo: str, receiver: str,
+          env: Mapping[str, str] | None = None,
+          ipme: Callable[[tuple[int, int, int, int]], bool] | None = None) -> Verdict:
+    """Return the Verdict for a client ip, MAIL FROM sender (may be empty) and HELO name.
+
+    receiver is this host's name for the texts (the patch's TCPLOCALHOST).
+    DNS is $DNSCACHEIP's in env when set. Never raises for what DNS or a
+    record says: a DNS failure is temperror, a broken record permerror.
+    """
+    at = sender.rfind("@")
+    if at != -1:
+        domain = sender[at + 1:]
+    else:
+        domain = helo[helo.rfind("@") + 1:]  # the patch takes what follows an @ in HELO
+    values = {"s": sender, "l": sender[:at] if at != -1 else "postmaster", "o": domain, "d": domain,
+              "i": ip, "h": helo, "v": "in-addr" if "." in ip else "ip6", "p": "unknown",
+              "xR": receiver, "xE": "", "xS": "SPF record at " + domain}
+    result, local = _evaluate(settings, ip, sender, helo, domain, receiver, env, ipme, values)
+    if local:
+        values["xS"] = "local policy"
+    field = b"Received-SPF: " + _header_text(result, values).encode("utf-8", "replace") + b"\n"
+    exp = values.pop("exp", None) or expand(settings.exp, values)
+    return Verdict(result, field, safe_reply(exp), domain)
+
+
+def safe_reply(text: str) -> bytes:
+    """Return text for a reply: lines kept, every other control byte and any non-ASCII made '?'."""
+    raw = text.encode("utf-8", "replace")
+    return b"\n".join(safe_line(line) for line in raw.split(b"\n"))
+
+
+def safe_line(line: bytes) -> bytes:
+    return bytes(c if 32 <= c < 127 else 63 for c in line)
+
+
+def _evaluate(settings: Settings, ip: str, sender: str, helo: str, domain: str, receiver: str,
+              env: Mapping[str, str] | None, ipme: Callable[[tuple[int, int, int, int]], bool] | None,
+              values: dict[str, str]) -> tuple[str, bool]:
+    """Return (result, whether local policy decided it); fill values' xE and exp."""
+    if not ip or ip == "unknown":
+        values["xE"] = "No IP address in conversation"
+        return PERMERROR, False
+    if _is_local(ip, ipme):
+        return PASS, True
+    if not domain:
+        return NONE, False
+    import spf
+
+    from pyqmail.filter import dmarc
+
+    dmarc.use_dnscacheip(env)
+    import warnings
+
+    with warnings.catch_warnings():
+        # pyspf calls dnspython's deprecated dns.resolver.query: a warning, not a failure of the check.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _ask(spf, settings, ip, sender, helo, domain, receiver, values)
+
+
+def _ask(spf: Any, settings: Settings, ip: str, sender: str, helo: str, domain: str, receiver: str,
+         values: dict[str, str]) -> tuple[str, bool]:
+    """Run pyspf for domain (the module is passed in: imported on first use)."""
+    try:
+        q = spf.query(i=ip, s=sender, h=helo or domain, receiver=receiver, timeout=TIMEOUT)
+        q.d = domain  # the patch checks HELO's domain for <> (pyspf would: postmaster@HELO's)
+        try:
+            record = q.dns_spf(domain)
+        except spf.TempError:
+            values["xE"] = "DNS problem"
+            return TEMPERROR, False
+        except spf.PermError as e:
+            values["xE"] = str(e.msg)
+            return PERMERROR, False
+        mine = settings.rules.split()
+        if record:
+            text = insert_rules(record, settings.rules)
+        elif settings.guess or mine:
+            text = "v=spf1 " + " ".join(settings.guess.split() + mine)
+        else:
+            return NONE, False
+        default_exp = "\0default"
+        q.set_default_explanation(default_exp)
+        result, _, explanation = q.check(spf=text)
+    except Exception as e:  # noqa: BLE001 - pyspf raises for odd inputs (RFC 7208 2.6.7)
+        values["xE"] = str(e) or type(e).__name__
+        return PERMERROR, False
+    result = str(result).lower()
+    matched = q.mechanism
+    if not record and matched is None:
+        return NONE, False  # no record, no local rule matched: the patch's none
+    if result == TEMPERROR:
+        values["xE"] = "DNS problem"
+    elif result == PERMERROR:
+        values["xE"] = str(getattr(q, "prob", "") or explanation)
+    elif result not in RECEIVED_WORDS:
+        values["xE"] = str(explanation)
+        result = PERMERROR  # ambiguous and the like: pyspf's non-results
+    if explanation and explanation != default_exp and result in (FAIL, SOFTFAIL):
+        values["exp"] = str(explanation)  # the record's exp=, expanded by pyspf
+    local = not record or (matched is not None and matched in mine)
+    return result, local

@@ -1,0 +1,149 @@
+"""SPF in qmail-smtpd (issue 15.4): the SPF patch's spfbehavior table, its Received-SPF texts, spfrules,
+spfexp, and RFC 7208's lookup limit, against a DNS server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from pyqmail.smtpd import spf
+from ucspikit import DNSServer
+
+CLIENT = "127.0.0.2"  # not 127.0.0.1, which the patch passes as local without asking DNS
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+
+# behavior -> result -> OK/TEMP/REFUSE, as the patch's switch (fall-through from none down to fail).
+EXPECTED = {
+    0: {r: spf.OK for r in RESULTS},
+    1: {r: spf.OK for r in RESULTS},
+    2: {**{r: spf.OK for r in RESULTS}, "temperror": spf.TEMP},
+    3: {**{r: spf.OK for r in RESULTS}, "temperror": spf.TEMP, "fail": spf.REFUSE},
+    4: {**{r: spf.OK for r in RESULTS}, "temperror": spf.TEMP, "fail": spf.REFUSE, "softfail": spf.REFUSE},
+    5: {**{r: spf.REFUSE for r in RESULTS}, "pass": spf.OK, "none": spf.OK, "permerror": spf.OK,
+        "temperror": spf.TEMP},
+    6: {**{r: spf.REFUSE for r in RESULTS}, "pass": spf.OK, "temperror": spf.TEMP},
+}
+
+
+def records() -> dict[str, dict[str, list[object]]]:
+    """The zone: one domain per SPF result for a client at CLIENT."""
+    many = [f"include:i{k}.many.example" for k in range(20)]
+    zone: dict[str, dict[str, list[object]]] = {
+        "pass.example": {"TXT": [f"v=spf1 ip4:{CLIENT} -all".encode()]},
+        "fail.example": {"TXT": [b"v=spf1 ip4:192.0.2.1 -all"]},
+        "softfail.example": {"TXT": [b"v=spf1 ip4:192.0.2.1 ~all"]},
+        "neutral.example": {"TXT": [b"v=spf1 ip4:192.0.2.1 ?all"]},
+        "none.example": {"A": ["192.0.2.1"]},
+        "permerror.example": {"TXT": [(("v=spf1 " + " ".join(many[:10])).encode(),
+                                       (" " + " ".join(many[10:]) + " -all").encode())]},
+        "exp.example": {"TXT": [b"v=spf1 -all exp=why.exp.example"]},
+        "why.exp.example": {"TXT": [b"%{i} may not send for %{d}"]},
+        "helo.example": {"TXT": [f"v=spf1 ip4:{CLIENT} -all".encode()]},
+    }
+    for k in range(20):
+        zone[f"i{k}.many.example"] = {"TXT": [b"v=spf1 -all"]}
+    return zone
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DNSServer]:
+    with DNSServer(records(), servfail=["temperror.example"]) as server:
+        yield server
+
+
+def test_decide_table() -> None:
+    """Each spfbehavior level 0-6 against each result, and 7 behaving as 6."""
+    for behavior, table in EXPECTED.items():
+        for result, want in table.items():
+            assert spf.decide(result, behavior) == want, (behavior, result)
+    assert all(spf.decide(r, 7) == EXPECTED[6][r] for r in RESULTS)
+
+
+def check(dns: DNSServer, sender: str, settings: spf.Settings | None = None, ip: str = CLIENT,
+          helo: str = "client.example") -> spf.Verdict:
+    return spf.check(settings or spf.Settings(1), ip, sender, helo, "mx.test", {"DNSCACHEIP": dns.dnscacheip})
+
+
+def test_each_result_and_its_header(dns: DNSServer) -> None:
+    """The patch's Received-SPF texts, with its words error and unknown for temperror and permerror."""
+    got = {r: check(dns, f"alice@{r}.example") for r in RESULTS}
+    assert {r: v.result for r, v in got.items()} == {r: r for r in RESULTS}
+    h = {r: v.field.decode() for r, v in got.items()}
+    assert h["pass"] == ("Received-SPF: pass (mx.test: SPF record at pass.example designates 127.0.0.2 as "
+                         "permitted sender)\n")
+    assert h["fail"] == ("Received-SPF: fail (mx.test: SPF record at fail.example does not designate 127.0.0.2 "
+                         "as permitted sender)\n")
+    assert h["softfail"] == ("Received-SPF: softfail (mx.test: transitioning SPF record at softfail.example does "
+                             "not designate 127.0.0.2 as permitted sender)\n")
+    assert h["neutral"] == ("Received-SPF: neutral (mx.test: 127.0.0.2 is neither permitted nor denied by SPF "
+                            "record at neutral.example)\n")
+    assert h["none"] == ("Received-SPF: none (mx.test: domain at none.example does not designate permitted "
+                         "sender hosts)\n")
+    assert h["temperror"] == ("Received-SPF: error (mx.test: error in processing during lookup of "
+                              "temperror.example: DNS problem)\n")
+    assert h["permerror"] == "Received-SPF: unknown (mx.test: Too many DNS lookups)\n"
+
+
+def test_twenty_includes_end_in_permerror_after_ten_lookups(dns: DNSServer) -> None:
+    """RFC 7208 4.6.4: more than 10 lookups is permerror; the evaluation stops at the limit."""
+    before = len(dns.queries)
+    v = check(dns, "bob@permerror.example")
+    assert v.result == "permerror"
+    asked = [n for n, _ in dns.queries[before:] if n.endswith(".many.example")]
+    assert 10 <= len(asked) <= 11, asked
+
+
+def test_explanation_default_spfexp_and_record_exp(dns: DNSServer) -> None:
+    v = check(dns, "alice@fail.example")
+    assert v.refusal() == (b"550 See http://spf.pobox.com/why.html?sender=alice%40fail.example&ip=127.0.0.2"
+                           b"&receiver=mx.test (#5.7.1)\r\n")
+    v = check(dns, "alice@fail.example", spf.Settings(3, exp="Refused: %{xs}%_for %{s}.%nline two"))
+    assert v.refusal() == b"550 Refused: SPF record at fail.example for alice@fail.example.%nline two (#5.7.1)\r\n"
+    v = check(dns, "alice@fail.example", spf.Settings(3, exp="one %{d}"))
+    v.explanation += b"\ntwo"
+    assert v.refusal() == b"550-one fail.example\r\n550 two (#5.7.1)\r\n"
+    # The record's exp= wins over control/spfexp (RFC 7208 6.2).
+    v = check(dns, "alice@exp.example", spf.Settings(3, exp="not this"))
+    assert v.result == "fail"
+    assert v.refusal() == b"550 127.0.0.2 may not send for exp.example (#5.7.1)\r\n"
+
+
+def test_spfrules_before_the_final_all_and_without_a_record(dns: DNSServer) -> None:
+    rules = spf.Settings(3, rules=f"ip4:{CLIENT}")
+    for sender in ("a@fail.example", "a@softfail.example", "a@none.example"):
+        v = check(dns, sender, rules)
+        assert v.result == "pass", (sender, v.field)
+        assert b"local policy designates 127.0.0.2" in v.field
+    # Rules that do not match change nothing.
+    v = check(dns, "a@fail.example", spf.Settings(3, rules="ip4:198.51.100.7"))
+    assert v.result == "fail" and b"SPF record at fail.example" in v.field
+    v = check(dns, "a@none.example", spf.Settings(3, rules="ip4:198.51.100.7"))
+    assert v.result == "none"
+    assert spf.insert_rules("v=spf1 mx -a:x.example -all", "ip4:1.2.3.4") == \
+        "v=spf1 mx ip4:1.2.3.4 -a:x.example -all"
+    assert spf.insert_rules("v=spf1 mx ~all", "a") == "v=spf1 mx a ~all"
+    assert spf.insert_rules("v=spf1 mx", "a") == "v=spf1 mx"
+
+
+def test_local_addresses_pass_without_dns_and_bounce_uses_helo(dns: DNSServer) -> None:
+    before = len(dns.queries)
+    v = check(dns, "a@fail.example", ip="127.0.0.1")
+    assert v.result == "pass"
+    assert v.field == b"Received-SPF: pass (mx.test: local policy designates 127.0.0.1 as permitted sender)\n"
+    assert len(dns.queries) == before
+    v = check(dns, "", helo="helo.example")
+    assert v.result == "pass" and v.domain == "helo.example"
+    v = check(dns, "a@pass.example", ip="")
+    assert v.result == "permerror"
+    assert v.field == b"Received-SPF: unknown (mx.test: No IP address in conversation)\n"
+
+
+def test_macro_expansion() -> None:
+    values = {"s": "strong-bad@email.example.com", "d": "email.example.com", "i": "192.0.2.3",
+              "xR": "mx.example.org"}
+    assert spf.expand("%{d2}", values) == "example.com"
+    assert spf.expand("%{dr}", values) == "com.example.email"
+    assert spf.expand("%{ir}.%{v}", {**values, "v": "in-addr"}) == "3.2.0.192.in-addr"
+    assert spf.expand("%{S}|%{xR}|%%|%_|%-", values) == "strong-bad%40email.example.com|mx.example.org|%| |%20"
+    assert spf.expand("%{l-}", {"l": "a-b-c"}) == "a.b.c"
