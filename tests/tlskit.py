@@ -291,7 +291,7 @@ class Postfix:
     (no queue manager runs), started by the test and stopped after."""
 
     def __init__(self, base: Path, leaf: Cert, chain: list[Cert] = (), starttls: bool = True,  # type: ignore[assignment]
-                 smtps: bool = False) -> None:
+                 smtps: bool = False, main_extra: dict[str, str] | None = None) -> None:
         self.cmd = postfix_or_skip()
         self.base = base
         self.conf = base / "etc"
@@ -340,6 +340,7 @@ class Postfix:
             "meta_directory": "/etc/postfix",
             "multi_instance_enable": "no",
         }
+        main.update(main_extra or {})
         (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
         smtpd_args = " -o smtpd_tls_wrappermode=yes -o smtpd_tls_security_level=encrypt" if smtps else ""
         # No qmgr: what smtpd takes stays in the queue (incoming/), read back with postcat.
