@@ -147,14 +147,23 @@ class DnsServer:
         self.records = {(n.lower().rstrip("."), t): v for (n, t), v in records.items()}
         self.servfail = {n.lower().rstrip(".") for n in (servfail or set())}
         self.queries: list[tuple[str, str]] = []
+        self.transports: list[str] = []  # "udp", "udp-truncated" or "tcp", one per query answered
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
+        # DNS over TCP on the same port (RFC 7766): truncated UDP answers are asked again here.
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(8)
+        self.tcp.settimeout(0.2)
         self.env = {"DNSCACHEIP": f"127.0.0.1:{self.port}"}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+        self._tcp_thread = threading.Thread(target=self._serve_tcp, daemon=True)
+        self._tcp_thread.start()
 
     def _answer(self, q: dns.message.Message) -> dns.message.Message:
         r = dns.message.make_response(q)
@@ -189,14 +198,50 @@ class DnsServer:
             except OSError:
                 return
             try:
-                self.sock.sendto(self._answer(dns.message.from_wire(data)).to_wire(), addr)
+                self.sock.sendto(self._wire(dns.message.from_wire(data), tcp=False), addr)
             except Exception:  # noqa: BLE001 - a bad query gets no answer
                 pass
+
+    def _wire(self, q: dns.message.Message, tcp: bool) -> bytes:
+        """Return the answer to q; over UDP one larger than the client's EDNS0 size (512 without
+        EDNS0, RFC 6891) is cut to its header and question with TC set (RFC 1035 4.2.1)."""
+        wire = self._answer(q).to_wire(max_size=65535)
+        limit = 65535 if tcp else (max(512, q.payload) if q.edns >= 0 else 512)
+        if len(wire) > limit:
+            t = dns.message.make_response(q)
+            t.flags |= dns.flags.RA | dns.flags.TC
+            self.transports.append("udp-truncated")
+            return t.to_wire()
+        self.transports.append("tcp" if tcp else "udp")
+        return wire
+
+    def _serve_tcp(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    while True:
+                        head = conn.recv(2, socket.MSG_WAITALL)
+                        if len(head) < 2:
+                            break
+                        data = conn.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+                        wire = self._wire(dns.message.from_wire(data), tcp=True)
+                        conn.sendall(len(wire).to_bytes(2, "big") + wire)
+                except Exception:  # noqa: BLE001 - a bad query or a gone client ends the connection
+                    pass
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._tcp_thread.join(5)
         self.sock.close()
+        self.tcp.close()
 
     def __enter__(self) -> DnsServer:
         return self

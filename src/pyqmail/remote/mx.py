@@ -10,6 +10,12 @@ spaces or commas, each optionally with a port, as 127.0.0.1:5353 or
 [::1]:5353), else from /etc/resolv.conf. Lookups are never searched.
 
 Extension: a host with no A record but AAAA records is reached over IPv6.
+
+Large answers (issue 18.6): queries advertise an EDNS0 payload of `EDNS_PAYLOAD`
+bytes, and dnspython asks a truncated (TC) answer again over TCP, so answers
+of up to 64 KB are read whole, as notqmail 1.09's dns.c does. CNAME chains are
+followed in the answer as the resolver gives them (dnspython's canonical name;
+qmail's findmx/findip take the wanted type wherever the chain ends).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ OK = 0
 SOFT = 1  # try again later (SERVFAIL, timeout)
 HARD = 2  # no such name or no such record
 CNAME_LOOPS = 10
+EDNS_PAYLOAD = 1232  # DNS flag day 2020: no IP fragmentation
 # qmail's generator runs in an unsigned long; on the 32-bit machines it was written for that
 # spreads the choice evenly, while 64-bit arithmetic would almost never move off the first
 # record. pyqmail keeps the 32-bit behaviour, qmail's intent.
@@ -207,7 +214,7 @@ class Resolver:
             import dns.flags
 
             r.flags = dns.flags.RD | dns.flags.AD
-            r.use_edns(0, dns.flags.DO, 1232)
+            r.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
             self._r = r
         return self._r
 

@@ -7,6 +7,11 @@ may be separated by spaces or commas. Each cache is tried in turn with
 timeouts of 1, 3, 11 and 45 seconds (djbdns's schedule). An answer whose
 code is neither NOERROR nor NXDOMAIN, a name djbdns cannot encode, or no
 answer at all is a temporary failure.
+
+Large answers (issue 18.6; notqmail 1.09 takes answers up to 64 KB): queries
+advertise an EDNS0 payload of 1232 bytes (DNS flag day 2020: no IP
+fragmentation), and an answer truncated anyway (TC) is asked again over TCP
+(up to 65535 bytes).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ TIMEOUTS = (1.0, 3.0, 11.0, 45.0)
 RESOLV_CONF = "/etc/resolv.conf"
 MAX_LABEL = 63
 MAX_SERVERS = 16
+EDNS_PAYLOAD = 1232
 _V4_PORT = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})(?::(\d+))?$")
 _V6_PORT = re.compile(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$")
 
@@ -101,7 +107,7 @@ def _ask(name: bytes, rdtype_text: str, caches: list[tuple[str, int]]) -> list[o
         raise Temporary(str(e)) from e
     for timeout in TIMEOUTS:
         for address, port in caches:
-            query = dns.message.make_query(qname, rdtype)
+            query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
             try:
                 response = dns.query.udp(query, address, timeout=timeout, port=port,
                                          ignore_unexpected=True, one_rr_per_rrset=True)
