@@ -1,12 +1,22 @@
 """dot-qmail(5): which .qmail file controls an address, and what its lines say.
 
-Pure: no I/O. qmail-local asks `candidates` for the names to try, in order,
-and `parse` for the delivery instructions of the file it found (or of its
-defaultdelivery argument). Names, extensions and lines are bytes, as qmail
-takes them.
+qmail-local asks `candidates` for the names to try, in order, and `parse`
+for the delivery instructions of the file it found (or of its
+defaultdelivery argument); both are pure. `search` is the one I/O step,
+shared by qmail-local and by recipient validation at RCPT
+(pyqmail.local.rcptcheck): it opens the candidates in a home directory and
+returns the one qmail-local uses, so "accepted at RCPT" and "deliverable"
+are decided by the same function. Names, extensions and lines are bytes, as
+qmail takes them.
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from pyqmail import errors
 
 QMAIL = b".qmail"
 DEFAULT = b"default"
@@ -22,6 +32,13 @@ PROGRAM = "program"  # '|'
 LIST = "list"  # '+list': the rest of the file may only forward, as if the x bit were set
 IGNORED = "ignored"  # any other '+' line
 FORWARD = "forward"  # '&', or anything else
+
+# C qmail's conf-patrn as shipped (002): the mode bits refused on the home
+# directory and on .qmail files, so only a world-writable one defers; a
+# group-writable home is delivered to (dot-qmail(5) says group-writable too,
+# but what qmail does is the spec).
+PATRN = 0o002
+CUTABLE = 0o100  # the owner's x bit on .qmail: forwarding only
 
 # qmail-command(8): what the exit code of a program run for a '|' line means
 # (dot-forward reads its |commands' codes the same way).
@@ -176,3 +193,60 @@ def parse(text: bytes) -> list[Instruction]:
                 line = line[1:]
             out.append(Instruction(FORWARD, _cstring(line), line))
     return out
+
+
+class Unreadable(Exception):
+    """A .qmail file exists but cannot be opened or checked (.name, .error): qmail-local defers."""
+
+    def __init__(self, name: bytes, error: OSError) -> None:
+        super().__init__(name, error)
+        self.name = name
+        self.error = error
+
+
+class Writable(Exception):
+    """The .qmail file found is writable by others (conf-patrn): qmail-local defers."""
+
+
+def open_qmail(name: bytes, dir_fd: int | None = None) -> tuple[int, bool] | None:
+    """Open .qmail file name (relative to dir_fd, else the current directory).
+
+    Return (fd, x bit set), or None if it is absent or not a regular file;
+    raise Unreadable if it exists but cannot be opened, Writable if others may
+    write it.
+    """
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        # A .qmail that exists but cannot be read must not be taken for an
+        # absent one: that would bounce, or deliver by the wrong file.
+        if errors.temporary(e) or e.errno in (errno.EPERM, errno.EACCES):
+            raise Unreadable(name, e) from None
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise Unreadable(name, e) from None
+    if stat.S_ISREG(st.st_mode):
+        if st.st_mode & PATRN:
+            os.close(fd)
+            raise Writable(name)
+        return fd, bool(st.st_mode & CUTABLE)
+    os.close(fd)
+    return None
+
+
+def search(dash: bytes, ext: bytes, dir_fd: int | None = None) -> tuple[int, bool, bytes | None] | None:
+    """Find the .qmail file for dash+ext: (fd, x bit, DEFAULT or None), or None if there is none.
+
+    The first of `candidates` that open_qmail finds is used; Unreadable and
+    Writable propagate. With no file, qmail-local bounces an address with a
+    dash ("no mailbox here by that name") and uses its default delivery for one
+    without.
+    """
+    for cand in candidates(dash, ext):
+        found = open_qmail(cand.name, dir_fd)
+        if found is not None:
+            return found[0], found[1], cand.default
+    return None

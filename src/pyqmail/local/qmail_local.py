@@ -19,9 +19,7 @@ qmail-local never changes its uid: qmail-lspawn starts it as the recipient.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import time
 
 from pyqmail import durable, errors, rfc822, slurp, spawn
@@ -38,13 +36,11 @@ EXIT_OK = 0
 EXIT_PERMANENT = 100
 EXIT_TEMPORARY = 111
 
-# C qmail's conf-patrn as shipped (002): the mode bits refused on the home
-# directory and on .qmail files, so only a world-writable one defers; a
-# group-writable home is delivered to (dot-qmail(5) says group-writable too,
-# but what qmail does is the spec).
-PATRN = 0o002
+# The mode bits refused on the home and on .qmail files (conf-patrn), and
+# the x bit of a forwarding-only .qmail: dotqmail's, one definition for both.
+PATRN = dotqmail.PATRN
 STICKY = 0o1000
-CUTABLE = 0o100  # the owner's x bit on .qmail: forwarding only
+CUTABLE = dotqmail.CUTABLE
 DOTQMAIL_MAX = 64 << 20  # bytes of a .qmail file read; more is answered as qmail answers no memory
 SHELL = "/bin/sh"
 _CHUNK = 65536
@@ -291,30 +287,6 @@ def _check_home(doit: bool) -> None:
         _say(FD_ERROR, WARN_STICKY + b"\n")
 
 
-def _open_qmail(name: bytes) -> tuple[int, bool] | None:
-    """Open .qmail file name; return (fd, x bit set), or None if it is absent or not a file."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        # A .qmail that exists but cannot be read must not be taken for an
-        # absent one: that would bounce, or deliver by the wrong file.
-        if errors.temporary(e) or e.errno in (errno.EPERM, errno.EACCES):
-            raise Stop(EXIT_TEMPORARY, OPEN_QMAIL % (name, _err(e))) from None
-        return None
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        os.close(fd)
-        raise Stop(EXIT_TEMPORARY, OPEN_QMAIL % (name, _err(e))) from None
-    if stat.S_ISREG(st.st_mode):
-        if st.st_mode & PATRN:
-            os.close(fd)
-            raise Stop(EXIT_TEMPORARY, QMAIL_WRITABLE)
-        return fd, bool(st.st_mode & CUTABLE)
-    os.close(fd)
-    return None
-
-
 def _slurp(fd: int) -> bytes:
     """Read the whole .qmail file on fd and close it."""
     try:
@@ -329,12 +301,13 @@ def _slurp(fd: int) -> bytes:
 
 
 def _search(dash: bytes, ext: bytes) -> tuple[int, bool, bytes | None] | None:
-    """Find the .qmail file for dash+ext: (fd, x bit, DEFAULT or None), or None if there is none."""
-    for cand in dotqmail.candidates(dash, ext):
-        found = _open_qmail(cand.name)
-        if found is not None:
-            return found[0], found[1], cand.default
-    return None
+    """Find the .qmail file for dash+ext (dotqmail.search): (fd, x bit, DEFAULT or None), or None."""
+    try:
+        return dotqmail.search(dash, ext)
+    except dotqmail.Unreadable as e:
+        raise Stop(EXIT_TEMPORARY, OPEN_QMAIL % (e.name, _err(e.error))) from None
+    except dotqmail.Writable:
+        raise Stop(EXIT_TEMPORARY, QMAIL_WRITABLE) from None
 
 
 def _exists(name: bytes) -> bool:

@@ -293,3 +293,18 @@ def getpw(local: bytes, getpwnam: Callable[[bytes], PwEntry | None] = system_get
     if pw is None:
         raise GetpwError(QLX_NOALIAS, "unable to find alias user")
     return Assignment(pw.name, str(pw.uid).encode(), str(pw.gid).encode(), pw.dir, b"-", local)
+
+
+def controller(local: bytes, path: str | None = None,
+               rules: Callable[[bytes], Assignment] | None = None) -> Assignment:
+    """Return who controls local, as qmail-lspawn finds it: users/cdb first, then qmail-getpw's rules.
+
+    rules stands for qmail-getpw (default: `getpw` in this process). Raise
+    UsersCdbError if users/cdb exists but cannot be used, GetpwError (or
+    whatever rules raises) if the rules cannot decide. qmail-lspawn and
+    recipient validation at RCPT (pyqmail.local.rcptcheck) both call this.
+    """
+    found = lookup(local, path)
+    if found is not None:
+        return found
+    return (rules or getpw)(local)
