@@ -169,7 +169,8 @@ def spf_check(ip: str, sender: str, helo: str, env: Mapping[str, str]) -> tuple[
     """Return (SPF result, the domain checked) for a client ip, MAIL FROM sender and HELO name (RFC 7208).
 
     The result is pyspf's: pass, fail, softfail, neutral, none, temperror or
-    permerror. An empty sender is checked as postmaster@helo (RFC 7208 2.4).
+    permerror; $SPFRESULT, set by qmail-smtpd's own check, is taken as it is.
+    An empty sender is checked as postmaster@helo (RFC 7208 2.4).
     DNS is $DNSCACHEIP's when set (dnspython's default resolver for pyspf).
     """
     if not ip:
@@ -177,9 +178,28 @@ def spf_check(ip: str, sender: str, helo: str, env: Mapping[str, str]) -> tuple[
     domain = sender.rpartition("@")[2] if sender else helo
     if not domain:
         return "none", ""
+    found = env.get("SPFRESULT")
+    if found is not None:
+        # qmail-smtpd checked SPF at MAIL (pyqmail.smtpd.spf) and says so in the environment it
+        # gives qmail-queue ($QMAILQUEUE): that result, not a second round of DNS queries. Its words
+        # are the SPF patch's (error, unknown for RFC 7208's temperror, permerror).
+        return {"error": "temperror", "unknown": "permerror"}.get(found, found), domain
     import spf
 
-    value = env.get("DNSCACHEIP")
+    use_dnscacheip(env)
+    try:
+        result, _ = spf.check2(i=ip, s=sender or f"postmaster@{helo}", h=helo or domain, timeout=20)
+    except Exception:  # noqa: BLE001 - pyspf raises for odd inputs; RFC 7208 2.6.7
+        return "permerror", domain
+    return str(result).lower(), domain
+
+
+def use_dnscacheip(env: Mapping[str, str] | None) -> None:
+    """Point pyspf's DNS (dnspython's default resolver) at $DNSCACHEIP when env sets it.
+
+    qmail-smtpd's SPF check (pyqmail.smtpd.spf) uses this too.
+    """
+    value = (env or {}).get("DNSCACHEIP")
     if value:
         import dns.nameserver
         import dns.resolver
@@ -190,8 +210,3 @@ def spf_check(ip: str, sender: str, helo: str, env: Mapping[str, str]) -> tuple[
         r.nameservers = [dns.nameserver.Do53Nameserver(a, p) for a, p in mx.parse_nameservers(value)]
         r.lifetime = 10.0
         dns.resolver.default_resolver = r
-    try:
-        result, _ = spf.check2(i=ip, s=sender or f"postmaster@{helo}", h=helo or domain, timeout=20)
-    except Exception:  # noqa: BLE001 - pyspf raises for odd inputs; RFC 7208 2.6.7
-        return "permerror", domain
-    return str(result).lower(), domain
