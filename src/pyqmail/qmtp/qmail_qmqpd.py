@@ -2,7 +2,8 @@
 
 One netstring holds the message, the sender and the recipients, each a
 netstring; the one reply is a netstring starting with K, Z or D. qmail-qmqpd
-relays to any address: run it only for authorized clients. No read may go
+relays to any address: run it only for authorized clients (it reads none of
+pyqmail.smtpd.receive's rcpthosts, RELAYCLIENT, databytes, as qmail's). No read may go
 past the outer netstring. Exits: 0 after replying or when the client leaves,
 100 on a protocol violation, 111 on lack of resources or after an hour.
 """

@@ -4,7 +4,7 @@ Each message is a netstring of (a mode byte, LF or CR, then the message),
 a netstring sender and a netstring of netstring recipients. The reply is one
 netstring per recipient: K (queued, with the time and qmail-queue's pid), Z
 or D with qmail's text. rcpthosts, morercpthosts, RELAYCLIENT, databytes and
-DATABYTES work as for qmail-smtpd. Exits: 0 when the client is done, 100 on
+DATABYTES work as for qmail-smtpd (one reader for both: pyqmail.smtpd.receive). Exits: 0 when the client is done, 100 on
 a protocol violation, 111 on lack of resources or after an hour.
 """
 
@@ -86,24 +86,18 @@ class Settings:
     def __init__(self) -> None:
         from pyqmail import control
         from pyqmail.control import ControlError
-        from pyqmail.smtpd.rcpthosts import RcptHosts
+        from pyqmail.smtpd.receive import Receive
         from pyqmail.smtpd.received import Peer
-        from pyqmail.smtpd.session import scan_ulong
 
+        env = os.environb
         try:
             control.me()
-            self.rcpthosts = RcptHosts.load()
-            databytes = control.read_int("databytes", 0) & 0xFFFFFFFF
+            recv = Receive.load(env, badmailfrom=False)  # qmail-qmtpd reads no badmailfrom
         except (ControlError, OSError):
             raise Exit(EXIT_RESOURCES) from None
-        env = os.environb
-        self.relayclient = env.get(b"RELAYCLIENT")
-        x = env.get(b"DATABYTES")
-        if x is not None:
-            databytes = scan_ulong(x)[0] & 0xFFFFFFFF
-        if databytes == 0xFFFFFFFF:
-            databytes -= 1
-        self.databytes = databytes
+        self.rcpthosts = recv.rcpthosts
+        self.relayclient = recv.relayclient
+        self.databytes = recv.databytes
         self.peer = Peer.from_env(env)
 
 

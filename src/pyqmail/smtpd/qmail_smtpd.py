@@ -29,6 +29,12 @@ no AUTH before TLS (538). Success: RELAYCLIENT and TCPREMOTEINFO for the session
 Received says `(USER@IP)` and `with ESMTPA` (`ESMTPSA` in TLS). Each failure is
 logged with the client's IP and costs a growing delay; after control/authfailures
 ($AUTHFAILURES; default 3) failures the connection is closed with 421.
+
+Checks beyond qmail's (pyqmail.smtpd.policy; docs/DESIGN.md "qmail-smtpd: where a new
+check goes") run at connection, HELO/EHLO, MAIL, RCPT, DATA and after AUTH, each turned
+on by its own control file or variable. control/brtlimit ($BRTLIMIT over it; absent or 0:
+no limit): after that many recipients refused as unknown or bad in one session, the reply
+is `421 too many invalid addresses, goodbye (#4.3.0)` and the connection ends.
 """
 
 from __future__ import annotations
@@ -48,10 +54,12 @@ from pyqmail.queue.qq import QQ
 from pyqmail.smtpd import replies
 from pyqmail.smtpd.data import END, MORE, Blast
 from pyqmail.smtpd.ipme import Ipme, IpmeError
-from pyqmail.smtpd.rcpthosts import RcptHosts
+from pyqmail.smtpd import policy as _policy
 from pyqmail.smtpd.auth import Exchange, Policy, SenderCheck
+from pyqmail.smtpd.receive import Receive
 from pyqmail.smtpd.received import Peer, safe
-from pyqmail.smtpd.session import AUTH, DATA, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply, scan_ulong
+from pyqmail.smtpd.session import (AUTH, DATA, DIE, DROP, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply,
+                                   scan_ulong)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -80,6 +88,10 @@ AUTH_TIMEOUT_ENV = b"PYQMAIL_SMTPD_AUTH_TIMEOUT"  # test seam: AUTH_CHECK_TIMEOU
 WARM_SCRIPT = (b"EHLO warm.up\r\nHELO warm.up\r\nMAIL FROM:<warm@up>\r\nRCPT TO:<warm@up>\r\n"
                b"NOOP\r\nVRFY warm\r\nHELP\r\nRSET\r\nJUNK\r\nQUIT\r\n")
 WARM_SESSIONS = 12  # CPython specialises a function's code after 8 calls
+
+
+class Dropped(Exception):
+    """A check ended the session after its reply (qmail-spp's R and D): exit 0."""
 
 
 class Die(Exception):
@@ -156,26 +168,26 @@ def _setup(argv: list[str] | None = None) -> tuple[Config, int, AuthRun | None]:
             timeout -= 1 << 32  # qmail keeps it in an int
         if timeout <= 0:
             timeout = 1
-        rcpthosts = RcptHosts.load()
-        bmf = control.read_lines("badmailfrom")
-        badmailfrom = None if bmf is None else frozenset(b.encode("latin-1").lower() for b in bmf)
-        databytes = control.read_int("databytes", 0) & 0xFFFFFFFF
+        env = posix.environ  # what os.environb wraps, without its Python-level calls
+        recv = Receive.load(env)
         policy, forcetls, authrun = _auth_setup(argv or [])
+        x = env.get(b"BRTLIMIT")
+        brtlimit = scan_ulong(x)[0] if x is not None else control.read_int("brtlimit", 0)
+        hooks = _policy.load(env)
     except (ControlError, OSError, ValueError):
         raise Die(replies.CONTROL) from None
-    env = posix.environ  # what os.environb wraps, without its Python-level calls
-    x = env.get(b"DATABYTES")
-    if x is not None:
-        databytes = scan_ulong(x)[0] & 0xFFFFFFFF
-    if databytes == 0xFFFFFFFF:
-        databytes -= 1  # qmail adds one to it
     cfg = Config(greeting.encode("latin-1"), Peer.from_env(env),
                  liphost=None if liphost is None else liphost.encode("latin-1"),
-                 rcpthosts=rcpthosts, badmailfrom=badmailfrom,
-                 databytes=databytes, relayclient=env.get(b"RELAYCLIENT"), is_local=Ipme(),
+                 rcpthosts=recv.rcpthosts, badmailfrom=recv.badmailfrom,
+                 databytes=recv.databytes, relayclient=recv.relayclient, is_local=Ipme(),
                  starttls=None if b"DISABLETLS" in env else _cert_readable,
-                 auth=policy, forcetls=forcetls)
+                 auth=policy, forcetls=forcetls, hooks=hooks, brtlimit=brtlimit, setenv=_setenv)
     return cfg, timeout, authrun
+
+
+def _setenv(name: bytes, value: bytes) -> None:
+    """Set name in the environment qmail-queue and its filters get."""
+    os.environb[name] = value
 
 
 def _data(session: Session, conn: Conn) -> None:
@@ -188,6 +200,8 @@ def _data(session: Session, conn: Conn) -> None:
     qp = max(q.pid, 0)
     conn.put(replies.GO_AHEAD)
     q.write(session.received(int(time.time())))
+    if session.headers:  # the checks' lines (Received-SPF:, a plugin's H...), after ours as qmail-spp
+        q.write(b"".join(session.headers))
     blast = Blast()
     limit = session.cfg.databytes
     overflow = False
@@ -219,6 +233,7 @@ def _data(session: Session, conn: Conn) -> None:
     if hops:
         q.fail()
     report = q.close(session.mailfrom, session.recipients())
+    session.message_done()
     conn.put(data_reply(report, hops, overflow, qp, int(time.time())))
 
 
@@ -277,8 +292,7 @@ def _verify_client(obj: ssl.SSLObject, clients: frozenset[bytes]) -> tuple[bytes
         return None, b"contains no email address"
     if email not in clients:
         return None, b"email address not in my list of tlsclients"
-    os.environb[b"RELAYCLIENT"] = b""  # as the patch: qmail-queue (and a QMAILQUEUE filter) see it
-    return email, None
+    return email, None  # the session grants relaying (RELAYCLIENT in the environment too, as the patch)
 
 
 def _log_auth_failure(session: Session, mech: bytes, user: bytes, why: bytes) -> None:
@@ -317,11 +331,16 @@ def _auth(session: Session, conn: Conn, run: AuthRun) -> None:
     finally:
         os.close(null)
     if code == checkpw.ACCEPTED:
-        session.authenticated(ex.user)
-        os.environb[b"RELAYCLIENT"] = b""  # qmail-queue (and a QMAILQUEUE filter) see it, as the patch
+        reply, step = session.authenticated(ex.user)  # RELAYCLIENT in the environment too, as the patch
+        conn.put(reply)
+        if session.authuser is None:  # an auth check refused the login
+            _log(b"AUTH refused by a check: ip " + safe(session.cfg.peer.remoteip) + b" user "
+                 + safe(ex.user[:100]))
+            if step == DROP:
+                raise Dropped
+            return
         os.environb[b"TCPREMOTEINFO"] = ex.user
         _log(b"AUTH ok: ip " + safe(session.cfg.peer.remoteip) + b" user " + safe(ex.user[:100]))
-        conn.put(replies.AUTH_OK)
         return
     if code == checkpw.TEMPORARY or code < 0:
         why = b"checkprogram hung" if code == checkpw.HUNG else (
@@ -344,8 +363,11 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
     try:
         if smtps:
             _start_tls(session, conn, True)
-        conn.put(session.greeting())
+        reply, step = session.connect()
+        conn.put(reply)
         while True:
+            if step == DROP:
+                raise Dropped
             reply, step = session.command(conn.line(LINE_MAX))
             conn.put(reply)
             if step == QUIT:
@@ -361,6 +383,14 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
                     conn.put(replies.UNIMPLEMENTED)
                 else:
                     _auth(session, conn, authrun)
+            elif step == DIE:
+                raise Die(None)
+    except Dropped:
+        try:
+            conn.flush()
+        except NetError:
+            pass  # safe: the client is gone; the check ended the session anyway
+        return EXIT_QUIT
     except Die as e:
         death = e.reply
     except Timeout as e:

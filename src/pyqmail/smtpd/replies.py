@@ -27,6 +27,8 @@ QQT_FAILURE = b"451 qqt failure (#4.3.0)\r\n"
 TOO_MANY_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 DATABYTES = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
 TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"  # not in qmail: see session.RCPT_BYTES_MAX
+# The bad-recipient limit (control/brtlimit, $BRTLIMIT), as the brtlimit patch says it; then the end.
+BRTLIMIT = b"421 too many invalid addresses, goodbye (#4.3.0)\r\n"
 
 # Successes.
 OK = b"250 ok\r\n"
@@ -57,6 +59,15 @@ def ehlo(text: bytes, starttls: bool = False) -> bytes:
     if starttls:
         return b"250-" + text + CRLF + EHLO_STARTTLS + EHLO_EXTENSIONS
     return b"250-" + text + CRLF + EHLO_EXTENSIONS
+
+
+def ehlo_lines(text: bytes, keywords: list[bytes]) -> bytes:
+    """Return the reply to EHLO: the greeting line, then one line per keyword (Session.ehlo_keywords)."""
+    out = [b"250-", text, CRLF]
+    last = len(keywords) - 1
+    for i, kw in enumerate(keywords):
+        out += [b"250 " if i == last else b"250-", kw, CRLF]
+    return b"".join(out)
 
 
 def tls_failed(what: bytes, why: bytes | None) -> bytes:

@@ -14,11 +14,15 @@ from __future__ import annotations
 from pyqmail.smtpd import replies
 from pyqmail.smtpd.auth import SENDER_NOT_YOURS
 from pyqmail.smtpd.received import Peer, safe
+from pyqmail.smtpd.policy import NO_HOOKS
 from pyqmail.smtpd.rcpthosts import RcptHosts
+from pyqmail.smtpd.receive import badmailfrom
+from pyqmail.smtpd.receive import scan_ulong as scan_ulong  # its home was here; callers import it from here
 
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
 if TYPE_CHECKING:
     from pyqmail.smtpd.auth import Policy
+    from pyqmail.smtpd.policy import Hooks, Verdict
     from collections.abc import Callable, Iterator
 
 ADDR_MAX = 900  # bytes of an address, qmail's terminating NUL included
@@ -38,21 +42,8 @@ QUIT = 1
 DATA = 2
 STARTTLS = 3  # set TLS up (the shell sends 220 or 454), then call Session.tls_started
 AUTH = 4  # run the AUTH exchange of Session.auth_arg (the shell), then call Session.authenticated
-
-_U64 = (1 << 64) - 1
-
-
-def scan_ulong(s: bytes) -> tuple[int, int]:
-    """Return (value, digits used) of the leading decimal digits of s, wrapping as C's unsigned long."""
-    u = 0
-    i = 0
-    for c in s:
-        if not 48 <= c <= 57:
-            break
-        u = (u * 10 + c - 48) & _U64
-        i += 1
-    return u, i
-
+DROP = 5  # a check ended the connection: exit 0 after the replies (as qmail-spp's R and D)
+DIE = 6  # the bad-recipient limit: exit 1 after the replies
 
 def ip_scan(s: bytes) -> tuple[tuple[int, int, int, int], int] | None:
     """Parse a dotted quad at the start of s; return (octets, length) or None (qmail's ip_scan)."""
@@ -142,7 +133,7 @@ class Config:
     """What qmail-smtpd reads at start: control files and environment."""
 
     __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "relayclient", "peer",
-                 "is_local", "starttls", "auth", "forcetls")
+                 "is_local", "starttls", "auth", "forcetls", "hooks", "brtlimit", "setenv")
 
     def __init__(self, greeting: bytes, peer: Peer, liphost: bytes | None = None,
                  rcpthosts: RcptHosts | None = None,
@@ -150,7 +141,9 @@ class Config:
                  relayclient: bytes | None = None,
                  is_local: Callable[[tuple[int, int, int, int]], bool] | None = None,
                  starttls: Callable[[], bool] | None = None,
-                 auth: Policy | None = None, forcetls: bool = False) -> None:
+                 auth: Policy | None = None, forcetls: bool = False,
+                 hooks: Hooks = NO_HOOKS, brtlimit: int = 0,
+                 setenv: Callable[[bytes, bytes], None] | None = None) -> None:
         self.greeting = greeting
         self.peer = peer
         self.liphost = liphost
@@ -164,14 +157,22 @@ class Config:
         # SMTP AUTH ($SMTPAUTH and a checkprogram), and $FORCETLS: no AUTH offered or taken before TLS.
         self.auth = auth
         self.forcetls = forcetls
+        self.hooks = hooks  # the checks (pyqmail.smtpd.policy), NO_HOOKS for none
+        self.brtlimit = brtlimit  # bad recipients (Verdict.badrcpt) before 421 and the end; 0: no limit
+        # How relaying granted during the session reaches qmail-queue and $QMAILQUEUE filters
+        # (RELAYCLIENT in the environment, as the AUTH and TLS patches); None in pure tests.
+        self.setenv = setenv
 
 
 class Session:
-    """One SMTP conversation's state: HELO name, envelope sender, recipients."""
+    """One SMTP conversation's state: HELO name, envelope sender, recipients.
+
+    It is also the read-only view checks see (pyqmail.smtpd.policy.View).
+    """
 
     __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo",
                  "relayclient", "protocol", "tls", "tls_verify", "verified", "verify_err", "cipher",
-                 "authuser", "auth_arg")
+                 "authuser", "auth_arg", "rcptcount", "rcptcountall", "rcpt_allowed", "badrcpts", "headers")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -180,9 +181,14 @@ class Session:
         self.mailfrom = b""
         self.rcpts: list[bytearray] = []  # accepted recipients, each followed by a NUL
         self.rcptbytes = 0
+        self.rcptcount = 0  # recipients accepted in this transaction
+        self.rcptcountall = 0  # RCPT commands that reached the relay decision in this transaction
+        self.rcpt_allowed = False  # during the rcpt hooks: relaying or rcpthosts allows the address
+        self.badrcpts = 0  # refusals counted toward cfg.brtlimit in this session
+        self.headers: list[bytes] = []  # header lines the checks add to the next message
         self.helohost = b""
         self.fakehelo: bytes | None = None
-        self.relayclient = cfg.relayclient  # a client certificate in tlsclients sets it to b""
+        self.relayclient = cfg.relayclient  # see grant_relay
         self.protocol = b"SMTP"  # the Received line's "with"
         self.tls = False
         self.tls_verify: Callable[[], tuple[bytes | None, bytes | None]] | None = None
@@ -192,6 +198,29 @@ class Session:
         self.authuser: bytes | None = None  # the authenticated user
         self.auth_arg = b""  # the AUTH command's argument, for the shell
         self._helo(cfg.peer.remotehost)
+
+    # --- the view checks read (pyqmail.smtpd.policy.View) ---------------------------------
+
+    @property
+    def remoteip(self) -> bytes:
+        return self.cfg.peer.remoteip
+
+    @property
+    def remotehost(self) -> bytes:
+        return self.cfg.peer.remotehost
+
+    @property
+    def remoteinfo(self) -> bytes | None:
+        return self.cfg.peer.remoteinfo
+
+    @property
+    def localhost(self) -> bytes:
+        return self.cfg.peer.local
+
+    @property
+    def relaying(self) -> bool:
+        """Whether relaying is granted: RELAYCLIENT, AUTH, a client certificate or a check."""
+        return self.relayclient is not None
 
     @property
     def rcptto(self) -> list[bytes]:
@@ -207,6 +236,62 @@ class Session:
                 yield bytes(buf[pos:end])
                 pos = end + 1
 
+    # --- the relay decision ---------------------------------------------------------------
+
+    def grant_relay(self) -> None:
+        """Let this session relay (AUTH, a client certificate, a check): as RELAYCLIENT="" if unset."""
+        if self.relayclient is None:
+            self.relayclient = b""
+        if self.cfg.setenv is not None:
+            self.cfg.setenv(b"RELAYCLIENT", self.relayclient)
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def _checks(self, hooks: tuple[Callable[..., Verdict | None], ...],
+                arg: bytes | None) -> tuple[Verdict | None, bytes | None, bytes]:
+        """Run hooks in order; return (the deciding verdict or None, the address, text to send first).
+
+        A verdict with only a header, an address, text or relay is applied and the next hook runs.
+        """
+        before = b""
+        for hook in hooks:
+            v = hook(self) if arg is None else hook(self, arg)
+            if v is None:
+                continue
+            if v.header:
+                self.headers.append(v.header)
+            if v.relay:
+                self.grant_relay()
+            if v.address is not None and arg is not None:
+                arg = v.address
+            if v.before:
+                before += v.before
+            if v.reply or v.stop or v.drop:
+                return v, arg, before
+        return None, arg, before
+
+    @staticmethod
+    def _refused(v: Verdict | None, before: bytes) -> tuple[bytes, int] | None:
+        """Return the reply and step when v refuses the command or drops the connection, else None."""
+        if v is None:
+            return None
+        if v.refuse:
+            return before + v.reply, DROP if v.drop else CONTINUE
+        if v.drop:
+            return before, DROP
+        return None
+
+    def connect(self) -> tuple[bytes, int]:
+        """Return the greeting (or the connect checks' refusal) and the next step."""
+        hooks = self.cfg.hooks.connect
+        if hooks:
+            v, _, before = self._checks(hooks, None)
+            refused = self._refused(v, before)
+            if refused is not None:
+                return refused  # as qmail-spp: instead of the 220 line; the session goes on
+            return before + self.greeting(), CONTINUE
+        return self.greeting(), CONTINUE
+
     def greeting(self) -> bytes:
         """Return the 220 line."""
         return replies.greeting(self.cfg.greeting)
@@ -220,64 +305,109 @@ class Session:
         return addrparse(arg, self.cfg.liphost, self.cfg.is_local)
 
     def _badmailfrom(self, addr: bytes) -> bool:
-        bmf = self.cfg.badmailfrom
-        if bmf is None:
-            return False
-        if addr.lower() in bmf:
-            return True
-        at = addr.rfind(b"@")
-        return at != -1 and addr[at:].lower() in bmf
+        return badmailfrom(self.cfg.badmailfrom, addr)
 
     def command(self, line: bytes) -> tuple[bytes, int]:
         """Return (replies, next step) for one command line; raise ControlError when qmail dies with 421."""
         verb, arg = split_command(line)
-        verb = verb.lower()
-        if verb == b"rcpt":
-            return self._rcpt(arg), CONTINUE
-        if verb == b"mail":
-            return self._mail(arg), CONTINUE
-        if verb == b"data":
-            if not self.seenmail:
-                return replies.WANT_MAIL, CONTINUE
-            if not self.rcpts:
-                return replies.WANT_RCPT, CONTINUE
-            self.seenmail = False
-            return b"", DATA
-        if verb == b"quit":
-            return replies.quit(self.cfg.greeting), QUIT
-        if verb == b"helo":
-            self.seenmail = False
-            self._helo(arg)
-            return replies.helo(self.cfg.greeting), CONTINUE
-        if verb == b"ehlo":
-            self.seenmail = False
-            self._helo(arg)
-            starttls = not self.tls and self.cfg.starttls is not None and self.cfg.starttls()
-            policy = self.cfg.auth
-            if policy is None:
-                return replies.ehlo(self.cfg.greeting, starttls), CONTINUE
-            mechs = policy.line() if self.tls or not self.cfg.forcetls else None
-            return replies.ehlo_auth(self.cfg.greeting, starttls, mechs, self.cfg.databytes), CONTINUE
-        if verb == b"auth":
-            return self._auth(arg)
-        if verb == b"starttls":
-            if self.tls or self.cfg.starttls is None:
-                return replies.UNIMPLEMENTED, CONTINUE
-            if arg:
-                return replies.STARTTLS_PARAMETERS, CONTINUE
-            return b"", STARTTLS
-        if verb == b"rset":
-            self.seenmail = False
-            return replies.FLUSHED, CONTINUE
-        if verb == b"help":
-            return replies.HELP, CONTINUE
-        if verb == b"noop":
-            return replies.OK, CONTINUE
-        if verb == b"vrfy":
-            return replies.VRFY, CONTINUE
-        return replies.UNIMPLEMENTED, CONTINUE
+        handler = VERBS.get(verb.lower())
+        if handler is None:
+            return replies.UNIMPLEMENTED, CONTINUE
+        return handler(self, arg)
 
-    def _auth(self, arg: bytes) -> tuple[bytes, int]:
+    # --- the verbs (VERBS below is qmail's smtpcommands[]) ----------------------------------
+
+    def _cmd_helo(self, arg: bytes) -> tuple[bytes, int]:
+        before = b""
+        hooks = self.cfg.hooks.helo
+        if hooks:
+            v, _, before = self._checks(hooks, arg)
+            refused = self._refused(v, before)
+            if refused is not None:
+                return refused
+        self.seenmail = False
+        self._helo(arg)
+        return before + replies.helo(self.cfg.greeting), CONTINUE
+
+    def _cmd_ehlo(self, arg: bytes) -> tuple[bytes, int]:
+        before = b""
+        hooks = self.cfg.hooks.helo
+        if hooks:
+            v, _, before = self._checks(hooks, arg)
+            refused = self._refused(v, before)
+            if refused is not None:
+                return refused
+        self.seenmail = False
+        self._helo(arg)
+        return before + replies.ehlo_lines(self.cfg.greeting, self.ehlo_keywords()), CONTINUE
+
+    def ehlo_keywords(self) -> list[bytes]:
+        """Return the EHLO extensions offered now, in qmail's and the patches' order (a feature adds its own here)."""
+        cfg = self.cfg
+        kw = []
+        if not self.tls and cfg.starttls is not None and cfg.starttls():
+            kw.append(b"STARTTLS")
+        kw += EHLO_BASE
+        policy = cfg.auth
+        if policy is not None:  # the AUTH patch's lines
+            if self.tls or not cfg.forcetls:
+                kw.append(b"AUTH " + policy.line())
+            kw.append(b"SIZE %d" % cfg.databytes)
+        return kw
+
+    def _cmd_quit(self, arg: bytes) -> tuple[bytes, int]:
+        return replies.quit(self.cfg.greeting), QUIT
+
+    def _cmd_rset(self, arg: bytes) -> tuple[bytes, int]:
+        self.seenmail = False
+        self._reset()
+        return replies.FLUSHED, CONTINUE
+
+    def _reset(self) -> None:
+        """End the transaction's check state: headers, counts, the checks' own (reset hooks)."""
+        self.headers = []
+        self.rcptcount = self.rcptcountall = 0
+        for hook in self.cfg.hooks.reset:
+            hook(self)
+
+    def _cmd_help(self, arg: bytes) -> tuple[bytes, int]:
+        return replies.HELP, CONTINUE
+
+    def _cmd_noop(self, arg: bytes) -> tuple[bytes, int]:
+        return replies.OK, CONTINUE
+
+    def _cmd_vrfy(self, arg: bytes) -> tuple[bytes, int]:
+        return replies.VRFY, CONTINUE
+
+    def _cmd_starttls(self, arg: bytes) -> tuple[bytes, int]:
+        if self.tls or self.cfg.starttls is None:
+            return replies.UNIMPLEMENTED, CONTINUE
+        if arg:
+            return replies.STARTTLS_PARAMETERS, CONTINUE
+        return b"", STARTTLS
+
+    def _cmd_data(self, arg: bytes) -> tuple[bytes, int]:
+        if not self.seenmail:
+            return replies.WANT_MAIL, CONTINUE
+        if not self.rcpts:
+            return replies.WANT_RCPT, CONTINUE
+        before = b""
+        hooks = self.cfg.hooks.data
+        if hooks:
+            v, _, before = self._checks(hooks, None)
+            refused = self._refused(v, before)
+            if refused is not None:
+                return refused
+        self.seenmail = False
+        return before, DATA
+
+    def message_done(self) -> None:
+        """The message after DATA was queued or refused: the checks' headers and state go."""
+        if self.headers or self.cfg.hooks.reset:
+            self._reset()
+        self.rcptcount = self.rcptcountall = 0
+
+    def _cmd_auth(self, arg: bytes) -> tuple[bytes, int]:
         if self.cfg.auth is None:
             return replies.UNIMPLEMENTED, CONTINUE
         if self.cfg.forcetls and not self.tls:
@@ -289,51 +419,100 @@ class Session:
         self.auth_arg = arg
         return b"", AUTH
 
-    def authenticated(self, user: bytes) -> None:
-        """The checkprogram accepted user: relaying, TCPREMOTEINFO and Received's ESMTPA/ESMTPSA."""
+    def authenticated(self, user: bytes) -> tuple[bytes, int]:
+        """The checkprogram accepted user: the auth checks, then relaying, TCPREMOTEINFO, ESMTPA/ESMTPSA.
+
+        Returns the reply (235, or an auth check's refusal, which undoes the login) and the step.
+        """
+        before = b""
+        hooks = self.cfg.hooks.auth
+        if hooks:
+            self.authuser = user  # the checks see who logged in
+            v, _, before = self._checks(hooks, user)
+            refused = self._refused(v, before)
+            self.authuser = None
+            if refused is not None:
+                return refused
         self.authuser = user
-        self.relayclient = b""
+        self.grant_relay()
         self.cfg.peer.remoteinfo = user
         self.protocol = b"ESMTPSA (" + self.cipher + b" encrypted)" if self.tls else b"ESMTPA"
+        return before + replies.AUTH_OK, CONTINUE
 
-    def _mail(self, arg: bytes) -> bytes:
+    def _cmd_mail(self, arg: bytes) -> tuple[bytes, int]:
         if self.cfg.auth is not None and self.cfg.auth.required and self.authuser is None:
-            return replies.AUTH_REQUIRED
+            return replies.AUTH_REQUIRED, CONTINUE
         addr = self._addr(arg)
         if addr is None:
-            return replies.SYNTAX
+            return replies.SYNTAX, CONTINUE
         check = self.cfg.auth.sendercheck if self.cfg.auth is not None else None
         if check is not None and self.authuser is not None and not check.allowed(self.authuser, addr):
-            return SENDER_NOT_YOURS  # $SENDERCHECK (issue 14.2)
-        self.flagbarf = self._badmailfrom(addr)
+            return SENDER_NOT_YOURS, CONTINUE  # $SENDERCHECK (issue 14.2)
+        before = b""
+        hooks = self.cfg.hooks.mail
+        if hooks:
+            self.rcptcount = self.rcptcountall = 0
+            v, a, before = self._checks(hooks, addr)
+            refused = self._refused(v, before)
+            if refused is not None:
+                return refused
+            addr = a or b""
+            self.flagbarf = False if v is not None and v.accept else self._badmailfrom(addr)
+        else:
+            self.flagbarf = self._badmailfrom(addr)
         self.seenmail = True
         self.rcpts = []
         self.rcptbytes = 0
+        self.rcptcount = self.rcptcountall = 0
         self.mailfrom = addr
-        return replies.OK
+        return before + replies.OK, CONTINUE
 
-    def _rcpt(self, arg: bytes) -> bytes:
+    def _cmd_rcpt(self, arg: bytes) -> tuple[bytes, int]:
         if not self.seenmail:
-            return replies.WANT_MAIL
+            return replies.WANT_MAIL, CONTINUE
         addr = self._addr(arg)
         if addr is None:
-            return replies.SYNTAX
+            return replies.SYNTAX, CONTINUE
         if self.flagbarf:
-            return replies.BADMAILFROM
-        if self.relayclient is not None:
+            return replies.BADMAILFROM, CONTINUE
+        self.rcptcountall += 1
+        before = b""
+        hooks = self.cfg.hooks.rcpt
+        if hooks:
+            allowed = self.rcpt_allowed = (self.relayclient is not None or self.cfg.rcpthosts.allowed(addr)
+                                           or self._tls_relay())
+            v, a, before = self._checks(hooks, addr)
+            addr = a or b""
+            if v is not None and v.refuse:
+                if v.badrcpt:
+                    self.badrcpts += 1
+                    if self.cfg.brtlimit and self.badrcpts >= self.cfg.brtlimit:
+                        return before + replies.BRTLIMIT, DIE
+                return before + v.reply, DROP if v.drop else CONTINUE
+            if v is not None and v.drop:
+                return before, DROP
+            if self.relayclient is not None:
+                addr += self.relayclient
+            elif not allowed and not (v is not None and v.accept):
+                return before + self._nogateway(), CONTINUE
+        elif self.relayclient is not None:
             addr += self.relayclient
         elif not self.cfg.rcpthosts.allowed(addr) and not self._tls_relay():
-            return replies.nogateway_tls(self.verify_err) if self.tls else replies.NOGATEWAY
+            return self._nogateway(), CONTINUE
         size = len(addr) + 1
         if self.rcptbytes + size > RCPT_BYTES_MAX:
-            return replies.TOO_MANY_RCPTS
+            return before + replies.TOO_MANY_RCPTS, CONTINUE
         if not self.rcpts or len(self.rcpts[-1]) + size > RCPT_CHUNK:
             self.rcpts.append(bytearray())
         buf = self.rcpts[-1]
         buf += addr
         buf.append(0)
         self.rcptbytes += size
-        return replies.OK
+        self.rcptcount += 1
+        return before + replies.OK, CONTINUE
+
+    def _nogateway(self) -> bytes:
+        return replies.nogateway_tls(self.verify_err) if self.tls else replies.NOGATEWAY
 
     def received(self, when: int) -> bytes:
         """Return the Received field for the message now starting."""
@@ -357,6 +536,7 @@ class Session:
         self.mailfrom = b""
         self.rcpts = []
         self.rcptbytes = 0
+        self.rcptcount = self.rcptcountall = 0
         self._helo(self.cfg.peer.remotehost)
 
     def _tls_relay(self) -> bool:
@@ -368,9 +548,28 @@ class Session:
         if email is None:
             self.verify_err = why
             return False
-        self.relayclient = b""
+        self.grant_relay()
         self.protocol += b"\n  (cert " + safe(email) + b")"  # a continuation line of Received
         return True
+
+
+EHLO_BASE = (b"PIPELINING", b"8BITMIME")
+
+# qmail's smtpcommands[]: verb (lowercased) -> handler; anything else is 502.
+VERBS: dict[bytes, Callable[[Session, bytes], tuple[bytes, int]]] = {
+    b"rcpt": Session._cmd_rcpt,
+    b"mail": Session._cmd_mail,
+    b"data": Session._cmd_data,
+    b"quit": Session._cmd_quit,
+    b"helo": Session._cmd_helo,
+    b"ehlo": Session._cmd_ehlo,
+    b"auth": Session._cmd_auth,
+    b"starttls": Session._cmd_starttls,
+    b"rset": Session._cmd_rset,
+    b"help": Session._cmd_help,
+    b"noop": Session._cmd_noop,
+    b"vrfy": Session._cmd_vrfy,
+}
 
 
 def data_reply(report: bytes, hops: bool, overflow: bool, qp: int, when: int) -> bytes:
