@@ -35,6 +35,13 @@ check goes") run at connection, HELO/EHLO, MAIL, RCPT, DATA and after AUTH, each
 on by its own control file or variable. control/brtlimit ($BRTLIMIT over it; absent or 0:
 no limit): after that many recipients refused as unknown or bad in one session, the reply
 is `421 too many invalid addresses, goodbye (#4.3.0)` and the connection ends.
+
+qmail-spp (pyqmail.smtpd.spp): control/smtpplugins ($SPPCONFFILE) lists plugin programs
+under [connection] [helo] [mail] [rcpt] [data] [auth]; each runs with SMTPHELOHOST,
+SMTPMAILFROM, SMTPRCPTTO, SMTPRCPTCOUNT, SMTPRCPTCOUNTALL, SMTPRCPTHOSTSOK, SMTPAUTHUSER
+and answers with qmail-spp's one-letter commands on its output (A N O E L R D S U H C P).
+$NOSPP: no plugins. A plugin that cannot run, crashes or outlives $SPPTIMEOUT seconds
+(default 60) is `451 qmail-spp failure: PROGRAM: WHY (#4.3.0)`.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from pyqmail.net import Conn, Gone, NetError, Timeout, TlsFailed
 # Everything a session needs is imported here, not when first used: tcpserver
 # imports this module once in its parent, so every connection shares it.
 from pyqmail.queue.qq import QQ
-from pyqmail.smtpd import replies
+from pyqmail.smtpd import greetdelay, replies
 from pyqmail.smtpd.data import END, MORE, Blast
 from pyqmail.smtpd.ipme import Ipme, IpmeError
 from pyqmail.smtpd import policy as _policy
@@ -357,12 +364,17 @@ def _auth(session: Session, conn: Conn, run: AuthRun) -> None:
     conn.put(replies.AUTH_FAILED)
 
 
-def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | None = None) -> int:
-    """Run the conversation until QUIT (0) or a death (1)."""
+def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | None = None,
+          greet: tuple[float, bool] = (0, False)) -> int:
+    """Run the conversation until QUIT (0) or a death (1); greet: $SMTPD_GREETDELAY, $DROP_PRE_GREET."""
     death: bytes | None
     try:
         if smtps:
             _start_tls(session, conn, True)
+        if greet[0]:
+            early = greetdelay.wait(conn, greet[0], greet[1], session.cfg.peer.remoteip)
+            if early is not None:
+                raise Die(early)
         reply, step = session.connect()
         conn.put(reply)
         while True:
@@ -459,4 +471,5 @@ def main(argv: list[str]) -> int:
         except NetError:
             pass  # safe: the client is gone; we exit 1 anyway
         return EXIT_DEATH
-    return serve(_conn(FD_IN, FD_OUT, timeout), Session(cfg), b"SMTPS" in posix.environ, authrun)
+    return serve(_conn(FD_IN, FD_OUT, timeout), Session(cfg), b"SMTPS" in posix.environ, authrun,
+                 greetdelay.settings(posix.environ))  # read here: tcpserver's warm-up sessions never wait
