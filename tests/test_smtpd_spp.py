@@ -181,3 +181,35 @@ def test_answers_p_c_s_l_a_r_d_and_nospp(qhome: QHome) -> None:
     if run(["id", "-u"]).stdout.strip() != b"0":  # root reads any file
         c = Conversation(qhome.bin("qmail-smtpd"), TCP)
         assert c.line() == replies.CONTROL
+
+
+def test_auth_section_sees_the_user_and_can_refuse(qhome: QHome) -> None:
+    import base64
+
+    no_certificate(qhome)
+    check = plugin(qhome, "checkprogram", 'cat <&3 >/dev/null\nexec "$@"')  # accepts anyone
+    smtpd = qhome.path / "smtpd-auth"
+    smtpd.write_text(f"#!/bin/sh\nexec {qhome.bin('qmail-smtpd')} {qhome.path / check} /bin/true\n")
+    smtpd.chmod(0o755)
+    auth = plugin(qhome, "auth", 'case "$SMTPAUTHUSER" in\n  mallory) echo "E535 not you (#5.7.1)";;\n'
+                                 '  *) echo "HX-Auth: $SMTPAUTHUSER";;\nesac')
+    plugins(qhome, auth=[auth])
+    env = dict(TCP, SMTPAUTH="", PYQMAIL_SMTPD_AUTH_DELAY="0")
+
+    def login(user: str) -> Conversation:
+        c = Conversation(smtpd, env)
+        assert c.line() == GREETING
+        c.send(b"AUTH PLAIN " + base64.b64encode(b"\0" + user.encode() + b"\0pw") + b"\r\n")
+        return c
+
+    c = login("mallory")
+    assert c.reply() == b"535 not you (#5.7.1)\r\n"
+    say(c, (b"MAIL FROM:<m@x>\r\n", replies.OK), (b"RCPT TO:<r@elsewhere.example>\r\n", replies.NOGATEWAY))
+    c = login("joe")
+    assert c.reply() == replies.AUTH_OK
+    say(c, (b"MAIL FROM:<j@x>\r\n", replies.OK), (b"RCPT TO:<r@elsewhere.example>\r\n", replies.OK),
+        (b"DATA\r\n", replies.GO_AHEAD))
+    c.send(b"Subject: a\r\n\r\nx\r\n.\r\n")
+    assert c.reply().startswith(b"250 ok ")
+    ((mess, _, rcpts),) = queued(qhome.queue)
+    assert rcpts == [b"r@elsewhere.example"] and b"\nX-Auth: joe\n" in mess
