@@ -362,3 +362,51 @@ def test_ordinary_user_on_a_root_home_gets_notes_not_a_crash(dns: DnsServer) -> 
         assert res.stdout.endswith(b"found\n")
     finally:
         shutil.rmtree(home.path.parent, ignore_errors=True)
+
+
+# --- smarthost passwords (issue 14.4) -------------------------------------------------------
+
+def test_smarthost_passwords_readable_by_others(site: Site, dns: DnsServer) -> None:
+    cdir = site.home.path / "control"
+    routes = cdir / "smtproutes"
+    routes.write_text("x.org:mx.x.org\n")  # no password: no check
+    routes.chmod(0o644)
+    os.chown(routes, site.uid, site.gid)
+    assert problems(check(site, dns)) == []
+    routes.write_text(":smarthost.example.net:587 user secret\n")
+    assert only_problem(site, dns) == (
+        "problem: control/smtproutes holds smarthost passwords and every user can read it (mode 644); "
+        f"fix: chmod 600 {routes}")
+    routes.chmod(0o600)
+    senders = cdir / "authsenders"
+    senders.write_text("@x.org|user|secret\n")
+    senders.chmod(0o640)
+    os.chown(senders, site.uid, site.gid)
+    assert only_problem(site, dns) == (
+        "problem: control/authsenders holds smarthost passwords and its group can read it (mode 640); "
+        f"fix: chmod 600 {senders}")
+    senders.chmod(0o600)
+    out = check(site, dns)
+    assert problems(out) == [] and \
+        "ok: control/smtproutes holds smarthost passwords, readable only by qmail-remote's user" in out
+
+
+def test_root_mode_smarthost_passwords_need_qmailr(dns: DnsServer) -> None:
+    need_root_setup()
+    import pwd
+
+    from conftest import make_home
+
+    home = make_home(single=False)
+    try:
+        routes = home.path / "control" / "smtproutes"
+        routes.write_text(":smarthost.example.net:587|user|secret\n")
+        routes.chmod(0o600)  # root's: qmail-remote could not read it
+        out = doctor(home, dns, 1).stdout.decode().splitlines()
+        assert problems(out) == [f"problem: qmailr (qmail-remote's user) cannot read control/smtproutes: "
+                                 f"Permission denied; fix: chown qmailr {routes}; chmod 600 {routes}"], out
+        os.chown(routes, pwd.getpwnam("qmailr").pw_uid, 0)
+        out = doctor(home, dns).stdout.decode().splitlines()
+        assert "ok: control/smtproutes holds smarthost passwords, readable only by qmail-remote's user" in out
+    finally:
+        shutil.rmtree(home.path.parent, ignore_errors=True)

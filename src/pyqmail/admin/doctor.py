@@ -13,7 +13,9 @@ two systems for one home, stale run/up.pid and run/svscan.pid, a dangling
 run/qmail-queue.sock, qmail-queued's lock held with no socket, messages
 waiting in maildrop/), control/servercert.pem (unreadable by qmail-smtpd's
 user or readable by everyone, key and certificate not a pair, expired or
-expiring within 14 days), and control/me in DNS ($DNSCACHEIP honoured; a
+expiring within 14 days), control/smtproutes and control/authsenders when they
+hold smarthost passwords (readable by qmail-remote's user, qmailr, and no one
+else: owner qmailr, mode 600), and control/me in DNS ($DNSCACHEIP honoured; a
 loopback name is fine on a system listening on loopback only).
 
 One line per item: "ok: ...", "note: ..." (worth knowing, not a fault) or
@@ -831,6 +833,61 @@ def check_certs(r: Report, home: str, inst: _home.Install, now: int) -> None:
                "they connected to (the MX name for senders using DANE or MTA-STS)")
 
 
+# --- passwords for smarthosts --------------------------------------------------------------
+
+PASSWORD_FILES = ("smtproutes", "authsenders")
+
+
+def _has_credentials(name: str) -> bool:
+    """Return whether a control file's lines carry SMTP AUTH credentials (pyqmail.remote.auth)."""
+    from pyqmail.remote import auth
+
+    lines = control.read_lines(name) or []
+    if name == "authsenders":
+        return any(auth.split(v)[1] is not None for v in auth.parse_authsenders(lines).values())
+    return any(auth.split(line.partition(":")[2])[1] is not None for line in lines if ":" in line)
+
+
+def check_passwords(r: Report, home: str, inst: _home.Install) -> None:
+    """control/smtproutes, control/authsenders with passwords: readable by qmail-remote's user, by no one else."""
+    qmailr = inst.users.get("qmailr")
+    for name in PASSWORD_FILES:
+        path = os.path.join(home, "control", name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            r.problem(f"cannot stat control/{name}: {errors.describe(e)}", f"ls -l {_q(path)}")
+            continue
+        fix = (f"chmod 600 {_q(path)}" if inst.single or qmailr is None
+               else f"chown {qmailr.name} {_q(path)}; chmod 600 {_q(path)}")
+        try:
+            secret = _has_credentials(name)
+        except control.ControlError:
+            if os.geteuid() != 0 and not inst.single:
+                r.note(f"cannot read control/{name} as this user: run qmail doctor as root")
+            else:
+                r.problem(f"cannot read control/{name}", fix)
+            continue
+        if not secret:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o044:
+            who = "every user" if mode & 0o004 else "its group"
+            r.problem(f"control/{name} holds smarthost passwords and {who} can read it (mode {mode:o})", fix)
+            continue
+        if not inst.single and qmailr is not None and os.geteuid() == 0:
+            from pyqmail.admin import certs
+
+            err = certs.readable_as(path, qmailr.uid, qmailr.gid)
+            if err:
+                why = os.strerror(err) if 0 < err < 255 else f"exit {err}"
+                r.problem(f"{qmailr.name} (qmail-remote's user) cannot read control/{name}: {why}", fix)
+                continue
+        r.ok(f"control/{name} holds smarthost passwords, readable only by qmail-remote's user")
+
+
 # --- the command ---------------------------------------------------------------------
 
 def doctor(home: str, dns: mx.Lookup) -> Report:
@@ -854,6 +911,7 @@ def doctor(home: str, dns: mx.Lookup) -> Report:
     check_pidfiles(r, home)
     check_socket(r, home, inst)
     check_certs(r, home, inst, int(time.time()))
+    check_passwords(r, home, inst)
     check_dns(r, home, dns, inst)
     return r
 

@@ -38,8 +38,8 @@ learns only a digest). Credentials go only inside TLS: without it the message is
 ("... sent only inside TLS"), unless the user is written with a leading '-' (removed before
 use). A server offering none of the three defers the message; a 5xx reply to AUTH (535) is a
 permanent failure (D) with the server's text, any other refusal (454) a temporary one (Z).
-Files holding passwords are read by qmail-remote as qmailr: root:qmail, mode 640 (qmail doctor
-checks it).
+qmail-remote reads these files as qmailr: once they hold passwords, make them owned by qmailr,
+mode 600, readable by no other user (qmail doctor checks it).
 """
 
 from __future__ import annotations
