@@ -222,3 +222,47 @@ def test_receive_policy(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> No
     assert not receive.badmailfrom(r.badmailfrom, b"good@x")
     assert receive.Receive.load({b"DATABYTES": b"4294967295"}, badmailfrom=False).databytes == 4294967294
     assert receive.Receive.load({}, badmailfrom=False).badmailfrom is None
+
+
+def test_checks_that_say_nothing_change_nothing() -> None:
+    """Property: a session with a check returning None at every hook answers every command sequence
+    exactly as one without checks (hypothesis, the fuzz suite's command strategy)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from fuzzkit import bounded
+    from test_fuzz_smtpd import COMMAND, _session
+
+    class Silent(Check):
+        def connect(self, s: policy.View) -> Verdict | None:
+            return None
+
+        def helo(self, s: policy.View, name: bytes) -> Verdict | None:
+            return None
+
+        def mail(self, s: policy.View, addr: bytes) -> Verdict | None:
+            return None
+
+        def rcpt(self, s: policy.View, addr: bytes) -> Verdict | None:
+            return None
+
+        def data(self, s: policy.View) -> Verdict | None:
+            return None
+
+        def reset(self, s: policy.View) -> None:
+            return None
+
+    @given(st.lists(COMMAND, max_size=30), st.sampled_from([None, b"", b"+relay"]))
+    @bounded
+    def same(lines: list[bytes], relay: bytes | None) -> None:
+        plain, hooked = _session(relay), _session(relay)
+        hooked.cfg.hooks = Hooks([Silent()])
+        assert hooked.connect() == plain.connect()
+        for line in lines:
+            assert hooked.command(line) == plain.command(line), line
+            if hooked.seenmail:
+                assert hooked.rcptto == plain.rcptto
+        assert (hooked.mailfrom, hooked.helohost, hooked.relayclient) == (plain.mailfrom, plain.helohost,
+                                                                          plain.relayclient)
+
+    same()
