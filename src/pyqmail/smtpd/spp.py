@@ -114,12 +114,10 @@ def run(program: bytes, env: Mapping[bytes, bytes], timeout: float) -> Result:
                 break  # the patch stops reading at A N O D E R
     finally:
         os.close(r)
-    if not hung:
-        hung = not _wait(pid, deadline)
-    if hung:
+    status = None if hung else _wait(pid, deadline)
+    if status is None:
         _kill(pid)
         return Result(out, b"plugin timed out")
-    status = _status
     if os.WIFSIGNALED(status):
         return Result(out, b"child crashed")
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_CANT_EXEC:
@@ -127,21 +125,16 @@ def run(program: bytes, env: Mapping[bytes, bytes], timeout: float) -> Result:
     return Result(out, None)
 
 
-_status = 0
-
-
-def _wait(pid: int, deadline: float) -> bool:
-    """Reap pid by deadline (status in _status); False if it is still running then."""
-    global _status
+def _wait(pid: int, deadline: float) -> int | None:
+    """Reap pid by deadline; return its wait status, or None if it is still running then."""
     delay = 0.001
     while True:
         got, status = os.waitpid(pid, os.WNOHANG)
         if got:
-            _status = status
-            return True
+            return status
         left = deadline - time.monotonic()
         if left <= 0:
-            return False
+            return None
         time.sleep(min(delay, left))  # a plugin that printed its answer and lingers: poll its end
         delay = min(delay * 2, 0.05)
 
