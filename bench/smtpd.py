@@ -1,6 +1,6 @@
 """qmail-smtpd under load: accepted messages/s, and memory per idle connection.
 
-usage: python bench/smtpd.py [N] [K] [--loop] [--tls]
+usage: python bench/smtpd.py [N] [K] [--loop] [--tls | --checks]
 
 Sends N messages of 4 KB (default 2000) over K parallel client threads
 (default 10), one SMTP connection per message, with smtplib, to qmail-smtpd
@@ -17,6 +17,13 @@ with STARTTLS on every connection (smtplib's starttls() before the message,
 no certificate verification, a self-signed ECDSA P-256 control/servercert.pem
 made by the openssl command when the home has none); and the idle processes are
 measured plain, then after the TLS handshake (EHLO, STARTTLS, handshake, EHLO).
+
+With --checks two homes are measured in the same run, in alternating rounds
+(3 of N messages each), clients connecting from 127.0.0.2: a plain one, and one
+with SPF (control/spfbehavior 3, the sender's record served by a DNS server the
+bench runs on 127.0.0.1, $DNSCACHEIP) and greylisting (control/greylist, the
+bench's triplet passed beforehand) on; it prints the median rate of each with
+min-max and their ratio (floor 70%).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import threading
@@ -133,8 +141,8 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-def throughput(port: int, n: int, k: int, tls: bool) -> tuple[int, float, list[str]]:
-    """Send n messages over k threads, one connection each; return (sent, seconds, errors)."""
+def throughput(port: int, n: int, k: int, tls: bool, source: str | None = None) -> tuple[int, float, list[str]]:
+    """Send n messages over k threads, one connection each (from source if given); return (sent, seconds, errors)."""
     body = ("Subject: bench\r\n\r\n" + ("x" * 74 + "\r\n") * (SIZE // 76 + 1))[:SIZE]
     counts = [0] * k
     errors: list[str] = []
@@ -143,7 +151,8 @@ def throughput(port: int, n: int, k: int, tls: bool) -> tuple[int, float, list[s
     def client(i: int, todo: int) -> None:
         for _ in range(todo):
             try:
-                with smtplib.SMTP("127.0.0.1", port, local_hostname="bench.client", timeout=60) as s:
+                with smtplib.SMTP("127.0.0.1", port, local_hostname="bench.client", timeout=60,
+                                  source_address=(source, 0) if source else None) as s:
                     if tls:
                         s.starttls(context=ctx)
                     s.sendmail("sender@bench.client", ["rcpt@bench.example.com"], body)
@@ -232,6 +241,118 @@ def main_tls(n: int, k: int, use_loop: bool, home: str) -> None:
         os.waitpid(pid, 0)
 
 
+CLIENT = "127.0.0.2"  # the checks' client address: SPF passes 127.0.0.1 as local without asking DNS
+ROUNDS = 3
+
+
+class BenchDns:
+    """A UDP DNS server on 127.0.0.1:0 answering TXT records from a table (NXDOMAIN otherwise).
+
+    It runs in a process of its own: in a thread it would share the GIL with the client threads.
+    """
+
+    def __init__(self, txt: dict[str, str]) -> None:
+        import mmap
+
+        self.txt = txt
+        self._count = mmap.mmap(-1, 8)  # shared with the child: queries answered
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.dnscacheip = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                self._serve()
+            finally:
+                os._exit(0)
+        self.sock.close()
+
+    @property
+    def queries(self) -> int:
+        return int.from_bytes(self._count[:8], "little")
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        while True:
+            data, peer = self.sock.recvfrom(4096)
+            q = dns.message.from_wire(data)
+            r = dns.message.make_response(q)
+            question = q.question[0]
+            name = question.name.to_text(omit_final_dot=True).lower()
+            self._count[:8] = (self.queries + 1).to_bytes(8, "little")
+            if name not in self.txt:
+                r.set_rcode(dns.rcode.NXDOMAIN)
+            elif question.rdtype == dns.rdatatype.TXT:
+                r.answer.append(dns.rrset.from_text(question.name, 60, "IN", "TXT", '"%s"' % self.txt[name]))
+            self.sock.sendto(r.to_wire(), peer)
+
+    def close(self) -> None:
+        os.kill(self.pid, signal.SIGTERM)
+        os.waitpid(self.pid, 0)
+
+
+def checks_home(dnscacheip: str) -> str:
+    """A home with SPF (spfbehavior 3) and greylisting on, the bench's triplet passed already."""
+    home = fresh_home()
+    ctl = os.path.join(home, "control")
+    with open(os.path.join(ctl, "spfbehavior"), "w") as f:
+        f.write("3\n")
+    with open(os.path.join(ctl, "greylist"), "w") as f:
+        f.write("300 172800 3024000\n")
+    os.mkdir(os.path.join(home, "greylist"), 0o700)
+    from pyqmail.smtpd import greylist
+
+    now = int(time.time())
+    settings = greylist.Settings(300, db=os.path.join(home, "greylist", "triplets.sqlite"))
+    for when in (now - 400, now - 60):  # first attempt, then the retry after the delay: passed
+        g = greylist.Greylist(settings, lambda: when)
+        g.check(CLIENT, b"sender@bench.client", b"rcpt@bench.example.com")
+        g.close()
+    return home
+
+
+def main_checks(n: int, k: int, use_loop: bool) -> None:
+    """Plain and with SPF and greylisting on, alternating rounds in the same run: medians, min-max, ratio."""
+    dns = BenchDns({"bench.client": f"v=spf1 ip4:{CLIENT} -all"})
+    homes = {"plain": fresh_home(), "checks": checks_home(dns.dnscacheip)}
+    servers = {}
+    try:
+        for label, home in homes.items():
+            env = {"DNSCACHEIP": dns.dnscacheip}
+            servers[label] = accept_loop(home) if use_loop else start_tcpserver(home, env)
+        rates: dict[str, list[float]] = {label: [] for label in homes}
+        for _ in range(ROUNDS):
+            for label, (_, port) in servers.items():
+                done, elapsed, errors = throughput(port, n, k, False, CLIENT)
+                if errors or done != n:
+                    raise SystemExit(f"{label}: {done} of {n} sent, {len(errors)} errors: {errors[:1]}")
+                rates[label].append(done / elapsed)
+        for label, r in rates.items():
+            print(f"qmail-smtpd {label}: {n} messages of {SIZE} bytes over {k} parallel sessions, one connection "
+                  f"each, {ROUNDS} rounds: median {statistics.median(r):.0f} accepted messages/s "
+                  f"(min {min(r):.0f}, max {max(r):.0f})")
+        ratio = statistics.median(rates["checks"]) / statistics.median(rates["plain"])
+        print(f"with SPF (spfbehavior 3, {dns.queries} DNS queries answered) and greylisting (passed triplet) "
+              f"/ plain: {100 * ratio:.0f}% (floor 70%)")
+        mess = os.path.join(homes["checks"], "queue", "mess")
+        sample = next(os.path.join(root, f) for root, _, fs in os.walk(mess) for f in fs)
+        with open(sample, "rb") as f:
+            spf_line = next(line for line in f.read().split(b"\n") if line.startswith(b"Received-SPF:"))
+        print("a message of the checks run: " + spf_line.decode())
+    finally:
+        for pid, _ in servers.values():
+            os.kill(pid, signal.SIGTERM)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        dns.close()
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 2000
@@ -245,6 +366,9 @@ def main() -> None:
             use_loop = True
     if "--tls" in sys.argv:
         main_tls(n, k, use_loop, home)
+        return
+    if "--checks" in sys.argv:
+        main_checks(n, k, use_loop)
         return
     pid, port = accept_loop(home) if use_loop else start_tcpserver(home)
     server = "Python accept loop + spawn" if use_loop else "pyqmail tcpserver"

@@ -4,14 +4,21 @@ expiry, many writers at once), the whitelists."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import smtplib
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from conftest import CI, QHome
 from pyqmail.smtpd import greylist as gl
+from queuefmt import files
+from smtpdkit import Conversation, ForkServer
 from pyqmail.smtpd.greylist import DEFER, INSERT, MARK_PASSED, NOTHING, PASS, TOUCH
 
 T0 = 1_700_000_000
@@ -107,7 +114,10 @@ def test_sigkill_in_the_middle_of_a_write_keeps_the_committed_state(tmp_path: Pa
     while not _stopped(p.pid):
         assert time.monotonic() < deadline, "the child never reached its write"
         time.sleep(0.01)
-    assert os.path.getsize(s.db + "-wal") > 0  # the write was under way, not committed
+    other = sqlite3.connect(s.db, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        other.execute("BEGIN IMMEDIATE")  # the child holds the write lock: its transaction is open
+    other.close()
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
@@ -163,3 +173,136 @@ def test_whitelists(tmp_path: Path) -> None:
     assert not gl.exempt(s, "203.0.113.1", b"unknown", b"a@example.org", False, env)
     assert gl.exempt(s, "203.0.113.1", b"unknown", b"a@example.org", True, env)
     assert gl.exempt(s, "203.0.113.1", b"unknown", b"", False, {b"NOGREYLIST": b""})
+
+
+# --- qmail-smtpd with smtplib and swaks ------------------------------------------------------------
+
+CLIENT = "127.0.0.2"
+
+
+def greyhome(qhome: QHome, line: str = "300 3600 86400\n") -> Path:
+    qhome.control("greylist", line)
+    d = qhome.path / "greylist"
+    d.mkdir(mode=0o700)
+    return d / "triplets.sqlite"
+
+
+def attempt(port: int, rcpts: list[str], sender: str = "alice@example.org") -> dict[str, int]:
+    """One smtplib session from CLIENT: MAIL, each RCPT, DATA if any was accepted; return RCPT codes."""
+    codes = {}
+    with smtplib.SMTP("127.0.0.1", port, source_address=(CLIENT, 0), timeout=30) as c:
+        c.ehlo("client.example")
+        assert c.mail(sender)[0] == 250
+        for r in rcpts:
+            code, text = c.rcpt(r)
+            codes[r] = code
+            if code == 451:
+                assert text.startswith(b"greylisted, try again in ") and text.endswith(b" seconds (#4.7.1)")
+        if 250 in codes.values():
+            assert c.data(b"Subject: grey\r\n\r\nbody\r\n")[0] == 250
+    return codes
+
+
+def server(qhome: QHome, now: int, **env: str) -> ForkServer:
+    return ForkServer(qhome.bin("qmail-smtpd"), dict(env, PYQMAIL_GREYLIST_NOW=str(now)))
+
+
+def test_first_attempt_451_retry_after_the_delay_250_across_restarts(qhome: QHome) -> None:
+    db = greyhome(qhome)
+    with server(qhome, T0) as srv:
+        assert attempt(srv.port, ["bob@test.example.com"]) == {"bob@test.example.com": 451}
+    with server(qhome, T0 + 299) as srv:  # a restarted qmail-smtpd, before the delay
+        assert attempt(srv.port, ["bob@test.example.com", "carol@test.example.com"]) == {
+            "bob@test.example.com": 451, "carol@test.example.com": 451}
+    assert files(qhome.queue)["mess"] == []
+    with server(qhome, T0 + 300) as srv:
+        assert attempt(srv.port, ["bob@test.example.com", "carol@test.example.com"]) == {
+            "bob@test.example.com": 250, "carol@test.example.com": 451}
+    assert len(files(qhome.queue)["mess"]) == 1
+    assert os.stat(db).st_mode & 0o777 == 0o600
+
+
+def test_swaks_and_the_whitelists(qhome: QHome) -> None:
+    greyhome(qhome)
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        if CI:
+            pytest.fail("swaks is missing: .ci/run must install Debian's swaks")
+        pytest.skip("swaks not installed")
+    with server(qhome, T0) as srv:
+        res = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(srv.port), "--local-interface",
+                              CLIENT, "--from", "a@example.org", "--to", "bob@test.example.com"],
+                             capture_output=True, timeout=60)
+        assert res.returncode == 24, res.stdout
+        assert b"<** 451 greylisted, try again in 300 seconds (#4.7.1)" in res.stdout
+    # Never greylisted: a relay client, $NOGREYLIST, a listed address or host name; nothing is written.
+    before = triplets(qhome)
+    for env in ({"RELAYCLIENT": ""}, {"NOGREYLIST": ""}):
+        with server(qhome, T0, **env) as srv:
+            assert attempt(srv.port, ["dave@test.example.com"], "x@y.example") == {"dave@test.example.com": 250}
+    assert triplets(qhome) == before
+    with server(qhome, T0, TCPREMOTEHOST="mx1.friend.example") as srv:  # not listed yet
+        assert attempt(srv.port, ["dave@test.example.com"], "x@y.example") == {"dave@test.example.com": 451}
+    qhome.control("greylistdomains", "friend.example\n")
+    with server(qhome, T0, TCPREMOTEHOST="mx1.friend.example") as srv:
+        assert attempt(srv.port, ["erin@test.example.com"], "x@y.example") == {"erin@test.example.com": 250}
+    qhome.control("greylistips", "127.0.0.0/30\n")
+    with server(qhome, T0) as srv:
+        assert attempt(srv.port, ["frank@test.example.com"], "x@y.example") == {"frank@test.example.com": 250}
+    qhome.control("greylistips", None)
+    qhome.control("greylistdomains", None)
+    # Only the session from the host not yet listed left a triplet.
+    assert triplets(qhome) == before + [("127.0.0.0/24", "x@y.example", "dave@test.example.com", 0)]
+
+
+def triplets(qhome: QHome) -> list[tuple[str, str, str, int]]:
+    db = sqlite3.connect(qhome.path / "greylist" / "triplets.sqlite")
+    rows = db.execute("SELECT net, sender, rcpt, passed FROM triplet ORDER BY rcpt").fetchall()
+    db.close()
+    return rows
+
+
+def test_qmail_smtpd_killed_in_its_write(qhome: QHome) -> None:
+    """SIGKILL of qmail-smtpd inside its greylist transaction: the file keeps what was committed."""
+    greyhome(qhome)
+    with server(qhome, T0) as srv:
+        assert attempt(srv.port, ["bob@test.example.com"]) == {"bob@test.example.com": 451}
+    env = {"PYQMAIL_GREYLIST_NOW": str(T0 + 400), "PYQMAIL_GREYLIST_STOP_IN_WRITE": "1", "TCPREMOTEIP": CLIENT}
+    conv = Conversation(qhome.bin("qmail-smtpd"), env)
+    try:
+        conv.line()
+        conv.send(b"HELO c\r\n")
+        assert conv.line() == b"250 test.example.com\r\n"
+        conv.send(b"MAIL FROM:<alice@example.org>\r\n")
+        assert conv.line() == b"250 ok\r\n"
+        conv.send(b"RCPT TO:<bob@test.example.com>\r\n")  # replies are sent before a read: none comes now
+        deadline = time.monotonic() + 20
+        while not _stopped(conv.proc.pid):
+            assert time.monotonic() < deadline, "qmail-smtpd never reached its write"
+            time.sleep(0.01)
+        conv.proc.kill()
+        conv.proc.wait()
+    finally:
+        conv.close()
+    assert triplets(qhome) == [("127.0.0.0/24", "alice@example.org", "bob@test.example.com", 0)]
+    with server(qhome, T0 + 400) as srv:
+        assert attempt(srv.port, ["bob@test.example.com"]) == {"bob@test.example.com": 250}
+    assert triplets(qhome) == [("127.0.0.0/24", "alice@example.org", "bob@test.example.com", 1)]
+
+
+def test_expired_triplets_leave_the_file(qhome: QHome) -> None:
+    greyhome(qhome, "60 600 3600\n")
+    with server(qhome, T0) as srv:
+        assert attempt(srv.port, [f"u{k}@test.example.com" for k in range(20)])  # 20 pending triplets
+    assert len(triplets(qhome)) == 20
+    with server(qhome, T0 + 601) as srv:
+        assert attempt(srv.port, ["new@test.example.com"]) == {"new@test.example.com": 451}
+    assert [t[2] for t in triplets(qhome)] == ["new@test.example.com"]
+
+
+def test_unusable_file_accepts_and_logs(qhome: QHome) -> None:
+    qhome.control("greylist", "\n")  # defaults; no greylist/ directory made
+    with server(qhome, T0) as srv:
+        assert attempt(srv.port, ["bob@test.example.com"]) == {"bob@test.example.com": 250}
+        log = srv.stderr()
+    assert b"qmail-smtpd: greylist: not greylisting: " in log

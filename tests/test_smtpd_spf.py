@@ -3,11 +3,19 @@ spfexp, and RFC 7208's lookup limit, against a DNS server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import shutil
+import smtplib
+import socket
+import subprocess
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from conftest import CI, QHome
 from pyqmail.smtpd import spf
+from queuefmt import files
+from smtpdkit import ForkServer
 from ucspikit import DNSServer
 
 CLIENT = "127.0.0.2"  # not 127.0.0.1, which the patch passes as local without asking DNS
@@ -147,3 +155,137 @@ def test_macro_expansion() -> None:
     assert spf.expand("%{ir}.%{v}", {**values, "v": "in-addr"}) == "3.2.0.192.in-addr"
     assert spf.expand("%{S}|%{xR}|%%|%_|%-", values) == "strong-bad%40email.example.com|mx.example.org|%| |%20"
     assert spf.expand("%{l-}", {"l": "a-b-c"}) == "a.b.c"
+
+
+# --- qmail-smtpd with smtplib and swaks ------------------------------------------------------------
+
+def queued(qhome: QHome) -> list[bytes]:
+    """Return the messages in the queue (mess/), oldest first."""
+    paths = [qhome.queue / "mess" / name for name in files(qhome.queue)["mess"]]
+    return [p.read_bytes() for p in sorted(paths, key=lambda p: p.stat().st_mtime_ns)]
+
+
+def swaks_path() -> str:
+    path = shutil.which("swaks")
+    if path is None:
+        if CI:
+            pytest.fail("swaks is missing: .ci/run must install Debian's swaks")
+        pytest.skip("swaks not installed")
+    return path
+
+
+def transaction(client: smtplib.SMTP, sender: str) -> tuple[int, int, bytes]:
+    """MAIL, RCPT and (when both are accepted) DATA; return the MAIL and RCPT codes and the RCPT text."""
+    code, _ = client.mail(sender)
+    if code != 250:
+        client.rset()
+        return code, 0, b""
+    rcode, rtext = client.rcpt("bob@test.example.com")
+    if rcode == 250:
+        assert client.data(b"Subject: spf\r\n\r\nbody\r\n")[0] == 250
+    else:
+        client.rset()
+    return code, rcode, rtext
+
+
+@pytest.mark.parametrize("behavior", range(7))
+def test_each_level_with_each_result(qhome: QHome, dns: DNSServer, behavior: int) -> None:
+    """pass, fail, softfail, neutral, none, temperror, permerror at spfbehavior 0-6 ($SPFBEHAVIOR), smtplib."""
+    env = {"DNSCACHEIP": dns.dnscacheip, "SPFBEHAVIOR": str(behavior), "TCPLOCALHOST": "mx.test"}
+    got = {}
+    with ForkServer(qhome.bin("qmail-smtpd"), env) as srv:
+        with smtplib.SMTP("127.0.0.1", srv.port, source_address=(CLIENT, 0), timeout=30) as c:
+            c.ehlo("client.example")
+            for r in RESULTS:
+                got[r] = transaction(c, f"alice@{r}.example")
+    for r in RESULTS:
+        want = EXPECTED[behavior][r]
+        mail, rcpt, text = got[r]
+        if want == spf.TEMP:
+            assert mail == 451, (r, got[r])
+        elif want == spf.REFUSE:
+            assert (mail, rcpt) == (250, 550), (r, got[r])
+            assert text == (f"See http://spf.pobox.com/why.html?sender=alice%40{r}.example&ip={CLIENT}"
+                            f"&receiver=mx.test (#5.7.1)").encode()
+        else:
+            assert (mail, rcpt) == (250, 250), (r, got[r])
+    accepted = [r for r in RESULTS if EXPECTED[behavior][r] == spf.OK]
+    msgs = queued(qhome)
+    assert len(msgs) == len(accepted)
+    for r, m in zip(accepted, msgs):
+        head = m.split(b"\n\n", 1)[0].split(b"\n")
+        assert head[0].startswith(b"Received: (qmail ")  # qmail-queue's
+        assert head[1].startswith(b"Received: from unknown (HELO client.example) (127.0.0.2)")
+        if behavior == 0:
+            assert not any(h.startswith(b"Received-SPF:") for h in head), m
+        else:
+            word = spf.RECEIVED_WORDS[r].encode()
+            assert head[3].startswith(b"Received-SPF: " + word + b" (mx.test: "), (r, head)  # below Received
+
+
+def test_temperror_451_text_and_relay_clients_not_checked(qhome: QHome, dns: DNSServer) -> None:
+    env = {"DNSCACHEIP": dns.dnscacheip, "TCPLOCALHOST": "mx.test"}
+    qhome.control("spfbehavior", "6\n")
+    with ForkServer(qhome.bin("qmail-smtpd"), env) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30, source_address=(CLIENT, 0)) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"HELO c\r\nMAIL FROM:<a@temperror.example>\r\nMAIL FROM:<a@fail.example>\r\n"
+                         b"RCPT TO:<bob@test.example.com>\r\nRCPT TO:<carol@test.example.com>\r\nQUIT\r\n")
+            assert f.readline() == b"250 test.example.com\r\n"
+            assert f.readline() == b"451 SPF lookup failure (#4.3.0)\r\n"
+            assert f.readline() == b"250 ok\r\n"
+            refusal = (b"550 See http://spf.pobox.com/why.html?sender=a%40fail.example&ip=127.0.0.2"
+                       b"&receiver=mx.test (#5.7.1)\r\n")
+            assert f.readline() == refusal
+            assert f.readline() == refusal
+    # RELAYCLIENT: no check, no header, no $SPFRESULT; SPFBEHAVIOR=0 overrides the control file.
+    before = len(dns.queries)
+    for extra in ({"RELAYCLIENT": ""}, {"SPFBEHAVIOR": "0"}):
+        with ForkServer(qhome.bin("qmail-smtpd"), dict(env, **extra)) as srv:
+            with smtplib.SMTP("127.0.0.1", srv.port, source_address=(CLIENT, 0), timeout=30) as c:
+                assert transaction(c, "a@fail.example")[:2] == (250, 250)
+    assert len(dns.queries) == before
+    assert not any(b"Received-SPF" in m for m in queued(qhome))
+
+
+def test_swaks_refused_and_spfrules_spfexp(qhome: QHome, dns: DNSServer) -> None:
+    env = {"DNSCACHEIP": dns.dnscacheip, "TCPLOCALHOST": "mx.test"}
+    qhome.control("spfbehavior", "3\n")
+    qhome.control("spfexp", "Not from %{i} for %{o}: see https://%{o}/spf\n")
+    with ForkServer(qhome.bin("qmail-smtpd"), env) as srv:
+        res = subprocess.run([swaks_path(), "--server", "127.0.0.1", "--port", str(srv.port), "--local-interface",
+                              CLIENT, "--from", "a@fail.example", "--to", "bob@test.example.com"],
+                             capture_output=True, timeout=60)
+        assert res.returncode == 24, res.stdout  # no recipient accepted
+        assert b"<** 550 Not from 127.0.0.2 for fail.example: see https://fail.example/spf (#5.7.1)" in res.stdout
+        res = subprocess.run([swaks_path(), "--server", "127.0.0.1", "--port", str(srv.port), "--local-interface",
+                              CLIENT, "--from", "a@pass.example", "--to", "bob@test.example.com"],
+                             capture_output=True, timeout=60)
+        assert res.returncode == 0, res.stdout
+    qhome.control("spfrules", f"ip4:{CLIENT}\n")
+    with ForkServer(qhome.bin("qmail-smtpd"), env) as srv:
+        res = subprocess.run([swaks_path(), "--server", "127.0.0.1", "--port", str(srv.port), "--local-interface",
+                              CLIENT, "--from", "a@fail.example", "--to", "bob@test.example.com"],
+                             capture_output=True, timeout=60)
+        assert res.returncode == 0, res.stdout
+    msgs = queued(qhome)
+    assert b"\nReceived-SPF: pass (mx.test: SPF record at pass.example designates 127.0.0.2" in msgs[0]
+    assert b"\nReceived-SPF: pass (mx.test: local policy designates 127.0.0.2 as permitted sender)\n" in msgs[1]
+
+
+def test_spfresult_reaches_the_queue_filter_for_dmarc(qhome: QHome, dns: DNSServer, tmp_path: Path) -> None:
+    """$SPFRESULT travels in qmail-queue's environment ($QMAILQUEUE: a filter sees it), for qmail-dkim's DMARC."""
+    seen = tmp_path / "seen"
+    filt = tmp_path / "filter"
+    filt.write_text(f"#!/bin/sh\necho \"$SPFRESULT\" >> {seen}\nexec {qhome.bin('qmail-queue')}\n")
+    filt.chmod(0o755)
+    env = {"DNSCACHEIP": dns.dnscacheip, "SPFBEHAVIOR": "1", "QMAILQUEUE": str(filt)}
+    with ForkServer(qhome.bin("qmail-smtpd"), env) as srv:
+        with smtplib.SMTP("127.0.0.1", srv.port, source_address=(CLIENT, 0), timeout=30) as c:
+            for r in ("pass", "fail", "temperror"):
+                assert transaction(c, f"a@{r}.example")[:2] == (250, 250)
+    assert seen.read_text().split() == ["pass", "fail", "error"]
+    from pyqmail.filter import dmarc
+
+    assert dmarc.spf_check(CLIENT, "a@x.example", "h", {"SPFRESULT": "error"}) == ("temperror", "x.example")

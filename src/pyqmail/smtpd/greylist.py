@@ -43,11 +43,14 @@ import posix
 import time
 
 from pyqmail import control
+from pyqmail.smtpd import policy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Callable, Mapping, Sequence
+
+    from pyqmail.smtpd.policy import View
 
 CONTROL = "greylist"
 DEFAULT_DELAY = 300
@@ -198,15 +201,11 @@ class Greylist:
         finally:
             os.umask(old)
         try:
-            # auto_vacuum must come before the first table: freed pages go back to the file system.
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                db.execute("PRAGMA journal_mode = WAL")  # kept in the file: done once
-            db.execute("PRAGMA synchronous = FULL")  # each commit is fsync'd (about 1 ms)
-            db.execute("CREATE TABLE IF NOT EXISTS triplet (net TEXT NOT NULL, sender TEXT NOT NULL, "
-                       "rcpt TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, "
-                       "passed INTEGER NOT NULL, PRIMARY KEY (net, sender, rcpt)) WITHOUT ROWID")
-            db.execute("CREATE INDEX IF NOT EXISTS triplet_last ON triplet (last)")
+            db.execute("PRAGMA synchronous = FULL")  # each commit is fsync'd (about 1 ms in WAL mode)
+            try:
+                db.execute("SELECT 1 FROM triplet LIMIT 0")
+            except sqlite3.OperationalError:
+                _create(db)  # a new file (made once: the pragmas below cost milliseconds)
         except sqlite3.Error as e:
             db.close()
             raise Trouble(f"{self.settings.db}: {e}") from e
@@ -264,6 +263,17 @@ class Greylist:
             self._db = None
 
 
+def _create(db: sqlite3.Connection) -> None:
+    """Give a new file its settings and table; another process doing the same at once is harmless."""
+    # auto_vacuum must come before the first table: freed pages go back to the file system.
+    db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    db.execute("PRAGMA journal_mode = WAL")  # kept in the file: readers never wait for a writer
+    db.execute("CREATE TABLE IF NOT EXISTS triplet (net TEXT NOT NULL, sender TEXT NOT NULL, "
+               "rcpt TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, "
+               "passed INTEGER NOT NULL, PRIMARY KEY (net, sender, rcpt)) WITHOUT ROWID")
+    db.execute("CREATE INDEX IF NOT EXISTS triplet_last ON triplet (last)")
+
+
 def clock(env: Mapping[bytes, bytes] | None = None) -> Callable[[], int]:
     """Return the clock: time.time, or the fixed $PYQMAIL_GREYLIST_NOW of a test."""
     e = posix.environ if env is None else env
@@ -294,3 +304,43 @@ def exempt(settings: Settings, ip: str, remotehost: bytes, sender: bytes, spf_pa
 def preload() -> None:
     """Import what a session's first greylist check needs (tcpserver's parent calls this)."""
     import sqlite3  # noqa: F401
+
+
+class GreylistCheck(policy.Check):
+    """The check qmail-smtpd runs (pyqmail.smtpd.policy): 451 at RCPT for a new triplet."""
+
+    name = "greylist"
+
+    def __init__(self, settings: Settings, now: Callable[[], int]) -> None:
+        self.settings = settings
+        self.list = Greylist(settings, now)
+
+    def rcpt(self, s: View, addr: bytes) -> policy.Verdict | None:
+        if s.relaying or not s.rcpt_allowed:
+            return None  # relay clients pass; a recipient refused anyway leaves no entry
+        ip = s.remoteip.decode("latin-1")
+        if not ip or ip == "unknown":
+            return None  # no client address (tcpserver's parent warming up): nothing to key on
+        if exempt(self.settings, ip, s.remotehost, s.mailfrom, posix.environ.get(b"SPFRESULT") == b"pass"):
+            return None
+        try:
+            verdict, wait = self.list.check(ip, s.mailfrom, addr)
+        except Trouble as e:
+            try:
+                os.write(2, b"qmail-smtpd: greylist: not greylisting: " + str(e).encode("utf-8", "replace") + b"\n")
+            except OSError:
+                pass  # safe: no log to write to; the recipient is accepted as without greylisting
+            return None
+        return policy.Verdict(deferred(wait)) if verdict == DEFER else None
+
+
+def load(env: Mapping[bytes, bytes]) -> GreylistCheck | None:
+    """Return the greylisting check when control/greylist exists; sqlite3 is imported here (preload)."""
+    settings = Settings.load(env)
+    if settings is None:
+        return None
+    preload()
+    return GreylistCheck(settings, clock(env))
+
+
+policy.register("greylist", load)

@@ -38,12 +38,14 @@ from __future__ import annotations
 import posix
 
 from pyqmail import control
-from pyqmail.smtpd.received import safe
+from pyqmail.smtpd import policy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
+
+    from pyqmail.smtpd.policy import View
 
 PASS = "pass"
 FAIL = "fail"
@@ -357,3 +359,67 @@ def _ask(spf: Any, settings: Settings, ip: str, sender: str, helo: str, domain: 
         values["exp"] = str(explanation)  # the record's exp=, expanded by pyspf
     local = not record or (matched is not None and matched in mine)
     return result, local
+
+
+class SpfCheck(policy.Check):
+    """The check qmail-smtpd runs (pyqmail.smtpd.policy): SPF at MAIL, its refusal at RCPT, its header at DATA.
+
+    It sets $SPFRESULT (the header's word) for qmail-queue and a $QMAILQUEUE
+    filter, as the patch's later versions do, and unsets it when it does not
+    check; qmail-dkim's DMARC takes it from there (pyqmail.filter.dmarc.spf_check).
+    """
+
+    name = "spf"
+
+    def __init__(self, settings: Settings) -> None:
+        from pyqmail.smtpd.ipme import Ipme
+
+        self.settings = settings
+        self.ipme = Ipme()
+        self.verdict: Verdict | None = None
+        self.refuse = False
+
+    def mail(self, s: View, addr: bytes) -> policy.Verdict | None:
+        import os
+
+        self.verdict = None
+        self.refuse = False
+        if s.relaying:
+            os.environb.pop(b"SPFRESULT", None)
+            return None
+        v = check(self.settings, s.remoteip.decode("latin-1"), addr.decode("utf-8", "surrogateescape"),
+                  s.helohost.decode("utf-8", "surrogateescape"), s.localhost.decode("latin-1"), None, self.ipme)
+        os.environb[b"SPFRESULT"] = RECEIVED_WORDS[v.result].encode()
+        step = decide(v.result, self.settings.behavior)
+        if step == TEMP:
+            return policy.Verdict(LOOKUP_FAILURE)
+        self.verdict = v
+        self.refuse = step == REFUSE
+        return None
+
+    def rcpt(self, s: View, addr: bytes) -> policy.Verdict | None:
+        if self.refuse and self.verdict is not None and not s.relaying:
+            return policy.Verdict(self.verdict.refusal())
+        return None
+
+    def data(self, s: View) -> policy.Verdict | None:
+        if self.verdict is not None and not s.relaying:
+            return policy.Verdict(header=self.verdict.field)
+        return None
+
+
+def load(env: Mapping[bytes, bytes]) -> SpfCheck | None:
+    """Return the SPF check when spfbehavior is above 0; pyspf is imported here (tcpserver's parent)."""
+    settings = Settings.load(env)
+    if settings is None:
+        return None
+    import spf  # noqa: F401 - imported once in tcpserver's parent (preload), not in every child
+
+    from pyqmail.filter import dmarc
+
+    value = env.get(b"DNSCACHEIP")
+    dmarc.use_dnscacheip({"DNSCACHEIP": value.decode("latin-1")} if value else None)
+    return SpfCheck(settings)
+
+
+policy.register("spf", load)
