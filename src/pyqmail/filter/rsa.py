@@ -5,8 +5,11 @@ most of qmail-dkim's time per message. OpenSSL does it in about 1 ms. This
 module loads a PEM private key into OpenSSL (through ctypes, as
 pyqmail.remote.x509verify reaches libcrypto) and signs a SHA-256 digest
 with PKCS #1 v1.5 padding (RFC 8017 8.2), which is what DKIM's rsa-sha256
-signs. `sign_digest` returns None when libcrypto or the key is unusable;
-the caller then lets dkimpy do the operation itself.
+signs. Keys are found by modulus (`sign_digest`, for dkimpy's RSA
+function, which hands over the key it parsed) or by their PEM text
+(`sign_pem`, for pyqmail.filter.dkimsign, which parses nothing). Both
+return None when libcrypto or the key is unusable; the caller then lets
+dkimpy do the operation itself.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ _RSA_PKCS1_PADDING = 1
 _lib: ctypes.CDLL | None = None
 _tried = False
 _keys: dict[int, int] = {}  # modulus -> EVP_PKEY*, kept for the life of the process
+_by_pem: dict[bytes, int] = {}  # PEM text -> EVP_PKEY*, likewise (pyqmail.filter.dkimsign's lookup)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -55,34 +59,64 @@ def available() -> bool:
     return _load() is not None
 
 
-def load_key(pem: bytes, modulus: int) -> bool:
-    """Load the PEM private key whose modulus is modulus into OpenSSL; return False if unusable."""
-    if modulus in _keys:
-        return True
+def _read_pem(pem: bytes) -> int | None:
+    """Return an EVP_PKEY* of the PEM RSA private key, None if OpenSSL or the key is unusable."""
     lib = _load()
     if lib is None:
-        return False
+        return None
     bio = lib.BIO_new_mem_buf(pem, len(pem))
     if not bio:
-        return False
+        return None
     try:
         pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, None)
     finally:
         lib.BIO_free(bio)
     if not pkey:
-        return False
+        return None
     if lib.EVP_PKEY_get_base_id(pkey) != _EVP_PKEY_RSA:
         lib.EVP_PKEY_free(pkey)
+        return None
+    return int(pkey)
+
+
+def load_key(pem: bytes, modulus: int) -> bool:
+    """Load the PEM private key whose modulus is modulus into OpenSSL; return False if unusable."""
+    if modulus in _keys:
+        return True
+    pkey = _by_pem.get(pem) or _read_pem(pem)
+    if pkey is None:
         return False
-    _keys[modulus] = pkey
+    _keys[modulus] = _by_pem[pem] = pkey
     return True
+
+
+def load_pem(pem: bytes) -> bool:
+    """Load the PEM RSA private key into OpenSSL (once per process); return False if unusable."""
+    if pem in _by_pem:
+        return True
+    pkey = _read_pem(pem)
+    if pkey is None:
+        return False
+    _by_pem[pem] = pkey
+    return True
+
+
+def sign_pem(pem: bytes, digest: bytes) -> bytes | None:
+    """Return the RSASSA-PKCS1-v1_5 SHA-256 signature of digest by the PEM key, None if OpenSSL cannot make it."""
+    if not load_pem(pem):
+        return None
+    return _sign(_by_pem[pem], digest)
 
 
 def sign_digest(modulus: int, digest: bytes) -> bytes | None:
     """Return the RSASSA-PKCS1-v1_5 SHA-256 signature of digest by the loaded key, None if not loaded."""
     pkey = _keys.get(modulus)
+    return None if pkey is None else _sign(pkey, digest)
+
+
+def _sign(pkey: int, digest: bytes) -> bytes | None:
     lib = _lib
-    if pkey is None or lib is None or len(digest) != 32:
+    if lib is None or len(digest) != 32:
         return None
     ctx = lib.EVP_PKEY_CTX_new(pkey, None)
     if not ctx:
