@@ -307,3 +307,22 @@ def test_authsenders_routes_by_sender(qhome: QHome, pki: dict[str, Cert]) -> Non
         out = remote(qhome, sender="bob@x.org")
     assert out.startswith(b"r\0K127.0.0.1 accepted message."), (out, srv.errors)
     assert srv.seen[0].mech == b"LOGIN"
+
+
+def test_root_mode_qmailr_reads_its_600_file(root_home: QHome, pki: dict[str, Cert]) -> None:
+    """The passwords' file as qmail doctor wants it (owner qmailr, 600) is read by qmail-remote as qmailr;
+    root's own 600 file is not: the message waits (Z), it is not sent without credentials."""
+    import pwd
+
+    routes = root_home.path / "control" / "smtproutes"
+    with AuthServer(server_context(pki["leaf"]), b"PLAIN") as srv, DnsServer({}) as d:
+        routes.write_text(f":[127.0.0.1]:{srv.port} {USER.decode()} {PW}\n")
+        routes.chmod(0o600)
+        env = {"PATH": os.environ["PATH"], **d.env}
+        argv = [root_home.bin("qmail-remote"), "example.com", "s@x.org", "a@example.com"]
+        out = expect(run(argv, input=b"Subject: root\n\nhello\n", env=env, user="qmailr"), 0).stdout
+        assert out == b"ZUnable to read control files. (#4.3.0)\n\0"
+        os.chown(routes, pwd.getpwnam("qmailr").pw_uid, 0)
+        out = expect(run(argv, input=b"Subject: root\n\nhello\n", env=env, user="qmailr"), 0).stdout
+    assert out.startswith(b"r\0K127.0.0.1 accepted message."), (out, srv.errors)
+    assert [s.mech for s in srv.seen] == [b"PLAIN"]
