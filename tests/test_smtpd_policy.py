@@ -266,3 +266,20 @@ def test_checks_that_say_nothing_change_nothing() -> None:
                                                                           plain.relayclient)
 
     same()
+
+
+def test_a_check_module_with_triggers_is_imported_only_when_one_is_there(tmp_path: object) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home = Path(str(tmp_path))
+    (home / "control").mkdir()
+    code = ("import sys\nfrom pyqmail.smtpd import policy\npolicy.load({})\n"
+            "print('pyqmail.smtpd.spp' in sys.modules)\n")
+    env = {"PATH": "/usr/bin:/bin", "QMAILHOME": str(home)}
+    out = subprocess.run([sys.executable, "-I", "-c", code], env=env, capture_output=True, check=True)
+    assert out.stdout == b"False\n", out.stderr
+    (home / "control" / "smtpplugins").write_text("[rcpt]\n:echo N\n")
+    out = subprocess.run([sys.executable, "-I", "-c", code], env=env, capture_output=True, check=True)
+    assert out.stdout == b"True\n", out.stderr

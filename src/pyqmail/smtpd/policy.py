@@ -26,6 +26,11 @@ Hooks, and where the session calls them:
 
 from __future__ import annotations
 
+import os
+import sys
+
+from pyqmail import control
+
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -183,9 +188,14 @@ def register(name: str, loader: Callable[[Mapping[bytes, bytes]], Check | None])
     LOADERS[name] = loader
 
 
-def _import_loaders() -> None:
-    """Import the check modules, which register themselves (a module not there yet is skipped)."""
+def _import_loaders(env: Mapping[bytes, bytes]) -> None:
+    """Import the check modules that may be on, which register themselves (a module not there yet is skipped)."""
     for module in MODULES:
+        if module in sys.modules:
+            continue
+        trigger = TRIGGERS.get(module)
+        if trigger is not None and not _triggered(env, *trigger):
+            continue  # none of its variables or control files: not imported (a connection's milliseconds)
         try:
             __import__(module)
         except ModuleNotFoundError as e:
@@ -194,7 +204,32 @@ def _import_loaders() -> None:
 
 
 # The modules holding checks; each calls register() at import.
-MODULES = ("pyqmail.smtpd.spp", "pyqmail.smtpd.spf", "pyqmail.smtpd.greylist")
+MODULES = ("pyqmail.smtpd.spp", "pyqmail.smtpd.spf", "pyqmail.smtpd.greylist", "pyqmail.smtpd.rcptcheck",
+           "pyqmail.smtpd.dnsbl", "pyqmail.smtpd.helo", "pyqmail.smtpd.mfcheck", "pyqmail.smtpd.badrcptto")
+
+
+# What turns a module's checks on: (environment variables, control files), any one present.
+# A module listed here is imported only then, so that a qmail-smtpd without the check does
+# not pay for importing it (under a tcpserver without preload, at every connection); its
+# loader still decides. A module not listed is always imported.
+TRIGGERS: dict[str, tuple[tuple[bytes, ...], tuple[str, ...]]] = {
+    "pyqmail.smtpd.spp": ((b"SPPCONFFILE",), ("smtpplugins",)),
+}
+
+
+def _triggered(env: Mapping[bytes, bytes], names: tuple[bytes, ...], files: tuple[str, ...]) -> bool:
+    for name in names:
+        if name in env:
+            return True
+    for f in files:
+        try:
+            os.stat(control.path(f))
+            return True
+        except FileNotFoundError:
+            pass  # absent: this trigger is not there
+        except OSError:
+            return True  # there but not stat-able: the loader reports the unreadable control file
+    return False
 
 
 def load(env: Mapping[bytes, bytes]) -> Hooks:
@@ -203,7 +238,7 @@ def load(env: Mapping[bytes, bytes]) -> Hooks:
     Raises ControlError (or OSError) when a check's control file cannot be read:
     qmail-smtpd answers 421 unable to read controls.
     """
-    _import_loaders()
+    _import_loaders(env)
     checks = []
     for name in ORDER:
         loader = LOADERS.get(name)
