@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import smtplib
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ from conftest import CI, QHome
 from pyqmail.smtpd import greylist as gl
 from queuefmt import files
 from smtpdkit import Conversation, ForkServer
+from ucspikit import DNSServer
 from pyqmail.smtpd.greylist import DEFER, INSERT, MARK_PASSED, NOTHING, PASS, TOUCH
 
 T0 = 1_700_000_000
@@ -306,3 +308,79 @@ def test_unusable_file_accepts_and_logs(qhome: QHome) -> None:
         assert attempt(srv.port, ["bob@test.example.com"]) == {"bob@test.example.com": 250}
         log = srv.stderr()
     assert b"qmail-smtpd: greylist: not greylisting: " in log
+
+
+def test_authenticated_client_is_neither_greylisted_nor_spf_checked(qhome: QHome) -> None:
+    """After AUTH (a checkprogram accepting anyone): no greylist entry, no SPF lookup, no Received-SPF."""
+    greyhome(qhome)
+    qhome.control("spfbehavior", "6\n")  # a lookup would fail (SERVFAIL below): 451 at MAIL
+    accept = qhome.path / "accept-all"
+    accept.write_text('#!/bin/sh\nexec "$@"\n')
+    accept.chmod(0o755)
+    prog = qhome.path / "smtpd-auth"
+    prog.write_text(f"#!/bin/sh\nexec {qhome.bin('qmail-smtpd')} {accept} /bin/true\n")
+    prog.chmod(0o755)
+    with DNSServer({}, servfail=["fail.example"]) as dns:
+        env = {"SMTPAUTH": "", "DISABLETLS": "1", "PYQMAIL_SMTPD_AUTH_DELAY": "0", "PYQMAIL_GREYLIST_NOW": str(T0),
+               "DNSCACHEIP": dns.dnscacheip}
+        with ForkServer(prog, env) as srv:
+            with smtplib.SMTP("127.0.0.1", srv.port, source_address=(CLIENT, 0), timeout=30) as c:
+                c.ehlo("client.example")
+                c.login("someone", "secret")
+                assert c.mail("a@fail.example")[0] == 250
+                assert c.rcpt("bob@test.example.com")[0] == 250
+                assert c.rcpt("far@away.example")[0] == 250  # relaying
+                assert c.data(b"Subject: auth\r\n\r\nbody\r\n")[0] == 250
+            assert dns.queries == []
+            # The same without AUTH: SPF asks, gets SERVFAIL and says 451 at MAIL.
+            with smtplib.SMTP("127.0.0.1", srv.port, source_address=(CLIENT, 0), timeout=60) as c:
+                c.ehlo("client.example")
+                assert c.mail("a@fail.example")[0] == 451
+            assert dns.queries
+    assert not (qhome.path / "greylist" / "triplets.sqlite").exists()  # never opened
+    msg = (qhome.queue / "mess" / files(qhome.queue)["mess"][0]).read_bytes()
+    assert b"Received-SPF" not in msg and b"ESMTPA" in msg
+
+
+def smtpd_as_qmaild(home: QHome, env: dict[str, str], lines: list[bytes]) -> list[bytes]:
+    """Run qmail-smtpd as qmaild:nofiles (as tcpserver -u -g does in root mode); return its reply lines."""
+    mine, theirs = socket.socketpair()
+    p = subprocess.Popen([str(home.bin("qmail-smtpd"))], stdin=theirs, stdout=theirs, stderr=subprocess.PIPE,
+                         env=dict({"PATH": "/usr/bin:/bin", "TCPREMOTEIP": CLIENT}, **env),
+                         user="qmaild", group="nofiles", extra_groups=[])
+    theirs.close()
+    mine.settimeout(30)
+    f = mine.makefile("rb")
+    out = [f.readline()]
+    for line in lines:
+        mine.sendall(line)
+        out.append(f.readline())
+    f.close()
+    mine.close()
+    p.communicate(timeout=30)
+    return out
+
+
+def test_root_mode_file_belongs_to_qmaild(root_home: QHome) -> None:
+    """As root: qmail-smtpd runs as qmaild; the file it makes in the qmaild-owned 0700 directory is 0600 qmaild's."""
+    import pwd
+
+    qmaild = pwd.getpwnam("qmaild")
+    root_home.control("greylist", "300\n")
+    d = root_home.path / "greylist"
+    d.mkdir(mode=0o700)
+    os.chown(d, qmaild.pw_uid, qmaild.pw_gid)
+    talk = [b"HELO c\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<bob@test.example.com>\r\n", b"QUIT\r\n"]
+    got = smtpd_as_qmaild(root_home, {"PYQMAIL_GREYLIST_NOW": str(T0)}, talk)
+    assert got[3] == b"451 greylisted, try again in 300 seconds (#4.7.1)\r\n", got
+    st = os.stat(d / "triplets.sqlite")
+    assert (st.st_uid, st.st_mode & 0o777) == (qmaild.pw_uid, 0o600)
+    got = smtpd_as_qmaild(root_home, {"PYQMAIL_GREYLIST_NOW": str(T0 + 300)}, talk)
+    assert got[3] == b"250 ok\r\n", got
+    # A directory qmaild cannot write: not greylisted, and said so.
+    os.chown(d, 0, 0)
+    (d / "triplets.sqlite").unlink()
+    for side in ("-wal", "-shm"):
+        (d / ("triplets.sqlite" + side)).unlink(missing_ok=True)
+    got = smtpd_as_qmaild(root_home, {"PYQMAIL_GREYLIST_NOW": str(T0)}, talk)
+    assert got[3] == b"250 ok\r\n", got
