@@ -214,6 +214,9 @@ MODULES = ("pyqmail.smtpd.spp", "pyqmail.smtpd.spf", "pyqmail.smtpd.greylist", "
 # loader still decides. A module not listed is always imported.
 TRIGGERS: dict[str, tuple[tuple[bytes, ...], tuple[str, ...]]] = {
     "pyqmail.smtpd.spp": ((b"SPPCONFFILE",), ("smtpplugins",)),
+    "pyqmail.smtpd.rcptcheck": ((b"RCPTCHECK_LOCAL", b"RCPTCHECK"), ("rcptcheck", "validrcptto.cdb")),
+    "pyqmail.smtpd.spf": ((b"SPFBEHAVIOR",), ("spfbehavior",)),
+    "pyqmail.smtpd.greylist": ((), ("greylist",)),
 }
 
 
