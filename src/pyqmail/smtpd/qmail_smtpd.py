@@ -42,6 +42,21 @@ SMTPMAILFROM, SMTPRCPTTO, SMTPRCPTCOUNT, SMTPRCPTCOUNTALL, SMTPRCPTHOSTSOK, SMTP
 and answers with qmail-spp's one-letter commands on its output (A N O E L R D S U H C P).
 $NOSPP: no plugins. A plugin that cannot run, crashes or outlives $SPPTIMEOUT seconds
 (default 60) is `451 qmail-spp failure: PROGRAM: WHY (#4.3.0)`.
+
+SPF (pyqmail.smtpd.spf, Jana Saout's SPF patch): control/spfbehavior ($SPFBEHAVIOR over
+it; absent or 0: off) 1 adds a `Received-SPF:` line below the Received line, 2 also answers
+a DNS failure with `451 SPF lookup failure (#4.3.0)` at MAIL, 3 refuses fail, 4 softfail, 5
+neutral, 6 anything but pass, with `550 EXPLANATION (#5.7.1)` at each RCPT. control/spfrules:
+local mechanisms tried before the record's final `-all` (and alone without a record);
+control/spfguess: the record assumed without one; control/spfexp: the explanation (the
+patch's macros; default: the patch's spf.pobox.com address). $SPFRESULT is set for
+qmail-queue. Clients that may relay (RELAYCLIENT, AUTH, tlsclients) are not checked.
+Greylisting (pyqmail.smtpd.greylist): control/greylist `DELAY [RETRY [EXPIRY]]` (seconds;
+300 172800 3024000) turns it on: a new (client /24 or /64, sender, recipient) gets `451
+greylisted, try again in N seconds (#4.7.1)` at RCPT until DELAY has passed, kept in
+QMAILHOME/greylist/triplets.sqlite ($GREYLISTDB), a directory the admin makes for qmaild;
+control/greylistips and control/greylistdomains (client host, or SPF-passed sender domain)
+and $NOGREYLIST exempt; clients that may relay are never greylisted.
 """
 
 from __future__ import annotations
