@@ -43,6 +43,25 @@ and answers with qmail-spp's one-letter commands on its output (A N O E L R D S 
 $NOSPP: no plugins. A plugin that cannot run, crashes or outlives $SPPTIMEOUT seconds
 (default 60) is `451 qmail-spp failure: PROGRAM: WHY (#4.3.0)`.
 
+Greeting delay (pyqmail.smtpd.greetdelay, the greetdelay patch): $SMTPD_GREETDELAY seconds
+pass before the 220 line (not for $RELAYCLIENT); with $DROP_PRE_GREET, a client that talks
+in that time gets `554 SMTP protocol violation` and is dropped, logged with its IP.
+DNSBL (pyqmail.smtpd.dnsbl, sagredo's rbl patch): control/dnsbllist ($DNSBLLIST names
+another file) lists zones asked at the first RCPT of a client that may not relay (`zone`:
+TXT, 451; `-zone`: 553; `zone:text`: A record and that text, `%IP%` replaced; `+zone`:
+whitelist; `=zone`: log only), answered as rblsmtpd answers; $RBLSMTPD decides first;
+$DNSBLSKIP: not asked; control/dnsblfailclosed ($DNSBLFAILCLOSED): a failed lookup is
+`451 temporary RBL lookup error`. A 451 ends the connection, a 553 refuses each RCPT.
+HELO (pyqmail.smtpd.helo, the qregex patch): control/badhelo (regular expressions, `!`
+negates; $NOBADHELO ignores it) and control/badhelonorelay (clients that may not relay),
+and control/rejectforgedhelo ($REJECTFORGEDHELO): this host's name or IP literal, or
+another host's IP literal, from a client elsewhere; each refuses every RCPT with `553
+sorry, your HELO host name has been denied (#5.7.1)`. control/mfcheck ($MFCHECK; 2 and 3
+log): at MAIL the sender's domain must have an MX, A or AAAA record: `553 sorry, your
+envelope sender domain must exist (#5.7.1)`, or `451 DNS temporary failure (#4.3.0)`.
+control/badrcptto (addresses and @domain): `553 sorry, mail to that recipient is not
+accepted (#5.7.1)`, counted toward brtlimit. All off when their file or variable is absent.
+
 SPF (pyqmail.smtpd.spf, Jana Saout's SPF patch): control/spfbehavior ($SPFBEHAVIOR over
 it; absent or 0: off) 1 adds a `Received-SPF:` line below the Received line, 2 also answers
 a DNS failure with `451 SPF lookup failure (#4.3.0)` at MAIL, 3 refuses fail, 4 softfail, 5
@@ -411,7 +430,7 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
                 else:
                     _auth(session, conn, authrun)
             elif step == DIE:
-                raise Die(None)
+                raise Die(b"")  # the reply (brtlimit's 421) is queued: sent before the end
     except Dropped:
         try:
             conn.flush()
