@@ -137,3 +137,35 @@ def test_key_openssl_cannot_load_falls_back_to_dkimpy(monkeypatch: pytest.Monkey
     with pytest.raises(qdkim.Fatal) as e:
         qdkim.sign_message(message, [key], fields)
     assert e.value.code == qdkim.EXIT_CONFIG
+
+
+FROM_PIECES = [b"Alice", b" ", b"  ", b"\t", b"<", b">", b"alice", b"@", b"example.com", b"Example.COM.", b".", b"J.",
+               b"x", b"-", b"+tag", b"=?utf-8?q?A?=", b"\xc3\xa9", b"'", b"!", b"%"]
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(st.one_of(
+    st.lists(st.sampled_from(FROM_PIECES), min_size=1, max_size=12).map(b"".join),
+    st.tuples(st.lists(st.sampled_from(FROM_PIECES), max_size=4).map(b"".join), st.sampled_from([b"", b" ", b"\t"]),
+              st.sampled_from([b"alice", b"a.b", b"x+y", b"J."]), st.sampled_from([b"example.com", b"Example.COM.",
+                                                                                  b"b", b"."]),
+              st.booleans()).map(lambda t: t[0] + t[1] + (b"<%s@%s>" if t[4] else b"%s@%s") % (t[2], t[3]))))
+def test_from_domain_without_email_utils_agrees_with_getaddresses(value: bytes) -> None:
+    from email.utils import getaddresses
+
+    if qdkim._simple_address(value) is None:
+        return
+    expected = None
+    for _display, addr in getaddresses([value.decode("utf-8", "replace")]):
+        if "@" in addr:
+            expected = addr.rpartition("@")[2].strip().lower().rstrip(".") or None
+            break
+    assert qdkim.from_domain([(b"from", b"From: " + value + b"\n")]) == expected
+
+
+def test_from_domain_simple_and_not() -> None:
+    assert qdkim._simple_address(b"Alice <alice@Example.COM.>") == b"alice@Example.COM."
+    assert qdkim.from_domain([(b"from", b"From: Alice <alice@Example.COM.>\n")]) == "example.com"
+    assert qdkim._simple_address(b'"Bob, Jr" <bob@example.org>') is None  # getaddresses reads that
+    assert qdkim.from_domain([(b"from", b'From: "Bob, Jr" <bob@example.org>\n')]) == "example.org"
+    assert qdkim.from_domain([(b"from", b"From: undisclosed\n")]) is None

@@ -126,13 +126,41 @@ def header_value(raw: bytes) -> bytes:
     return b" ".join(value.split())
 
 
+_ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_SIMPLE_FROM = None  # compiled on first use: re.Pattern[bytes]
+
+
+def _simple_address(value: bytes) -> bytes | None:
+    """Return the address of a From value `local@domain` or `Name <local@domain>`, None if it is anything else.
+
+    What nearly every From is, read without email.utils (0.2 ms of a fresh
+    process's copied pages per message): a display name of atext words, a
+    local part of atext and dots, a domain of letters, digits, dots and
+    hyphens. Anything else goes to getaddresses.
+    """
+    global _SIMPLE_FROM
+    if _SIMPLE_FROM is None:
+        import re
+
+        addr = rb"[" + _ATEXT + rb".]+@[A-Za-z0-9.-]+"
+        _SIMPLE_FROM = re.compile(rb"[" + _ATEXT + rb" ]*<(" + addr + rb")>|(" + addr + rb")")
+    m = _SIMPLE_FROM.fullmatch(value)
+    if m is None:
+        return None
+    return m.group(1) or m.group(2)
+
+
 def from_domain(fields: list[tuple[bytes, bytes]]) -> str | None:
     """Return the lowercased domain of the first From: address, None if there is none."""
     for name, raw in fields:
         if name == b"from":
+            value_bytes = header_value(raw)
+            simple = _simple_address(value_bytes)
+            if simple is not None:
+                return simple.rpartition(b"@")[2].decode().lower().rstrip(".") or None
             from email.utils import getaddresses
 
-            value = header_value(raw).decode("utf-8", "replace")
+            value = value_bytes.decode("utf-8", "replace")
             for _display, addr in getaddresses([value]):
                 if "@" in addr:
                     domain = addr.rpartition("@")[2].strip().lower().rstrip(".")
@@ -699,10 +727,26 @@ def _warm_keys() -> None:
     import base64
 
     warm = warm[:1] + [Key("warm.invalid", "warm", base64.b64encode(os.urandom(32)))]  # and Ed25519's path
-    message = b"From: <a@warm.invalid>\nSubject: warm\n\nwarm\n"
+    message = b"From: Warm <a@warm.invalid>\nSubject: warm\n\nwarm\n"
     fields, _ = split_header(message)
+    envelope = b"Fa@warm.invalid\0Tb@warm.invalid\0\0"
     for _ in range(WARM_SIGNS):
         sign_message(message, warm, fields)
+        # And the rest of a message's path up to the next program (reading both descriptors, the
+        # mode, the keys of a domain that has none): each call of a function not yet specialised
+        # writes to its code object, and in a child that write copies the page.
+        for data, read in ((message, _read_all), (envelope, envelope_io.read_envelope)):
+            r, w = os.pipe()
+            try:
+                os.write(w, data)
+                os.close(w)
+                w = -1
+                read(r)
+            finally:
+                os.close(r)
+                if w >= 0:
+                    os.close(w)
+        filter_message(message, envelope, {"RELAYCLIENT": "", "TCPREMOTEIP": "127.0.0.1"})
 
 
 @program("qmail-dkim", crash=EXIT_BUG)
