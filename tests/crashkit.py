@@ -354,7 +354,7 @@ class System:
             d = self.alias_maildir / sub
             d.mkdir(mode=0o700, exist_ok=True)
             os.chown(d, alias.uid, alias.gid)
-        assert sorted(os.listdir(self.home / "service")) == ["queued", "send", "smtpd"]
+        assert sorted(os.listdir(self.home / "service")) == ["queued", "rcptcheckd", "send", "smtpd"]
 
     def start(self) -> None:
         """Start svscan under the reaper and wait until SMTP answers and qmail-send logs its status."""

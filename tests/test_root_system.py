@@ -110,7 +110,7 @@ def test_root_system_intake_restarts_and_aliases() -> None:
     try:
         text = _read_until_ready(up)
         assert "(root mode)" in text, text
-        assert sorted(os.listdir(home / "service")) == ["queued", "send", "smtpd"]
+        assert sorted(os.listdir(home / "service")) == ["queued", "rcptcheckd", "send", "smtpd"]
         me = (home / "control" / "me").read_text().strip()
         for name in ("send", "queued", "smtpd"):
             assert _wait_for(lambda name=name: _state(home, name) == "up"), name

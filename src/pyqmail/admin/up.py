@@ -68,6 +68,10 @@ FORCETLS_ENV = "FORCETLS=1"  # qmail-popup refuses USER and PASS before STLS
 # (the SMTP AUTH patch's $SMTPAUTH grammar: '!' = LOGIN PLAIN, required), never before TLS.
 SUBMISSION_ENV = ("SMTPAUTH=!", FORCETLS_ENV)
 SMTPS_AUTH_ENV = "SMTPAUTH="  # SMTPS: LOGIN PLAIN offered (TLS from the first byte), not required
+# Recipient validation at RCPT (issue 15.2), on in every SMTP service `qmail up` runs:
+# unknown local recipients get 550 instead of a bounce later (pyqmail.smtpd.rcptcheck).
+RCPTCHECK_ENV = "RCPTCHECK_LOCAL=1"
+BRTLIMIT_DEFAULT = "10\n"  # control/brtlimit `qmail up` writes when there is none
 AUTH_SUBPROGRAM = "/bin/true"  # what checkpassword runs as the user once the login is accepted
 SERVERCERT = "control/servercert.pem"  # pyqmail.admin.certs.SERVERCERT, not imported: `qmail up` stays light
 
@@ -123,8 +127,11 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
         # Root mode: local users queue through qmail-queued, a service of its
         # own so that intake does not depend on qmail-send.
         out["queued"] = [os.path.join(bindir, "qmail-queued")]
+        # Root mode: qmail-smtpd runs as qmaild and cannot look into homes; it
+        # asks qmail-rcptcheckd, which looks as each user (docs/DESIGN.md).
+        out["rcptcheckd"] = [os.path.join(bindir, "qmail-rcptcheckd")]
     if ports.smtp:
-        out["smtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtp,
+        out["smtpd"] = [RCPTCHECK_ENV] + _tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtp,
                                   [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)
     if ports.pop3:
         # As root, checkpassword needs root to read /etc/shadow and become the user.
@@ -134,11 +141,12 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
         out["qmtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.qmtp,
                                   [os.path.join(bindir, "qmail-qmtpd")], as_qmaild=True)
     if ports.smtps and tls:
-        out["smtps"] = [SMTPS_ENV, SMTPS_AUTH_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtps,
-                                                               smtpd_auth, as_qmaild=False)]
+        out["smtps"] = [SMTPS_ENV, SMTPS_AUTH_ENV, RCPTCHECK_ENV,
+                        *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtps, smtpd_auth, as_qmaild=False)]
     if ports.submission and tls:
-        out["submission"] = [*SUBMISSION_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.submission,
-                                                          smtpd_auth, as_qmaild=False)]
+        out["submission"] = [*SUBMISSION_ENV, RCPTCHECK_ENV,
+                             *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.submission, smtpd_auth,
+                                         as_qmaild=False)]
     if ports.pop3s and tls:
         out["pop3s"] = [POP3S_ENV, *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.pop3s,
                                                popup, as_qmaild=False)]
@@ -455,6 +463,17 @@ def postmaster_goes(qmail_home: str, inst: _home.Install) -> str:
     return ", ".join(said) if said else default
 
 
+def _default_brtlimit(qmail_home: str) -> None:
+    """Write control/brtlimit (BRTLIMIT_DEFAULT) unless the admin has one: a dictionary attack is cut short."""
+    path = os.path.join(qmail_home, "control", "brtlimit")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(BRTLIMIT_DEFAULT)
+
+
 def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfile: str, lock: int) -> int:
     """Write the services and run svscan over them until SIGINT/SIGTERM; release the lock at the end."""
     pw = pwd.getpwuid(os.getuid())
@@ -479,6 +498,7 @@ def _run(qmail_home: str, inst: _home.Install, ports: Ports, out: TextIO, pidfil
     password_file = (_pop3_user(qmail_home, inst, user, maildir_home, uid, gid)
                      if ports.pop3 or ports.submission else "")
     wanted = services(qmail_home, inst, ports, me)
+    _default_brtlimit(qmail_home)
     write_services(qmail_home, inst, wanted)
     stopping = False
 
