@@ -36,6 +36,18 @@ on by its own control file or variable. control/brtlimit ($BRTLIMIT over it; abs
 no limit): after that many recipients refused as unknown or bad in one session, the reply
 is `421 too many invalid addresses, goodbye (#4.3.0)` and the connection ends.
 
+Recipient validation (pyqmail.smtpd.rcptcheck): $RCPTCHECK_LOCAL (not `0`), else a nonzero
+control/rcptcheck, turns on the built-in check: a local recipient (locals, virtualdomains)
+that qmail-local would bounce gets `550 sorry, no mailbox here by that name (#5.1.1)`,
+decided as qmail-send, qmail-lspawn and qmail-local decide (root mode: by asking
+qmail-rcptcheckd); unable to decide: `451 unable to verify recipient (#4.3.0)`; relay
+clients' local recipients too, remote recipients never. $RCPTCHECK names a program run with
+SENDER and RECIPIENT (the RCPTCHECK patch): exit 100 is `553 sorry, no mailbox here by that
+name. (#5.1.1)`, 111 `421 unable to verify recipient (#4.3.0)`, 120 or a crash `421 unable
+to execute recipient check (#4.3.0)`, both ending the connection. control/validrcptto.cdb
+(qmail-newvrt): `553 sorry, this recipient is not in my validrcptto list (#5.7.1)`. Neither
+is asked for relay clients. Each refusal counts toward brtlimit.
+
 qmail-spp (pyqmail.smtpd.spp): control/smtpplugins ($SPPCONFFILE) lists plugin programs
 under [connection] [helo] [mail] [rcpt] [data] [auth]; each runs with SMTPHELOHOST,
 SMTPMAILFROM, SMTPRCPTTO, SMTPRCPTCOUNT, SMTPRCPTCOUNTALL, SMTPRCPTHOSTSOK, SMTPAUTHUSER
