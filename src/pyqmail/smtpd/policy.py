@@ -217,6 +217,10 @@ TRIGGERS: dict[str, tuple[tuple[bytes, ...], tuple[str, ...]]] = {
     "pyqmail.smtpd.rcptcheck": ((b"RCPTCHECK_LOCAL", b"RCPTCHECK"), ("rcptcheck", "validrcptto.cdb")),
     "pyqmail.smtpd.spf": ((b"SPFBEHAVIOR",), ("spfbehavior",)),
     "pyqmail.smtpd.greylist": ((), ("greylist",)),
+    "pyqmail.smtpd.dnsbl": ((b"DNSBLLIST", b"RBLSMTPD"), ("dnsbllist",)),
+    "pyqmail.smtpd.helo": ((b"REJECTFORGEDHELO",), ("badhelo", "badhelonorelay", "rejectforgedhelo")),
+    "pyqmail.smtpd.mfcheck": ((b"MFCHECK",), ("mfcheck",)),
+    "pyqmail.smtpd.badrcptto": ((), ("badrcptto",)),
 }
 
 
