@@ -349,6 +349,19 @@ def test_dnsbl_ipv4_client_on_a_pipe(qhome: QHome, dns: DNSServer) -> None:
     assert b"<** 553 192.0.2.7 listed" in res.stdout, res.stdout
 
 
+def test_dnsbl_ipv6_client(qhome: QHome) -> None:
+    """An IPv6 client (TCPREMOTEIP as tcpserver -6 sets it) is looked up by its reversed nibbles."""
+    nibbles = "7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
+    qhome.control("dnsbllist", f"-{BL}\n")
+    with DNSServer({f"{nibbles}.{BL}": {"TXT": [b"v6 client listed"]}}) as srv:
+        res = subprocess.run([swaks_path(), "--pipe", str(qhome.bin("qmail-smtpd")), "--from", "a@mx.example",
+                              "--to", "a@test.example.com"], capture_output=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "TCPREMOTEIP": "2001:db8::7",
+                                  "DNSCACHEIP": srv.dnscacheip})
+        assert (f"{nibbles}.{BL}", "TXT") in srv.queries
+    assert b"<** 553 v6 client listed" in res.stdout, res.stdout
+
+
 # --- greeting delay and early talkers ------------------------------------------------------------
 
 DELAY = {"SMTPD_GREETDELAY": "1", "DROP_PRE_GREET": "1"}
@@ -367,6 +380,15 @@ def test_early_talker_refused(qhome: QHome) -> None:
             time.sleep(0.01)
         assert b"qmail-smtpd: GREETDELAY from 127.0.0.1: client sent data before greeting\n" in srv.stderr()
     assert queued_count(qhome) == 0
+
+
+def test_client_gone_during_the_delay_is_logged(qhome: QHome) -> None:
+    with ForkServer(qhome.bin("qmail-smtpd"), DELAY) as srv:
+        socket.create_connection(("127.0.0.1", srv.port), timeout=30).close()
+        deadline = time.monotonic() + 10
+        while b"GREETDELAY" not in srv.stderr() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b"qmail-smtpd: GREETDELAY from 127.0.0.1: client disconnected\n" in srv.stderr()
 
 
 def test_patient_client_passes(qhome: QHome) -> None:
