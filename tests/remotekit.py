@@ -148,14 +148,21 @@ class DnsServer:
         self.servfail = {n.lower().rstrip(".") for n in (servfail or set())}
         self.queries: list[tuple[str, str]] = []
         self.transports: list[str] = []  # "udp", "udp-truncated" or "tcp", one per query answered
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        # DNS over TCP on the same port (RFC 7766): truncated UDP answers are asked again there.
+        for _ in range(50):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                self.tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:  # that TCP port is taken: another UDP port
+                self.tcp.close()
+                self.sock.close()
+        else:
+            raise OSError("no port free for both UDP and TCP")
         self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        # DNS over TCP on the same port (RFC 7766): truncated UDP answers are asked again here.
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
         self.tcp.listen(8)
         self.tcp.settimeout(0.2)
         self.env = {"DNSCACHEIP": f"127.0.0.1:{self.port}"}

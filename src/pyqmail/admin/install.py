@@ -289,6 +289,7 @@ def make_layout(lay: _Layout) -> None:
     lay.dsplit("queue/remote", "qmails", 0o700)
     lay.d("queue/lock", "qmailq", 0o750)
     lay.z("queue/" + layout.TCPTO, layout.TCPTO_SIZE, "qmailr", 0o644)
+    lay.z("queue/" + layout.TCPTO6, layout.TCPTO6_SIZE, "qmailr", 0o644)
     lay.d("queue/mtasts", "qmailr", 0o700)  # qmail-remote's MTA-STS policy cache (pyqmail.remote.mtasts)
     lay.z("queue/" + layout.SENDMUTEX, 0, "qmails", 0o600)
     lay.fifo("queue/" + layout.TRIGGER, "qmails", 0o622)

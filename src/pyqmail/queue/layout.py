@@ -15,6 +15,8 @@ TRIGGER = "lock/trigger"
 SENDMUTEX = "lock/sendmutex"
 TCPTO = "lock/tcpto"
 TCPTO_SIZE = 1024
+TCPTO6 = "lock/tcpto6"  # IPv6 hosts' timeouts (pyqmail.remote.tcpto.V6): C qmail never opens it
+TCPTO6_SIZE = 2048
 
 
 def split_name(kind: str, messnum: int, split: int) -> str:

@@ -9,7 +9,9 @@ or a `Resolver` pointed at a DNS server on 127.0.0.1.
 spaces or commas, each optionally with a port, as 127.0.0.1:5353 or
 [::1]:5353), else from /etc/resolv.conf. Lookups are never searched.
 
-Extension: a host with no A record but AAAA records is reached over IPv6.
+IPv6 (issue 18.1): a host's AAAA and A records are both asked for; its
+addresses are tried IPv6 first, the families alternating (RFC 8305 section 4,
+see qmail_remote for the fallback timing). ``[IPv6:...]`` literals are hosts too.
 
 Large answers (issue 18.6): queries advertise an EDNS0 payload of `EDNS_PAYLOAD`
 bytes, and dnspython asks a truncated (TC) answer again over TCP, so answers
@@ -55,12 +57,29 @@ class IpMx:
 
 
 def literal(host: str) -> str | None:
-    """Return the address of d.d.d.d or [d.d.d.d] (qmail's ip_scan), else None."""
-    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    """Return the address of d.d.d.d or [d.d.d.d] (qmail's ip_scan), or of an IPv6 literal, else None.
+
+    IPv6 (RFC 5321 4.1.3): ``[IPv6:2001:db8::1]`` (the tag in any case) and, in a route,
+    ``[2001:db8::1]``; the address comes back compressed (``::1``), as DNS answers are.
+    """
+    bracketed = host.startswith("[") and host.endswith("]")
+    inner = host[1:-1] if bracketed else host
     m = _DOTTED.match(inner)
     if m is None:
+        if bracketed and ":" in inner:
+            return ipv6_literal(inner[5:] if inner[:5].lower() == "ipv6:" else inner)
         return None
     return ".".join(str(int(g) & 255) for g in m.groups())
+
+
+def ipv6_literal(text: str) -> str | None:
+    """Return the compressed form of an IPv6 address text, None if it is not one."""
+    import ipaddress
+
+    try:
+        return ipaddress.IPv6Address(text).compressed
+    except ValueError:
+        return None
 
 
 def ipv4_bytes(ip: str) -> bytes | None:
@@ -71,19 +90,42 @@ def ipv4_bytes(ip: str) -> bytes | None:
     return bytes(int(g) & 255 for g in m.groups())
 
 
+def ipv6_bytes(ip: str) -> bytes | None:
+    """Return the 16 bytes of an IPv6 address text, None for any other address."""
+    import ipaddress
+
+    try:
+        return ipaddress.IPv6Address(ip).packed
+    except ValueError:
+        return None
+
+
+def interleave(v6: list[str], v4: list[str]) -> list[str]:
+    """Return the addresses in RFC 8305 section 4's order: IPv6 first, then the families alternating."""
+    out = []
+    for i in range(max(len(v6), len(v4))):
+        out += v6[i:i + 1] + v4[i:i + 1]
+    return out
+
+
 def ip_plus(dns: Lookup, host: str, pref: int) -> tuple[int, list[IpMx]]:
-    """Return the addresses of host (a literal, its A records, else its AAAA records)."""
+    """Return the addresses of host: a literal, or its AAAA and A records interleaved (IPv6 first).
+
+    HARD only if neither family has an address for sure; SOFT if a lookup failed
+    temporarily (with the addresses the other family gave, if any).
+    """
     lit = literal(host) if host else None
     if lit is not None:
         return OK, [IpMx(lit, 0)]
     status, addrs = dns.query(host, "A")
-    if status == HARD:
-        st6, addrs6 = dns.query(host, "AAAA")
-        if st6 == OK and addrs6:
-            return OK, [IpMx(a, pref, host) for a in addrs6]
-    if status != OK:
-        return status, []
-    return OK, [IpMx(a, pref, host) for a in addrs]
+    if status == SOFT:
+        return SOFT, []  # as qmail: no address of this host is tried now
+    st6, addrs6 = dns.query(host, "AAAA")
+    if st6 != OK:
+        addrs6 = []
+    if status == HARD and not addrs6:
+        return (SOFT if st6 == SOFT else HARD), []
+    return OK, [IpMx(a, pref, host) for a in interleave(addrs6, addrs if status == OK else [])]
 
 
 def ip(dns: Lookup, host: str) -> tuple[int, list[IpMx]]:

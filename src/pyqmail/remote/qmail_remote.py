@@ -11,6 +11,16 @@ resolver honours $DNSCACHEIP). Hosts that keep timing out are skipped for
 a while through queue/lock/tcpto. Extension: control/outgoingip, if set,
 is the local address connections are made from.
 
+IPv6 (issue 18.1): a host's AAAA and A addresses are tried IPv6 first, the families
+alternating (pyqmail.remote.mx); an IPv6 attempt that has an IPv4 address of the same host
+after it waits at most FALLBACK_DELAY (2) seconds before that one is tried (RFC 8305's
+connection attempt delay at its longest, tried one after the other, not raced), and such a
+cut-short attempt is not counted as a timeout. ``[IPv6:addr]`` is a literal host (also in
+control/smtproutes: ``domain:[IPv6:::1]:2525``). control/outgoingip6 is the local address of
+IPv6 connections, as control/outgoingip is of IPv4 ones. IPv6 hosts that time out are kept
+in queue/lock/tcpto6 (pyqmail.remote.tcpto). This host's IPv6 addresses count for the
+best-MX check, as its IPv4 ones do.
+
 TLS, as the qmail-tls patch's qmail-remote, plus DANE and MTA-STS (pyqmail.remote.tls, dane,
 mtasts): EHLO, then STARTTLS whenever the server offers it (HELO when EHLO is refused);
 control/tlshosts/FQDN.pem makes TLS and a certificate verifying against that CA file (with
@@ -67,6 +77,8 @@ PREF_NONE = 100000
 PREF_RELAY = 300000
 PREF_ALIASES = 500000
 TCPTO_PATH = "queue/lock/tcpto"
+TCPTO6_PATH = "queue/lock/tcpto6"
+FALLBACK_DELAY = 2  # seconds an IPv6 attempt gets before the same host's IPv4 address is tried
 CHUNK = 65536
 SMTPS_PORT = 465
 X509_V_ERR_HOSTNAME_MISMATCH = 62
@@ -370,9 +382,12 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
         return last(sc.dropped(partner, conn.critical, conn.why))
 
 
-def connect(ip: str, port: int, timeout: int, source: str | None) -> tuple[socket.socket | None, bool]:
-    """Connect within timeout seconds; return (socket or None, whether it timed out)."""
+def connect(ip: str, port: int, timeout: int, source: str | None,
+            source6: str | None = None) -> tuple[socket.socket | None, bool]:
+    """Connect within timeout seconds (from source, or source6 for IPv6); return (socket or None, whether it timed out)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    if family == socket.AF_INET6 and source6 is not None:
+        source = source6
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if source is not None and (":" in source) == (family == socket.AF_INET6):
@@ -498,6 +513,7 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         route_lines = control.read_lines("smtproutes") or []
         senders = auth.parse_authsenders(control.read_lines("authsenders") or [])
         source = control.read_line("outgoingip")
+        source6 = control.read_line("outgoingip6")
         tc = _read_tls_control()
     except control.ControlError:
         return sc.CONTROL + b"\0"
@@ -566,10 +582,14 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
             if not candidates:
                 return sc.sts_no_mx(domain.encode("latin-1")) + b"\0"
     table = tcpto.Table(TCPTO_PATH)
+    table6 = tcpto.Table(TCPTO6_PATH, lay=tcpto.V6)
     refused = b""
-    for a in candidates:
+    for n, a in enumerate(candidates):
         ip4 = mx.ipv4_bytes(a.ip)
+        ip6 = mx.ipv6_bytes(a.ip) if ip4 is None else None
         if ip4 is not None and table.skip(ip4, int(time.time())):
+            continue
+        if ip6 is not None and table6.skip(ip6, int(time.time())):
             continue
         try:
             p, refusal = plan(a, port, tc, resolver, secure_domain, sts, port == SMTPS_PORT)
@@ -578,12 +598,18 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         if refusal is not None:
             refused = refusal
             continue
+        wait = timeout_connect
+        if ip6 is not None and any(b.name == a.name and b.pref == a.pref and ":" not in b.ip
+                                   for b in candidates[n + 1:]):
+            wait = min(wait, FALLBACK_DELAY)  # RFC 8305: the IPv4 address of the same host next
         try:
-            sock, timed_out = connect(a.ip, port, timeout_connect, source)
+            sock, timed_out = connect(a.ip, port, wait, source, source6)
         except OSError:
             return sc.OSERR + b"\0"
         if ip4 is not None:
             table.record(ip4, timed_out, int(time.time()))
+        elif ip6 is not None:
+            table6.record(ip6, timed_out and wait == timeout_connect, int(time.time()))
         if sock is not None:
             conn = Smtp(sock, timeout)
             try:

@@ -84,17 +84,18 @@ def report(status: int, output: bytes) -> bytes:
 
 
 def clean_tcpto() -> None:
-    """Forget every remembered TCP timeout (qmail's tcpto_clean); running in queue/mess."""
-    try:
-        fd = os.open(os.path.join("..", layout.TCPTO), os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.write(fd, b"\0" * layout.TCPTO_SIZE)
-    except OSError:
-        pass  # as in qmail: if it fails, bummer
-    finally:
-        os.close(fd)
+    """Forget every remembered TCP timeout (qmail's tcpto_clean, and lock/tcpto6); running in queue/mess."""
+    for name, size in ((layout.TCPTO, layout.TCPTO_SIZE), (layout.TCPTO6, layout.TCPTO6_SIZE)):
+        try:
+            fd = os.open(os.path.join("..", name), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.write(fd, b"\0" * size)
+        except OSError:
+            pass  # as in qmail: if it fails, bummer
+        finally:
+            os.close(fd)
 
 
 class RemoteSpawner(spawnproto.Spawner):

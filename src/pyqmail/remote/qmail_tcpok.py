@@ -3,7 +3,7 @@
     qmail-tcpok
 
 Overwrites QMAILHOME/queue/lock/tcpto with zeros, so that qmail-remote
-tries every host again. Exit 0, or 111 with a message on descriptor 2.
+tries every host again; lock/tcpto6 (IPv6 hosts, pyqmail's) too, if it exists. Exit 0, or 111 with a message on descriptor 2.
 """
 
 from __future__ import annotations
@@ -56,6 +56,22 @@ def main(argv: list[str]) -> int:
                 data = data[os.write(fd, data):]
         except OSError as e:
             return _fatal(f"unable to clear {qmail_home}/queue/lock/tcpto", e)
+    finally:
+        os.close(fd)
+    try:
+        fd = os.open("tcpto6", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0  # a home made before IPv6
+    except OSError as e:
+        return _fatal(f"unable to write {qmail_home}/queue/lock/tcpto6", e)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = b"\0" * tcpto.V6.size
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            return _fatal(f"unable to clear {qmail_home}/queue/lock/tcpto6", e)
     finally:
         os.close(fd)
     return 0

@@ -5,11 +5,13 @@
 Prints, for each host in QMAILHOME/queue/lock/tcpto with a recent timeout,
 ``IP timed out N seconds ago; # recent timeouts: C``. Errors go to
 descriptor 1 as qmail's do (``fatal: unable to ...: reason``), exit 111.
+IPv6 hosts (lock/tcpto6, pyqmail's) follow in the same form, if that file exists.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import time
 
@@ -33,14 +35,28 @@ def _write(data: bytes) -> None:
         data = data[os.write(FD_OUT, data):]
 
 
-def listing(buf: bytes, now: int) -> bytes:
+def listing(buf: bytes, now: int, lay: tcpto.Layout = tcpto.V4) -> bytes:
     """Return qmail-tcpto's output for a table read at time now."""
     out = bytearray()
-    for ip, count, when in tcpto.entries(buf):
+    for ip, count, when in tcpto.entries(buf, lay):
         ago = (now - when) & MASK64  # qmail prints the difference as an unsigned long
-        out += (f"{ip[0]}.{ip[1]}.{ip[2]}.{ip[3]} timed out {ago} seconds ago; "
+        text = f"{ip[0]}.{ip[1]}.{ip[2]}.{ip[3]}" if len(ip) == 4 else str(ipaddress.IPv6Address(ip))
+        out += (f"{text} timed out {ago} seconds ago; "
                 f"# recent timeouts: {count}\n").encode("ascii")
     return bytes(out)
+
+
+def _read6() -> bytes:
+    """Return lock/tcpto6 (b"" if it does not exist); raise OSError."""
+    try:
+        fd = os.open("tcpto6", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b""  # a home made before IPv6: no IPv6 host timed out
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return os.read(fd, tcpto.V6.size)
+    finally:
+        os.close(fd)
 
 
 @program("qmail-tcpto", crash=EXIT_FATAL)
@@ -68,5 +84,10 @@ def main(argv: list[str]) -> int:
     finally:
         os.close(fd)
         os.close(lockfd)
-    _write(listing(buf, int(time.time())))
+    try:
+        buf6 = _read6()
+    except OSError as e:
+        return _fatal("unable to read tcpto6", e)
+    now = int(time.time())
+    _write(listing(buf, now) + listing(buf6, now, tcpto.V6))
     return 0

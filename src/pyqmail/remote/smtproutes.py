@@ -1,6 +1,8 @@
 """control/smtproutes: artificial SMTP routes (qmail-control(5), qmail-remote(8)).
 
-A line is domain:relay or domain:relay:port. The host is looked up as
+A line is domain:relay or domain:relay:port; a relay may be an IPv6 literal
+(``[IPv6:2001:db8::1]``, pyqmail's reading: the relay ends at its ``]``),
+and so may a key (``[IPv6:::1]:relay``: the key ends at ``]:``). The host is looked up as
 itself, then as each suffix starting at a dot (.example.com matches
 sub.example.com but not example.com), then as the empty domain; the most
 specific key wins, and of lines with the same key the last one (as qmail's
@@ -33,7 +35,11 @@ def parse(lines: list[str]) -> dict[str, str]:
     """Return the key -> value map of smtproutes lines."""
     routes: dict[str, str] = {}
     for line in lines:
-        key, colon, value = line.partition(":")
+        end = line.find("]:") + 1 if line.startswith("[") else 0
+        if end:  # an address literal as the key: [IPv6:::1]:relay
+            key, colon, value = line[:end], ":", line[end + 1:]
+        else:
+            key, colon, value = line.partition(":")
         if colon:
             routes[lower(key)] = value
     return routes
@@ -64,6 +70,11 @@ def route(value: str) -> Route | None:
     value, creds = auth.split(value)
     if not value:
         return None
-    relay, colon, port = value.partition(":")
+    end = value.find("]") + 1
+    if value.startswith("[") and end and value[end:end + 1] in ("", ":"):
+        # An address literal, whose IPv6 form holds colons: [IPv6:::1]:2525.
+        relay, colon, port = value[:end], value[end:end + 1], value[end + 1:]
+    else:
+        relay, colon, port = value.partition(":")
     # qmail scans the port as an unsigned long and connects to its low 16 bits.
     return Route(relay, _scan_ulong(port) & 0xFFFF if colon else DEFAULT_PORT, creds)
