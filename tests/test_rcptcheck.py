@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, TEST_USER, expect, run
+from conftest import IS_ROOT, TEST_USER, QHome, expect, run
 from sendkit import Site, make_site, remove_site
 
 FQDN = "test.example.com"
@@ -123,3 +123,60 @@ def test_validrcptto_cdb_from_qmail_newvrt(site: Site) -> None:
     assert codes(smtpd(site, [f"zz@{FQDN}"], {"RELAYCLIENT": ""})) == [250]
     # Not mentioned, and the built-in check on: the built-in check decides.
     assert codes(smtpd(site, ["x@third.example"], {"RCPTCHECK_LOCAL": "1"})) == [250]  # not local: never checked
+
+
+ASK = """
+import sys
+from pyqmail.local import qmail_rcptcheckd
+for local in sys.argv[2:]:
+    a = qmail_rcptcheckd.ask(sys.argv[1], local.encode())
+    print(a.code, a.why)
+"""
+
+
+def test_rcptcheckd_answers_root_and_qmaild_only_and_never_guesses(root_home: QHome) -> None:
+    """qmail-rcptcheckd: K/D/Z as the user sees the home; other peers refused; trouble is Z (451), never D."""
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    pq = pwd.getpwnam(TEST_USER)
+    users = root_home.path.parent / "users"
+    for d in (users, users / "joe", users / "shut"):
+        d.mkdir()
+        os.chown(d, pq.pw_uid, pq.pw_gid)
+    (users / "shut").chmod(0o700)
+    (users / "joe" / ".qmail-box").write_text("./Maildir/\n")
+    (users / "joe" / ".qmail-locked").write_text("./Maildir/\n")
+    (users / "joe" / ".qmail-locked").chmod(0o000)  # root could read it; the user cannot
+    os.chown(users / "joe" / ".qmail-locked", 0, 0)
+    (root_home.path / "users" / "assign").write_text(
+        f"+joe-:{TEST_USER}:{pq.pw_uid}:{pq.pw_gid}:{users}/joe:-::\n"
+        f"+shut-:{TEST_USER}:{pq.pw_uid}:{pq.pw_gid}:{users}/shut/inner:-::\n"
+        f"+boss-:root:0:0:/root:-::\n.\n")
+    expect(run([root_home.bin("qmail-newu")]))
+    env = {"PATH": "/usr/bin:/bin"}
+    d = subprocess.Popen([root_home.bin("qmail-rcptcheckd")], env=env, cwd=root_home.path, stderr=subprocess.PIPE)
+    try:
+        sock = root_home.path / "run" / "qmail-rcptcheck.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def ask(user: str | None, *locals_: str) -> list[str]:
+            r = run([sys.executable, "-c", ASK, str(root_home.path), *locals_], user=user,
+                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")})
+            expect(r)
+            return r.stdout.decode().splitlines()
+
+        got = ask("qmaild", "joe-box", "joe-none", "joe-locked", "shut-x", "boss-x")
+        assert [g[:1] for g in got] == ["K", "D", "Z", "Z", "K"], got
+        assert "unable to open .qmail-locked" in got[2] and "unable to switch to" in got[3], got
+        assert ask(None, "joe-box")[0][:1] == "K"  # root
+        assert ask(TEST_USER, "joe-box")[0][:1] == "Z"  # anyone else: no answer
+    finally:
+        d.terminate()
+        _, err = d.communicate(timeout=30)
+    assert d.returncode == 0, err
+    assert not (root_home.path / "run" / "qmail-rcptcheck.sock").exists()
