@@ -62,6 +62,7 @@ def test_off_by_default_on_by_variable_or_control_file(site: Site) -> None:
     site.home.control("rcptcheck", "1\n")
     assert codes(smtpd(site, rcpts)) == [250, 550]
     assert codes(smtpd(site, rcpts, {"RCPTCHECK_LOCAL": "0"})) == [250, 250]  # the variable wins
+    assert codes(smtpd(site, rcpts, {"RCPTCHECK_LOCAL": ""})) == [250, 550]  # set and not 0: on
     site.home.control("rcptcheck", "0\n")
     assert codes(smtpd(site, rcpts)) == [250, 250]
 

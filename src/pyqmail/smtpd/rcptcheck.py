@@ -145,7 +145,7 @@ def local_on(env: Mapping[bytes, bytes]) -> bool:
     """Whether the built-in check is on: $RCPTCHECK_LOCAL (not 0), else control/rcptcheck (nonzero)."""
     x = env.get(b"RCPTCHECK_LOCAL")
     if x is not None:
-        return x.strip() not in (b"0", b"")
+        return x.strip() != b"0"
     return control.read_int("rcptcheck", 0) != 0
 
 
