@@ -289,3 +289,70 @@ def test_spfresult_reaches_the_queue_filter_for_dmarc(qhome: QHome, dns: DNSServ
     from pyqmail.filter import dmarc
 
     assert dmarc.spf_check(CLIENT, "a@x.example", "h", {"SPFRESULT": "error"}) == ("temperror", "x.example")
+
+
+# --- pyqmail.smtpd.spfdns: pyspf's DNSLookup over raw datagrams ------------------------------------
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pyspf's DNSLookup_dnspython calls dns.resolver.query
+def test_spfdns_answers_as_dnspython(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A, AAAA, MX, PTR, TXT (several strings), a CNAME chain, NXDOMAIN and SERVFAIL, against DNSLookup_dnspython."""
+    import spf as pyspf
+
+    from pyqmail.filter import dmarc
+    from pyqmail.smtpd import spfdns
+    from remotekit import DnsServer
+
+    records = {("host.example", "A"): ["192.0.2.7", "192.0.2.8"], ("host.example", "AAAA"): ["2001:db8::7"],
+               ("example", "MX"): ["10 mx1.example.", "20 host.example."],
+               ("7.2.0.192.in-addr.arpa", "PTR"): ["host.example."],
+               ("long.example", "TXT"): ['"v=spf1 " "ip4:192.0.2.0/24 " "-all"'],
+               ("alias.example", "CNAME"): ["long.example."]}
+    with DnsServer(records, servfail={"broken.example"}) as server:
+        monkeypatch.setattr(spfdns, "_servers", [("127.0.0.1", server.port)])
+        dmarc.use_dnscacheip(server.env)
+        for name, qtype in [("host.example", "A"), ("host.example", "AAAA"), ("example", "MX"),
+                            ("7.2.0.192.in-addr.arpa", "PTR"), ("long.example", "TXT"), ("nothing.example", "TXT"),
+                            ("host.example", "TXT")]:
+            mine = spfdns.lookup(name, qtype)
+            theirs = pyspf.DNSLookup_dnspython(name, qtype)
+            norm = [(k, (v[0], str(v[1]).rstrip(".")) if qtype == "MX" else v) for k, v in theirs]
+            assert sorted(mine) == sorted(norm), (name, qtype, mine, theirs)
+        assert spfdns.lookup("long.example", "TXT")[0][1] == (b"v=spf1 ", b"ip4:192.0.2.0/24 ", b"-all")
+        # A CNAME comes with the chain (pyspf follows it), as the server sends it.
+        assert spfdns.lookup("alias.example", "TXT") == [
+            (("alias.example", "CNAME"), "long.example"),
+            (("long.example", "TXT"), (b"v=spf1 ", b"ip4:192.0.2.0/24 ", b"-all"))]
+        with pytest.raises(pyspf.TempError):
+            spfdns.lookup("broken.example", "TXT", timeout=2)
+
+
+def test_spfdns_truncated_or_odd_answers_go_to_dnspython(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyqmail.smtpd import spfdns
+
+    q = spfdns.query_bytes("example.com", 16, 0x1234)
+    tc = bytearray(q[:12]) + q[12:-11]
+    tc[2] |= 0x82  # QR, TC
+    with pytest.raises(spfdns.Unreadable, match="truncated"):
+        spfdns.parse(bytes(tc), 0x1234)
+    with pytest.raises(spfdns.Unreadable):
+        spfdns.parse(b"\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\xc0\x0c", 0x1234)  # pointer loop
+    asked = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(spfdns, "_servers", [srv.getsockname()])
+        monkeypatch.setattr(spfdns, "_fallback", lambda *a: asked.append(a) or [])
+
+        import threading
+
+        def truncate() -> None:
+            data, peer = srv.recvfrom(4096)
+            reply = bytearray(data[:12]) + data[12:-11]
+            reply[2] |= 0x82
+            reply[10:12] = b"\0\0"
+            srv.sendto(bytes(reply), peer)
+
+        t = threading.Thread(target=truncate)
+        t.start()
+        assert spfdns.lookup("big.example", "TXT", True, 5) == []
+        t.join()
+    assert asked == [("big.example", "TXT", True, 5)]

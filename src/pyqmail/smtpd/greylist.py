@@ -200,17 +200,20 @@ class Greylist:
             raise Trouble(f"{self.settings.db}: {e}") from e
         finally:
             os.umask(old)
-        try:
-            db.execute("PRAGMA synchronous = FULL")  # each commit is fsync'd (about 1 ms in WAL mode)
-            try:
-                db.execute("SELECT 1 FROM triplet LIMIT 0")
-            except sqlite3.OperationalError:
-                _create(db)  # a new file (made once: the pragmas below cost milliseconds)
-        except sqlite3.Error as e:
-            db.close()
-            raise Trouble(f"{self.settings.db}: {e}") from e
         self._db = db
         return db
+
+    def _row(self, db: sqlite3.Connection, key: tuple[str, str, str]) -> tuple[int, int, int] | None:
+        import sqlite3
+
+        query = "SELECT first, last, passed FROM triplet WHERE net = ? AND sender = ? AND rcpt = ?"
+        try:
+            return db.execute(query, key).fetchone()  # type: ignore[no-any-return]
+        except sqlite3.OperationalError:
+            if db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'triplet'").fetchone()[0]:
+                raise
+            _create(db)  # a new file (made once: its pragmas cost milliseconds)
+            return None
 
     def check(self, ip: str, sender: bytes, recipient: bytes) -> tuple[int, int]:
         """Return (PASS, 0) or (DEFER, seconds to wait) for a triplet; raise Trouble if the file fails."""
@@ -220,11 +223,10 @@ class Greylist:
         now = self.now()
         try:
             db = self._open()
-            row = db.execute("SELECT first, last, passed FROM triplet WHERE net = ? AND sender = ? AND rcpt = ?",
-                             key).fetchone()
-            verdict, write, wait = decide(row, now, self.settings)
+            verdict, write, wait = decide(self._row(db, key), now, self.settings)
             if write == NOTHING:
-                return verdict, wait
+                return verdict, wait  # a read only: the common case, a passed triplet
+            db.execute("PRAGMA synchronous = FULL")  # this commit is fsync'd (about 1 ms in WAL mode)
             db.execute("BEGIN IMMEDIATE")
             try:
                 if write == INSERT:
