@@ -42,11 +42,13 @@ BOUNCE_USER = "bounce"
 SENDER = f"{BOUNCE_USER}@{FQDN}"
 # What the killer aims at, by the kernel's comm (pyqmail.proctitle makes it the program's name).
 KINDS = ("qmail-send", "qmail-lspawn", "qmail-local", "qmail-rspawn", "qmail-remote", "qmail-clean",
-         "qmail-queued", "qmail-queue", "tcpserver", "qmail-smtpd", "supervise", "multilog")
+         "qmail-queued", "qmail-queue", "tcpserver", "qmail-smtpd", "supervise", "multilog",
+         "qmail-rcptcheck")  # qmail-rcptcheckd: the kernel keeps 15 bytes of a name
 # The whole system at rest: each daemon once (qmail-queued: the service's and qmail-start's -p one),
-# a supervise for each of the 3 services and their logs, a multilog for each log.
-WHOLE = {"svscan": 1, "supervise": 6, "multilog": 3, "qmail-send": 1, "qmail-lspawn": 1, "qmail-rspawn": 1,
-         "qmail-clean": 1, "qmail-queued": 2, "tcpserver": 1}
+# a supervise for each of the 4 services (send, queued, smtpd, rcptcheckd) and their logs, a
+# multilog for each log.
+WHOLE = {"svscan": 1, "supervise": 8, "multilog": 4, "qmail-send": 1, "qmail-lspawn": 1, "qmail-rspawn": 1,
+         "qmail-clean": 1, "qmail-queued": 2, "tcpserver": 1, "qmail-rcptcheck": 1}
 ID_RE = re.compile(rb"^X-Crash-Id: (\S+)\r?$", re.M)
 
 # The reaper: a child subreaper that starts svscan (its own session, as `qmail up`

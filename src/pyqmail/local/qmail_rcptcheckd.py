@@ -198,6 +198,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     children: set[int] = set()
+    mine = -1
     try:
         try:
             os.unlink(path)
@@ -209,6 +210,7 @@ def main(argv: list[str]) -> int:
         finally:
             os.umask(old)
         os.chmod(path, 0o666)  # who may ask is decided by SO_PEERCRED
+        mine = os.stat(path).st_ino
         srv.listen(64)
         srv.settimeout(5.0)
         while True:
@@ -238,8 +240,11 @@ def main(argv: list[str]) -> int:
         return EXIT_FAIL
     finally:
         srv.close()
+    # Only our own socket: a successor started meanwhile (supervise restarting a service
+    # whose old process it has just sent TERM) has bound a new one at the same path.
     try:
-        os.unlink(path)
+        if os.stat(path).st_ino == mine:
+            os.unlink(path)
     except FileNotFoundError:
         pass
     return 0
