@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI
+from conftest import CI, QHome
 from pyqmail.ucspi import rules
 from ucspikit import DEADLINE, Served, normalize, ours, rules_file
 
@@ -241,3 +241,29 @@ def test_rules_units() -> None:
     with pytest.raises(rules.RuleError):
         rules.compile_line(b"a:b:allow\n")  # 0.88 refuses it; not an IPv6 address either
     assert list(rules.candidates(b"10.1.2.3", None, None, cidr=True)) == [b"10.1.2.3", b"10.1.2.", b"10.1.", b"10.", b""]
+
+
+def test_rblsmtpd_ipv6_client_under_tcpserver(qhome: QHome) -> None:
+    """tcpserver on ::1 runs rblsmtpd, which asks the nibble name of ::1 (RFC 5782) and blocks."""
+    from ucspikit import DNSServer
+
+    need_ipv6_loopback()
+    nibbles = ".".join("1" + "0" * 31) + ".rbl.test"
+    assert rules_nibbles("::1") == nibbles
+    with DNSServer({nibbles: {"TXT": [b"v6 listed"]}}) as dns_server:
+        env = clean_env(DNSCACHEIP=dns_server.dnscacheip)
+        argv = [ours("tcpserver"), "-1", "-v", "-HR", "-l", "x", "::1", "0", str(qhome.bin("rblsmtpd")),
+                "-r", "rbl.test", "sh", "-c", "echo 220 real smtpd $TCPREMOTEIP"]
+        with Served(argv, env=env) as srv:
+            out, _ = connect("::1", srv.port, b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<a@b>\r\nQUIT\r\n")
+            assert out == (b"220 rblsmtpd.local\r\n250 rblsmtpd.local\r\n250 rblsmtpd.local\r\n"
+                           b"451 v6 listed\r\n221 rblsmtpd.local\r\n")
+            srv.wait_for(r"rblsmtpd: ::1 pid \d+: 451 v6 listed")
+        assert (nibbles, "TXT") in dns_server.queries
+
+
+def rules_nibbles(ip: str) -> str:
+    """The RBL name of ip under rbl.test, through the one shared function."""
+    from pyqmail.ucspi.rbl import reverse
+
+    return reverse(ip.encode()).decode() + "rbl.test"

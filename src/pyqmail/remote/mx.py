@@ -307,17 +307,10 @@ def authenticated(dns: Lookup, name: str, rdtype: str) -> bool:
 
 def local_addresses() -> set[str]:
     """Return this host's interface addresses (qmail's ipme, and IPv6 ones from /proc)."""
-    from pyqmail.smtpd.ipme import addresses
+    import ipaddress
+
+    from pyqmail.smtpd.ipme import addresses, ipv6_addresses
 
     found = {".".join(map(str, a)) for a in addresses()}
-    try:
-        with open("/proc/net/if_inet6", encoding="ascii") as f:
-            import ipaddress
-
-            for line in f:
-                h = line.split()[0] if line.split() else ""
-                if len(h) == 32:
-                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(h))))
-    except FileNotFoundError:
-        pass
+    found.update(ipaddress.IPv6Address(a).compressed for a in ipv6_addresses())
     return found

@@ -1,7 +1,9 @@
 """This host's IPv4 addresses, as qmail's ipme finds them (netqmail: 0.0.0.0 included).
 
 qmail-smtpd needs them only to recognize box@[d.d.d.d] addresses for
-control/localiphost, so they are read on first use.
+control/localiphost, so they are read on first use. IPv6 (issue 18.1):
+`ipv6_addresses` (from /proc/net/if_inet6, and ``::`` as 0.0.0.0 is
+included) for box@[IPv6:...] and qmail-remote's best-MX check.
 """
 
 from __future__ import annotations
@@ -42,6 +44,34 @@ def addresses() -> set[tuple[int, int, int, int]]:
             a = raw[off + 20:off + 24]
             found.add((a[0], a[1], a[2], a[3]))
     return found
+
+
+IF_INET6 = "/proc/net/if_inet6"
+
+
+def ipv6_addresses() -> set[bytes]:
+    """Return the 16-byte IPv6 addresses of every interface, and ``::`` (none where the kernel has no IPv6)."""
+    found = {bytes(16)}
+    try:
+        with open(IF_INET6, encoding="ascii") as f:
+            for line in f:
+                words = line.split()
+                if words and len(words[0]) == 32:
+                    found.add(bytes.fromhex(words[0]))
+    except FileNotFoundError:
+        pass  # IPv6 off: only "::"
+    return found
+
+
+def is_local6(text: bytes) -> bool:
+    """Return True if text is an IPv6 address of this host (False for anything else)."""
+    import ipaddress
+
+    try:
+        packed = ipaddress.IPv6Address(text.decode("ascii")).packed
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return packed in ipv6_addresses()
 
 
 class Ipme:

@@ -30,6 +30,12 @@ Received says `(USER@IP)` and `with ESMTPA` (`ESMTPSA` in TLS). Each failure is
 logged with the client's IP and costs a growing delay; after control/authfailures
 ($AUTHFAILURES; default 3) failures the connection is closed with 421.
 
+IPv6 (issue 18.1): an IPv6 client's address is written as the IPv6 patch's tcpserver
+gives it, in the Received line `(::1)` and in the log; `box@[IPv6:ADDR]` (RFC 5321 4.1.3)
+naming one of this host's IPv6 addresses is rewritten to control/localiphost, as
+`box@[d.d.d.d]` is for its IPv4 addresses; relaying for IPv6 clients comes from tcpserver's
+rules (`2001:db8::/32:allow,RELAYCLIENT=""`).
+
 Checks beyond qmail's (pyqmail.smtpd.policy; docs/DESIGN.md "qmail-smtpd: where a new
 check goes") run at connection, HELO/EHLO, MAIL, RCPT, DATA and after AUTH, each turned
 on by its own control file or variable. control/brtlimit ($BRTLIMIT over it; absent or 0:

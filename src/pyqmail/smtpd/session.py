@@ -124,6 +124,13 @@ def addrparse(arg: bytes, liphost: bytes | None = None,
             if got is not None and at + 1 + got[1] == len(addr) and is_local(got[0]):
                 del addr[at + 1:]
                 addr += liphost
+            elif addr[at + 1:at + 7].lower() == b"[ipv6:" and addr[-1:] == b"]":
+                # RFC 5321 4.1.3's IPv6 literal, when it is one of this host's addresses (issue 18.1).
+                from pyqmail.smtpd.ipme import is_local6
+
+                if is_local6(bytes(addr[at + 7:-1])):
+                    del addr[at + 1:]
+                    addr += liphost
     if len(addr) + 1 > ADDR_MAX:
         return None
     return bytes(addr)

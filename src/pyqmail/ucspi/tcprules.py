@@ -4,6 +4,11 @@
 or truncated), fsync'd, then renamed over rules.cdb, so a running tcpserver
 sees the old rules or the new ones, never a mixture. On a bad line or a
 write error, rules.cdb is left alone.
+
+IPv6 (pyqmail.ucspi.rules): ucspi-tcp-ipv6's lines (``::1:allow``,
+``2001:db8:1::allow`` for the textual prefix ``2001:db8:1:``) and, beyond it,
+CIDR prefixes (``2001:db8::/32:allow,RELAYCLIENT=""``), which tcpserver and
+tcprulescheck match longest first after the textual prefixes.
 """
 
 from __future__ import annotations
