@@ -169,3 +169,20 @@ def test_from_domain_simple_and_not() -> None:
     assert qdkim._simple_address(b'"Bob, Jr" <bob@example.org>') is None  # getaddresses reads that
     assert qdkim.from_domain([(b"from", b'From: "Bob, Jr" <bob@example.org>\n')]) == "example.org"
     assert qdkim.from_domain([(b"from", b"From: undisclosed\n")]) is None
+
+
+@pytest.mark.parametrize("env, verifies", [({"RELAYCLIENT": ""}, False), ({"DKIMSIGN": "/nonexistent/%"}, False),
+                                           ({}, True), ({"RELAYCLIENT": "", "DKIMVERIFY": ""}, True)])
+def test_preload_of_a_server_that_only_signs_leaves_the_verifier_out(tmp_path: Path, env: dict[str, str],
+                                                                     verifies: bool) -> None:
+    import os
+    import sys
+
+    code = ("import sys; from pyqmail.filter import dkim; dkim.preload(); "
+            "print(sorted(m for m in ('dkim', 'dns.resolver', 'spf') if m in sys.modules)); "
+            "print('dkimsign' in str(sorted(sys.modules)), 'nacl.signing' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                         env={"PATH": os.environ["PATH"], "QMAILHOME": str(tmp_path), **env})
+    lines = res.stdout.decode().splitlines()
+    assert lines[0] == ("['dkim', 'dns.resolver', 'spf']" if verifies else "[]"), res
+    assert lines[1] == "True True", res

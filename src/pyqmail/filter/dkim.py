@@ -645,22 +645,36 @@ def filter_message(message: bytes, envelope: bytes, env: Mapping[str, str]) -> b
 
 
 def preload() -> None:
-    """Import dkimpy and its helpers in tcpserver's parent, so that no message pays for them."""
-    import dkim  # noqa: F401
-    import dkim.crypto  # noqa: F401
+    """Import what qmail-dkim uses in tcpserver's parent, so that no message pays for it.
 
+    A server whose every client is signed for never verifies: RELAYCLIENT
+    in its own environment (tcprules can add variables for a client, not
+    take them away), or $DKIMSIGN without $DKIMVERIFY. It then loads only
+    the signer (pyqmail.filter.dkimsign, OpenSSL, PyNaCl): dkimpy, dnspython,
+    pyspf and the public suffix list would add 13 MB to every child's
+    address space, which two forks per message copy the page tables of and
+    tear down. A client that tcprules gives $DKIMVERIFY is then verified
+    with those imported per message: slower, the same result.
+    """
     from pyqmail import control  # noqa: F401
-    from pyqmail.filter import arc, dmarc, rsa
-    from pyqmail.remote import mx  # noqa: F401
+    from pyqmail.filter import dkimsign, rsa  # noqa: F401
 
-    for name in ("nacl.signing", "nacl.encoding", "authres", "spf", "email.utils", "dns.resolver",
-                 "dns.nameserver", "dns.flags", "dns.exception", "dns.name"):
+    verifies = mode({**os.environ, "TCPREMOTEIP": "0.0.0.0"}) != "sign"
+    names = ["nacl.signing", "nacl.encoding"]
+    if verifies:
+        names += ["dkim", "dkim.crypto", "pyqmail.filter.arc", "pyqmail.filter.dmarc", "pyqmail.remote.mx",
+                  "authres", "spf", "email.utils", "dns.resolver", "dns.nameserver", "dns.flags", "dns.exception",
+                  "dns.name"]
+    for name in names:
         try:
             __import__(name)
         except ImportError:
             pass  # safe: the child imports again and reports the failure
-    _install_fast_rsa()
-    arc._quiet()
+    if verifies:
+        from pyqmail.filter import arc
+
+        _install_fast_rsa()
+        arc._quiet()
     # The next program's module too: every message starts it from here.
     stub = spawn.read_stub(os.environ.get("DKIMQUEUE") or os.path.join(_home.home(), "bin", "qmail-queue"))
     if stub is not None:
@@ -670,15 +684,18 @@ def preload() -> None:
             pass  # safe: spawn imports it again in the child and reports the failure
     if rsa.available():
         _warm_keys()
+    if verifies:
+        try:
+            from pyqmail.filter import dmarc
+
+            dmarc.org_domain("example.com")
+        except ImportError:
+            pass  # safe: as above
     # What preload made stays out of the children's collections: a collection in a child would
     # touch, and so copy, every page of dkimpy's, dnspython's and PyNaCl's objects.
     import gc
 
     gc.freeze()
-    try:
-        dmarc.org_domain("example.com")
-    except ImportError:
-        pass  # safe: as above
 
 
 WARM_KEYS_MAX = 64
