@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import mmap
 import os
+import socket
 import stat
 
 from pyqmail import cdb
@@ -142,7 +143,7 @@ def cidr_key(address: bytes) -> bytes | None:
         net = ipaddress.IPv6Network((ip.decode("ascii"), int(bits)), strict=False)
     except (ValueError, UnicodeDecodeError):
         return None
-    return b"%s/%d" % (net.network_address.compressed.encode(), net.prefixlen)
+    return socket.inet_ntop(socket.AF_INET6, net.network_address.packed).encode() + b"/%d" % net.prefixlen
 
 
 def cidr_candidates(ip: bytes) -> Iterator[bytes]:
@@ -150,13 +151,14 @@ def cidr_candidates(ip: bytes) -> Iterator[bytes]:
     if b":" not in ip:
         return
     try:
-        value = int(ipaddress.IPv6Address(ip.split(b"%", 1)[0].decode("ascii")))
-    except (ValueError, UnicodeDecodeError):
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, ip.split(b"%", 1)[0].decode("ascii")), "big")
+    except (OSError, ValueError, UnicodeDecodeError):
         return
+    full = (1 << 128) - 1
     for bits in range(128, -1, -1):
-        mask = ((1 << bits) - 1) << (128 - bits)
-        net = ipaddress.IPv6Address(value & mask).compressed.encode()
-        yield b"%s/%d" % (net, bits)
+        net = value & (full ^ ((1 << (128 - bits)) - 1))
+        # inet_ntop's text, as cidr_key stores it.
+        yield socket.inet_ntop(socket.AF_INET6, net.to_bytes(16, "big")).encode() + b"/%d" % bits
 
 
 def expand(address: bytes, shown: bytes = b"") -> list[bytes]:
