@@ -87,7 +87,7 @@ def _delimited(data: bytes, i: int, close: int, nests: int) -> tuple[bytes, int]
         i += 1
 
 
-def tokenize(data: bytes) -> list[Token] | None:
+def tokenize(data: bytes, utf8: bool = False) -> list[Token] | None:
     """Split header text into tokens; None if it cannot be parsed.
 
     Parsing fails on an unterminated comment, quoted string or literal, on a
@@ -131,7 +131,8 @@ def tokenize(data: bytes) -> list[Token] | None:
                 if i >= n or data[i] in _ATOM_STOP:
                     break
             text = bytes(word)
-            append((QUOTE if any(b in _NOT_ATOMIC for b in text) else ATOM, text))
+            append((QUOTE if any(b in _NOT_ATOMIC for b in text) and not (utf8 and utf8_word(text)) else ATOM,
+                    text))
             continue
         if got is None:
             return None
@@ -333,19 +334,30 @@ def unquote(toks: list[Token]) -> bytes:
 _BOX_OK = frozenset(set(range(33, 127)) - set(b'"(),:;<>@[\\]'))
 
 
-def quote_need(box: bytes) -> bool:
-    """Return True if box must be quoted to be used as a local part."""
+def utf8_word(text: bytes) -> bool:
+    """Whether an atom with bytes past 126 is one RFC 6532 allows: UTF-8 and no control or special byte."""
+    if any(b < 32 or b == 127 or b in b")]\\" for b in text):
+        return False
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def quote_need(box: bytes, utf8: bool = False) -> bool:
+    """Return True if box must be quoted to be used as a local part (utf8: non-ASCII bytes are atext, RFC 6531)."""
     if not box:
         return True
     for b in box:
-        if b not in _BOX_OK:
+        if b not in _BOX_OK and not (utf8 and b >= 128):
             return True
     return box[:1] == b"." or box[-1:] == b"." or b".." in box
 
 
-def quote(box: bytes) -> bytes:
+def quote(box: bytes, utf8: bool = False) -> bytes:
     """Return box quoted as a local part if it needs to be, else unchanged."""
-    if not quote_need(box):
+    if not quote_need(box, utf8):
         return box
     out = bytearray(b'"')
     for b in box:
@@ -356,11 +368,11 @@ def quote(box: bytes) -> bytes:
     return bytes(out)
 
 
-def quote2(addr: bytes) -> bytes:
+def quote2(addr: bytes, utf8: bool = False) -> bytes:
     """Return addr with its local part (before the last '@') quoted if needed."""
     if not addr:
         return addr
     j = addr.rfind(b"@")
     if j < 0:
-        return quote(addr)
-    return quote(addr[:j]) + addr[j:]
+        return quote(addr, utf8)
+    return quote(addr[:j], utf8) + addr[j:]

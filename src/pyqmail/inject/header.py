@@ -186,6 +186,7 @@ class Header:
         self.rw = rewriter
         self.settings = settings
         self.sender = sender  # None until -f, Return-Path or the default sets it
+        self.utf8 = False  # SMTPUTF8 (RFC 6532): UTF-8 words are atoms, UTF-8 local parts stay unquoted
         self.seen: set[int] = set()
         self.saved: list[bytes] = []
         self.hr: list[bytes] = []  # To, Cc, Bcc, Apparently-To
@@ -223,7 +224,7 @@ class Header:
         self.hrr.append(rfc822.unquote(addr))
 
     def _rewrite(self, text: bytes, rewrite: Callable[[list[Token]], None]) -> bytes:
-        toks = rfc822.tokenize(text)
+        toks = rfc822.tokenize(text, self.utf8)
         if toks is None:
             raise ParseError(text)
         new = rfc822.addrlist(toks, rewrite)
@@ -303,7 +304,7 @@ class Header:
             return b""
         if not any(box.lower() in mft for box in self.tocc):
             return b""
-        boxes = [rfc822.quote2(c_string(box)) for box in reversed(self.tocc)]
+        boxes = [rfc822.quote2(c_string(box), self.utf8) for box in reversed(self.tocc)]
         return b"Mail-Followup-To: " + b",\n  ".join(boxes) + b"\n"
 
     def finish(self, show_return_path: bool) -> bytes:
@@ -317,7 +318,7 @@ class Header:
             self.default_sender()
         out = bytearray()
         if show_return_path:
-            out += b"Return-Path: <" + rfc822.quote2(c_string(self.sender or b"")) + b">\n"
+            out += b"Return-Path: <" + rfc822.quote2(c_string(self.sender or b""), self.utf8) + b">\n"
         seen = self.seen
         if self.resent:
             if R_DATE not in seen:

@@ -18,7 +18,7 @@ import time
 
 from pyqmail import control
 from pyqmail import home as _home
-from pyqmail import rfc822
+from pyqmail import rfc822, smtputf8
 from pyqmail.entry import program
 from pyqmail.inject import header as hdr
 from pyqmail.sgetopt import Getopt
@@ -119,12 +119,12 @@ class Output:
         self.qq: QQ | None = None
         self.buf = bytearray()
 
-    def start_queue(self) -> None:
-        """Start qmail-queue; raise Fatal if no pipe or process can be made."""
+    def start_queue(self, utf8: bool = False) -> None:
+        """Start qmail-queue (utf8: for a message flagged SMTPUTF8); raise Fatal if no pipe or process can be made."""
         from pyqmail.queue.qq import QQ
 
         try:
-            self.qq = QQ()
+            self.qq = QQ(env={**os.environ, smtputf8.ENV: "1"}) if utf8 else QQ()
         except OSError:
             raise Fatal(EXIT_TEMP, MSG_QQT) from None
 
@@ -235,9 +235,9 @@ def get_controls(s: hdr.Settings) -> hdr.Rewriter:
     return hdr.Rewriter(dh, dd, pd)
 
 
-def envelope_address(rw: hdr.Rewriter, arg: bytes) -> bytes | None:
+def envelope_address(rw: hdr.Rewriter, arg: bytes, utf8: bool = False) -> bytes | None:
     """Return arg (a -f sender or recipient argument) rewritten, or None if it cannot be parsed."""
-    toks = rfc822.tokenize(rfc822.quote2(arg))
+    toks = rfc822.tokenize(rfc822.quote2(arg, utf8), utf8)
     if toks is None:
         return None
     rw.generic(toks)
@@ -284,6 +284,10 @@ def inject(argv: list[str]) -> int:
     strategy = RECIP_DEFAULT
     queue = True
     sender: bytes | None = None
+    # SMTPUTF8 (RFC 6531/6532): asked for with $SMTPUTF8MAIL, or implied by an argument address
+    # with UTF-8 beyond ASCII; then UTF-8 words are atoms and UTF-8 local parts stay unquoted.
+    utf8 = smtputf8.flagged(os.environb.get(smtputf8.ENV_B)) or any(
+        not a.isascii() and rfc822.utf8_word(a) for a in (os.fsencode(x) for x in argv[1:]))
     opts = Getopt(argv, OPTIONS)
     while True:
         opt = opts.next()
@@ -303,7 +307,7 @@ def inject(argv: list[str]) -> int:
             queue = True
         elif opt == "f":
             arg = os.fsencode(opts.optarg or "")
-            sender = envelope_address(rw, arg)
+            sender = envelope_address(rw, arg, utf8)
             if sender is None:
                 raise Fatal(EXIT_PERM, MSG_PARSE_LINE + rfc822.quote2(arg))
         else:
@@ -314,13 +318,14 @@ def inject(argv: list[str]) -> int:
     recips: list[bytes] = []
     if strategy != RECIP_HEADER:
         for arg in args:
-            box = envelope_address(rw, arg)
+            box = envelope_address(rw, arg, utf8)
             if box is None:
                 raise Fatal(EXIT_PERM, MSG_PARSE_ADDR + arg + b"\n")
             recips.append(box)
     header_recips = strategy != RECIP_ARGS
 
     h = hdr.Header(rw, s, sender)
+    h.utf8 = utf8
     inp = Input()
     out = Output()
     try:
@@ -331,7 +336,9 @@ def inject(argv: list[str]) -> int:
     except hdr.InvalidField as e:
         raise Fatal(EXIT_PERM, MSG_INVALID + e.args[0]) from None
     if queue:
-        out.start_queue()
+        # The message is flagged SMTPUTF8 when asked for or when an envelope address is not ASCII.
+        envelope = [h.sender or b"", *recips, *(h.recipients() if header_recips else [])]
+        out.start_queue(utf8 or any(not a.isascii() for a in envelope))
     out.put(head)
     if body is not None:
         out.put(body)

@@ -50,6 +50,20 @@ use). A server offering none of the three defers the message; a 5xx reply to AUT
 permanent failure (D) with the server's text, any other refusal (454) a temporary one (Z).
 qmail-remote reads these files as qmailr: once they hold passwords, make them owned by qmailr,
 mode 600, readable by no other user (qmail doctor checks it).
+
+SMTPUTF8 (RFC 6531; pyqmail.smtputf8). Internationalised domains are looked up in DNS, matched
+against control/smtproutes and sent to a peer without SMTPUTF8 as A-labels (xn--..., the idna
+library). A message needs SMTPUTF8 when an address has a non-ASCII UTF-8 local part or domain,
+or its header holds UTF-8 (RFC 6532); it is sent with `MAIL FROM:<...> SMTPUTF8`, addresses as
+written (UTF-8 local parts unquoted), only to a peer whose EHLO reply offers SMTPUTF8. A peer
+that does not offer it (or the HELO conversation of control/notlshosts) gets A-label domains,
+and an address whose local part is UTF-8 is not sent to it: a recipient's is a permanent
+failure of that recipient, the sender's of the message, each with the text `non-ASCII addresses
+are not permitted for that recipient (RFC 6531, 553 5.6.7). (#5.6.7)` (no downgrade: RFC 6531
+forbids changing the address). Local parts of legacy 8-bit bytes that are not UTF-8, and 8-bit
+headers that are not UTF-8, go as qmail sends them. The message's SMTPUTF8 flag in the queue is
+not visible here (info/N is qmails' and qmail-rspawn's protocol has no room): what needs the
+flag shows in the addresses or the header.
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from pyqmail import control, net
+from pyqmail import control, net, smtputf8
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.remote import auth, dane, mtasts, mx, smtproutes, tcpto, tls
@@ -161,6 +175,20 @@ def _ready(sock: socket.socket, write: bool, timeout: int) -> bool:
 def _quit(conn: Smtp, partner: bytes, what: tuple[bytes, bytes]) -> bytes:
     conn.send(b"QUIT\r\n")  # waiting for the answer is "just too ridiculous" (qmail)
     return sc.final(what, partner, conn.text) + conn.tls_note
+
+
+@dataclass
+class Utf8:
+    """A message that needs SMTPUTF8 (RFC 6531): its addresses as sent with SMTPUTF8.
+
+    sender_ok and recips_ok say whether an address has an ASCII form for a peer
+    without SMTPUTF8 (smtp()'s sender and recips); a UTF-8 local part has none.
+    """
+
+    sender: bytes
+    recips: list[bytes]
+    sender_ok: bool
+    recips_ok: list[bool]
 
 
 @dataclass
@@ -329,8 +357,12 @@ def _login(conn: Smtp, partner: bytes, login: auth.Credentials) -> bytes | None:
 
 
 def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: list[bytes], msgfd: int,
-         plan: Plan | None = None, login: auth.Credentials | None = None) -> bytes:
-    """Run the SMTP conversation; return every report, NUL-terminated."""
+         plan: Plan | None = None, login: auth.Credentials | None = None, utf8: Utf8 | None = None) -> bytes:
+    """Run the SMTP conversation; return every report, NUL-terminated.
+
+    utf8: the message needs SMTPUTF8; sent with it if the peer offers it, else
+    its addresses without an ASCII form fail (5.6.7).
+    """
     out = bytearray()
     plan = plan if plan is not None else Plan(use_tls=False)
 
@@ -345,17 +377,31 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
         if conn.reply() != 220:
             return last(_quit(conn, partner, sc.GREETING_FAILED))
         failed = _hello(conn, partner, helohost, plan)
+        use_utf8 = failed is None and utf8 is not None and b"SMTPUTF8" in _ehlo_keywords(conn.text)
         if failed is None and login is not None:
             failed = _login(conn, partner, login)
         if failed is not None:
             return last(failed)
-        code = conn.command(b"MAIL FROM:<" + sender + b">")
+        params = b""
+        refuse = [False] * len(recips)
+        if use_utf8:
+            assert utf8 is not None
+            sender, recips, params = utf8.sender, utf8.recips, b" SMTPUTF8"
+        elif utf8 is not None:
+            if not utf8.sender_ok:
+                conn.send(b"QUIT\r\n")
+                return last(sc.no_smtputf8_sender(partner))
+            refuse = [not ok for ok in utf8.recips_ok]
+        code = conn.command(b"MAIL FROM:<" + sender + b">" + params)
         if code >= 500:
             return last(_quit(conn, partner, sc.SENDER_REJECTED_PERM))
         if code >= 400:
             return last(_quit(conn, partner, sc.SENDER_REJECTED_TEMP))
         bother = False
-        for recip in recips:
+        for recip, no in zip(recips, refuse):
+            if no:
+                out += sc.no_smtputf8_recipient(partner) + b"\0"
+                continue
             code = conn.command(b"RCPT TO:<" + recip + b">")
             out += sc.recipient(code, partner, conn.text) + b"\0"
             if code < 400:
@@ -412,20 +458,44 @@ def connect(ip: str, port: int, timeout: int, source: str | None,
         raise
 
 
-def _mangle(addr: bytes, dns: mx.Lookup | None) -> tuple[bytes, bool, bytes | None]:
-    """Return (address for SMTP, is an alias, failure report) as qmail's addrmangle."""
+def _mangle(addr: bytes, dns: mx.Lookup | None) -> tuple[bytes, bool, bytes | None, bytes | None]:
+    """Return (address for SMTP, is an alias, failure report, SMTPUTF8 form) as qmail's addrmangle.
+
+    The address for SMTP has its domain as A-labels; the SMTPUTF8 form, given only
+    for an address that is not ASCII, keeps the domain as written (unless a CNAME
+    replaced it) and leaves a UTF-8 local part unquoted.
+    """
     at = addr.rfind(b"@")
     if at < 0:
-        return addr, dns is not None, None
-    host = addr[at + 1:]
+        return addr, dns is not None, None, None if addr.isascii() else addr
+    host = ahost = addr[at + 1:]
+    if not host.isascii():
+        ahost = smtputf8.alabel(host) or host  # not an IDN: as qmail, looked up as it is
     alias = False
     if dns is not None:
-        name, loops = mx.cname(dns, host.decode("latin-1"))
+        name, loops = mx.cname(dns, ahost.decode("latin-1"))
         if loops == -mx.SOFT:
-            return b"", True, sc.DNSCANON
+            return b"", True, sc.DNSCANON, None
         alias = loops != 0
-        host = name.encode("latin-1")
-    return sc.quote_box(addr[:at]) + b"@" + host, alias, None
+        ahost = name.encode("latin-1")
+        if alias:
+            host = ahost
+    plain = sc.quote_box(addr[:at]) + b"@" + ahost
+    if addr.isascii():
+        return plain, alias, None, None
+    return plain, alias, None, sc.quote_box(addr[:at], True) + b"@" + host
+
+
+def _utf8_box(addr: bytes) -> bool:
+    """Whether addr's local part is UTF-8 and not ASCII: it has no form for a peer without SMTPUTF8."""
+    box = smtputf8.split(addr)[0]
+    if box.isascii():
+        return False
+    try:
+        box.decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # legacy 8-bit bytes: sent as qmail sends them
+    return True
 
 
 @dataclass
@@ -520,9 +590,12 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
     if helo is None:
         return sc.CONTROL + b"\0"
     args = [os.fsencode(a) for a in argv]
-    host = args[1].decode("latin-1")
+    hostb = args[1]
+    if not hostb.isascii():
+        hostb = smtputf8.alabel(hostb) or hostb  # an IDN: DNS, smtproutes and MTA-STS see its A-labels
+    host = hostb.decode("latin-1")
     domain = host
-    sender, _, _ = _mangle(args[2], None)
+    sender, _, _, sender8 = _mangle(args[2], None)
     route = smtproutes.lookup(smtproutes.parse(route_lines), host)
     login = route.login if route is not None else None
     by_sender = auth.lookup_sender(senders, sender.decode("latin-1")) if senders else None
@@ -542,12 +615,18 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         return sc.OSERR + b"\0"
     all_aliases = True
     recips = []
+    recips8: list[bytes | None] = []
     for arg in args[3:]:
-        addr, alias, failed = _mangle(arg, None if route is not None else resolver)
+        addr, alias, failed, addr8 = _mangle(arg, None if route is not None else resolver)
         if failed is not None:
             return failed + b"\0"
         all_aliases = all_aliases and alias
         recips.append(addr)
+        recips8.append(addr8)
+    utf8 = None
+    if sender8 is not None or any(r is not None for r in recips8) or smtputf8.header_utf8(FD_MESSAGE):
+        utf8 = Utf8(sender8 or sender, [r8 or r for r, r8 in zip(recips, recips8)], not _utf8_box(args[2]),
+                    [not _utf8_box(a) for a in args[3:]])
     seed = int(time.time()) + (os.getpid() << 16)
     if route is not None:
         status, ips = mx.ip(resolver, host)
@@ -614,7 +693,7 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
             conn = Smtp(sock, timeout)
             try:
                 return smtp(conn, a.ip.encode("ascii"), helo.encode("latin-1"), sender, recips, FD_MESSAGE, p,
-                            login)
+                            login, utf8)
             finally:
                 conn.sock.close()
                 sock.close()

@@ -56,6 +56,23 @@ def safe(text: bytes) -> bytes:
     return bytes(c if 33 <= c <= 126 else 63 for c in text)
 
 
+# SMTPUTF8 (RFC 6531 3.2): an address with a UTF-8 local part has no ASCII form; a next hop that
+# does not offer SMTPUTF8 cannot take it, and RFC 6531 forbids changing the address (downgrade).
+NO_SMTPUTF8 = b"non-ASCII addresses are not permitted for that %s (RFC 6531, 553 5.6.7). (#5.6.7)\n"
+
+
+def no_smtputf8_recipient(partner: bytes) -> bytes:
+    """Return the recipient report (h) for a UTF-8 local part the next hop cannot take."""
+    return (b"h" + partner + b" does not offer SMTPUTF8 and this address has a non-ASCII local part:\n"
+            + NO_SMTPUTF8 % b"recipient")
+
+
+def no_smtputf8_sender(partner: bytes) -> bytes:
+    """Return the message report (D) for a sender with a UTF-8 local part the next hop cannot take."""
+    return (b"DConnected to " + partner + b" but it does not offer SMTPUTF8 and the sender address has a"
+            b" non-ASCII local part:\n" + NO_SMTPUTF8 % b"sender")
+
+
 def perm_dns(host: bytes) -> bytes:
     """Return the report for a host DNS says does not exist."""
     return b"DSorry, I couldn't find any host named " + safe(host) + b". (#5.1.2)\n"

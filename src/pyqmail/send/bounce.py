@@ -14,6 +14,7 @@ DOUBLE_BOUNCE_SENDER = b"#@[]"
 SINGLE_INTRO = (b"I'm afraid I wasn't able to deliver your message to the following addresses.\n"
                 b"This is a permanent error; I've given up. Sorry it didn't work out.\n\n")
 DOUBLE_INTRO = b"I tried to deliver a bounce message to this address, but the bounce bounced!\n\n"
+UTF8_MIME = b"MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n"
 SINGLE_BELOW = b"--- Below this line is a copy of the message.\n\n"
 DOUBLE_BELOW = b"--- Below this line is the original bounce.\n\n"
 
@@ -60,19 +61,25 @@ def envelope(sender: bytes, doublebounceto: bytes) -> tuple[bytes, bytes]:
     return DOUBLE_BOUNCE_SENDER, doublebounceto
 
 
-def head(date: bytes, bouncefrom: bytes, bouncehost: bytes, recip: bytes, double: bool) -> bytes:
-    """Return the notice up to the contents of bounce/N; date is date822 text ('1 Jan 2026 00:00:00 -0000')."""
+def head(date: bytes, bouncefrom: bytes, bouncehost: bytes, recip: bytes, double: bool,
+         utf8: bool = False) -> bytes:
+    """Return the notice up to the contents of bounce/N; date is date822 text ('1 Jan 2026 00:00:00 -0000').
+
+    utf8: the notice goes with SMTPUTF8 (RFC 6531/6532): a UTF-8 local part stays
+    unquoted in To:, and MIME headers say the text is UTF-8 (the addresses in it are).
+    """
     return (b"Date: " + date + b"\n"
             + b"From: " + quote(bouncefrom) + b"@" + bouncehost + b"\n"
-            + b"To: " + quote2(recip) + b"\n"
-            + b"Subject: failure notice\n\n"
+            + b"To: " + quote2(recip, utf8) + b"\n"
+            + b"Subject: failure notice\n"
+            + (UTF8_MIME if utf8 else b"") + b"\n"
             + b"Hi. This is the qmail-send program at " + bouncehost + b".\n"
             + (DOUBLE_INTRO if double else SINGLE_INTRO))
 
 
-def middle(sender: bytes, double: bool) -> bytes:
+def middle(sender: bytes, double: bool, utf8: bool = False) -> bytes:
     """Return the notice between the contents of bounce/N and the copy of the message."""
-    return (DOUBLE_BELOW if double else SINGLE_BELOW) + b"Return-Path: <" + quote2(sender) + b">\n"
+    return (DOUBLE_BELOW if double else SINGLE_BELOW) + b"Return-Path: <" + quote2(sender, utf8) + b">\n"
 
 
 def notice(date: bytes, bouncefrom: bytes, bouncehost: bytes, sender: bytes, doublebounceto: bytes,

@@ -5,6 +5,12 @@ accepted; an address without '@' always is; otherwise its domain, or a
 '.suffix' of it, must be listed in rcpthosts or, failing that, be a key of
 morercpthosts.cdb (consulted only when rcpthosts exists). A malformed cdb is
 an unreadable control file at the first lookup that reaches it.
+
+Internationalised domains (SMTPUTF8, RFC 6531): an entry may be written as
+U-labels (UTF-8) or as A-labels (xn--...). A domain that matches no entry byte
+for byte is tried again in its other form (idna, IDNA 2008 with UTS #46
+mapping) when the transaction said SMTPUTF8 or the domain holds an A-label;
+without SMTPUTF8 a non-ASCII domain is compared byte for byte only, as qmail.
 """
 
 from __future__ import annotations
@@ -46,14 +52,30 @@ class RcptHosts:
             more = _Unreadable(str(e))
         return cls(DomainSet(lines), more)
 
-    def allowed(self, addr: bytes) -> bool:
-        """Return True if mail to addr is accepted; raise ControlError if the cdb cannot be read."""
+    def allowed(self, addr: bytes, utf8: bool = False) -> bool:
+        """Return True if mail to addr is accepted; raise ControlError if the cdb cannot be read.
+
+        utf8: the transaction said SMTPUTF8 (the domain is compared in both IDN forms).
+        """
         if self.rcpthosts is None:
             return True
         at = addr.rfind(b"@")
         if at == -1:
             return True  # qmail-send adds envnoathost
-        host = addr[at + 1:].lower().decode("latin-1")
+        dom = addr[at + 1:]
+        if self._match(dom.lower().decode("latin-1")):
+            return True
+        if not (utf8 and not dom.isascii()) and b"xn--" not in dom.lower():
+            return False
+        from pyqmail.smtputf8 import alabel, ulabel
+
+        for form in (alabel(dom), ulabel(dom)):
+            if form is not None and form != dom and self._match(form.lower().decode("latin-1")):
+                return True
+        return False
+
+    def _match(self, host: str) -> bool:
+        assert self.rcpthosts is not None
         if self.rcpthosts.match(host):
             return True
         if self.morercpthosts is None:
