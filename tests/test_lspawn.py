@@ -272,3 +272,62 @@ def test_root_mode_message_with_wrong_owner(root_home: QHome, user_dir: Path) ->
     os.chown(root_home.queue / "mess" / str(num % 23) / str(num), pw.pw_uid, -1)
     reps = lspawn(root_home, spawnproto.command(0, messid(num), b"s@x", b"pq@" + FQDN.encode()))
     assert reps == {0: b"ZSorry, message has wrong owner. (#4.3.5)\n"}
+
+
+# --- qmail-getpw's rules inside qmail-lspawn (issue 17) ------------------------------------
+
+GETPW_ADDRESSES = [f"{TEST_USER}-nosuchext", TEST_USER, TEST_USER.upper(), "nosuchuser-ext", "root",
+                   "qmailp", f"{TEST_USER}"[:3] + "-y"]
+# The default delivery bounces with the assignment qmail-local was given, so the reports show it.
+SHOW_ASSIGNMENT = '|echo "$USER $HOME $LOCAL [$EXT]"; exit 100'
+
+
+def _lspawn_all(home: QHome) -> list[bytes]:
+    """One delivery per GETPW_ADDRESSES entry; return the reports in order."""
+    out = []
+    for local in GETPW_ADDRESSES:
+        recip = f"{local}@{FQDN}".encode()
+        num = _root_queue(home, recip)
+        res = expect(run([home.bin("qmail-lspawn"), SHOW_ASSIGNMENT],
+                         input=spawnproto.command(0, messid(num), b"s@x", recip), env={"PATH": "/usr/bin:/bin"}))
+        (rep,) = [r for _, r in spawnproto.ReportReader().feed(res.stdout[1:])]
+        out.append(rep)
+        (home.queue / "todo" / str(num)).unlink()
+    return out
+
+
+def _forks(home: QHome, local: str, tmp: Path) -> int:
+    """Processes qmail-lspawn's tree creates for one delivery to local (strace -f)."""
+    if shutil.which("strace") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("strace missing: .ci/run installs it")
+        pytest.skip("strace missing")
+    log = tmp / "strace.out"
+    recip = f"{local}@{FQDN}".encode()
+    num = _root_queue(home, recip)
+    res = run(["strace", "-f", "-qq", "-o", log, "-e", "trace=clone,clone3,fork,vfork",
+               home.bin("qmail-lspawn"), "./Maildir/"],
+              input=spawnproto.command(0, messid(num), b"s@x", recip), env={"PATH": "/usr/bin:/bin"})
+    expect(res)
+    (home.queue / "todo" / str(num)).unlink()
+    return sum(1 for line in log.read_text().splitlines() if "= " in line and not line.rstrip().endswith("= -1"))
+
+
+def test_root_mode_getpw_rules_in_lspawn_match_the_program(root_home: QHome, user_dir: Path) -> None:
+    # bin/qmail-getpw is our stub: qmail-lspawn applies its rules in the delivery child,
+    # as qmailp:nofiles, without a process. An administrator's wrapper there is run as
+    # before, and gives the same answers for the same addresses.
+    here = _lspawn_all(root_home)
+    assert _forks(root_home, f"{TEST_USER}-nosuchext", user_dir) == 1
+    stub = root_home.bin("qmail-getpw")
+    real = stub.with_name("qmail-getpw.real")
+    shutil.copy2(stub, real)
+    stub.write_text(f"#!/bin/sh\nexec {real} \"$@\"\n")
+    program = _lspawn_all(root_home)
+    assert here == program
+    pw = pwd.getpwnam(TEST_USER)
+    assert here[0] == b"DSorry, no mailbox here by that name. (#5.1.1)\n"
+    assert here[1] == f"D{TEST_USER} {pw.pw_dir} {TEST_USER} []\n".encode(), here
+    assert here[2] == f"D{TEST_USER} {pw.pw_dir} {TEST_USER.upper()} []\n".encode(), here
+    assert here[4] == f"Dalias {root_home.path}/alias root [root]\n".encode(), here
+    assert _forks(root_home, f"{TEST_USER}-nosuchext", user_dir) >= 2

@@ -158,21 +158,52 @@ class LocalSpawner(spawnproto.Spawner):
             return users.QLX_EXECSOFT if errors.temporary(e) else users.QLX_EXECHARD
 
     def _lookup(self, local: bytes) -> users.Assignment:
-        """Return who controls local: users/cdb first, then qmail-getpw; raise _Exit on trouble."""
+        """Return who controls local (users.controller: users/cdb, then qmail-getpw); raise _Exit on trouble."""
         try:
-            found = users.lookup(local, os.path.join(self.home, "users", "cdb"))
+            return users.controller(local, os.path.join(self.home, "users", "cdb"), self._getpw)
         except users.UsersCdbError as e:
             raise _Exit(e.code) from None
-        if found is not None:
-            return found
+
+    def _getpw(self, local: bytes) -> users.Assignment:
+        """qmail-getpw's answer for local: its rules in this process when the program is ours."""
         stub = spawn.read_stub(self.getpw_program)
-        if self.inst.single and stub is not None and stub.module == GETPW_MODULE:
-            # The same rules as the program, without a process: it would run as us anyway.
-            try:
-                return users.getpw(local)
-            except users.GetpwError as e:
-                raise _Exit(e.code) from None
+        if stub is not None and stub.module == GETPW_MODULE:
+            return self._getpw_here(local)
         return self._run_getpw(local)
+
+    def _getpw_here(self, local: bytes) -> users.Assignment:
+        """Apply qmail-getpw's rules here, with the ids it would run under; raise _Exit on trouble.
+
+        bin/qmail-getpw is our own program, so its answer is users.getpw's: computed
+        in this delivery child instead of a process of its own (issue 17). In root mode
+        the program runs as qmailp with the one group nofiles, and what it may stat
+        depends on that, so the child takes those ids as its effective ids for the
+        lookup and takes root back afterwards (the real and saved uid stay 0) for the
+        drop to the user. In single-user mode it would run as us anyway.
+        """
+        switched = False
+        if not self.inst.single and os.geteuid() == 0:
+            acct = self.inst.users.get("qmailp")
+            gid = self.inst.groups.get("nofiles")
+            if acct is None or gid is None:
+                raise _Exit(users.QLX_USAGE)
+            try:
+                os.setgroups([gid])
+                os.setegid(gid)
+                os.seteuid(acct.uid)
+            except OSError:
+                raise _Exit(users.QLX_USAGE) from None
+            switched = True
+        try:
+            return users.getpw(local)
+        except users.GetpwError as e:
+            raise _Exit(e.code) from None
+        except Exception:  # noqa: BLE001 - as the program's crash: its temporary QLX_SYS
+            raise _Exit(users.QLX_SYS) from None
+        finally:
+            if switched:
+                os.seteuid(0)
+                os.setegid(0)
 
     def _run_getpw(self, local: bytes) -> users.Assignment:
         """Run QMAILHOME/bin/qmail-getpw local (as qmailp in root mode) and parse its six fields."""
