@@ -1,6 +1,7 @@
 """IPv6 in the ucspi-tcp programs (issue 18.1), against ucspi-tcp-ipv6 (Debian's package of the
 IPv6 patch, unpacked by .ci/run in /opt/ucspi-tcp-ipv6): tcpserver's environment and log lines over
-::1, -I, -4/-6 and host 0, tcprules' IPv6 line forms and pyqmail's CIDR prefixes, tcprulescheck."""
+::1, -I, -4/-6 and host 0, tcprules' IPv6 line forms and pyqmail's CIDR prefixes, tcprulescheck,
+rblsmtpd for an IPv6 client, tcpclient (also against 0.88's)."""
 
 from __future__ import annotations
 
@@ -267,3 +268,112 @@ def rules_nibbles(ip: str) -> str:
     from pyqmail.ucspi.rbl import reverse
 
     return reverse(ip.encode()).decode() + "rbl.test"
+
+
+class Listener:
+    """A TCP server on ip that accepts connections, reads one line and answers it, in a thread."""
+
+    def __init__(self, ip: str) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+        self.sock.bind((ip, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.peers: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                self.peers.append(peer[:2])
+                conn.settimeout(5)
+                try:
+                    line = conn.recv(100)
+                    conn.sendall(b"echo " + line)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def client_run(binary: str, args: list[str], listener: Listener | None) -> tuple[int, bytes, bytes]:
+    """Run a tcpclient; return (exit code, stdout, stderr) with the ports named."""
+    p = subprocess.run([binary, *args], capture_output=True, timeout=DEADLINE, env=clean_env())
+    out, err = p.stdout, p.stderr
+    if listener is not None:
+        for port, name in [(listener.port, b"PORT")] + [(cport, b"CPORT") for _, cport in listener.peers]:
+            out = re.sub(rb"(?<![0-9])%d(?![0-9])" % port, name, out)
+            err = re.sub(rb"(?<![0-9])%d(?![0-9])" % port, name, err)
+    return p.returncode, out, err
+
+
+CLIENT_ENV = ["sh", "-c", 'echo hello >&7; head -c 11 <&6; echo; env | grep -E "^(TCP|PROTO)" | sort']
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1"])
+def test_tcpclient_as_ucspi_tcp(ip: str) -> None:
+    """tcpclient: descriptors 6 and 7, the environment and -v line, as 0.88's (IPv4) and the IPv6
+    patch's (both families)."""
+    if ":" in ip:
+        need_ipv6_loopback()
+    bins = [real6("tcpclient")] + ([str(Path("/usr/bin/tcpclient"))] if ":" not in ip else [])
+    results = []
+    for binary in [*bins, ours("tcpclient")]:
+        lis = Listener(ip)
+        try:
+            results.append(client_run(binary, ["-v", "-HR", "-l", "lname", ip, str(lis.port), *CLIENT_ENV], lis))
+        finally:
+            lis.close()
+    assert all(r == results[-1] for r in results), results
+    proto = b"TCP6" if ":" in ip else b"TCP"
+    assert results[-1] == (0, b"echo hello\n\nPROTO=" + proto + b"\nTCPLOCALHOST=lname\nTCPLOCALIP=" + ip.encode()
+                           + b"\nTCPLOCALPORT=CPORT\nTCPREMOTEIP=" + ip.encode() + b"\nTCPREMOTEPORT=PORT\n",
+                           b"tcpclient: connected to " + ip.encode() + b" port PORT\n")
+
+
+def test_tcpclient_errors_as_ucspi_tcp() -> None:
+    """Refused, no such host, bad port, usage: the same words and exit codes."""
+    need_ipv6_loopback()
+    from remotekit import dead_port
+
+    port = str(dead_port())
+    cases = [["-HR", "-l", "x", "127.0.0.1", port, "true"], ["-HR", "-l", "x", "nonexistent.invalid", "25", "true"],
+             ["-HR", "127.0.0.1", "no-such-service", "true"], ["127.0.0.1", "25"], ["-Z", "a", "b", "c"]]
+    for args in cases:
+        mine = client_run(ours("tcpclient"), args, None)
+        assert client_run("/usr/bin/tcpclient", args, None) == mine, args
+        assert mine[0] in (100, 111)
+    args = ["-HR", "-l", "x", "::1", port, "true"]
+    assert client_run(real6("tcpclient"), args, None) == client_run(ours("tcpclient"), args, None) == (
+        111, b"", b"tcpclient: unable to connect to ::1 port " + port.encode() + b": connection refused\n")
+
+
+def test_tcpclient_4_6_and_local_address() -> None:
+    """-6 writes an IPv4 connection mapped (PROTO=TCP6, as the patch); -i/-p choose the local end."""
+    need_ipv6_loopback()
+    lis = Listener("127.0.0.1")
+    try:
+        mine = client_run(ours("tcpclient"), ["-6", "-HR", "-l", "x", "127.0.0.1", str(lis.port), *CLIENT_ENV], lis)
+        theirs = client_run(real6("tcpclient"), ["-6", "-HR", "-l", "x", "127.0.0.1", str(lis.port), *CLIENT_ENV], lis)
+        assert mine == theirs and b"PROTO=TCP6\n" in mine[1] and b"TCPREMOTEIP=::ffff:127.0.0.1\n" in mine[1]
+        from remotekit import dead_port
+
+        lport = dead_port()
+        rc, out, _ = client_run(ours("tcpclient"), ["-HR", "-l", "x", "-i", "127.0.0.1", "-p", str(lport),
+                                                   "127.0.0.1", str(lis.port), *CLIENT_ENV], None)
+        assert rc == 0 and b"TCPLOCALPORT=%d\n" % lport in out
+    finally:
+        lis.close()

@@ -72,6 +72,7 @@ SECTIONS: dict[str, tuple[int, str]] = {
     "qmail-clamdscan": (8, "refuse a mail message in which ClamAV's clamd finds a virus"),
     "qmail-srs": (8, "send a bounce to an SRS address back to the original sender"),
     "tcpserver": (1, "accepts incoming TCP connections"),
+    "tcpclient": (1, "creates an outgoing TCP connection"),
     "tcprules": (1, "compiles rules for tcpserver"),
     "tcprulescheck": (1, "tries out rules for tcpserver"),
     "rblsmtpd": (1, "blocks mail from RBL-listed sites"),
@@ -159,7 +160,10 @@ SYNOPSES: dict[str, str] = {
     "qmail-clamdscan": "qmail-clamdscan",
     "qmail-srs": "qmail-srs",
     "tcpserver": ("tcpserver [ -1UXpPhHrRoOdDqQv46 ] [ -c limit ] [ -x rules.cdb ] [ -B banner ] [ -g gid ] "
-                  "[ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port program [ arg ... ]"),
+                  "[ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] [ -I interface ] "
+                  "host port program [ arg ... ]"),
+    "tcpclient": ("tcpclient [ -46hHrRdDqQv ] [ -i localip ] [ -p localport ] [ -T timeoutconn ] [ -l localname ] "
+                  "[ -t timeoutinfo ] [ -I interface ] host port program [ arg ... ]"),
     "tcprules": "tcprules rules.cdb rules.tmp",
     "tcprulescheck": "tcprulescheck rules.cdb",
     "rblsmtpd": "rblsmtpd [ -bBcC ] [ -t timeout ] [ -r base ] [ -a base ] program [ arg ... ]",
