@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +107,97 @@ def test_local_user_cannot_write_queue_directly(root_home: QHome) -> None:
     assert root_home.queue.stat().st_uid != uid
     r = subprocess.run(["ls", str(root_home.queue / "todo")], user=TEST_USER, capture_output=True)
     assert r.returncode != 0
+
+
+# --- group commit of todo/ in qmail-queued (issue 17) ----------------------------------------
+
+def _queued_with(root_home: QHome, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    sock = root_home.path / "run" / "qmail-queue.sock"
+    p = subprocess.Popen([*(prefix or []), root_home.bin("qmail-queued")], env={"PATH": "/usr/bin:/bin", **env},
+                         stderr=subprocess.PIPE)
+    for _ in range(1000):
+        if sock.exists():
+            break
+        assert p.poll() is None, p.stderr.read() if p.stderr else b""
+        time.sleep(0.01)
+    return p
+
+
+def _stop(p: subprocess.Popen[bytes], server: int = 0) -> None:
+    if server:
+        os.kill(server, signal.SIGTERM)  # p is strace: the server stops, strace ends with it
+    else:
+        p.terminate()
+    p.wait(timeout=30)
+    if p.stderr is not None:
+        p.stderr.close()
+
+
+def test_group_commit_failure_takes_the_message_back(root_home: QHome) -> None:
+    # The server fsyncs todo/ for its children; when that fails the child takes the message back.
+    ctl = root_home.path.parent / "fsync-fail"
+    ctl.write_text("*/queue/todo\n")
+    ctl.chmod(0o644)
+    p = _queued_with(root_home, {"PYQMAIL_TEST_FSYNC_FAIL": str(ctl)})
+    try:
+        res = qq(root_home, b"Subject: g\n\ng\n", envelope(b"pqtest@x", b"b@y"), user=TEST_USER)
+        assert res.returncode == 53, res.stderr
+        assert files(root_home.queue)["todo"] == []
+        ctl.unlink()
+        res = qq(root_home, b"Subject: g\n\ng\n", envelope(b"pqtest@x", b"b@y"), user=TEST_USER)
+        assert res.returncode == 0, res.stderr
+        assert len(files(root_home.queue)["todo"]) == 1
+    finally:
+        _stop(p)
+
+
+def test_group_commit_every_todo_fsync_is_the_servers(root_home: QHome, tmp_path: Path) -> None:
+    """20 clients at once: every todo/ fsync is made by the server, at most one per message."""
+    if shutil.which("strace") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("strace missing: .ci/run installs it")
+        pytest.skip("strace missing")
+    log = tmp_path / "strace.out"
+    p = _queued_with(root_home, {}, ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", "trace=fsync"])
+    server = int((root_home.queue / "lock" / "queued").read_text().split()[0])
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+        procs = []
+        for i in range(20):
+            r, w = os.pipe()
+            os.write(w, envelope(b"pqtest@x", f"r{i}@y".encode()))
+            os.close(w)
+            procs.append(subprocess.Popen([root_home.bin("qmail-queue")], stdin=subprocess.PIPE, stdout=r,
+                                          user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                                          env={"PATH": "/usr/bin:/bin"}))
+            os.close(r)
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"Subject: many\n\nx\n")
+            proc.stdin.close()
+        assert [proc.wait(timeout=60) for proc in procs] == [0] * 20
+    finally:
+        _stop(p, server)
+    assert len(files(root_home.queue)["todo"]) == 20
+    todo_syncs = [line for line in log.read_text().splitlines() if re.search(r"fsync\(\d+</.*/queue/todo>\)", line)]
+    assert 1 <= len(todo_syncs) <= 20, todo_syncs
+    assert {int(line.split()[0]) for line in todo_syncs} == {server}, todo_syncs
+    print(f"{len(todo_syncs)} fsyncs of todo/ for 20 messages")
+
+
+def test_group_commit_child_without_its_server_fsyncs_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyqmail.queue import qmail_queued
+
+    (tmp_path / "todo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    mine, theirs = socket.socketpair()
+    mine.close()  # the server was killed: the child's own fsync of todo/, no failure
+    qmail_queued.child_commit(theirs)()
+    theirs.close()
+    mine, theirs = socket.socketpair()
+    mine.sendall(qmail_queued.COMMIT_FAILED)
+    with pytest.raises(OSError):
+        qmail_queued.child_commit(theirs)()
+    assert mine.recv(1) == qmail_queued.COMMIT_ASK
+    mine.close()
+    theirs.close()

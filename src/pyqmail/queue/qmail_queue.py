@@ -30,6 +30,11 @@ from pyqmail.privs import Credentials, drop
 from pyqmail.queue import layout
 from pyqmail.queue.envelope import ADDR_MAX, CHUNK as _CHUNK, FD_ENVELOPE, FD_ERRSTR, FD_MESSAGE, Exit, Reader
 from pyqmail.queue.exits import QueueExit
+from pyqmail.smtputf8 import ENV_B as SMTPUTF8_ENV, flagged, todo_u
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SUICIDE_SECONDS = 86400
 SOCKET = "run/qmail-queue.sock"
@@ -40,6 +45,7 @@ SOCKET = "run/qmail-queue.sock"
 # (no descriptors) asks a `qmail-queued -p` to give way to a standalone one:
 # STOP_YES or STOP_NO.
 REQUEST_QUEUE = b"Q"
+REQUEST_QUEUE_UTF8 = b"U"  # as REQUEST_QUEUE, for a message flagged SMTPUTF8 ($SMTPUTF8MAIL)
 REQUEST_STOP = b"S"
 ACK = b"+"  # 43: not one of qmail-queue's exit codes
 STOP_YES = b"y"
@@ -162,22 +168,32 @@ def _open_pid(pid: int, start: int) -> tuple[int, str]:
     raise Die(QueueExit.PID_ERROR)
 
 
+def commit_todo() -> None:
+    """Make the todo/ link just made durable: fsync the directory; raise OSError if that fails."""
+    durable.fsync_dir("todo")
+
+
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
                   inst: _home.Install, now: float | None = None, msg_len: int | None = None,
-                  watch: Watch | None = None, env_len: int | None = None) -> int:
+                  watch: Watch | None = None, env_len: int | None = None,
+                  commit: Callable[[], None] = commit_todo, utf8: bool = False) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
+
+    utf8: the message is flagged SMTPUTF8 ($SMTPUTF8MAIL; todo/N says `u... SMTPUTF8`).
 
     The message is what msg_fd holds up to its end, or exactly msg_len bytes
     (fewer is a read error, 54); the envelope is read up to its final NUL,
     within env_len bytes if given (an envelope not ended by then: 54). The working directory becomes QMAILHOME/queue.
     With watch (qmail-queued's child), every read waits on the watch and the
-    client must still be there when the message is committed. Exit 0 means
+    client must still be there when the message is committed. commit makes the
+    todo/ link durable (qmail-queued's children ask their server, which fsyncs
+    todo/ once for all the children waiting: group commit). Exit 0 means
     the message is on disk; any other exit leaves nothing to deliver (or, in
     the one case todo/N could not be taken back, a duplicate at worst).
     """
     q = _Queuer()
     try:
-        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len)
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len, commit, utf8)
     except Die as e:
         q.cleanup()
         return e.code
@@ -190,7 +206,7 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
            inst: _home.Install, now: float | None, msg_len: int | None, watch: Watch | None,
-           env_len: int | None = None) -> int:
+           env_len: int | None = None, commit: Callable[[], None] = commit_todo, utf8: bool = False) -> int:
     if now is None:
         now = time.time()
     try:
@@ -255,7 +271,8 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     q.intd_fd, q.intd_fn = ifd, intd_fn
     q.made.append((ifd, intd_fn))  # S3
 
-    out = bytearray(f"u{uid}\0p{pid}\0".encode())
+    # The SMTPUTF8 flag is kept after the uid, where C's qmail-send ignores it (pyqmail.smtputf8).
+    out = bytearray(todo_u(uid, utf8) + b"p%d\0" % pid)
     for letter, addr in Reader(env_fd, None if watch is None else watch.wait, limit=env_len).fields():
         out += letter + addr
         if len(out) >= _CHUNK:
@@ -278,7 +295,7 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     # S4: queued. From here on mess/N and intd/N are never removed, whatever happens.
     q.made.clear()
     try:
-        durable.fsync_dir("todo")
+        commit()
     except OSError:
         return _take_back(todo_fn)
     layout.pull_trigger(".")
@@ -290,8 +307,9 @@ def _take_back(todo_fn: str) -> int:
 
     qmail-send may have seen todo/N already. If it is gone, qmail-send has
     preprocessed it, and qmail-send removes todo/N only after its own info/,
-    local/ and remote/ files are fsync'd: the message is durable after all,
-    exit 0. Otherwise todo/N is unlinked and the exit is temporary (53). mess/N
+    local/ and remote/ files are fsync'd, or once a kept message is wholly
+    delivered: the message is durable (or delivered) after all, exit 0.
+    Otherwise todo/N is unlinked and the exit is temporary (53). mess/N
     and intd/N are not removed: qmail-send may have opened todo/N just before
     the unlink and be preprocessing it (then it is delivered, and the
     sender's retry makes a duplicate: never a loss); if not, qmail-send's
@@ -331,7 +349,8 @@ def hand_to_server(qmail_home: str) -> int:
         except OSError:
             return QueueExit.QUEUE_ERROR
         try:
-            socket.send_fds(s, [REQUEST_QUEUE], [FD_MESSAGE, FD_ENVELOPE], socket.MSG_NOSIGNAL)
+            request = REQUEST_QUEUE_UTF8 if flagged(os.environb.get(SMTPUTF8_ENV)) else REQUEST_QUEUE
+            socket.send_fds(s, [request], [FD_MESSAGE, FD_ENVELOPE], socket.MSG_NOSIGNAL)
             ack = s.recv(1)
         except OSError:
             ack = b""
@@ -461,6 +480,7 @@ def main(argv: list[str]) -> int:
         drop(Credentials(q.uid, q.gid))
     os.umask(0o033)
     try:
-        return queue_message(qmail_home, FD_MESSAGE, FD_ENVELOPE, uid, os.getpid(), inst)
+        return queue_message(qmail_home, FD_MESSAGE, FD_ENVELOPE, uid, os.getpid(), inst,
+                             utf8=flagged(os.environb.get(SMTPUTF8_ENV)))
     finally:
         signal.alarm(0)

@@ -61,12 +61,17 @@ import stat
 import struct
 import time
 
+from pyqmail import durable
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
 from pyqmail.queue import maildrop, qmail_queue
 from pyqmail.queue.exits import QueueExit
 from pyqmail.sgetopt import Getopt
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _UCRED = struct.Struct("iII")
 ANSWER_TIMEOUT = 60  # seconds a client has to send its descriptors
@@ -79,6 +84,9 @@ BACKOFF_SECONDS = 300  # a drop file the queue could not take waits this long; t
 SPARSE_SLACK = 1 << 16  # bytes a drop file may claim beyond its blocks on disk (filesystem rounding)
 WARNED_MAX = 10000  # names remembered as said: past this, nothing more is said about new ones
 EXIT_FAIL = 111
+COMMIT_ASK = b"c"  # group commit: a child asks the server to make its todo/ link durable
+COMMIT_OK = b"+"
+COMMIT_FAILED = b"!"
 # Exit codes of queue_message that mean the drop file itself is bad: it is
 # removed. Every other failure is the queue's: the file stays for the next scan.
 _MALFORMED = (QueueExit.ADDR_TOO_LONG, QueueExit.READ_ERROR, QueueExit.ENVELOPE_FORMAT)
@@ -98,7 +106,8 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
-              stoppable: bool = False, idle: float = IDLE_SECONDS) -> int:
+              stoppable: bool = False, idle: float = IDLE_SECONDS,
+              commit: Callable[[], None] = qmail_queue.commit_todo) -> int:
     """Answer one client connection (queue its message, or a stop request); return the exit code sent."""
     client_pid, uid, _ = peer_credentials(conn)
     if client_pid <= 0:
@@ -112,7 +121,7 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
     try:
         if msg == qmail_queue.REQUEST_STOP and not fds:
             return _stop_request(conn, uid, inst, server_pid, stoppable)
-        if msg == qmail_queue.REQUEST_QUEUE and len(fds) == 2:
+        if msg in (qmail_queue.REQUEST_QUEUE, qmail_queue.REQUEST_QUEUE_UTF8) and len(fds) == 2:
             try:
                 conn.sendall(qmail_queue.ACK)
             except OSError:
@@ -121,7 +130,8 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
             watch = qmail_queue.Watch(conn.fileno(), idle)
             signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
             signal.alarm(qmail_queue.SUICIDE_SECONDS)
-            code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch)
+            code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch,
+                                             commit=commit, utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8)
             signal.alarm(0)
     finally:
         for fd in fds:
@@ -131,6 +141,92 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
     except OSError:
         pass  # safe: the client is gone; the exit code was for it alone
     return code
+
+
+class GroupCommit:
+    """The server's half of the todo/ group commit: one fsync of todo/ for every child waiting.
+
+    Each child gets one end of a socket pair. Having linked todo/N it writes
+    COMMIT_ASK and waits; the server reads every end that is ready, fsyncs
+    todo/ once, and answers COMMIT_OK (or COMMIT_FAILED) to each. A link
+    made before the fsync started is in the journal commit that fsync
+    forces, so one fsync makes all of them durable; children asking while it
+    runs are answered by the next one. Beyond qmail, whose qmail-queue never
+    fsyncs todo/: this is what keeps that fsync from costing one per message
+    under load.
+    """
+
+    def __init__(self, todo_dir: str) -> None:
+        self.todo_dir = todo_dir
+        self.ends: dict[int, socket.socket] = {}  # fd -> the server's end, one per child
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        """Return (server's end, child's end) for a child about to be forked."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ends[mine.fileno()] = mine
+        return mine, theirs
+
+    def forget(self, mine: socket.socket) -> None:
+        self.ends.pop(mine.fileno(), None)
+        mine.close()
+
+    def close_all(self) -> None:
+        """Close every end (in a child: the other children's are not its own)."""
+        for end in self.ends.values():
+            end.close()
+        self.ends.clear()
+
+    def serve(self, ready: list[int]) -> None:
+        """Answer the children whose ends are in ready: one fsync for all that asked."""
+        asking = []
+        for fd in ready:
+            end = self.ends.get(fd)
+            if end is None:
+                continue
+            try:
+                data = end.recv(16)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.forget(end)  # the child is gone
+            elif COMMIT_ASK in data:
+                asking.append(end)
+        if not asking:
+            return
+        answer = COMMIT_OK
+        try:
+            fd = os.open(self.todo_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                durable.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            answer = COMMIT_FAILED
+        for end in asking:
+            try:
+                end.sendall(answer)
+            except OSError:
+                self.forget(end)  # the child is gone: it will not wait for an answer
+
+
+def child_commit(end: socket.socket) -> Callable[[], None]:
+    """Return a qmail_queue commit that asks the server over end (its own fsync if the server is gone)."""
+
+    def commit() -> None:
+        try:
+            end.sendall(COMMIT_ASK)
+            answer = end.recv(1)
+        except OSError:
+            answer = b""
+        if answer == COMMIT_OK:
+            return
+        if answer == COMMIT_FAILED:
+            raise OSError(errno.EIO, "fsync of todo/ failed in qmail-queued")
+        qmail_queue.commit_todo()  # no server to ask: fsync it here, as qmail-queue does
+
+    return commit
 
 
 def _stop_request(conn: socket.socket, uid: int, inst: _home.Install, server_pid: int, stoppable: bool) -> int:
@@ -532,6 +628,7 @@ class _Server:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         old_wake = signal.set_wakeup_fd(wake_w)
         pickup = Pickup(self.qmail_home, self.inst, self.q.uid)
+        group = GroupCommit(os.path.join(self.qmail_home, "queue", "todo"))
         server_pid = os.getpid()
         next_scan = 0.0
         try:
@@ -543,9 +640,12 @@ class _Server:
                     now = time.monotonic()
                     next_scan = now + SCAN_INTERVAL
                 try:
-                    ready, _, _ = select.select([srv.fileno(), wake_r], [], [], max(0.0, next_scan - now))
+                    ready, _, _ = select.select([srv.fileno(), wake_r, *group.ends], [], [],
+                                                max(0.0, next_scan - now))
                 except InterruptedError:
                     continue
+                if group.ends:
+                    group.serve(ready)
                 if wake_r in ready:
                     try:
                         os.read(wake_r, 512)
@@ -569,11 +669,13 @@ class _Server:
                     conn.close()
                     continue
                 conn.setblocking(True)
+                mine, theirs = group.pair()
                 pid = os.fork()
                 if pid == 0:
                     code = 81
                     try:
                         srv.close()
+                        group.close_all()
                         os.close(self.lock)  # the lock belongs to the server alone: a child must not keep it
                         signal.set_wakeup_fd(-1)
                         os.close(wake_r)
@@ -581,12 +683,14 @@ class _Server:
                         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1):
                             signal.signal(signum, signal.SIG_DFL)
                         code = serve_one(conn, self.qmail_home, self.inst, server_pid, stoppable=self.with_parent,
-                                         idle=self.idle)
+                                         idle=self.idle, commit=child_commit(theirs))
                     finally:
                         os._exit(code)
+                theirs.close()
                 self.children.add(pid, uid)
                 conn.close()
         finally:
+            group.close_all()
             signal.set_wakeup_fd(old_wake)
             os.close(wake_r)
             os.close(wake_w)
