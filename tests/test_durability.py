@@ -135,25 +135,44 @@ def _pull_trigger(home: QHome) -> None:
 
 
 @pytest.mark.parametrize("pattern", ["*/queue/info/*", "*/queue/local/*"])
-def test_qmail_send_preprocessing_fsync_failure_is_retried(site: Site, pattern: str) -> None:
-    """info/N, local/N or their directory not durable: todo/N stays, and the next scan delivers."""
-    joe = _user(site, "joe")
+def test_qmail_send_commit_fsync_failure_is_retried(site: Site, pattern: str) -> None:
+    """A kept message that must wait is committed; info/N or local/N not durable: todo/N stays."""
+    joe = site.mkdir("joe")  # no Maildir yet: the first delivery is deferred
     site.assign([site.user_line("joe", joe)])
     ctl = _control(site.base, pattern)
     d = Running(site, env=site.env(**{SEAM: str(ctl)}))
     try:
         d.wait_for(STATUS0)
         qqueue(site.home, b"s@x.example", [b"joe@" + FQDN.encode()], b"Subject: one\n\n1\n", user=site.user)
+        d.wait_for(b"delivery 1: deferral: Unable_to_chdir_to_maildir._(#4.2.1)/")
         d.wait_for(lambda ls: any(x.startswith(b"warning: trouble fsyncing ") for x in ls))
-        assert len(files(site.home.queue)["todo"]) == 1  # not preprocessed: nothing scheduled, nothing removed
-        assert maildir_messages(joe / "Maildir") == []
+        assert len(files(site.home.queue)["todo"]) == 1  # not committed: todo/N is still its record
         ctl.unlink()
-        _pull_trigger(site.home)
+        site.maildir("joe/Maildir")
+        d.signal(signal.SIGALRM)
         d.wait_for(lambda ls: any(x.startswith(b"end msg ") for x in ls))
     finally:
         assert d.stop() == 0
     (msg,) = maildir_messages(joe / "Maildir")
     assert msg.endswith(b"Subject: one\n\n1\n")
+    assert messages(site.home.queue) == {}
+
+
+def test_qmail_send_kept_message_needs_no_fsync(site: Site) -> None:
+    """Delivered at once, a message is finished with todo/N as its only record: no fsync of info/ or local/."""
+    joe = _user(site, "joe")
+    site.assign([site.user_line("joe", joe)])
+    ctl = _control(site.base, "*/queue/info/*", "*/queue/local/*", "*/queue/info", "*/queue/local")
+    d = Running(site, env=site.env(**{SEAM: str(ctl)}))
+    try:
+        d.wait_for(STATUS0)
+        qqueue(site.home, b"s@x.example", [b"joe@" + FQDN.encode()], b"Subject: k\n\nk\n", user=site.user)
+        d.wait_for(lambda ls: any(x.startswith(b"end msg ") for x in ls))
+    finally:
+        assert d.stop() == 0
+    assert not any(x.startswith(b"warning: ") for x in d.lines()), d.lines()
+    (msg,) = maildir_messages(joe / "Maildir")
+    assert msg.endswith(b"Subject: k\n\nk\n")
     assert messages(site.home.queue) == {}
 
 

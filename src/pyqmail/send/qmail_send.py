@@ -10,11 +10,20 @@ cleans up what a crash left behind. The activity record of qmail-log(5) goes
 to descriptor 0, a whole line per write.
 
 Where qmail does one thing per turn and waits, this loop does a few: up to
-TODO_BATCH messages of todo/ are preprocessed together, so that their fsyncs
-share the filesystem's journal commits; requests to qmail-clean are
-pipelined instead of waited for one by one; the marks of the reports read in
-one turn are fsync'd together. Each message still goes through INTERNALS.md's
-states in qmail's order, each step durable before the next.
+TODO_BATCH messages of todo/ are preprocessed per turn; requests to
+qmail-clean are pipelined instead of waited for one by one; the marks of the
+reports read in one turn are fsync'd together.
+
+Kept messages (issue 17): a preprocessed message is delivered at once while
+todo/N stays, the durable record of the message, and info/N, local/N and
+remote/N are not fsync'd. If it is finished within KEEP_SECONDS, todo/N is
+removed first and then the rest, as qmail removes a finished message: no
+fsync at all on this side. Otherwise (a deferral, KEEP_SECONDS passed, more
+than KEEP_MAX kept, or exit) it is committed as qmail commits preprocessing:
+its files are fsync'd, then todo/N removed. A crash while it is kept leaves
+todo/N, and the next qmail-send preprocesses it again, as after a crash in
+qmail's preprocessing (INTERNALS.md): its recipients may be delivered twice,
+never lost, and a qmail-send of C taking the queue over does the same.
 
 Signals are handled in one place, the top of the loop: TERM stops new work
 and exits once running deliveries have reported; ALRM makes every recipient
@@ -63,6 +72,9 @@ SLEEP_ALERT = 10  # after an alert: a full disk, an unreadable directory
 OSSIFIED = 129600  # 36 hours: must exceed qmail-queue's 24-hour suicide timer
 CLEAN_INFLIGHT = 256  # qmail-clean requests sent and not yet answered, at most
 TODO_BATCH = 16  # messages of todo/ preprocessed per turn: their fsyncs share a journal commit
+KEEP_SECONDS = 5  # a kept message not finished by then is committed (its files fsync'd, todo/N removed)
+KEEP_MAX = 64  # messages kept at once, at most; more are committed at once, as before
+KEPT_FOREVER = 1 << 62  # a kept message whose todo/N removal is under way: no commit due
 DONE_BATCH = 16  # finished messages eliminated per turn
 RECORD_MAX = 1 << 20  # bytes of one envelope record read (qmail-queue writes at most 1004)
 EXIT_TEMPORARY = 111
@@ -246,11 +258,12 @@ class Send:
         self.cleanuptime = 0
         self.wake = -1
         self.clean_alive = True
-        self.clean_pending: collections.deque[tuple[str, int, tuple[int, ...]]] = collections.deque()
+        # (kind, N, channels): channels None for the todo/N of a kept message (already scheduled).
+        self.clean_pending: collections.deque[tuple[str, int, tuple[int, ...] | None]] = collections.deque()
         self.cleaning_todo: set[int] = set()  # preprocessed, todo/N not yet removed
+        self.kept: dict[int, int] = {}  # kept messages (todo/N is their record): N -> when to commit
         self.unsynced: dict[int, str] = {}  # recipient lists marked, to fsync before going on
         self.closing: list[int] = []  # recipient lists of ended jobs, to close once synced
-        self.dirfds: dict[str, int] = {}  # open split directories, for fsync
 
     # Names in the queue ------------------------------------------------------------
 
@@ -347,12 +360,13 @@ class Send:
 
     # Talking to qmail-clean -----------------------------------------------------------
 
-    def clean(self, kind: str, messid: int, channels: tuple[int, ...] = ()) -> None:
+    def clean(self, kind: str, messid: int, channels: tuple[int, ...] | None = ()) -> None:
         """Ask qmail-clean to remove kind/N; its answer is handled by clean_answer() when it comes.
 
         qmail-clean answers in order, so requests are pipelined rather than
         waited for one by one (qmail waits): qmail-clean unlinks while
-        qmail-send goes on. channels: for 'todo', where message N goes next.
+        qmail-send goes on. channels: for 'todo', where message N goes next
+        (None: nowhere, a kept message is scheduled already).
         """
         if not self.clean_alive:
             self.cleandied()
@@ -400,8 +414,14 @@ class Send:
                 self.cleaning_todo.discard(messid)
             if answer != spawnproto.CLEAN_DONE[0]:
                 self.log(log.clean_trouble(f"{kind}/{messid}".encode()))
+                if kind == "todo" and channels is None and messid in self.kept:
+                    # Still kept: committed again later, or finished when messdone tries again.
+                    self.kept[messid] = self.clock() + SLEEP_SYSFAIL
                 continue
-            if kind == "todo":
+            if kind == "todo" and channels is None:
+                # A kept message's todo/N is gone: committed, or finished (messdone goes on).
+                self.kept.pop(messid, None)
+            elif kind == "todo" and channels is not None:
                 # S5: preprocessed. Deliver at once.
                 now = self.clock()
                 for c in channels:
@@ -462,11 +482,17 @@ class Send:
         self.status()
 
     def markdone(self, job: Job, pos: int) -> None:
-        """Mark job's recipient record at pos done ('T' becomes 'D'); sync_marks() makes it durable."""
+        """Mark job's recipient record at pos done ('T' becomes 'D'); sync_marks() makes it durable.
+
+        A kept message's marks are not synced: until its todo/N goes, a crash
+        delivers all of it again whatever they say (its commit syncs them).
+        """
         try:
             os.pwrite(job.fd, b"D", pos)
         except OSError:
             self.log(log.trouble_marking(self.fn_split(CHANDIR[job.channel], job.id).encode()))
+            return
+        if job.id in self.kept and job.id not in self.cleaning_todo:
             return
         if job.fd not in self.unsynced:
             self.unsynced[job.fd] = self.fn_split(CHANDIR[job.channel], job.id)
@@ -536,6 +562,8 @@ class Send:
                 job.numtodo -= 1
             elif letter == b"Z":
                 self.log(log.deferral(d.delid, text))
+                if job.id in self.kept and job.id not in self.cleaning_todo:
+                    self.kept[job.id] = 0  # it will wait: commit it now
             elif letter == b"D":
                 self.log(log.failure(d.delid, text))
                 self.addbounce(job.id, d.recip, text)
@@ -686,6 +714,18 @@ class Send:
                 fn = self.fn_split(CHANDIR[c], messid)
                 if _stat(fn) is not None:
                     return  # false alarm
+            if messid in self.kept:
+                # Finished while kept: todo/N goes first, then the rest as for any
+                # message. qmail-clean's answer is waited for, as qmail waits for
+                # each of its requests, so that this turn finishes the message.
+                if messid not in self.cleaning_todo:
+                    self.kept[messid] = KEPT_FOREVER
+                    self.clean("todo", messid, None)
+                while messid in self.cleaning_todo and self.clean_alive:
+                    self.clean_answers(block=True)
+                if messid in self.kept:
+                    self._push(self.pqdone, self.clock() + SLEEP_SYSFAIL, messid)
+                    return
             fn = f"todo/{messid}"
             if _stat(fn) is not None:
                 return
@@ -822,18 +862,75 @@ class Send:
                 return
             self.nexttodorun = self.recent + SLEEP_TODO
         batch: list[Prepared] = []
+        done = 0
         for entry in self.tododir:
             name = entry.name
-            if name.isdigit() and name.isascii() and int(name) not in self.cleaning_todo:
+            if name.isdigit() and name.isascii() and int(name) not in self.cleaning_todo \
+                    and int(name) not in self.kept:
                 prepared = self.prepare(int(name))
                 if prepared is not None:
-                    batch.append(prepared)
-                if len(batch) >= TODO_BATCH:
+                    if len(self.kept) < KEEP_MAX:
+                        self.keep(prepared)
+                    else:
+                        batch.append(prepared)
+                done += 1
+                if done >= TODO_BATCH:
                     break
         else:
             self.tododir.close()  # type: ignore[attr-defined]
             self.tododir = None
         self.commit(batch)
+
+    def keep(self, p: Prepared) -> None:
+        """Schedule a preprocessed message at once, todo/N kept as its durable record."""
+        p.close()
+        self.kept[p.messid] = self.recent + KEEP_SECONDS
+        now = self.clock()
+        for c in p.channels:
+            self._push(self.pqchan[c], now, p.messid)
+        if not p.channels:
+            self._push(self.pqdone, now, p.messid)
+
+    def kept_do(self, everything: bool = False) -> None:
+        """Commit the kept messages that are due (with everything: all, at exit)."""
+        due = [m for m, t in self.kept.items()
+               if (everything or t <= self.recent) and m not in self.cleaning_todo]
+        for messid in due:
+            if self.commit_kept(messid):
+                self.kept[messid] = KEPT_FOREVER
+                self.clean("todo", messid, None)
+                if not self.clean_alive:
+                    return
+            else:
+                self.kept[messid] = self.recent + SLEEP_SYSFAIL
+
+    def commit_kept(self, messid: int) -> bool:
+        """fsync a kept message's info/N and recipient lists; return False (logged) on trouble.
+
+        Their directory entries need no fsync of their own: the files are
+        new, and on ext4 and xfs the fsync of a new file commits the journal
+        transaction that created its name (as for qmail-queue's mess/ and intd/).
+        """
+        for kind in ("info", *CHANDIR):
+            fn = self.fn_split(kind, messid)
+            try:
+                fd = os.open(fn, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if kind == "info":
+                    self.log(log.trouble(b"opening", fn.encode()))
+                    return False
+                continue  # no such recipients, or all of them done
+            except OSError:
+                self.log(log.trouble(b"opening", fn.encode()))
+                return False
+            try:
+                durable.fsync(fd)
+            except OSError:
+                self.log(log.trouble(b"fsyncing", fn.encode()))
+                return False
+            finally:
+                os.close(fd)
+        return True
 
     def prepare(self, messid: int) -> Prepared | None:
         """Write info/N, local/N and remote/N from todo/N (not yet fsync'd); None on trouble, logged."""
@@ -920,32 +1017,16 @@ class Send:
         p.channels = tuple(sorted(p.channels))
         return True
 
-    def fsync_dir(self, d: str) -> bool:
-        """fsync directory d of the queue; return False if that failed.
-
-        The descriptors of the split directories stay open: reopening them for
-        every message costs more than the fsync when the journal is quiet.
-        """
-        fd = self.dirfds.get(d, -1)
-        try:
-            if fd == -1:
-                fd = self.dirfds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            durable.fsync(fd)
-        except OSError:
-            if fd != -1:
-                os.close(fd)
-                del self.dirfds[d]
-            return False
-        return True
-
     def commit(self, batch: list[Prepared]) -> None:
         """Make a batch of preprocessed messages durable, then have qmail-clean remove their todo/N.
 
         The files are fsync'd one after the other, so that they share the
-        filesystem's journal commits; then each directory once (beyond qmail:
-        the new names must be on disk before todo/N goes).
+        filesystem's journal commits. Their directories are not: the files are
+        new, and on ext4 and xfs the fsync of a new file commits the journal
+        transaction that created its name (beyond qmail: the new names are on
+        disk before todo/N goes).
         """
-        good: list[Prepared] = []
+        failed = False
         for p in batch:
             try:
                 for out, fn in p.files:
@@ -953,28 +1034,13 @@ class Send:
                         durable.fsync(out)
                     except OSError:
                         self.log(log.trouble(b"fsyncing", fn.encode()))
+                        failed = True
                         break
                 else:
-                    good.append(p)
+                    self.clean("todo", p.messid, p.channels)
             finally:
                 p.close()
-        synced: dict[str, bool] = {}
-        failed = False
-        for p in good:
-            ok = True
-            for _, fn in p.files:
-                d = os.path.dirname(fn)
-                if d not in synced:
-                    synced[d] = self.fsync_dir(d)
-                if not synced[d]:
-                    self.log(log.trouble(b"fsyncing", fn.encode()))
-                    ok = False
-                    break
-            if ok:
-                self.clean("todo", p.messid, p.channels)
-            else:
-                failed = True
-        if failed or len(good) < len(batch):
+        if failed:
             # todo/N stays (nothing was scheduled), so the next scan of todo/
             # preprocesses it again; make that scan come soon (qmail: at the
             # next trigger, or SLEEP_TODO later).
@@ -1082,6 +1148,8 @@ class Send:
             wakeup = min(wakeup, self.nexttodorun)
         if self.cleanupdir is not None:
             wakeup = 0
+        if self.kept:
+            wakeup = min(wakeup, min(self.kept.values()))
         wakeup = min(wakeup, self.cleanuptime)
         if self.wake != -1:
             rfds.append(self.wake)
@@ -1110,6 +1178,7 @@ class Send:
         # the other way round), so that a batch of todo/ never keeps an idle
         # spawner waiting.
         self.pass_do()
+        self.kept_do()
         self.todo_do(self.trigger != -1 and self.trigger in readable)
         self.cleanup_do()
 
@@ -1119,13 +1188,12 @@ class Send:
 
     def close(self) -> None:
         """Close the descriptors the loop holds (for a Send that lives inside another program)."""
-        for fd in [self.trigger, *self.dirfds.values(), *self.closing, *(job.fd for job in self.jobs)]:
+        for fd in [self.trigger, *self.closing, *(job.fd for job in self.jobs)]:
             if fd != -1:
                 os.close(fd)
         for job in self.jobs:
             job.fd = -1
         self.trigger = -1
-        self.dirfds.clear()
         self.unsynced.clear()
         self.closing.clear()
         if self.tododir is not None:
@@ -1133,7 +1201,9 @@ class Send:
             self.tododir = None
 
     def finish(self) -> None:
-        """Hear qmail-clean out, save the retry times and say goodbye."""
+        """Commit the kept messages, hear qmail-clean out, save the retry times and say goodbye."""
+        if self.clean_alive:
+            self.kept_do(everything=True)
         while self.clean_pending and self.clean_alive:
             self.clean_answers(block=True)
         self.pqfinish()
