@@ -302,3 +302,32 @@ def test_moved_checkout_root_mode() -> None:
         _deliver_one(home, None, "alias")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_source_edited_after_read_keeps_its_bytes_out_of_the_bytecode(tmp_path: Path) -> None:
+    """A source edited between the read and the build: its new bytecode is not taken for the old bytes."""
+    import py_compile
+
+    from pyqmail.admin import install
+
+    src = tmp_path / "mod.py"
+    src.write_text("X = 1\n")
+    py_compile.compile(str(src), doraise=True)
+    f = install._read_file("mod.py", str(src))
+    assert install._pyc_if_valid(f) is not None  # untouched: the tree's bytecode is used
+    src.write_text("X = 22\n")  # edited after the read, then compiled again
+    os.utime(src, ns=(f.mtime_ns + 1_000_000_000, f.mtime_ns + 1_000_000_000))
+    py_compile.compile(str(src), doraise=True)
+    assert install._pyc_if_valid(f) is None
+    out = tmp_path / "lib"
+    out.mkdir()
+    install._build_lib(str(out), [f])
+    assert (out / "mod.py").read_text() == "X = 1\n"
+    assert (out / "mod.py").stat().st_mtime_ns == f.mtime_ns
+    ns: dict[str, object] = {}
+    exec(compile((out / "mod.py").read_bytes(), "mod.py", "exec"), ns)
+    import importlib.util
+    import marshal
+    code = marshal.loads((Path(importlib.util.cache_from_source(str(out / "mod.py")))).read_bytes()[16:])
+    exec(code, ns)
+    assert ns["X"] == 1

@@ -324,14 +324,20 @@ _STUB_PROBE = "qmail"  # the stub whose text tells which lib dir the stubs use
 
 
 class _LibFile:
-    """One file of a lib dir: its path inside it, its bytes, and the file it comes from (if any)."""
+    """One file of a lib dir: its path inside it, its bytes, the file it comes from (if any) and its mtime then.
 
-    __slots__ = ("rel", "data", "src")
+    The mtime is the one the bytes were read with (fstat of the same open file):
+    a source edited after the read must neither lend its new mtime to the old
+    bytes nor its new bytecode to them.
+    """
 
-    def __init__(self, rel: str, data: bytes, src: str | None) -> None:
+    __slots__ = ("rel", "data", "src", "mtime_ns")
+
+    def __init__(self, rel: str, data: bytes, src: str | None, mtime_ns: int | None = None) -> None:
         self.rel = rel
         self.data = data
         self.src = src
+        self.mtime_ns = mtime_ns
 
 
 def base_python() -> str:
@@ -363,6 +369,14 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _read_file(rel: str, src: str) -> _LibFile:
+    """Read src for the lib dir as rel, with the mtime of what was read."""
+    with open(src, "rb") as f:
+        mtime_ns = os.fstat(f.fileno()).st_mtime_ns
+        data = f.read()
+    return _LibFile(rel, data, src, mtime_ns)
+
+
 def _lib_files() -> tuple[str, list[_LibFile]]:
     """Return pyqmail's version and the files of a lib dir: the package, its dist-info, its dependencies.
 
@@ -386,7 +400,7 @@ def _lib_files() -> tuple[str, list[_LibFile]]:
             if not os.path.isfile(src):
                 continue
             rel = os.path.join("pyqmail", os.path.relpath(src, pkg))
-            files[rel] = _LibFile(rel, _read(src), src)
+            files[rel] = _read_file(rel, src)
     try:
         dist = metadata.distribution("pyqmail")
         version = dist.version
@@ -424,24 +438,32 @@ def _lib_files() -> tuple[str, list[_LibFile]]:
                 continue  # scripts outside site-packages; bytecode is made afresh
             src = str(pp.locate())
             if os.path.isfile(src):
-                files[rel] = _LibFile(rel, _read(src), src)
+                files[rel] = _read_file(rel, src)
         needs.extend(_requirement_names(dep.requires))
     return version, [files[k] for k in sorted(files)]
 
 
-def _pyc_if_valid(src: str) -> bytes | None:
-    """Return the bytecode cached for src if it is valid for src as it is now (timestamp-checked)."""
+def _pyc_if_valid(f: _LibFile) -> bytes | None:
+    """Return the bytecode cached beside f's source if it is valid for the bytes read (timestamp-checked).
+
+    The check is against the mtime and size f was read with, and the source
+    must still have that mtime: bytecode of a source edited since the read
+    is not taken for the old bytes.
+    """
     import importlib.util
 
+    if f.src is None or f.mtime_ns is None:
+        return None
     try:
-        data = _read(importlib.util.cache_from_source(src))
-        st = os.stat(src)
+        data = _read(importlib.util.cache_from_source(f.src))
+        now = os.stat(f.src).st_mtime_ns
     except (OSError, ValueError):
         return None
-    if (len(data) >= 16 and data[:4] == importlib.util.MAGIC_NUMBER
+    seconds = f.mtime_ns // 1_000_000_000
+    if (now == f.mtime_ns and len(data) >= 16 and data[:4] == importlib.util.MAGIC_NUMBER
             and data[4:8] == b"\0\0\0\0"
-            and int.from_bytes(data[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
-            and int.from_bytes(data[12:16], "little") == st.st_size & 0xFFFFFFFF):
+            and int.from_bytes(data[8:12], "little") == seconds & 0xFFFFFFFF
+            and int.from_bytes(data[12:16], "little") == len(f.data) & 0xFFFFFFFF):
         return data
     return None
 
@@ -481,13 +503,12 @@ def _build_lib(tmp: str, files: list[_LibFile]) -> None:
     for f in files:
         dst = os.path.join(tmp, f.rel)
         mkdirs(os.path.dirname(dst))
-        mtime = os.stat(f.src).st_mtime_ns if f.src is not None else None
-        write(dst, f.data, mtime)
+        write(dst, f.data, f.mtime_ns)
         if not f.rel.endswith(".py"):
             continue
         cfile = importlib.util.cache_from_source(dst)
         mkdirs(os.path.dirname(cfile))
-        pyc = _pyc_if_valid(f.src) if f.src is not None else None
+        pyc = _pyc_if_valid(f)
         if pyc is not None:
             write(cfile, pyc, None)
             continue
