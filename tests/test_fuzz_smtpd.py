@@ -20,11 +20,13 @@ from pyqmail.control import DomainSet
 from pyqmail.smtpd.data import END, LONG_LINE, MORE, STRAY_NEWLINE, Blast
 from pyqmail.smtpd.rcpthosts import RcptHosts
 from pyqmail.smtpd.received import Peer
-from pyqmail.smtpd.session import ADDR_MAX, CONTINUE, DATA, QUIT, Config, Session, addrparse, split_command
+from pyqmail.smtpd.bdat import parse as bdat_parse
+from pyqmail.smtpd.session import (ADDR_MAX, BDAT, CONTINUE, DATA, DIE, QUIT, Config, Session, addrparse,
+                                   split_command)
 
 REPLY_LINE = re.compile(rb"[2-5]\d\d[ -][^\r\n]*\r\n")
 VERBS = [b"MAIL FROM:", b"RCPT TO:", b"DATA", b"QUIT", b"HELO", b"EHLO", b"RSET", b"HELP", b"NOOP", b"VRFY",
-         b"mail from:", b"rcpt to:", b"data", b"Rset", b"BDAT", b"STARTTLS"]
+         b"mail from:", b"rcpt to:", b"data", b"Rset", b"BDAT", b"STARTTLS", b"BDAT 3", b"bdat 0 last"]
 ADDR_BYTES = st.sampled_from([b"a", b"@", b".", b"<", b">", b"\\", b'"', b" ", b":", b",", b"\0", b"\r",
                               b"[", b"]", b"example.com", b"example.net", b"bad", b"x" * 300, b"\xff", b"127.0.0.1"])
 ADDR_TEXT = st.lists(ADDR_BYTES, max_size=12).map(b"".join)
@@ -52,13 +54,23 @@ def test_session_follows_the_model(lines: list[bytes], relay: bytes | None) -> N
     assert REPLY_LINE.fullmatch(s.greeting())
     seenmail = False
     barf = False
+    bdat = False  # a BDAT transaction is open (the shell, not here, ends it at LAST)
     rcpts = 0
     for line in lines:
         replies, step = s.command(line)
         verb, arg = split_command(line)
         verb = verb.lower()
-        assert step in (CONTINUE, QUIT, DATA)
-        if step == DATA:
+        assert step in (CONTINUE, QUIT, DATA, BDAT, DIE)
+        if verb == b"bdat":
+            chunk = bdat_parse(arg)
+            assert (step == DIE) == (chunk is None)
+            if chunk is not None:
+                assert step == BDAT
+                assert s.chunk == (chunk[0], chunk[1], seenmail and rcpts > 0)
+                bdat = bdat or (seenmail and rcpts > 0)
+        elif step in (DATA, BDAT, DIE):
+            assert step == DATA
+        if step == DATA or (step == BDAT and s.chunk[2]):
             assert replies == b""
         else:
             assert re.fullmatch(rb"(?:[2-5]\d\d[ -][^\r\n]*\r\n)+", replies), (line, replies)
@@ -74,15 +86,18 @@ def test_session_follows_the_model(lines: list[bytes], relay: bytes | None) -> N
             if seenmail and addr is not None and not barf and relay is not None:
                 assert replies.startswith(b"250")
         elif verb == b"data":
-            assert (step == DATA) == (seenmail and rcpts > 0)
+            assert (step == DATA) == (seenmail and rcpts > 0 and not bdat)
             if step == DATA:
                 seenmail = False
         elif verb in (b"helo", b"ehlo", b"rset"):
-            seenmail = False
+            seenmail = bdat = False
+        if verb == b"mail" and addr is not None:
+            bdat = False
         assert s.seenmail == seenmail
+        assert s.bdat == bdat
         assert len(s.rcptto) == rcpts
         assert all(len(r) < ADDR_MAX + len(relay or b"") for r in s.rcptto)
-        if step == QUIT:
+        if step in (QUIT, DIE):
             break
 
 

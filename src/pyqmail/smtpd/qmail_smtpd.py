@@ -94,6 +94,31 @@ greylisted, try again in N seconds (#4.7.1)` at RCPT until DELAY has passed, kep
 QMAILHOME/greylist/triplets.sqlite ($GREYLISTDB), a directory the admin makes for qmaild;
 control/greylistips and control/greylistdomains (client host, or SPF-passed sender domain)
 and $NOGREYLIST exempt; clients that may relay are never greylisted.
+
+SMTPUTF8 (RFC 6531; pyqmail.smtputf8): offered in EHLO when control/smtputf8 holds a number
+other than 0, $SMTPUTF8 over it (set and not `0` offers, `0` does not; tcprules can set it per
+client). `MAIL FROM:<...> SMTPUTF8` (with or without BODY=8BITMIME) then takes UTF-8 local parts
+and domains: rcpthosts compares a recipient domain in U-label and A-label form (idna), the
+Received line says `with UTF8SMTP` (`UTF8SMTPS`, `UTF8SMTPA`, `UTF8SMTPSA`: RFC 6531 3.7.3), and
+the message is queued with $SMTPUTF8MAIL=1 in qmail-queue's environment, which keeps the flag
+in the queue. Without the parameter (or when SMTPUTF8 is not offered) a non-ASCII address is
+taken byte for byte, as qmail takes it, and the message is not flagged.
+
+SIZE (RFC 1870): EHLO lists `SIZE n`, n being databytes (`SIZE 0`: no limit); `MAIL
+FROM:<...> SIZE=n` with n over databytes gets `552 sorry, that message size exceeds my
+databytes limit (#5.3.4)` and no transaction starts. A SIZE= that is not a number is ignored.
+CHUNKING (RFC 3030; pyqmail.smtpd.bdat): `BDAT n [LAST]` is followed by exactly n bytes of
+message, no dot-stuffing; CR LF is stored as LF (as after DATA), a bare LF or CR is data.
+Each chunk gets `250 ok n bytes`, LAST gets DATA's reply (`250 ok TIME qp PID`, 554 hops,
+552 databytes, qmail-queue's failure). A chunk past databytes gets the 552 once it is read,
+and ends the transaction. BDAT without MAIL or RCPT is 503 after its chunk is read and
+dropped; DATA after BDAT is `503 DATA cannot follow BDAT (#5.5.1)`; a BDAT whose size cannot
+be read is `501 bad BDAT size, closing connection (#5.5.4)` and the end. BINARYMIME is not
+offered. ENHANCEDSTATUSCODES (RFC 2034): offered when control/enhancedstatuscodes holds a
+number other than 0, $ENHANCEDSTATUSCODES over it (`0`: not offered); after EHLO every 2xx,
+4xx and 5xx reply then carries its code after the reply code (`250 2.1.0 ok`, `553 5.7.1
+sorry, ... (#5.7.1)`): qmail's `(#x.y.z)`, else 2.1.0 for MAIL, 2.1.5 for RCPT, 2.0.0 or
+X.0.0. Replies to HELO clients are qmail's, byte for byte.
 """
 
 from __future__ import annotations
@@ -111,14 +136,16 @@ from pyqmail.net import Conn, Gone, NetError, Timeout, TlsFailed
 # imports this module once in its parent, so every connection shares it.
 from pyqmail.queue.qq import QQ
 from pyqmail.smtpd import greetdelay, replies
+from pyqmail.smtpd.bdat import Chunks
 from pyqmail.smtpd.data import END, MORE, Blast
 from pyqmail.smtpd.ipme import Ipme, IpmeError
 from pyqmail.smtpd import policy as _policy
 from pyqmail.smtpd.auth import Exchange, Policy, SenderCheck
 from pyqmail.smtpd.receive import Receive
 from pyqmail.smtpd.received import Peer, safe
-from pyqmail.smtpd.session import (AUTH, DATA, DIE, DROP, MAXHOPS, QUIT, STARTTLS, Config, Session, data_reply,
-                                   scan_ulong)
+from pyqmail.smtputf8 import ENV_B as SMTPUTF8_ENV
+from pyqmail.smtpd.session import (AUTH, BDAT, DATA, DIE, DROP, MAXHOPS, QUIT, STARTTLS, Config, Session,
+                                   data_reply, scan_ulong)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -233,6 +260,10 @@ def _setup(argv: list[str] | None = None) -> tuple[Config, int, AuthRun | None]:
         x = env.get(b"BRTLIMIT")
         brtlimit = scan_ulong(x)[0] if x is not None else control.read_int("brtlimit", 0)
         hooks = _policy.load(env)
+        x = env.get(b"SMTPUTF8")
+        utf8 = (x != b"0") if x is not None else control.read_int("smtputf8", 0) != 0
+        x = env.get(b"ENHANCEDSTATUSCODES")
+        esc = (x != b"0") if x is not None else control.read_int("enhancedstatuscodes", 0) != 0
     except (ControlError, OSError, ValueError):
         raise Die(replies.CONTROL) from None
     cfg = Config(greeting.encode("latin-1"), Peer.from_env(env),
@@ -240,7 +271,8 @@ def _setup(argv: list[str] | None = None) -> tuple[Config, int, AuthRun | None]:
                  rcpthosts=recv.rcpthosts, badmailfrom=recv.badmailfrom,
                  databytes=recv.databytes, relayclient=recv.relayclient, is_local=Ipme(),
                  starttls=None if b"DISABLETLS" in env else _cert_readable,
-                 auth=policy, forcetls=forcetls, hooks=hooks, brtlimit=brtlimit, setenv=_setenv)
+                 auth=policy, forcetls=forcetls, hooks=hooks, brtlimit=brtlimit, setenv=_setenv,
+                 smtputf8=utf8, esc=esc)
     return cfg, timeout, authrun
 
 
@@ -249,18 +281,42 @@ def _setenv(name: bytes, value: bytes) -> None:
     os.environb[name] = value
 
 
-def _data(session: Session, conn: Conn) -> None:
-    """Receive one message after DATA and queue it; the reply goes to conn."""
+def _start_message(session: Session) -> QQ | None:
+    """Start qmail-queue for the message after DATA or the first BDAT (None: it cannot run).
+
+    The message begins with the Received line and the checks' lines.
+    """
+    if session.utf8:  # the flag qmail-queue keeps in todo/N (pyqmail.smtputf8)
+        os.environb[SMTPUTF8_ENV] = b"1"
+    elif SMTPUTF8_ENV in os.environb:
+        del os.environb[SMTPUTF8_ENV]  # set by whoever started us: not this message's word
     try:
         q = QQ(network=True)
     except OSError:
+        return None
+    q.write(session.received(int(time.time())))
+    if session.headers:  # the checks' lines (Received-SPF:, a plugin's H...), after ours as qmail-spp
+        q.write(b"".join(session.headers))
+    return q
+
+
+def _abandon(q: QQ) -> None:
+    """Let qmail-queue go without queueing anything (the client left or broke the protocol)."""
+    q.fail()
+    try:
+        q.close(b"", [])
+    except OSError:
+        pass  # safe: abandoned (no envelope end), nothing is queued; the caller's error, if any, goes on
+
+
+def _data(session: Session, conn: Conn) -> None:
+    """Receive one message after DATA and queue it; the reply goes to conn."""
+    q = _start_message(session)
+    if q is None:
         conn.put(replies.QQT_FAILURE)
         return
     qp = max(q.pid, 0)
     conn.put(replies.GO_AHEAD)
-    q.write(session.received(int(time.time())))
-    if session.headers:  # the checks' lines (Received-SPF:, a plugin's H...), after ours as qmail-spp
-        q.write(b"".join(session.headers))
     blast = Blast()
     limit = session.cfg.databytes
     overflow = False
@@ -282,11 +338,7 @@ def _data(session: Session, conn: Conn) -> None:
                 raise Die(replies.STRAY_NEWLINE)
             data = conn.read()
     except BaseException:
-        q.fail()  # the client is gone or broke the protocol: nothing is queued
-        try:
-            q.close(b"", [])
-        except OSError:
-            pass  # safe: abandoned (no envelope end), nothing is queued; the first error is re-raised
+        _abandon(q)  # the client is gone or broke the protocol: nothing is queued
         raise
     hops = blast.hops >= MAXHOPS
     if hops:
@@ -294,6 +346,92 @@ def _data(session: Session, conn: Conn) -> None:
     report = q.close(session.mailfrom, session.recipients())
     session.message_done()
     conn.put(data_reply(report, hops, overflow, qp, int(time.time())))
+
+
+class Chunked:
+    """An open BDAT transaction (RFC 3030): qmail-queue running, the chunks' filter, databytes passed."""
+
+    __slots__ = ("q", "chunks", "overflow", "open")
+
+    def __init__(self, q: QQ) -> None:
+        self.q = q
+        self.chunks = Chunks()
+        self.overflow = False
+        self.open = True
+
+    def abandon(self) -> None:
+        """Let qmail-queue go, nothing queued, unless that was done already."""
+        if self.open:
+            self.open = False
+            _abandon(self.q)
+
+
+def _skip(conn: Conn, size: int) -> None:
+    """Read and drop size bytes of chunk data."""
+    while size:
+        size -= len(conn.chunk(min(size, READ_SIZE)))
+
+
+def _bdat(session: Session, conn: Conn, reply: bytes, tx: Chunked | None) -> tuple[bytes, Chunked | None]:
+    """Read the chunk after a BDAT line into the message (or drop it after a refusal).
+
+    reply: Session's answer so far (a refusal, or the checks' text to send first).
+    Returns the whole reply and the transaction still open. The chunk streams to
+    qmail-queue READ_SIZE bytes at a time; past databytes the rest is read and dropped.
+    """
+    size, last, take = session.chunk
+    if not take:
+        _skip(conn, size)
+        return reply, tx
+    if tx is None:
+        q = _start_message(session)
+        if q is None:
+            _skip(conn, size)
+            session.bdat_done()
+            return reply + replies.QQT_FAILURE, None
+        tx = Chunked(q)
+    q, chunks, limit = tx.q, tx.chunks, session.cfg.databytes
+    try:
+        left = size
+        while left or last:
+            if left:
+                data = conn.chunk(min(left, READ_SIZE))
+                left -= len(data)
+                out = chunks.feed(data)
+            else:
+                out = chunks.end()
+                last = False
+            if tx.overflow:
+                continue
+            if limit and chunks.size > limit:
+                tx.overflow = True
+                q.fail()
+            else:
+                q.write(out)
+    except BaseException:
+        tx.abandon()
+        raise
+    if not (session.chunk[1] or tx.overflow):
+        return reply + replies.chunk_ok(size), tx
+    hops = chunks.hops >= MAXHOPS
+    if hops:
+        q.fail()
+    qp = max(q.pid, 0)
+    tx.open = False
+    report = q.close(session.mailfrom, session.recipients())
+    session.bdat_done()
+    return reply + data_reply(report, hops, tx.overflow, qp, int(time.time())), None
+
+
+class _Replies(Conn):
+    """The client's connection; every reply goes through Session.enhance (RFC 2034, after EHLO)."""
+
+    __slots__ = ("session",)
+    session: Session | None
+
+    def put(self, data: bytes) -> None:
+        session = self.session
+        Conn.put(self, data if session is None else session.enhance(data))
 
 
 def _log(text: bytes) -> None:
@@ -420,6 +558,9 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
           greet: tuple[float, bool] = (0, False)) -> int:
     """Run the conversation until QUIT (0) or a death (1); greet: $SMTPD_GREETDELAY, $DROP_PRE_GREET."""
     death: bytes | None
+    chunked: Chunked | None = None
+    if isinstance(conn, _Replies):
+        conn.session = session
     try:
         if smtps:
             _start_tls(session, conn, True)
@@ -433,6 +574,11 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
             if step == DROP:
                 raise Dropped
             reply, step = session.command(conn.line(LINE_MAX))
+            if step == BDAT:
+                reply, chunked = _bdat(session, conn, reply, chunked)
+            elif chunked is not None and not session.bdat:  # MAIL, RSET, HELO, EHLO ended it
+                chunked.abandon()
+                chunked = None
             conn.put(reply)
             if step == QUIT:
                 conn.flush()
@@ -449,6 +595,9 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
                     _auth(session, conn, authrun)
             elif step == DIE:
                 raise Die(b"")  # the reply (brtlimit's 421) is queued: sent before the end
+            if chunked is not None and not session.bdat:  # STARTTLS started over
+                chunked.abandon()
+                chunked = None
     except Dropped:
         try:
             conn.flush()
@@ -467,6 +616,9 @@ def serve(conn: Conn, session: Session, smtps: bool = False, authrun: AuthRun | 
         death = replies.NOMEM
     except IpmeError:
         death = replies.IPME
+    finally:
+        if chunked is not None:  # QUIT, a drop or a death inside a BDAT transaction: nothing is queued
+            chunked.abandon()
     if death is not None:
         conn.put(death)
         try:
@@ -506,8 +658,10 @@ def preload() -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
 
-def _conn(fd_in: int, fd_out: int, timeout: int) -> Conn:
-    return Conn(fd_in, fd_out, timeout, read_size=READ_SIZE, write_size=WRITE_SIZE)
+def _conn(fd_in: int, fd_out: int, timeout: int) -> _Replies:
+    conn = _Replies(fd_in, fd_out, timeout, read_size=READ_SIZE, write_size=WRITE_SIZE)
+    conn.session = None
+    return conn
 
 
 @program("qmail-smtpd", crash=EXIT_DEATH)

@@ -6,6 +6,8 @@ Tests import these same constants (STYLE principle 3).
 
 from __future__ import annotations
 
+import re
+
 CRLF = b"\r\n"
 
 # Deaths: the reply, then the connection is dropped (exit 1).
@@ -37,6 +39,17 @@ VRFY = b"252 send some mail, i'll try my best\r\n"
 HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
 GO_AHEAD = b"354 go ahead\r\n"
 EHLO_EXTENSIONS = b"250-PIPELINING\r\n250 8BITMIME\r\n"
+
+# CHUNKING (RFC 3030; pyqmail.smtpd.bdat). The refusals use qmail's words where qmail has them
+# (503 MAIL first, 552 databytes); a BDAT whose size cannot be read leaves no way to find the
+# next command, so the connection ends after BDAT_SYNTAX.
+BDAT_SYNTAX = b"501 bad BDAT size, closing connection (#5.5.4)\r\n"
+BDAT_AFTER = b"503 DATA cannot follow BDAT (#5.5.1)\r\n"
+
+
+def chunk_ok(size: int) -> bytes:
+    """Return the reply to a BDAT chunk that is not the last: how many bytes it held."""
+    return b"250 ok %d bytes\r\n" % size
 
 # STARTTLS, as the qmail-tls patch (notqmail's smtp-tls branch) says it.
 EHLO_STARTTLS = b"250-STARTTLS\r\n"
@@ -134,3 +147,44 @@ def ehlo_auth(text: bytes, starttls: bool, mechanisms: bytes | None, size: int) 
         out += [b"250-AUTH ", mechanisms, CRLF]
     out.append(b"250 SIZE %d\r\n" % size)
     return b"".join(out)
+
+
+# ENHANCEDSTATUSCODES (RFC 2034): after EHLO, every 2xx/4xx/5xx reply but the replies to EHLO
+# and HELO gets the code at the start of the text of each of its lines. The code is qmail's own
+# "(#x.y.z)", which stays at the end as well; a reply without one gets ok (250 at MAIL: 2.1.0,
+# at RCPT: 2.1.5; else 2.0.0) or X.0.0; a text that starts with a code already is left alone.
+_QMAIL_CODE = re.compile(rb"\(#[245]\.([0-9]{1,3})\.([0-9]{1,3})\)")
+_HAS_CODE = re.compile(rb"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?: |$)")
+
+
+def enhance(data: bytes, ok: bytes = b"2.0.0") -> bytes:
+    """Return data (whole reply lines) with RFC 2034 codes after each 2xx/4xx/5xx reply code."""
+    lines = data.split(CRLF)
+    tail = lines.pop()  # b"" when data ends in CRLF
+    out: list[bytes] = []
+    reply: list[bytes] = []
+    for line in lines:
+        reply.append(line)
+        if line[3:4] != b"-":
+            out += _coded(reply, ok)
+            reply = []
+    out += reply
+    out.append(tail)
+    return CRLF.join(out)
+
+
+def _coded(reply: list[bytes], ok: bytes) -> list[bytes]:
+    cls = reply[0][:1]
+    if cls not in (b"2", b"4", b"5") or _HAS_CODE.match(reply[0], 4):
+        return reply
+    found: re.Match[bytes] | None = None
+    for line in reply:
+        for m in _QMAIL_CODE.finditer(line):
+            found = m  # the last one: qmail puts it at the end
+    if found is not None:
+        code = cls + b"." + found.group(1) + b"." + found.group(2)
+    elif cls == b"2":
+        code = ok
+    else:
+        code = cls + b".0.0"
+    return [line[:4].ljust(4) + code + (b" " + line[4:] if line[4:] else b"") for line in reply]

@@ -11,12 +11,13 @@ longer than 899 bytes is a syntax error.
 
 from __future__ import annotations
 
-from pyqmail.smtpd import replies
+from pyqmail.smtpd import bdat, replies
 from pyqmail.smtpd.auth import SENDER_NOT_YOURS
 from pyqmail.smtpd.received import Peer, safe
 from pyqmail.smtpd.policy import NO_HOOKS
 from pyqmail.smtpd.rcpthosts import RcptHosts
 from pyqmail.smtpd.receive import badmailfrom
+from pyqmail.smtputf8 import has_smtputf8, mail_parameters
 from pyqmail.smtpd.receive import scan_ulong as scan_ulong  # its home was here; callers import it from here
 
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
@@ -44,6 +45,11 @@ STARTTLS = 3  # set TLS up (the shell sends 220 or 454), then call Session.tls_s
 AUTH = 4  # run the AUTH exchange of Session.auth_arg (the shell), then call Session.authenticated
 DROP = 5  # a check ended the connection: exit 0 after the replies (as qmail-spp's R and D)
 DIE = 6  # the bad-recipient limit: exit 1 after the replies
+BDAT = 7  # a BDAT chunk (Session.chunk) follows the command line: the shell reads it, then replies
+SIZE_DIGITS = 18  # a longer SIZE=n is larger than any databytes
+
+# RFC 2034 codes of 2xx replies that carry none of qmail's "(#x.y.z)", by verb (else 2.0.0).
+ESC_OK = {b"mail": b"2.1.0", b"rcpt": b"2.1.5"}
 
 def ip_scan(s: bytes) -> tuple[tuple[int, int, int, int], int] | None:
     """Parse a dotted quad at the start of s; return (octets, length) or None (qmail's ip_scan)."""
@@ -140,7 +146,7 @@ class Config:
     """What qmail-smtpd reads at start: control files and environment."""
 
     __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "relayclient", "peer",
-                 "is_local", "starttls", "auth", "forcetls", "hooks", "brtlimit", "setenv")
+                 "is_local", "starttls", "auth", "forcetls", "hooks", "brtlimit", "setenv", "smtputf8", "esc")
 
     def __init__(self, greeting: bytes, peer: Peer, liphost: bytes | None = None,
                  rcpthosts: RcptHosts | None = None,
@@ -150,7 +156,8 @@ class Config:
                  starttls: Callable[[], bool] | None = None,
                  auth: Policy | None = None, forcetls: bool = False,
                  hooks: Hooks = NO_HOOKS, brtlimit: int = 0,
-                 setenv: Callable[[bytes, bytes], None] | None = None) -> None:
+                 setenv: Callable[[bytes, bytes], None] | None = None, smtputf8: bool = False,
+                 esc: bool = False) -> None:
         self.greeting = greeting
         self.peer = peer
         self.liphost = liphost
@@ -169,6 +176,8 @@ class Config:
         # How relaying granted during the session reaches qmail-queue and $QMAILQUEUE filters
         # (RELAYCLIENT in the environment, as the AUTH and TLS patches); None in pure tests.
         self.setenv = setenv
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531): control/smtputf8, $SMTPUTF8
+        self.esc = esc  # offer ENHANCEDSTATUSCODES (RFC 2034): control/enhancedstatuscodes, $ENHANCEDSTATUSCODES
 
 
 class Session:
@@ -179,7 +188,8 @@ class Session:
 
     __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo",
                  "relayclient", "protocol", "tls", "tls_verify", "verified", "verify_err", "cipher",
-                 "authuser", "auth_arg", "rcptcount", "rcptcountall", "rcpt_allowed", "badrcpts", "headers")
+                 "authuser", "auth_arg", "rcptcount", "rcptcountall", "rcpt_allowed", "badrcpts", "headers", "utf8",
+                 "esc", "verb", "bdat", "chunk")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -193,6 +203,7 @@ class Session:
         self.rcpt_allowed = False  # during the rcpt hooks: relaying or rcpthosts allows the address
         self.badrcpts = 0  # refusals counted toward cfg.brtlimit in this session
         self.headers: list[bytes] = []  # header lines the checks add to the next message
+        self.utf8 = False  # this transaction's MAIL said SMTPUTF8 (and it is offered)
         self.helohost = b""
         self.fakehelo: bytes | None = None
         self.relayclient = cfg.relayclient  # see grant_relay
@@ -204,6 +215,10 @@ class Session:
         self.cipher = b""
         self.authuser: bytes | None = None  # the authenticated user
         self.auth_arg = b""  # the AUTH command's argument, for the shell
+        self.esc = False  # the client said EHLO and ENHANCEDSTATUSCODES is offered: see enhance
+        self.verb = b""  # the last command's verb, lowercased
+        self.bdat = False  # a BDAT transaction is open: chunks taken, LAST not yet
+        self.chunk = (0, False, False)  # the BDAT chunk after the command: size, LAST, whether to queue it
         self._helo(cfg.peer.remotehost)
 
     # --- the view checks read (pyqmail.smtpd.policy.View) ---------------------------------
@@ -317,7 +332,8 @@ class Session:
     def command(self, line: bytes) -> tuple[bytes, int]:
         """Return (replies, next step) for one command line; raise ControlError when qmail dies with 421."""
         verb, arg = split_command(line)
-        handler = VERBS.get(verb.lower())
+        self.verb = verb = verb.lower()
+        handler = VERBS.get(verb)
         if handler is None:
             return replies.UNIMPLEMENTED, CONTINUE
         return handler(self, arg)
@@ -332,7 +348,7 @@ class Session:
             refused = self._refused(v, before)
             if refused is not None:
                 return refused
-        self.seenmail = False
+        self.seenmail = self.bdat = self.esc = False
         self._helo(arg)
         return before + replies.helo(self.cfg.greeting), CONTINUE
 
@@ -344,7 +360,8 @@ class Session:
             refused = self._refused(v, before)
             if refused is not None:
                 return refused
-        self.seenmail = False
+        self.seenmail = self.bdat = False
+        self.esc = self.cfg.esc
         self._helo(arg)
         return before + replies.ehlo_lines(self.cfg.greeting, self.ehlo_keywords()), CONTINUE
 
@@ -355,18 +372,32 @@ class Session:
         if not self.tls and cfg.starttls is not None and cfg.starttls():
             kw.append(b"STARTTLS")
         kw += EHLO_BASE
+        if cfg.smtputf8:
+            kw.append(b"SMTPUTF8")
         policy = cfg.auth
-        if policy is not None:  # the AUTH patch's lines
-            if self.tls or not cfg.forcetls:
-                kw.append(b"AUTH " + policy.line())
-            kw.append(b"SIZE %d" % cfg.databytes)
+        if policy is not None and (self.tls or not cfg.forcetls):  # the AUTH patch's line
+            kw.append(b"AUTH " + policy.line())
+        # RFC 1870, as the AUTH patch's line (SIZE 0: no limit), then RFC 3030 and RFC 2034.
+        kw.append(b"SIZE %d" % cfg.databytes)
+        kw.append(b"CHUNKING")
+        if cfg.esc:
+            kw.append(b"ENHANCEDSTATUSCODES")
         return kw
+
+    def enhance(self, data: bytes) -> bytes:
+        """Return replies with RFC 2034 codes when the client said EHLO and they are offered (else data).
+
+        The shell passes every reply through here; replies to EHLO and HELO are left alone.
+        """
+        if not self.esc or self.verb in (b"ehlo", b"helo"):
+            return data
+        return replies.enhance(data, ESC_OK.get(self.verb, b"2.0.0"))
 
     def _cmd_quit(self, arg: bytes) -> tuple[bytes, int]:
         return replies.quit(self.cfg.greeting), QUIT
 
     def _cmd_rset(self, arg: bytes) -> tuple[bytes, int]:
-        self.seenmail = False
+        self.seenmail = self.bdat = False
         self._reset()
         return replies.FLUSHED, CONTINUE
 
@@ -394,6 +425,8 @@ class Session:
         return b"", STARTTLS
 
     def _cmd_data(self, arg: bytes) -> tuple[bytes, int]:
+        if self.bdat:
+            return replies.BDAT_AFTER, CONTINUE  # RFC 3030 3: not both in one transaction
         if not self.seenmail:
             return replies.WANT_MAIL, CONTINUE
         if not self.rcpts:
@@ -407,6 +440,38 @@ class Session:
                 return refused
         self.seenmail = False
         return before, DATA
+
+    def _cmd_bdat(self, arg: bytes) -> tuple[bytes, int]:
+        """BDAT n [LAST]: the shell reads n bytes after the line, queued or dropped, then replies.
+
+        A refusal is sent after its chunk is read and dropped (RFC 3030 2: the data follows
+        the command unasked), so the bytes after it are commands again.
+        """
+        got = bdat.parse(arg)
+        if got is None:
+            return replies.BDAT_SYNTAX, DIE  # no way to tell where the chunk ends
+        size, last = got
+        self.chunk = (size, last, False)
+        if not self.seenmail:
+            return replies.WANT_MAIL, BDAT
+        if not self.rcpts:
+            return replies.WANT_RCPT, BDAT
+        before = b""
+        if not self.bdat:  # the first chunk: the data checks, as at DATA
+            hooks = self.cfg.hooks.data
+            if hooks:
+                v, _, before = self._checks(hooks, None)
+                refused = self._refused(v, before)
+                if refused is not None:
+                    return refused[0], BDAT if refused[1] == CONTINUE else refused[1]
+            self.bdat = True
+        self.chunk = (size, last, True)
+        return before, BDAT
+
+    def bdat_done(self) -> None:
+        """The BDAT transaction ended: LAST was queued or refused, or a chunk was refused (552)."""
+        self.seenmail = self.bdat = False
+        self.message_done()
 
     def message_done(self) -> None:
         """The message after DATA was queued or refused: the checks' headers and state go."""
@@ -452,6 +517,8 @@ class Session:
         addr = self._addr(arg)
         if addr is None:
             return replies.SYNTAX, CONTINUE
+        if self.cfg.databytes and b"=" in arg and declared_size(arg) > self.cfg.databytes:
+            return replies.DATABYTES, CONTINUE  # RFC 1870 6.1: before any data moves
         check = self.cfg.auth.sendercheck if self.cfg.auth is not None else None
         if check is not None and self.authuser is not None and not check.allowed(self.authuser, addr):
             return SENDER_NOT_YOURS, CONTINUE  # $SENDERCHECK (issue 14.2)
@@ -468,10 +535,13 @@ class Session:
         else:
             self.flagbarf = self._badmailfrom(addr)
         self.seenmail = True
+        self.bdat = False
         self.rcpts = []
         self.rcptbytes = 0
         self.rcptcount = self.rcptcountall = 0
         self.mailfrom = addr
+        # RFC 6531: SMTPUTF8 only where offered; elsewhere parameters are ignored, as qmail ignores them.
+        self.utf8 = self.cfg.smtputf8 and has_smtputf8(arg)
         return before + replies.OK, CONTINUE
 
     def _cmd_rcpt(self, arg: bytes) -> tuple[bytes, int]:
@@ -486,8 +556,8 @@ class Session:
         before = b""
         hooks = self.cfg.hooks.rcpt
         if hooks:
-            allowed = self.rcpt_allowed = (self.relayclient is not None or self.cfg.rcpthosts.allowed(addr)
-                                           or self._tls_relay())
+            allowed = self.rcpt_allowed = (self.relayclient is not None
+                                           or self.cfg.rcpthosts.allowed(addr, self.utf8) or self._tls_relay())
             v, a, before = self._checks(hooks, addr)
             addr = a or b""
             if v is not None and v.refuse:
@@ -504,7 +574,7 @@ class Session:
                 return before + self._nogateway(), CONTINUE
         elif self.relayclient is not None:
             addr += self.relayclient
-        elif not self.cfg.rcpthosts.allowed(addr) and not self._tls_relay():
+        elif not self.cfg.rcpthosts.allowed(addr, self.utf8) and not self._tls_relay():
             return self._nogateway(), CONTINUE
         size = len(addr) + 1
         if self.rcptbytes + size > RCPT_BYTES_MAX:
@@ -522,8 +592,11 @@ class Session:
         return replies.nogateway_tls(self.verify_err) if self.tls else replies.NOGATEWAY
 
     def received(self, when: int) -> bytes:
-        """Return the Received field for the message now starting."""
-        return self.cfg.peer.received(self.protocol, self.fakehelo, when)
+        """Return the Received field for the message now starting (RFC 6531 3.7.3: UTF8SMTP... with SMTPUTF8)."""
+        protocol = self.protocol
+        if self.utf8:
+            protocol = b"UTF8SMTP" + protocol[5:] if protocol.startswith(b"ESMTP") else b"UTF8" + protocol
+        return self.cfg.peer.received(protocol, self.fakehelo, when)
 
     def tls_started(self, cipher: bytes,
                     verify: Callable[[], tuple[bytes | None, bytes | None]] | None = None) -> None:
@@ -538,7 +611,7 @@ class Session:
         if self.authuser is not None:  # AUTH in plain text, then STARTTLS: still that user
             self.protocol = b"ESMTPSA (" + cipher + b" encrypted)"
         self.tls_verify = verify
-        self.seenmail = False
+        self.seenmail = self.bdat = self.esc = False
         self.flagbarf = False
         self.mailfrom = b""
         self.rcpts = []
@@ -576,7 +649,16 @@ VERBS: dict[bytes, Callable[[Session, bytes], tuple[bytes, int]]] = {
     b"help": Session._cmd_help,
     b"noop": Session._cmd_noop,
     b"vrfy": Session._cmd_vrfy,
+    b"bdat": Session._cmd_bdat,
 }
+
+
+def declared_size(arg: bytes) -> int:
+    """Return the SIZE=n of a MAIL argument (RFC 1870), 0 when there is none or it is not a number."""
+    for word in mail_parameters(arg):
+        if word.startswith(b"SIZE=") and word[5:].isdigit():
+            return int(word[5:]) if len(word) - 5 <= SIZE_DIGITS else 10 ** SIZE_DIGITS
+    return 0
 
 
 def data_reply(report: bytes, hops: bool, overflow: bool, qp: int, when: int) -> bytes:
