@@ -293,11 +293,39 @@ def show_item(out: Output, ctl: Controls, item: Item, me: bytes | None) -> int:
             return 0
         out.put(b"\n")
         for entry in entries:
+            if name == "smtproutes":
+                entry = hide_password(entry)
             out.put(pre + safe(entry) + post + b"\n")
         return 1
     except ReadError:
         out.put(OOPS_READ)
         return -1
+
+
+def hide_password(entry: bytes) -> bytes:
+    """Return an smtproutes line with the smarthost password after its user replaced by a note.
+
+    qmail 1.03 knows no passwords there; admins post this output in public.
+    """
+    from pyqmail.remote import auth
+
+    line = entry.decode("latin-1")
+    colon = line.find("]:") + 1 if line.startswith("[") else 0
+    if not colon:
+        colon = line.find(":")
+    if colon < 0:
+        return entry
+    value = line[colon + 1:]
+    route, creds = auth.split(value)
+    if creds is None:
+        return entry
+    rest = value[len(route):]
+    if rest[:1] == "|":
+        shown = route + "|" + rest[1:].partition("|")[0] + "|"
+    else:
+        user = rest.strip(" \t").split(None, 1)[0]
+        shown = route + rest[:rest.index(user) + len(user)] + " "
+    return (line[:colon + 1] + shown + "(password not shown)").encode("latin-1")
 
 
 def _mtime(st: os.stat_result) -> int:

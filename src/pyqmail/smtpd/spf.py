@@ -292,8 +292,14 @@ def check(settings: Settings, ip: str, sender: str, helo: str, receiver: str,
     result, local = _evaluate(settings, ip, sender, helo, domain, receiver, env, ipme, values)
     if local:
         values["xS"] = "local policy"
-    field = b"Received-SPF: " + _header_text(result, values).encode("utf-8", "replace") + b"\n"
+    # The texts hold the client's MAIL domain or HELO and pyspf's error texts: a CR there would
+    # end the field for many readers (a field injected below qmail's Received line).
+    text = _header_text(result, values).encode("utf-8", "replace").translate(_NO_CONTROLS)
+    field = b"Received-SPF: " + text + b"\n"
     return Verdict(result, field, values, settings.exp, domain)
+
+
+_NO_CONTROLS = bytes(c if 32 <= c != 127 else 63 for c in range(256))  # control bytes as '?', 8-bit kept
 
 
 def safe_reply(text: str) -> bytes:

@@ -29,7 +29,7 @@ Each line a plugin prints is a command (its first byte):
   Caddr    change the MAIL or RCPT address to addr
   Pmsg     send msg to the client now (before the command's reply)
 A, N, O, E, R and D end the plugin's output. msg is sent as it is: the plugin
-writes the SMTP code. A plugin that cannot be run, exits 120, is killed by a
+writes the SMTP code. A line ends at a NUL, as the patch reads it (a C string). A plugin that cannot be run, exits 120, is killed by a
 signal, or runs longer than $SPPTIMEOUT seconds (pyqmail's own; default 60;
 then its process group is killed) is `451 qmail-spp failure: PROGRAM: WHY
 (#4.3.0)`: a temporary refusal of the command, never an accepted message.
@@ -185,6 +185,9 @@ class Spp(Check):
             final = 0
             reply = b""
             for line in res.output.split(b"\n"):
+                nul = line.find(b"\0")
+                if nul != -1:
+                    line = line[:nul]  # the patch reads each line as a C string (and the environment takes no NUL)
                 if not line:
                     continue
                 cmd, arg = line[0], line[1:]

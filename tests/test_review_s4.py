@@ -1,0 +1,133 @@
+"""Hostile review of session 4's features: qmail-smtpd's checks (DNSBL, SPF, qmail-spp), qmail-rcptcheckd,
+qmail-remote's smarthost passwords, through the programs as processes.
+
+Each test is one finding of the review (docs/DESIGN.md "Review of session 4"): it passes when the
+defect is fixed; a test marked xfail(strict=True) names a defect left for the file's owner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import IS_ROOT, QHome, expect, run
+from smtpdkit import Conversation, queued
+from test_smtpd import GREETING, TCP
+from remotekit import DnsServer
+from ucspikit import DNSServer
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_servers():
+    yield
+    Conversation.close_all()
+
+
+def talk(qhome: QHome, **env: str) -> Conversation:
+    c = Conversation(qhome.bin("qmail-smtpd"), dict(TCP, **env))
+    assert c.line() == GREETING
+    return c
+
+
+def plugin(qhome: QHome, name: str, body: str) -> str:
+    """Write an executable sh plugin in the home; return its path relative to the home."""
+    p = qhome.path / "plugins" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_text("#!/bin/sh\n" + body + "\n")
+    p.chmod(0o755)
+    return f"plugins/{name}"
+
+
+# --- DNSBL: the TXT text of a hostile zone in the SMTP reply ---------------------------------------
+
+def test_dnsbl_txt_with_crlf_and_60kb_is_one_printable_reply_line(qhome: QHome) -> None:
+    """A listing zone's TXT holding CR LF "250 ok" and 4 KB of text: one 451 line, cut, no injected reply."""
+    evil = '"listed\\013\\010250 ok\\013\\010" "' + "x" * 255 + '"' + (' "' + "y" * 255 + '"') * 15
+    qhome.control("dnsbllist", "bl.test\n")
+    with DnsServer({("7.2.0.192.bl.test", "TXT"): [evil]}) as dns:
+        c = talk(qhome, **dns.env)
+        c.send(b"HELO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@test.example.com>\r\n")
+        assert c.reply() == b"250 test.example.com\r\n"
+        assert c.reply() == b"250 ok\r\n"
+        reply = c.rest()
+    assert reply.startswith(b"451 listed??250 ok??xxx")
+    assert reply.count(b"\r\n") == 1 and reply.endswith(b"\r\n") and len(reply) == 4 + 200 + 2, reply
+
+
+# --- SPF: Received-SPF carries client-controlled text -----------------------------------------------
+
+def test_received_spf_carries_no_control_bytes_from_the_sender(qhome: QHome) -> None:
+    """MAIL FROM:<a@x.test\\rX-Injected: yes>: the domain goes into Received-SPF; a bare CR there is a
+    header line to many readers (Python's email, some MUAs), a field the client injects above its own
+    header, below qmail's Received line. qmail's Received line turns such bytes into '?'; so must this."""
+    with DNSServer({}) as dns:
+        c = talk(qhome, DNSCACHEIP=dns.dnscacheip, SPFBEHAVIOR="1")
+        c.send(b"HELO x\r\nMAIL FROM:<a@x.test\rX-Injected: yes>\r\nRCPT TO:<u@test.example.com>\r\nDATA\r\n")
+        assert [c.reply()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        c.send(b"Subject: spf\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert c.reply()[:3] == b"250"
+        c.finish()
+    [(mess, _, _)] = queued(qhome.queue)
+    field = [line for line in mess.split(b"\n") if line.startswith(b"Received-SPF:")]
+    assert len(field) == 1, mess
+    assert b"\r" not in field[0] and b"x.test?X-Injected: yes" in field[0], field
+
+
+# --- qmail-spp: hostile plugin output -----------------------------------------------------------------
+
+@pytest.mark.parametrize("line", [rb"Cu\0x@test.example.com", rb"SFOO=a\0b", rb"U\0FOO"])
+def test_spp_nul_in_a_plugin_line_is_cut_there_not_a_crash(qhome: QHome, line: bytes) -> None:
+    """A plugin printing a NUL in a C, S or U line (echoing data it got elsewhere) killed qmail-smtpd
+    (ValueError: embedded null byte; the client got no reply). The patch reads the line as a C string:
+    it ends at the NUL."""
+    qhome.control("smtpplugins", "[rcpt]\n" + plugin(qhome, "nul", "printf '" + line.decode() + r"\nN\n'") + "\n")
+    c = talk(qhome)
+    c.send(b"HELO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@test.example.com>\r\nQUIT\r\n")
+    assert [c.reply() for _ in range(3)] == [b"250 test.example.com\r\n", b"250 ok\r\n", b"250 ok\r\n"]
+    assert c.reply().startswith(b"221 ")
+    code, err = c.finish()
+    assert b"internal error" not in err, err
+
+
+def test_spp_headers_of_an_abandoned_transaction_do_not_reach_the_next_message(qhome: QHome) -> None:
+    """A [mail] plugin's H line belongs to its transaction: a second MAIL (allowed without RSET, as in
+    qmail) starts another. The session keeps the first one's header and adds it to the next message;
+    a client repeating MAIL grows that list without bound (memory per connection)."""
+    qhome.control("smtpplugins", "[mail]\n" + plugin(qhome, "hdr", 'echo "HX-Spp-From: $SMTPMAILFROM"') + "\n")
+    c = talk(qhome)
+    c.send(b"HELO x\r\nMAIL FROM:<first@b.example>\r\nMAIL FROM:<second@b.example>\r\n"
+           b"RCPT TO:<u@test.example.com>\r\nDATA\r\n")
+    assert [c.reply()[:3] for _ in range(5)] == [b"250", b"250", b"250", b"250", b"354"]
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert c.reply()[:3] == b"250"
+    c.finish()
+    [(mess, _, _)] = queued(qhome.queue)
+    assert b"X-Spp-From: second@b.example\n" in mess
+    if b"X-Spp-From: first@b.example" in mess:
+        pytest.xfail("session.py (another helper's file): MAIL does not drop the checks' headers of "
+                     "the transaction it replaces (Session._cmd_mail should clear self.headers)")
+
+
+# --- qmail-showctl: smarthost passwords -------------------------------------------------------------
+
+def test_showctl_does_not_print_smarthost_passwords(qhome: QHome) -> None:
+    """qmail-showctl's output is what admins paste into mailing lists and bug reports: a password
+    after the relay in control/smtproutes must not be in it (the route and the user are)."""
+    qhome.control("smtproutes", ":smart.example:587 alice s3cret pass\nexample.org:relay.example|bob|hunter2\n"
+                                "[IPv6:2001:db8::1]:[IPv6:2001:db8::2]:2525 -carol pw|x\nplain.example:relay2.example\n")
+    r = run([qhome.bin("qmail-showctl")], env={"PATH": "/usr/bin:/bin"})
+    expect(r)
+    routes = [line for line in r.stdout.split(b"\n") if line.startswith(b"SMTP route: ")]
+    assert routes == [b"SMTP route: :smart.example:587 alice (password not shown)",
+                      b"SMTP route: example.org:relay.example|bob|(password not shown)",
+                      b"SMTP route: [IPv6:2001:db8::1]:[IPv6:2001:db8::2]:2525 -carol (password not shown)",
+                      b"SMTP route: plain.example:relay2.example"], r.stdout
+    for secret in (b"s3cret", b"hunter2", b"pw|x"):
+        assert secret not in r.stdout
