@@ -6,6 +6,11 @@ Reads a message on descriptor 0, rewrites its header as qmail-header(5)
 says (header.Header), and hands it to qmail-queue (or, with -n, prints it).
 Exits 0, 100 for a usage or severe syntax error, 111 for a temporary error.
 
+SMTPUTF8 (RFC 6531/6532): with $SMTPUTF8MAIL set, or an argument address that is
+UTF-8 beyond ASCII, UTF-8 words in the header are atoms and UTF-8 local parts stay
+unquoted; the message is queued flagged SMTPUTF8 ($SMTPUTF8MAIL to qmail-queue) then,
+or whenever an envelope address is not ASCII.
+
 This program runs once per message sent through sendmail, so its import path
 is kept to what every run needs: no typing, re, enum or email at start-up,
 and the queue client is imported only when the message is queued.

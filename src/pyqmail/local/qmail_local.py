@@ -15,6 +15,10 @@ qmail's words. qmail-lspawn reads both streams as the delivery report.
 
 With -n it prints the delivery instructions instead of following them.
 qmail-local never changes its uid: qmail-lspawn starts it as the recipient.
+
+SMTPUTF8 (RFC 6531/6532): ext and the addresses are bytes; a UTF-8 extension finds its
+`.qmail-EXT` file (only ASCII letters are lowercased, as qmail), and a UTF-8 local part of
+the sender stays unquoted in Return-Path (a legacy 8-bit one is quoted as before).
 """
 
 from __future__ import annotations
@@ -113,8 +117,10 @@ def delivered_to(local: bytes, host: bytes) -> bytes:
 
 
 def return_path(sender: bytes) -> bytes:
-    """Return the Return-Path line for sender (RPLINE)."""
-    return (b"Return-Path: <" + rfc822.quote2(sender)).replace(b"\n", b"_") + b">\n"
+    """Return the Return-Path line for sender (RPLINE); a UTF-8 local part stays unquoted (RFC 6532)."""
+    box = sender[:sender.rfind(b"@")] if b"@" in sender else sender
+    utf8 = not box.isascii() and rfc822.utf8_word(box)
+    return (b"Return-Path: <" + rfc822.quote2(sender, utf8)).replace(b"\n", b"_") + b">\n"
 
 
 def from_line(sender: bytes, when: float) -> bytes:

@@ -42,7 +42,7 @@ import os
 import select
 import time
 
-from pyqmail import control, durable
+from pyqmail import control, durable, smtputf8
 from pyqmail import home as _home
 from pyqmail import sig as signal
 from pyqmail.entry import program
@@ -766,17 +766,19 @@ class Send:
         if bounce.is_triple(sender):
             self.log(log.triple_bounce(bfn.encode()))
         else:
-            qq = QQ()
+            bsender, brecip = bounce.envelope(sender, self.c.doublebounceto)
+            # A bounce of an SMTPUTF8 message, or to a UTF-8 address, is itself SMTPUTF8 (RFC 6531).
+            utf8 = not brecip.isascii() or self._info_utf8(messid)
+            qq = QQ(env={**os.environ, smtputf8.ENV: "1"}) if utf8 else QQ()
             if qq.pid == -1:
                 self.log(log.QQ_START)
                 return False
-            bsender, brecip = bounce.envelope(sender, self.c.doublebounceto)
             double = not sender
             qq.write(bounce.head(date822(self.clock()).encode(), self.c.bouncefrom, self.c.bouncehost,
-                                 brecip, double))
+                                 brecip, double, utf8))
             if not self._copy(bfn, qq):
                 qq.fail()
-            qq.write(bounce.middle(sender, double))
+            qq.write(bounce.middle(sender, double, utf8))
             if not self._copy(self.fn_split("mess", messid), qq):
                 qq.fail()
             if qq.close(bsender, [brecip]):
@@ -789,6 +791,19 @@ class Send:
             self.log(log.unable(b"unlink", bfn.encode()))
             return False
         return True
+
+    def _info_utf8(self, messid: int) -> bool:
+        """Return whether info/N flags message N SMTPUTF8 (its record after F; pyqmail.smtputf8)."""
+        try:
+            fd = os.open(self.fn_split("info", messid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False  # getinfo() has just read it: gone now, the bounce goes as before
+        try:
+            return any(rec == smtputf8.INFO_RECORD for _, rec in _records(fd))
+        except OSError:
+            return False  # safe: the flag only chooses the bounce's headers and MAIL parameter
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _copy(fn: str, qq: QQ) -> bool:
@@ -980,15 +995,19 @@ class Send:
         chan_at = [-1, -1]  # index of the channel's file in p.files
         bufs = [bytearray()]
         uid = pid = 0
+        utf8 = False
         try:
             for _, rec in _records(fd):
                 kind = rec[:1]
                 if kind == b"u":
                     uid = _scan_ulong(rec[1:])
+                    utf8 = smtputf8.FLAG in smtputf8.u_flags(rec[1:])
                 elif kind == b"p":
                     pid = _scan_ulong(rec[1:])
                 elif kind == b"F":
                     bufs[0] += rec + b"\0"
+                    if utf8:  # after F, where C's qmail-send and qmail-qread do not read
+                        bufs[0] += smtputf8.INFO_RECORD + b"\0"
                     self.log(log.info_msg(messid, size, rec[1:], pid, uid))
                 elif kind == b"T":
                     c, addr = self.c.rewriter.rewrite(rec[1:])
