@@ -96,6 +96,8 @@ def test_spp_nul_in_a_plugin_line_is_cut_there_not_a_crash(qhome: QHome, line: b
     assert b"internal error" not in err, err
 
 
+@pytest.mark.xfail(strict=True, reason="session.py (another helper's file): MAIL does not drop the checks' "
+                   "headers of the transaction it replaces (Session._cmd_mail should clear self.headers)")
 def test_spp_headers_of_an_abandoned_transaction_do_not_reach_the_next_message(qhome: QHome) -> None:
     """A [mail] plugin's H line belongs to its transaction: a second MAIL (allowed without RSET, as in
     qmail) starts another. The session keeps the first one's header and adds it to the next message;
@@ -110,9 +112,7 @@ def test_spp_headers_of_an_abandoned_transaction_do_not_reach_the_next_message(q
     c.finish()
     [(mess, _, _)] = queued(qhome.queue)
     assert b"X-Spp-From: second@b.example\n" in mess
-    if b"X-Spp-From: first@b.example" in mess:
-        pytest.xfail("session.py (another helper's file): MAIL does not drop the checks' headers of "
-                     "the transaction it replaces (Session._cmd_mail should clear self.headers)")
+    assert b"X-Spp-From: first@b.example" not in mess
 
 
 # --- qmail-showctl: smarthost passwords -------------------------------------------------------------
@@ -131,3 +131,61 @@ def test_showctl_does_not_print_smarthost_passwords(qhome: QHome) -> None:
                       b"SMTP route: plain.example:relay2.example"], r.stdout
     for secret in (b"s3cret", b"hunter2", b"pw|x"):
         assert secret not in r.stdout
+
+
+# --- qmail-rcptcheckd: children a local user can stop ------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.xfail(strict=True, reason="qmail_rcptcheckd.py (local/, another helper's area): the 30-second "
+                   "limit is the child's own alarm, which a stopped child never acts on; the parent "
+                   "waits for a free slot without a deadline")
+def test_rcptcheckd_survives_stopped_children(root_home: QHome) -> None:
+    """A child drops to the recipient's user to search the home; that user may then SIGSTOP it
+    (`kill -STOP -1` in a loop while RCPTs to them arrive). A stopped child ignores its SIGALRM, the
+    parent blocks in waitpid once 40 are alive, and from then on every recipient check of every
+    qmail-smtpd is 451 until qmail-rcptcheckd is restarted: incoming mail for all users deferred.
+    Here root holds 40 children in their read and stops them, then sends each the SIGALRM of its
+    30-second limit (the state they would be in 30 seconds later); a 41st question must be answered."""
+    if not IS_ROOT:
+        pytest.skip("root mode")
+    from pyqmail.local import qmail_rcptcheckd
+
+    d = subprocess.Popen([root_home.bin("qmail-rcptcheckd")], env={"PATH": "/usr/bin:/bin"},
+                         cwd=root_home.path, stderr=subprocess.PIPE)
+    held: list[socket.socket] = []
+    stopped: list[int] = []
+    try:
+        sock = root_home.path / "run" / "qmail-rcptcheck.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(qmail_rcptcheckd.CHILDREN_MAX):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(sock))
+            held.append(s)
+        while len(_children(d.pid)) < qmail_rcptcheckd.CHILDREN_MAX and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped = _children(d.pid)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        for pid in stopped:  # stopped first: a pending SIGALRM is delivered before a pending SIGSTOP
+            while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGALRM)
+        for s in held:
+            s.close()
+        answer = qmail_rcptcheckd.ask(str(root_home.path), b"nobody-here", timeout=5)
+        assert answer.code != "Z" or "timed out" not in answer.why, answer
+    finally:
+        for s in held:
+            s.close()
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        d.terminate()
+        d.communicate(timeout=30)
