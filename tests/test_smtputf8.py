@@ -301,6 +301,9 @@ def test_info_file_keeps_the_flag_after_the_sender(site: Site) -> None:
         (info,) = [p for p in (site.home.queue / "info").rglob("*") if p.is_file()]
         # C's qmail-send and qmail-qread read the first record only: the sender, as ever.
         assert info.read_bytes() == b"F" + SENDER.encode() + b"\0ESMTPUTF8\0"
+        # qmail-qread (C's too) reads the bytes after F's NUL as local/N's start: E is skipped.
+        listing = expect(run([site.home.bin("qmail-qread")], user=site.user)).stdout.split(b"\n")
+        assert [x.split(b"\t")[1:2] for x in listing[1:-1]] == [[b"remote"]], listing
     finally:
         d.stop()
 
