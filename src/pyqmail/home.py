@@ -21,14 +21,21 @@ GROUP_ROLES = ("qmail", "nofiles")
 _default: str | None = None
 _home: str | None = None
 _install: Install | None = None
+_install_home: str | None = None  # the home whose conf/install _install was read from
 
 
 def set_default(path: str) -> None:
-    """Set the home compiled into the running stub; $QMAILHOME still wins."""
+    """Set the home compiled into the running stub; $QMAILHOME still wins.
+
+    The install record read so far is kept when the home stays the same: a
+    child started by fork-and-call (pyqmail.spawn) would otherwise read
+    conf/install again, once per message (issue 17).
+    """
     global _default, _home, _install
     _default = path
     _home = None
-    _install = None
+    if _install is not None and _install_home != home():
+        _install = None
 
 
 def stub_home() -> str | None:
@@ -134,11 +141,13 @@ def format_install(inst: Install) -> str:
 
 def install() -> Install:
     """Return this home's install record; a home without one is single-user, split 23."""
-    global _install
+    global _install, _install_home
     if _install is None:
+        _install_home = home()
         try:
-            with open(os.path.join(home(), INSTALL_FILE), encoding="utf-8") as f:
+            with open(os.path.join(_install_home, INSTALL_FILE), encoding="utf-8") as f:
                 _install = parse_install(f.read())
         except FileNotFoundError:
             _install = Install(True, 23, {}, {})
+            _install_home = None  # not kept by set_default: `qmail init` may write it next
     return _install
