@@ -64,6 +64,11 @@ forbids changing the address). Local parts of legacy 8-bit bytes that are not UT
 headers that are not UTF-8, go as qmail sends them. The message's SMTPUTF8 flag in the queue is
 not visible here (info/N is qmails' and qmail-rspawn's protocol has no room): what needs the
 flag shows in the addresses or the header.
+
+SIZE (RFC 1870): to a server whose EHLO lists SIZE, MAIL carries `SIZE=n`, n being the bytes
+the message makes on the wire (line ends as CR LF, without the dots added for stuffing), when
+the message on descriptor 0 is a file (as qmail-rspawn gives it; from a pipe the size is not
+known and no SIZE= is sent). A 5xx at MAIL (552: too big for the server) is a permanent failure.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ import os
 import select
 import socket
 import ssl
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -377,7 +383,8 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
         if conn.reply() != 220:
             return last(_quit(conn, partner, sc.GREETING_FAILED))
         failed = _hello(conn, partner, helohost, plan)
-        use_utf8 = failed is None and utf8 is not None and b"SMTPUTF8" in _ehlo_keywords(conn.text)
+        keywords = _ehlo_keywords(conn.text) if failed is None else set()
+        use_utf8 = utf8 is not None and b"SMTPUTF8" in keywords
         if failed is None and login is not None:
             failed = _login(conn, partner, login)
         if failed is not None:
@@ -392,6 +399,10 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
                 conn.send(b"QUIT\r\n")
                 return last(sc.no_smtputf8_sender(partner))
             refuse = [not ok for ok in utf8.recips_ok]
+        if b"SIZE" in keywords:  # RFC 1870: a server that cannot take it says 552 now, a permanent D
+            size = message_size(msgfd)
+            if size is not None:
+                params += b" SIZE=%d" % size
         code = conn.command(b"MAIL FROM:<" + sender + b">" + params)
         if code >= 500:
             return last(_quit(conn, partner, sc.SENDER_REJECTED_PERM))
@@ -426,6 +437,35 @@ def smtp(conn: Smtp, partner: bytes, helohost: bytes, sender: bytes, recips: lis
         return last(_quit(conn, partner, sc.ACCEPTED))
     except _Dropped:
         return last(sc.dropped(partner, conn.critical, conn.why))
+
+
+def message_size(fd: int) -> int | None:
+    """Return the bytes the message on fd makes on the wire; None if fd is no file.
+
+    Every line end (LF, CR LF or a bare CR: smtpclient.Stuffer) goes as CR LF, so each LF and
+    each CR adds a byte and each CR LF pair takes back two. RFC 1870's size leaves out the dots
+    added for dot-stuffing and the final dot. Read with pread: fd's offset stays where it is.
+    """
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        pos = start = os.lseek(fd, 0, os.SEEK_CUR)
+        extra = 0
+        cr = False  # the previous chunk ended in CR
+        while True:
+            chunk = os.pread(fd, CHUNK, pos)
+            if not chunk:
+                break
+            crs = chunk.count(b"\r")  # usually none: the queue keeps LF line ends
+            extra += chunk.count(b"\n") + (crs - 2 * chunk.count(b"\r\n") if crs else 0)
+            if cr and chunk[:1] == b"\n":
+                extra -= 2
+            cr = chunk.endswith(b"\r")
+            pos += len(chunk)
+    except OSError:
+        return None  # the message read itself will say what is wrong
+    return pos - start + extra
 
 
 def connect(ip: str, port: int, timeout: int, source: str | None,
