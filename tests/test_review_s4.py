@@ -189,3 +189,34 @@ def test_rcptcheckd_survives_stopped_children(root_home: QHome) -> None:
                 pass
         d.terminate()
         d.communicate(timeout=30)
+
+
+# --- greylisting: a client making new triplets by the thousand ----------------------------------------
+
+def test_greylist_records_at_most_pending_max_new_triplets_per_network(tmp_path: Path) -> None:
+    """Each RCPT naming a new sender or recipient was a new row (2.5 KB with 200-byte addresses; 1800 a
+    second from one connection, measured), kept for RETRY (2 days): a disk filled at MB/s. Past
+    pending_max waiting triplets a network's new ones are deferred alike but not written; its
+    recorded ones still pass after the delay, other networks are not affected, and once its waiting
+    ones are older than RETRY it is recorded again."""
+    import sqlite3
+
+    from pyqmail.smtpd import greylist as gl
+
+    t0 = 1_700_000_000
+    now = [t0]
+    s = gl.Settings(delay=300, retry=3600, db=str(tmp_path / "triplets.sqlite"), pending_max=5)
+    g = gl.Greylist(s, lambda: now[0])
+    for i in range(8):
+        assert g.check("192.0.2.9", b"spam@example.com", b"r%d@test.example" % i) == (gl.DEFER, 300)
+    assert g.check("198.51.100.1", b"a@example.com", b"r0@test.example") == (gl.DEFER, 300)
+    now[0] += 300
+    assert g.check("192.0.2.9", b"spam@example.com", b"r7@test.example") == (gl.DEFER, 300)  # never recorded
+    assert g.check("192.0.2.9", b"spam@example.com", b"r0@test.example") == (gl.PASS, 0)
+    now[0] += 3601
+    assert g.check("192.0.2.9", b"spam@example.com", b"r9@test.example") == (gl.DEFER, 300)
+    g.close()
+    db = sqlite3.connect(s.db)
+    rows = db.execute("SELECT net, rcpt, passed FROM triplet ORDER BY net, rcpt").fetchall()
+    db.close()
+    assert rows == [("192.0.2.0/24", "r0@test.example", 1), ("192.0.2.0/24", "r9@test.example", 0)]

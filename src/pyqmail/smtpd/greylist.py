@@ -11,6 +11,10 @@ passes, and the triplet stays passed while it is seen at least once every
 EXPIRY seconds. A pending triplet not retried within RETRY is forgotten (the
 next attempt starts over). The client network is the /24 of an IPv4 address,
 the /64 of an IPv6 one; sender and recipient are lowercased, <> is empty.
+At most 1000 triplets of one client network wait for their retry at once
+(PENDING_MAX); a new one past that is deferred alike but not recorded, so
+that a client naming a new sender or recipient in every RCPT cannot fill
+the disk (2.5 KB a triplet, 1800 a second from one connection).
 
 Never greylisted: RELAYCLIENT, authenticated and tlsclients clients, a client
 with $NOGREYLIST set (tcprules), one whose address is in control/greylistips
@@ -57,6 +61,7 @@ DEFAULT_DELAY = 300
 DEFAULT_RETRY = 2 * 86400
 DEFAULT_EXPIRY = 35 * 86400
 REFRESH = 3600  # a passed triplet's last-seen time is rewritten at most this often (reads stay reads)
+PENDING_MAX = 1000  # new triplets of one client network waiting for their retry; past it, deferred unrecorded
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another process's lock
 DB_DIR = "greylist"
 DB_NAME = "triplets.sqlite"
@@ -81,10 +86,12 @@ def deferred(wait: int) -> bytes:
 class Settings:
     """The delays, and the whitelists."""
 
-    __slots__ = ("delay", "retry", "expiry", "ips", "domains", "db")
+    __slots__ = ("delay", "retry", "expiry", "ips", "domains", "db", "pending_max")
 
     def __init__(self, delay: int = DEFAULT_DELAY, retry: int = DEFAULT_RETRY, expiry: int = DEFAULT_EXPIRY,
-                 ips: Sequence[str] = (), domains: Sequence[str] = (), db: str = "") -> None:
+                 ips: Sequence[str] = (), domains: Sequence[str] = (), db: str = "",
+                 pending_max: int = PENDING_MAX) -> None:
+        self.pending_max = pending_max
         self.delay = delay
         self.retry = max(retry, delay)
         self.expiry = expiry
@@ -226,6 +233,10 @@ class Greylist:
             verdict, write, wait = decide(self._row(db, key), now, self.settings)
             if write == NOTHING:
                 return verdict, wait  # a read only: the common case, a passed triplet
+            if write == INSERT and self._pending(db, key[0], now) >= self.settings.pending_max:
+                # A client making new triplets by the thousand (a sender or recipient per RCPT) would
+                # grow the file by megabytes a second for RETRY seconds: deferred, not recorded.
+                return verdict, wait
             db.execute("PRAGMA synchronous = FULL")  # this commit is fsync'd (about 1 ms in WAL mode)
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -250,6 +261,12 @@ class Greylist:
             return verdict, wait
         except sqlite3.Error as e:
             raise Trouble(f"{self.settings.db}: {e}") from e
+
+    def _pending(self, db: sqlite3.Connection, net: str, now: int) -> int:
+        """Return how many of net's triplets wait for their retry (counted up to pending_max)."""
+        query = ("SELECT count(*) FROM (SELECT 1 FROM triplet WHERE net = ? AND passed = 0 AND first >= ? "
+                 "LIMIT ?)")
+        return int(db.execute(query, (net, now - self.settings.retry, self.settings.pending_max)).fetchone()[0])
 
     def _prune(self, db: sqlite3.Connection, now: int) -> None:
         """Delete pending triplets older than RETRY and passed ones unseen for EXPIRY."""
