@@ -3,15 +3,18 @@ exact dialogues on a socketpair, smtplib over TCP, and the pure parts (bdat.Chun
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import QHome
+from conftest import CI, QHome, expect, run
 from queuefmt import RECEIVED
 from smtpdkit import Conversation, ForkServer, queued
+from test_resource_bounds import PEAK_MIB, measured
 from test_smtpd import ACCEPTED, GREETING, SMTPD_RECEIVED, TCP, assert_empty_queue, dialogue, no_certificate, talk
 
 from pyqmail.smtpd import replies
@@ -77,8 +80,12 @@ def test_smtplib_sends_size_and_gets_552_before_data(qhome: QHome) -> None:
     with ForkServer(qhome.bin("qmail-smtpd")) as srv:
         with smtplib.SMTP("127.0.0.1", srv.port, local_hostname="c.example", timeout=30) as s:
             start = time.monotonic()
+            sent = []
+            send = s.send
+            s.send = lambda data: (sent.append(len(data)), send(data))[1]  # type: ignore[method-assign]
             with pytest.raises(smtplib.SMTPSenderRefused) as e:
                 s.sendmail("a@c.example", ["x@test.example.com"], msg)
+            assert sum(sent) < 100  # MAIL FROM:<a@c.example> size=10... only
             assert (e.value.smtp_code, e.value.smtp_error) == (552, replies.DATABYTES[4:-2])
             assert s.does_esmtp and s.esmtp_features["size"] == "1048576"
             assert s.noop() == (250, b"ok")  # the session goes on: nothing of the message was read as commands
@@ -143,6 +150,34 @@ def test_bdat_chunk_size_lies(qhome: QHome) -> None:
     assert c.rest() == b""  # no reply: the chunk never ended
     assert c.finish()[0] == 1
     assert len(queued(qhome.queue)) == 1  # only the first message
+
+
+def test_bdat_short_chunk_then_silence_times_out(qhome: QHome) -> None:
+    """Fewer bytes than announced and a client that waits: timeoutsmtpd's 451, nothing queued."""
+    no_certificate(qhome)
+    qhome.control("timeoutsmtpd", "1")
+    c = talk(qhome)
+    envelope(c)
+    c.send(b"BDAT 100 LAST\r\nonly ten b")
+    start = time.monotonic()
+    assert c.rest() == replies.TIMEOUT
+    assert 0.9 < time.monotonic() - start < 20
+    assert c.finish()[0] == 1
+    assert_empty_queue(qhome)
+
+
+def test_bdat_memory_bounded(qhome: QHome, tmp_path: Path) -> None:
+    """One 96 MiB chunk: qmail-smtpd and its qmail-queue stay under the documented bound (test_resource_bounds)."""
+    size = 96 << 20
+    wire = (b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nRCPT TO:<x@test.example.com>\r\n"
+            b"BDAT %d LAST\r\n" % size + b"Subject: big\r\n\r\n" + b"z" * (size - 18) + b"\r\nQUIT\r\n")
+    code, out, peak = measured(qhome.bin("qmail-smtpd"), wire, {"TCPREMOTEHOST": "c.example"}, tmp_path)
+    assert code == 0
+    lines = out.split(b"\r\n")
+    assert lines[-4:-3] == [b"250 ok"] and ACCEPTED.match(lines[-3] + b"\r\n") and lines[-2].startswith(b"221 ")
+    ((mess, _, _),) = queued(qhome.queue)
+    assert len(body(mess)) == size - 3 and body(mess).endswith(b"zz\n")  # two CR LF in the header, one at the end
+    assert peak < PEAK_MIB, f"qmail-smtpd peaked at {peak:.1f} MiB"
 
 
 def test_bdat_out_of_order_and_mixed_with_data(qhome: QHome) -> None:
@@ -284,6 +319,28 @@ def test_smtplib_with_enhanced_status_codes(qhome: QHome) -> None:
             assert e.value.smtp_error == b"5.3.4 " + replies.DATABYTES[4:-2]
             assert s.sendmail("a@c.example", ["x@test.example.com"], b"Subject: s\r\n\r\nok\r\n") == {}
     assert len(queued(qhome.queue)) == 1
+
+
+def test_swaks_with_enhanced_status_codes(qhome: QHome) -> None:
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        if CI:
+            pytest.fail("swaks is missing: .ci/run must install Debian's swaks")
+        pytest.skip("swaks not installed")
+    no_certificate(qhome)
+    qhome.control("enhancedstatuscodes", "1\n")
+    with ForkServer(qhome.bin("qmail-smtpd")) as srv:
+        res = run([swaks, "--server", "127.0.0.1", "--port", str(srv.port), "--helo", "swaks.example",
+                   "--from", "sender@swaks.example", "--to", "rcpt@test.example.com", "--body", "esc"], timeout=60)
+        expect(res, 0)
+        for line in (b"<-  250-CHUNKING", b"<-  250 ENHANCEDSTATUSCODES", b"<-  250 2.1.0 ok", b"<-  250 2.1.5 ok",
+                     b"<-  354 go ahead", b"<-  250 2.0.0 ok ", b"<-  221 2.0.0 test.example.com"):
+            assert line in res.stdout, res.explain()
+        res = run([swaks, "--server", "127.0.0.1", "--port", str(srv.port), "--from", "sender@swaks.example",
+                   "--to", "rcpt@elsewhere.example"], timeout=60)
+        assert b"<** 553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)" in res.stdout
+    ((_, sender, rcpts),) = queued(qhome.queue)
+    assert (sender, rcpts) == (b"sender@swaks.example", [b"rcpt@test.example.com"])
 
 
 # --- pure parts ------------------------------------------------------------------------------
