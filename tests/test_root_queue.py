@@ -201,3 +201,27 @@ def test_group_commit_child_without_its_server_fsyncs_itself(tmp_path: Path, mon
     assert mine.recv(1) == qmail_queued.COMMIT_ASK
     mine.close()
     theirs.close()
+
+
+def test_local_client_imports_no_socket_module(root_home: QHome, queued: subprocess.Popen[bytes]) -> None:
+    """The client's handover to qmail-queued uses _socket: socket imports enum and selectors (issue 17)."""
+    import sys
+
+    from conftest import ROOT
+
+    code = (f"import os, sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
+            "from pyqmail.queue import qmail_queue; "
+            f"code = qmail_queue.hand_to_server({str(root_home.path)!r}); "
+            "os.write(2, (str(code) + ' ' + ' '.join(m for m in ('socket', 'enum', 'selectors') "
+            "if m in sys.modules)).encode())")
+    r, w = os.pipe()
+    os.write(w, envelope(b"pqtest@x", b"b@y"))
+    os.close(w)
+    pw = pwd.getpwnam(TEST_USER)
+    try:
+        p = subprocess.run([sys.executable, "-IS", "-c", code], input=b"Subject: s\n\ns\n", stdout=r,
+                           stderr=subprocess.PIPE, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], timeout=60)
+    finally:
+        os.close(r)
+    assert p.stderr.strip() == b"0", p.stderr
+    assert len(files(root_home.queue)["todo"]) == 1
