@@ -71,6 +71,10 @@ SMTPS_AUTH_ENV = "SMTPAUTH="  # SMTPS: LOGIN PLAIN offered (TLS from the first b
 # Recipient validation at RCPT (issue 15.2), on in every SMTP service `qmail up` runs:
 # unknown local recipients get 550 instead of a bounce later (pyqmail.smtpd.rcptcheck).
 RCPTCHECK_ENV = "RCPTCHECK_LOCAL=1"
+# SMTPUTF8 (RFC 6531, issue 18.2) offered in every SMTP service `qmail up` runs; a bare
+# qmail-smtpd offers it only with control/smtputf8, so that its EHLO stays qmail's.
+SMTPUTF8_ENV = "SMTPUTF8=1"
+SMTP_ENV = (RCPTCHECK_ENV, SMTPUTF8_ENV)
 BRTLIMIT_DEFAULT = "10\n"  # control/brtlimit `qmail up` writes when there is none
 AUTH_SUBPROGRAM = "/bin/true"  # what checkpassword runs as the user once the login is accepted
 SERVERCERT = "control/servercert.pem"  # pyqmail.admin.certs.SERVERCERT, not imported: `qmail up` stays light
@@ -131,7 +135,7 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
         # asks qmail-rcptcheckd, which looks as each user (docs/DESIGN.md).
         out["rcptcheckd"] = [os.path.join(bindir, "qmail-rcptcheckd")]
     if ports.smtp:
-        out["smtpd"] = [RCPTCHECK_ENV] + _tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtp,
+        out["smtpd"] = [*SMTP_ENV] + _tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtp,
                                   [os.path.join(bindir, "qmail-smtpd")], as_qmaild=True)
     if ports.pop3:
         # As root, checkpassword needs root to read /etc/shadow and become the user.
@@ -141,10 +145,10 @@ def services(qmail_home: str, inst: _home.Install, ports: Ports, fqdn: str) -> d
         out["qmtpd"] = _tcpserver(qmail_home, inst, fqdn, ports.host, ports.qmtp,
                                   [os.path.join(bindir, "qmail-qmtpd")], as_qmaild=True)
     if ports.smtps and tls:
-        out["smtps"] = [SMTPS_ENV, SMTPS_AUTH_ENV, RCPTCHECK_ENV,
+        out["smtps"] = [SMTPS_ENV, SMTPS_AUTH_ENV, *SMTP_ENV,
                         *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.smtps, smtpd_auth, as_qmaild=False)]
     if ports.submission and tls:
-        out["submission"] = [*SUBMISSION_ENV, RCPTCHECK_ENV,
+        out["submission"] = [*SUBMISSION_ENV, *SMTP_ENV,
                              *_tcpserver(qmail_home, inst, fqdn, ports.host, ports.submission, smtpd_auth,
                                          as_qmaild=False)]
     if ports.pop3s and tls:
