@@ -220,3 +220,45 @@ def test_greylist_records_at_most_pending_max_new_triplets_per_network(tmp_path:
     rows = db.execute("SELECT net, rcpt, passed FROM triplet ORDER BY net, rcpt").fetchall()
     db.close()
     assert rows == [("192.0.2.0/24", "r0@test.example", 1), ("192.0.2.0/24", "r9@test.example", 0)]
+
+
+# --- SPF's own DNS client: datagrams that are not the answer -------------------------------------------
+
+def test_spfdns_stray_datagrams_do_not_stretch_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """spfdns.lookup waited for its answer with a timeout per recv: a datagram of another id every
+    0.1 s (a stray, or someone who can send to the client's port as the server) kept it waiting as
+    long as they came, past pyspf's timeout. The wait is now for the answer, by a deadline."""
+    import threading
+
+    import spf as pyspf
+
+    from pyqmail.smtpd import spfdns
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def noise() -> None:
+        server.settimeout(5)
+        try:
+            query, peer = server.recvfrom(512)
+        except OSError:
+            return
+        wrong = bytes([query[0] ^ 0xFF, query[1]]) + b"\x81\x80" + bytes(8)
+        end = time.monotonic() + 6
+        while not stop.wait(0.1) and time.monotonic() < end:
+            server.sendto(wrong, peer)
+
+    t = threading.Thread(target=noise, daemon=True)
+    t.start()
+    monkeypatch.setattr(spfdns, "_servers", [("127.0.0.1", server.getsockname()[1])])
+    start = time.monotonic()
+    try:
+        with pytest.raises(pyspf.TempError):
+            spfdns.lookup("example.com", "TXT", timeout=2)
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        t.join()
+        server.close()
+    assert elapsed < 4.5, elapsed  # timeout=2: 1 s then the 1 s left; the old wait ran past 7 s

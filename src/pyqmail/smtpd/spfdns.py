@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -162,13 +163,16 @@ def lookup(name: str, qtype: str, strict: object = True, timeout: float = 20) ->
             if left <= 0:
                 break
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            deadline = time.monotonic() + min(wait, left)
+            left -= wait
             try:
                 with socket.socket(family, socket.SOCK_DGRAM) as s:
-                    s.settimeout(min(wait, left))
-                    left -= wait
                     s.connect((address, port))
                     s.send(packet)
                     while True:
+                        # One deadline for the answer: datagrams of another id (strays, or forged
+                        # ones) must not restart the wait.
+                        s.settimeout(max(deadline - time.monotonic(), 0.0) or 1e-6)
                         reply = s.recv(65535)
                         if reply[:2] == packet[:2]:
                             break  # another id: a stray or forged datagram, ignored
