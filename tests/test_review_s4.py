@@ -262,3 +262,76 @@ def test_spfdns_stray_datagrams_do_not_stretch_the_wait(monkeypatch: pytest.Monk
         t.join()
         server.close()
     assert elapsed < 4.5, elapsed  # timeout=2: 1 s then the 1 s left; the old wait ran past 7 s
+
+
+# --- qmail-remote: authsenders credentials and an MX found in DNS -----------------------------------
+
+def _plain_smtp_server(seen: list[bytes]) -> tuple[socket.socket, "threading.Thread"]:
+    """One SMTP session on 127.0.0.2 (not this host's address, so qmail-remote takes it as an MX),
+    offering AUTH PLAIN without TLS; every command is appended to seen."""
+    import threading
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.2", 0))
+    srv.listen(1)
+    srv.settimeout(30)
+
+    def serve() -> None:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        with conn, conn.makefile("rb") as f:
+            conn.sendall(b"220 mx.evil.example ESMTP\r\n")
+            data = False
+            for raw in f:
+                if data:
+                    if raw == b".\r\n":
+                        data = False
+                        conn.sendall(b"250 ok\r\n")
+                    continue
+                seen.append(raw.rstrip(b"\r\n"))
+                verb = raw[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-mx.evil.example\r\n250 AUTH PLAIN LOGIN\r\n")
+                elif verb == b"AUTH":
+                    conn.sendall(b"235 thanks for the password\r\n")
+                elif verb == b"DATA":
+                    data = True
+                    conn.sendall(b"354 go\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv, t
+
+
+@pytest.mark.xfail(strict=True, reason="qmail_remote.py (another helper's file): an authsenders line with an "
+                   "empty relay sends its credentials to whatever MX the recipient's domain names")
+def test_authsenders_credentials_never_go_to_an_mx_from_dns(qhome: QHome) -> None:
+    """control/authsenders `bob@x.org -user password` (no relay: "keeps the host's usual route") made
+    qmail-remote log in to the recipient domain's MX, a server of anyone's choosing: mail from bob to
+    evil.example hands evil.example the smarthost password (PLAIN; with TLS too, which is
+    opportunistic and unverified to an MX). With the empty key (every sender, bounces included) a
+    stranger gets it by mailing a nonexistent local user from their own domain. Credentials belong to
+    a relay the admin named, never to an MX found in DNS."""
+    from remotekit import DnsServer as Dns
+
+    seen: list[bytes] = []
+    srv, t = _plain_smtp_server(seen)
+    try:
+        qhome.control("authsenders", "bob@x.org -relayuser s3cret\n")
+        records = {("evil.example", "MX"): ["10 mx.evil.example."], ("mx.evil.example", "A"): ["127.0.0.2"]}
+        with Dns(records) as d:
+            env = {"PATH": os.environ["PATH"], **d.env, "PYQMAIL_SMTP_PORT": str(srv.getsockname()[1])}
+            r = run([qhome.bin("qmail-remote"), "evil.example", "bob@x.org", "a@evil.example"],
+                    input=b"Subject: hi\n\nhello\n", env=env)
+        t.join(30)
+    finally:
+        srv.close()
+    assert r.stdout.startswith(b"r\0K127.0.0.2 accepted message."), r.stdout
+    assert not [c for c in seen if c.upper().startswith(b"AUTH")], seen
