@@ -335,3 +335,53 @@ def test_authsenders_credentials_never_go_to_an_mx_from_dns(qhome: QHome) -> Non
         srv.close()
     assert r.stdout.startswith(b"r\0K127.0.0.2 accepted message."), r.stdout
     assert not [c for c in seen if c.upper().startswith(b"AUTH")], seen
+
+
+# --- qmail-rcptcheckd: chmod through a path in qmailq's directory ---------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="qmail_rcptcheckd.py (local/, another helper's area): it binds "
+                   "run/qmail-rcptcheck.sock under umask 077 and then chmods the path, which follows a "
+                   "symlink the owner of run/ (qmailq) put there in between")
+def test_rcptcheckd_socket_mode_is_not_set_through_a_swapped_path(root_home: QHome, tmp_path: Path) -> None:
+    """qmail-rcptcheckd (root) binds its socket in run/, a directory qmailq owns (qmail init: qmailq
+    0755), then calls chmod(path, 0666). Between the two, qmailq can rename a symlink over the
+    socket: root then makes any file of the system mode 0666 (/etc/shadow, a root-run script), a way
+    from qmailq, the queue's user, to root. strace holds the chmod for 1.5 s here so the swap, done
+    as qmailq, lands in the window deterministically (an attacker races it with inotify). The mode
+    belongs on the socket at bind (umask 0111), with no call on the path afterwards."""
+    if not IS_ROOT or not shutil_which("strace"):
+        pytest.skip("root mode, strace")
+    victim = tmp_path / "victim"
+    victim.write_text("root's secret\n")
+    victim.chmod(0o600)
+    tmp_path.chmod(0o755)
+    run_dir = root_home.path / "run"
+    sock = run_dir / "qmail-rcptcheck.sock"
+    d = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=chmod,fchmodat",
+                          "-e", "inject=chmod,fchmodat:delay_enter=1500000", str(root_home.bin("qmail-rcptcheckd"))],
+                         env={"PATH": "/usr/bin:/bin"}, cwd=root_home.path, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        swap = ("import os, sys; os.symlink(sys.argv[1], sys.argv[2] + '.new'); "
+                "os.rename(sys.argv[2] + '.new', sys.argv[2])")
+        expect(run([sys.executable, "-c", swap, str(victim), str(sock)], user="qmailq"))
+        time.sleep(2.5)  # strace releases the chmod
+        mode = victim.stat().st_mode & 0o777
+    finally:
+        for pid in _children(d.pid):  # the daemon under strace
+            os.kill(pid, signal.SIGTERM)
+        try:
+            d.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            d.kill()
+            d.communicate()
+    victim.chmod(0o600)
+    assert mode == 0o600, oct(mode)
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
