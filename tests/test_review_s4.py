@@ -385,3 +385,23 @@ def shutil_which(name: str) -> str | None:
     import shutil
 
     return shutil.which(name)
+
+
+# --- badhelo: a refused second HELO must not clear the first one's verdict ------------------------------
+
+def test_badhelo_holds_after_a_later_helo_is_refused_by_another_check(qhome: QHome) -> None:
+    """The HELO check judged each name at HELO and refused at RCPT only if the session's name was the
+    last one it judged. A later HELO refused by a check after it (a qmail-spp [helo] plugin) left
+    the session's name unchanged but made the check forget its verdict: `EHLO bad.example`,
+    `EHLO refused.example` (550 from the plugin), then RCPT was accepted."""
+    qhome.control("badhelo", "^bad\\.example$\n")
+    qhome.control("smtpplugins", "[helo]\n" + plugin(
+        qhome, "helo", 'case "$SMTPHELOHOST" in refused.example) echo "E550 not that name";; esac') + "\n")
+    c = talk(qhome)
+    c.send(b"EHLO bad.example\r\n")
+    assert c.reply().startswith(b"250-")
+    c.send(b"EHLO refused.example\r\n")
+    assert c.reply() == b"550 not that name\r\n"
+    c.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@test.example.com>\r\nQUIT\r\n")
+    assert c.reply() == b"250 ok\r\n"
+    assert c.reply() == b"553 sorry, your HELO host name has been denied (#5.7.1)\r\n"

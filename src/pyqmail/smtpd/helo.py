@@ -128,24 +128,28 @@ class Helo(policy.Check):
         self.forged = forged
         self.mine = mine
         self.is_local = is_local
-        self.given: bytes | None = None  # the HELO/EHLO name of this session
-        self.barf: bytes | None = None  # why badhelo refuses it (every client)
+        # The names judged at HELO/EHLO -> why badhelo refuses them (None: it does not). Both the
+        # session's current name and the one being given are kept: a check after this one may
+        # refuse the new HELO, and the session then keeps its old name (and its verdict).
+        self.judged: dict[bytes, bytes | None] = {}
 
     def helo(self, s: View, name: bytes) -> policy.Verdict | None:
-        self.given = name
-        self.barf = None
+        barf = None
         if self.bad:
             hit = matches(self.bad, name)
             if hit is not None:
-                self.barf = (b"badhelo: <" + field(name) + b"> at " + field(s.remoteip)
-                             + b" matches pattern: " + field(hit))
+                barf = (b"badhelo: <" + field(name) + b"> at " + field(s.remoteip)
+                        + b" matches pattern: " + field(hit))
+        current = s.helohost
+        self.judged = {current: self.judged[current]} if current in self.judged else {}
+        self.judged[name] = barf
         return None
 
     def rcpt(self, s: View, addr: bytes) -> policy.Verdict | None:
-        name = self.given
-        if name is None or s.helohost != name:
+        name = s.helohost
+        if name not in self.judged:
             return None  # no HELO/EHLO since the start (or since STARTTLS)
-        why = self.barf
+        why = self.judged[name]
         if why is None and not s.relaying and s.authuser is None:
             if self.badnorelay:
                 hit = matches(self.badnorelay, name)
