@@ -11,9 +11,10 @@ control/spfbehavior ($SPFBEHAVIOR overrides it) says what a result does:
     6  and everything but pass (none and permerror too); more than 6 is 6
 
 The check runs at MAIL FROM (the patch's place); a refusal is answered at each
-RCPT with `550 EXPLANATION (#5.7.1)` (one `550-` line per line of it), as
-badmailfrom is. A client with RELAYCLIENT, an authenticated client and a
-client certificate listed in tlsclients are never checked and get no header;
+RCPT with `550 EXPLANATION (#5.7.1)` (one `550-` line per line of it, at most
+8, each cut to fit a 512-byte reply line), as badmailfrom is. A client with
+RELAYCLIENT, an authenticated client and a client certificate listed in
+tlsclients are never checked and get no header;
 nor are 127.0.0.1 and this host's own addresses (the patch's "local policy"
 pass). control/spfrules is local mechanisms tried before the record's final
 `-all`/`~all`/`?all` run (and alone when the domain has no record);
@@ -66,6 +67,8 @@ REFUSE_AT = {FAIL: 3, SOFTFAIL: 4, NEUTRAL: 5, NONE: 6, PERMERROR: 6}
 TEMP_AT = 2
 
 LOOKUP_FAILURE = b"451 SPF lookup failure (#4.3.0)\r\n"
+EXP_LINE_MAX = 512 - len(b"550 ") - len(b" (#5.7.1)\r\n")  # bytes of an explanation line in the reply
+EXP_LINES = 8  # lines of an explanation sent
 DEFAULT_EXP = "See http://spf.pobox.com/why.html?sender=%{S}&ip=%{I}&receiver=%{xR}"
 TIMEOUT = 20  # seconds for each DNS lookup (RFC 7208 4.6.4), as pyqmail.filter.dmarc
 
@@ -133,7 +136,11 @@ class Verdict:
         """The record's exp= text, else control/spfexp expanded (made when first asked: a refusal)."""
         if self._explanation is None:
             text = self._values.get("exp") or expand(self._exp, self._values)
-            self._explanation = safe_reply(text)
+            # The record's exp= is the sender domain's text: RFC 5321 4.5.3.1.5 allows a reply
+            # line of 512 bytes, so each line is cut to fit after "550-" and " (#5.7.1)", and a
+            # few lines are kept.
+            lines = safe_reply(text).split(b"\n")[:EXP_LINES]
+            self._explanation = b"\n".join(line[:EXP_LINE_MAX] for line in lines)
         return self._explanation
 
     @explanation.setter
