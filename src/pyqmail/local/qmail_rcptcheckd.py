@@ -18,7 +18,8 @@ decides the next question.
 
 Only root and qmaild (SO_PEERCRED) are answered: the socket tells nobody more
 than RCPT TO tells any SMTP client, and nobody else needs it. A request is
-at most 1000 bytes ended by NUL; a child lives at most 30 seconds; at most 40
+at most 1000 bytes ended by NUL; a child lives at most 30 seconds (its own
+alarm, and the parent's SIGKILL for a child its user has stopped); at most 40
 children run at once. SIGTERM: remove the socket and exit 0. Errors go to
 descriptor 2 (multilog).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 from pyqmail import home as _home
 from pyqmail import sig as signal
@@ -40,6 +42,8 @@ EXIT_FAIL = 111
 CHILDREN_MAX = 40
 CHILD_SECONDS = 30
 READ_SECONDS = 10
+CHILD_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_CHILD_SECONDS"  # test seam: CHILD_SECONDS
+FULL_PAUSE = 0.05  # seconds between looks for a free slot when CHILDREN_MAX run
 _UCRED = struct.Struct("3i")
 
 
@@ -171,17 +175,33 @@ def _on_term(signum: int, frame: object) -> None:
     raise _Stop
 
 
-def _reap(children: set[int], block: bool) -> None:
+def _reap(children: dict[int, float]) -> None:
+    """Forget the children that have exited."""
     while children:
         try:
-            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             children.clear()
             return
         if pid == 0:
             return
-        children.discard(pid)
-        block = False
+        children.pop(pid, None)
+
+
+def _kill_overdue(children: dict[int, float], now: float) -> None:
+    """SIGKILL the children past their deadline: the parent's limit, which a stopped child cannot ignore.
+
+    A child runs as the recipient's user, who may stop it (SIGSTOP, then its
+    own alarm is never acted on); CHILDREN_MAX such children would otherwise
+    hold every slot and defer every recipient check of the host.
+    """
+    for pid, deadline in list(children.items()):
+        if now >= deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # safe: it has exited; _reap forgets it
+            children[pid] = float("inf")  # killed once; reaped when the kernel says so
 
 
 @program("qmail-rcptcheckd", crash=EXIT_FAIL)
@@ -197,24 +217,30 @@ def main(argv: list[str]) -> int:
     path = os.path.join(qmail_home, SOCKET)
     signal.signal(signal.SIGTERM, _on_term)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    children: set[int] = set()
+    children: dict[int, float] = {}  # pid: the monotonic time it is killed at
+    limit = float(os.environ.get(CHILD_SECONDS_ENV) or CHILD_SECONDS)
     mine = -1
     try:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        old = os.umask(0o077)
+        # The socket is made 0666 by bind itself: who may ask is decided by SO_PEERCRED.
+        # No chmod afterwards: run/ is qmailq's, and a path can be swapped for a symlink.
+        old = os.umask(0o111)
         try:
             srv.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, 0o666)  # who may ask is decided by SO_PEERCRED
-        mine = os.stat(path).st_ino
+        mine = os.lstat(path).st_ino
         srv.listen(64)
         srv.settimeout(5.0)
         while True:
-            _reap(children, block=len(children) >= CHILDREN_MAX)
+            _reap(children)
+            _kill_overdue(children, time.monotonic())
+            if len(children) >= CHILDREN_MAX:
+                time.sleep(FULL_PAUSE)  # safe: bounded; questions wait in the listen backlog
+                continue
             try:
                 conn, _ = srv.accept()
             except TimeoutError:
@@ -227,12 +253,12 @@ def main(argv: list[str]) -> int:
                     code = 111
                     try:
                         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        signal.alarm(CHILD_SECONDS)
+                        signal.alarm(max(1, int(limit)))
                         srv.close()
                         code = serve_one(conn, checker)
                     finally:
                         os._exit(code)
-                children.add(pid)
+                children[pid] = time.monotonic() + limit
     except _Stop:
         pass
     except OSError as e:
@@ -243,7 +269,7 @@ def main(argv: list[str]) -> int:
     # Only our own socket: a successor started meanwhile (supervise restarting a service
     # whose old process it has just sent TERM) has bound a new one at the same path.
     try:
-        if os.stat(path).st_ino == mine:
+        if os.lstat(path).st_ino == mine:
             os.unlink(path)
     except FileNotFoundError:
         pass

@@ -42,7 +42,8 @@ credentials, in the qmail-remote-auth patch's form or the qmail-authentication p
 control/authsenders routes by envelope sender (the qmail-authentication patch's file, read before
 smtproutes): sender[:relay[:port]] and credentials, the sender key being the whole address,
 @domain, .domain (subdomains) or empty (every sender, bounces included); an empty relay keeps the
-host's usual route. With credentials qmail-remote authenticates after EHLO with the first of
+host's usual route, and its credentials are used only when that route is a relay smtproutes
+names: never with an MX found in DNS, which anyone's domain can name. With credentials qmail-remote authenticates after EHLO with the first of
 CRAM-MD5, PLAIN, LOGIN the server offers (CRAM-MD5 first: a man in the middle of unverified TLS
 learns only a digest). Credentials go only inside TLS: without it the message is deferred
 ("... sent only inside TLS"), unless the user is written with a leading '-' (removed before
@@ -643,6 +644,8 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
         relay, login = auth.split(by_sender)
         if relay:
             route = smtproutes.route(relay)
+    if route is None:
+        login = None  # credentials go only to a relay the admin named, never to an MX found in DNS
     port = smtproutes.DEFAULT_PORT
     if route is not None:
         host, port = route.relay, route.port
