@@ -14,7 +14,10 @@ the client untouched. What it does to the message first:
   the path with `%` removed), else control/domainkeys/DOMAIN/default. The
   selector is the key file's name unless the line gives one. A PEM key
   signs rsa-sha256, a base64 32-byte seed ed25519-sha256; a file KEY-ed25519
-  beside KEY adds an Ed25519 signature.
+  beside KEY adds an Ed25519 signature. From, To, Cc, Subject and Reply-To
+  are oversigned (named in h= once more than present, absent ones too), and
+  so are Date, Message-ID, MIME and threading fields when present: a field
+  of these added after signing breaks the signature.
 - verify: when $DKIMVERIFY alone is set, or neither and the client is
   remote: DKIM signatures, the ARC chain, SPF of the envelope sender and
   $TCPREMOTEIP, DMARC; the results go into an Authentication-Results header
@@ -70,7 +73,27 @@ SIGN_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"rep
                 b"references", b"mime-version", b"content-type", b"content-transfer-encoding",
                 b"content-disposition", b"content-id", b"content-description",
                 b"list-unsubscribe", b"list-unsubscribe-post")
+# Oversigning (RFC 6376 5.4.2, 8.15): h= names a field once more than the message has it, so that
+# an instance added after signing (a second From, a Reply-To the message lacked) breaks the
+# signature. Always for the fields a reader trusts; for the others only when present (rspamd's
+# (o) and (x) sets); List-* fields are left addable (mailing lists add them and keep signatures).
+OVERSIGN_ALWAYS = frozenset((b"from", b"to", b"cc", b"subject", b"reply-to"))
+OVERSIGN_PRESENT = frozenset((b"date", b"message-id", b"in-reply-to", b"references", b"mime-version",
+                              b"content-type", b"content-transfer-encoding"))
 ED25519_SUFFIX = "-ed25519"
+
+
+def sign_headers(names: list[bytes]) -> list[bytes]:
+    """Return h='s field names for a header whose field names (lowercase, in order) are names."""
+    out = []
+    for h in SIGN_HEADERS:
+        n = names.count(h)
+        if h in OVERSIGN_ALWAYS or (n and h in OVERSIGN_PRESENT):
+            n += 1
+        elif n:
+            n = 1
+        out += [h] * n
+    return out
 AR_NAME = b"Authentication-Results"
 
 
@@ -274,7 +297,7 @@ def sign_message(message: bytes, keys: list[Key], fields: list[tuple[bytes, byte
     from pyqmail.filter import dkimsign
 
     present = {name for name, _raw in fields}
-    include = [h for h in SIGN_HEADERS if h in present]
+    include = sign_headers([name for name, _raw in fields])
     parsed = dkimsign.parse(message) if b"from" in present else None
     signer = dkimsign.Signer(parsed[0], parsed[1], include) if parsed is not None else None
     out = b""
