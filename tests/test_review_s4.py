@@ -96,8 +96,6 @@ def test_spp_nul_in_a_plugin_line_is_cut_there_not_a_crash(qhome: QHome, line: b
     assert b"internal error" not in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="session.py (another helper's file): MAIL does not drop the checks' "
-                   "headers of the transaction it replaces (Session._cmd_mail should clear self.headers)")
 def test_spp_headers_of_an_abandoned_transaction_do_not_reach_the_next_message(qhome: QHome) -> None:
     """A [mail] plugin's H line belongs to its transaction: a second MAIL (allowed without RSET, as in
     qmail) starts another. The session keeps the first one's header and adds it to the next message;
@@ -450,3 +448,25 @@ def test_dkim_signature_breaks_when_a_from_or_reply_to_is_added() -> None:
     assert dkim.DKIM(signed).verify(dnsfunc=txt)
     for added in (b"From: ceo@example.com\n", b"Reply-To: thief@evil.example\n", b"Subject: urgent\n"):
         assert not dkim.DKIM(added + signed).verify(dnsfunc=txt), added
+
+
+# --- qmail-spp: plugins writing CR LF, and client text echoed into H lines ---------------------------------
+
+def test_spp_crlf_plugin_lines_and_a_cr_from_the_client_in_a_header(qhome: QHome) -> None:
+    """A plugin printing CR LF line ends (many languages' default) got its CR sent on: `550 no\\r\\r\\n`.
+    A plugin echoing the client's HELO into an H line (`HX-Helo: $SMTPHELOHOST`) put a bare CR from
+    `HELO a\\rX-Injected: yes` into the message header: a field injected below qmail's Received line.
+    Now a line's trailing CR is its line end, and control bytes in an H line become '?'."""
+    qhome.control("smtpplugins", "[helo]\n" + plugin(qhome, "helo", r"printf 'HX-Helo: %s\r\nN\r\n' \"$SMTPHELOHOST\"")
+                  + "\n[rcpt]\n" + plugin(qhome, "rcpt", r"""case "$SMTPRCPTTO" in no@*) printf 'E550 no\r\n';; esac""")
+                  + "\n")
+    c = talk(qhome)
+    c.send(b"HELO a\rX-Injected: yes\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<no@test.example.com>\r\n"
+           b"RCPT TO:<u@test.example.com>\r\nDATA\r\n")
+    assert [c.reply() for _ in range(5)] == [b"250 test.example.com\r\n", b"250 ok\r\n", b"550 no\r\n",
+                                             b"250 ok\r\n", b"354 go ahead\r\n"]
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert c.reply()[:3] == b"250"
+    c.finish()
+    [(mess, _, _)] = queued(qhome.queue)
+    assert b"X-Helo: a?X-Injected: yes\n" in mess and b"\r" not in mess.split(b"\n\n", 1)[0], mess

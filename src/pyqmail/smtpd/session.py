@@ -189,7 +189,7 @@ class Session:
     __slots__ = ("cfg", "seenmail", "flagbarf", "mailfrom", "rcpts", "rcptbytes", "helohost", "fakehelo",
                  "relayclient", "protocol", "tls", "tls_verify", "verified", "verify_err", "cipher",
                  "authuser", "auth_arg", "rcptcount", "rcptcountall", "rcpt_allowed", "badrcpts", "headers", "utf8",
-                 "esc", "verb", "bdat", "chunk")
+                 "esc", "verb", "bdat", "chunk", "tx_mark")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -203,6 +203,7 @@ class Session:
         self.rcpt_allowed = False  # during the rcpt hooks: relaying or rcpthosts allows the address
         self.badrcpts = 0  # refusals counted toward cfg.brtlimit in this session
         self.headers: list[bytes] = []  # header lines the checks add to the next message
+        self.tx_mark = -1  # len(headers) when the transaction's first MAIL came (-1: none since the reset)
         self.utf8 = False  # this transaction's MAIL said SMTPUTF8 (and it is offered)
         self.helohost = b""
         self.fakehelo: bytes | None = None
@@ -404,6 +405,7 @@ class Session:
     def _reset(self) -> None:
         """End the transaction's check state: headers, counts, the checks' own (reset hooks)."""
         self.headers = []
+        self.tx_mark = -1
         self.rcptcount = self.rcptcountall = 0
         for hook in self.cfg.hooks.reset:
             hook(self)
@@ -522,6 +524,14 @@ class Session:
         check = self.cfg.auth.sendercheck if self.cfg.auth is not None else None
         if check is not None and self.authuser is not None and not check.allowed(self.authuser, addr):
             return SENDER_NOT_YOURS, CONTINUE  # $SENDERCHECK (issue 14.2)
+        if self.tx_mark >= 0:
+            # A MAIL after MAIL (qmail needs no RSET between them): the transaction it replaces
+            # takes its check headers and the checks' state with it; the session's stay.
+            del self.headers[self.tx_mark:]
+            for hook in self.cfg.hooks.reset:
+                hook(self)
+        else:
+            self.tx_mark = len(self.headers)
         before = b""
         hooks = self.cfg.hooks.mail
         if hooks:
@@ -611,6 +621,7 @@ class Session:
         if self.authuser is not None:  # AUTH in plain text, then STARTTLS: still that user
             self.protocol = b"ESMTPSA (" + cipher + b" encrypted)"
         self.tls_verify = verify
+        self._reset()  # nothing the checks kept from before TLS survives either
         self.seenmail = self.bdat = self.esc = False
         self.flagbarf = False
         self.mailfrom = b""
