@@ -457,7 +457,8 @@ def test_spp_crlf_plugin_lines_and_a_cr_from_the_client_in_a_header(qhome: QHome
     A plugin echoing the client's HELO into an H line (`HX-Helo: $SMTPHELOHOST`) put a bare CR from
     `HELO a\\rX-Injected: yes` into the message header: a field injected below qmail's Received line.
     Now a line's trailing CR is its line end, and control bytes in an H line become '?'."""
-    qhome.control("smtpplugins", "[helo]\n" + plugin(qhome, "helo", r"printf 'HX-Helo: %s\r\nN\r\n' \"$SMTPHELOHOST\"")
+    helo = r"""printf 'HX-Helo: %s\r\nN\r\n' "$SMTPHELOHOST" """
+    qhome.control("smtpplugins", "[helo]\n" + plugin(qhome, "helo", helo)
                   + "\n[rcpt]\n" + plugin(qhome, "rcpt", r"""case "$SMTPRCPTTO" in no@*) printf 'E550 no\r\n';; esac""")
                   + "\n")
     c = talk(qhome)

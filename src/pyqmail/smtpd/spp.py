@@ -29,7 +29,9 @@ Each line a plugin prints is a command (its first byte):
   Caddr    change the MAIL or RCPT address to addr
   Pmsg     send msg to the client now (before the command's reply)
 A, N, O, E, R and D end the plugin's output. msg is sent as it is: the plugin
-writes the SMTP code. A line ends at a NUL, as the patch reads it (a C string). A plugin that cannot be run, exits 120, is killed by a
+writes the SMTP code. A line ends at a NUL, as the patch reads it (a C string),
+and a CR before its LF is part of the line end; control bytes in an H line
+(a plugin echoing the client's text) are written as '?'. A plugin that cannot be run, exits 120, is killed by a
 signal, or runs longer than $SPPTIMEOUT seconds (pyqmail's own; default 60;
 then its process group is killed) is `451 qmail-spp failure: PROGRAM: WHY
 (#4.3.0)`: a temporary refusal of the command, never an accepted message.
@@ -63,6 +65,7 @@ EXIT_CANT_EXEC = 120
 FINAL = frozenset(b"ANODER")
 CRLF = b"\r\n"
 OK = b"250 ok\r\n"
+_HEADER_SAFE = bytes(c if c == 9 or 32 <= c != 127 else 63 for c in range(256))  # control bytes but TAB as '?'
 
 
 def failure(program: bytes, why: bytes) -> bytes:
@@ -188,11 +191,15 @@ class Spp(Check):
                 nul = line.find(b"\0")
                 if nul != -1:
                     line = line[:nul]  # the patch reads each line as a C string (and the environment takes no NUL)
+                if line[-1:] == b"\r":
+                    line = line[:-1]  # a plugin writing CR LF line ends
                 if not line:
                     continue
                 cmd, arg = line[0], line[1:]
                 if cmd == 72:  # H
-                    header += arg + b"\n"
+                    # A plugin may echo the client's text ($SMTPHELOHOST...): a CR in it would end
+                    # the field for many readers, a field injected below the Received line.
+                    header += arg.translate(_HEADER_SAFE) + b"\n"
                 elif cmd == 67:  # C
                     if var is not None:
                         changed = arg
