@@ -471,3 +471,21 @@ def test_spp_crlf_plugin_lines_and_a_cr_from_the_client_in_a_header(qhome: QHome
     c.finish()
     [(mess, _, _)] = queued(qhome.queue)
     assert b"X-Helo: a?X-Injected: yes\n" in mess and b"\r" not in mess.split(b"\n\n", 1)[0], mess
+
+
+# --- qmail-spp: a plugin that cannot be run ------------------------------------------------------------
+
+def test_spp_plugin_that_cannot_run_leaks_no_descriptor(qhome: QHome) -> None:
+    """spp.run made its pipe, and when posix_spawn failed (a plugin path that does not exist) it
+    closed only the write end: one descriptor lost per command, so a client repeating RCPT ran
+    qmail-smtpd out of descriptors. Each RCPT must stay a 451 with the descriptor count unchanged."""
+    qhome.control("smtpplugins", "[rcpt]\nplugins/missing\n")
+    c = talk(qhome)
+    c.send(b"HELO x\r\nMAIL FROM:<a@b.example>\r\n")
+    assert [c.reply()[:3] for _ in range(2)] == [b"250", b"250"]
+    counts = []
+    for _ in range(3):
+        c.send(b"".join(b"RCPT TO:<u@test.example.com>\r\n" for _ in range(50)))
+        assert {c.reply()[:3] for _ in range(50)} == {b"451"}
+        counts.append(len(os.listdir(f"/proc/{c.proc.pid}/fd")))
+    assert counts[0] == counts[-1], counts

@@ -94,6 +94,7 @@ def run(program: bytes, env: Mapping[bytes, bytes], timeout: float) -> Result:
                                                (os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_CLOSE, r)],
                                  setpgroup=0, setsigdef=(signal.SIGPIPE,))
         except OSError:
+            os.close(r)
             return Result(b"", b"can't execute")
     finally:
         os.close(w)
