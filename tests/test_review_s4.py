@@ -489,3 +489,27 @@ def test_spp_plugin_that_cannot_run_leaks_no_descriptor(qhome: QHome) -> None:
         assert {c.reply()[:3] for _ in range(50)} == {b"451"}
         counts.append(len(os.listdir(f"/proc/{c.proc.pid}/fd")))
     assert counts[0] == counts[-1], counts
+
+
+# --- greylisting: a host name the client's own PTR record gives -------------------------------------------
+
+def test_greylistdomains_needs_the_host_name_to_have_the_client_address(qhome: QHome) -> None:
+    """control/greylistdomains matched $TCPREMOTEHOST, which tcpserver (without -p, as qmail up runs
+    it) takes from the PTR record: the owner of any address can name it mx1.friend.example and skip
+    greylisting. The name now counts only when its A record holds the client's address."""
+    from smtpdkit import ForkServer
+
+    qhome.control("greylist", "300 3600 86400\n")
+    (qhome.path / "greylist").mkdir(mode=0o700)
+    qhome.control("greylistdomains", "friend.example\n")
+    with DNSServer({"mx1.friend.example": {"A": ["192.0.2.99"]}}) as dns:
+        env = {"TCPREMOTEHOST": "mx1.friend.example", "DNSCACHEIP": dns.dnscacheip,
+               "PYQMAIL_GREYLIST_NOW": "1700000000"}
+        with ForkServer(qhome.bin("qmail-smtpd"), env) as srv:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+                f = sock.makefile("rb")
+                assert f.readline() == GREETING
+                sock.sendall(b"HELO x\r\nMAIL FROM:<x@y.example>\r\nRCPT TO:<u@test.example.com>\r\nQUIT\r\n")
+                assert f.readline()[:3] == b"250" and f.readline()[:3] == b"250"
+                assert f.readline().startswith(b"451 greylisted")
+                f.close()

@@ -246,8 +246,9 @@ def test_swaks_and_the_whitelists(qhome: QHome) -> None:
     with server(qhome, T0, TCPREMOTEHOST="mx1.friend.example") as srv:  # not listed yet
         assert attempt(srv.port, ["dave@test.example.com"], "x@y.example") == {"dave@test.example.com": 451}
     qhome.control("greylistdomains", "friend.example\n")
-    with server(qhome, T0, TCPREMOTEHOST="mx1.friend.example") as srv:
-        assert attempt(srv.port, ["erin@test.example.com"], "x@y.example") == {"erin@test.example.com": 250}
+    with DNSServer({"mx1.friend.example": {"A": [CLIENT]}}) as dns:  # the name has the client's address
+        with server(qhome, T0, TCPREMOTEHOST="mx1.friend.example", DNSCACHEIP=dns.dnscacheip) as srv:
+            assert attempt(srv.port, ["erin@test.example.com"], "x@y.example") == {"erin@test.example.com": 250}
     qhome.control("greylistips", "127.0.0.0/30\n")
     with server(qhome, T0) as srv:
         assert attempt(srv.port, ["frank@test.example.com"], "x@y.example") == {"frank@test.example.com": 250}

@@ -20,7 +20,8 @@ Never greylisted: RELAYCLIENT, authenticated and tlsclients clients, a client
 with $NOGREYLIST set (tcprules), one whose address is in control/greylistips
 (an address, a tcprules-style prefix ending in `.`, or a CIDR network, one a
 line), one whose host name ($TCPREMOTEHOST) is in or under a domain of
-control/greylistdomains, and a sender whose domain is listed there when SPF
+control/greylistdomains and has the client's address (an A or AAAA record:
+the PTR name alone is the address owner's word), and a sender whose domain is listed there when SPF
 passed for it (a listed domain cannot be forged past SPF).
 
 The state is one SQLite file (stdlib sqlite3, WAL journal, synchronous=FULL):
@@ -304,20 +305,50 @@ def clock(env: Mapping[bytes, bytes] | None = None) -> Callable[[], int]:
 
 
 def exempt(settings: Settings, ip: str, remotehost: bytes, sender: bytes, spf_passed: bool,
-           env: Mapping[bytes, bytes] | None = None) -> bool:
-    """Whether a (non-relay) client skips greylisting: $NOGREYLIST, greylistips, greylistdomains."""
+           env: Mapping[bytes, bytes] | None = None,
+           confirm: Callable[[bytes, str], bool] | None = None) -> bool:
+    """Whether a (non-relay) client skips greylisting: $NOGREYLIST, greylistips, greylistdomains.
+
+    confirm(remotehost, ip), when given, must say that the host name has the
+    client's address (tcpserver without -p sets $TCPREMOTEHOST from the PTR
+    record alone, which the owner of the address writes).
+    """
     e = posix.environ if env is None else env
     if b"NOGREYLIST" in e:
         return True
     if settings.ip_listed(ip):
         return True
     if settings.domains:
-        if remotehost and remotehost != b"unknown" and settings.domain_listed(remotehost.decode("latin-1")):
+        if remotehost and remotehost != b"unknown" and settings.domain_listed(remotehost.decode("latin-1")) \
+                and (confirm is None or confirm(remotehost, ip)):
             return True
         at = sender.rfind(b"@")
         if spf_passed and at != -1 and settings.domain_listed(sender[at + 1:].decode("latin-1")):
             return True
     return False
+
+
+def forward_confirmed(name: bytes, ip: str) -> bool:
+    """Whether name's A (or AAAA) records hold ip; False when DNS cannot say."""
+    from pyqmail.ucspi import dnsq
+
+    text = ip
+    if ":" in ip:
+        import ipaddress
+
+        try:
+            a = ipaddress.IPv6Address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        text = str(a.ipv4_mapped) if a.ipv4_mapped is not None else a.compressed
+    try:
+        if ":" in text:
+            import ipaddress
+
+            return any(ipaddress.IPv6Address(x).compressed == text for x in dnsq.ip6(name))
+        return text in dnsq.ip4(name)
+    except (dnsq.Temporary, ValueError):
+        return False
 
 
 def preload() -> None:
@@ -333,6 +364,13 @@ class GreylistCheck(policy.Check):
     def __init__(self, settings: Settings, now: Callable[[], int]) -> None:
         self.settings = settings
         self.list = Greylist(settings, now)
+        self.confirmed: dict[tuple[bytes, str], bool] = {}  # forward_confirmed's answers, this session
+
+    def _confirm(self, name: bytes, ip: str) -> bool:
+        key = (name, ip)
+        if key not in self.confirmed:
+            self.confirmed[key] = forward_confirmed(name, ip)
+        return self.confirmed[key]
 
     def rcpt(self, s: View, addr: bytes) -> policy.Verdict | None:
         if s.relaying or not s.rcpt_allowed:
@@ -340,7 +378,8 @@ class GreylistCheck(policy.Check):
         ip = s.remoteip.decode("latin-1")
         if not ip or ip == "unknown":
             return None  # no client address (tcpserver's parent warming up): nothing to key on
-        if exempt(self.settings, ip, s.remotehost, s.mailfrom, posix.environ.get(b"SPFRESULT") == b"pass"):
+        if exempt(self.settings, ip, s.remotehost, s.mailfrom, posix.environ.get(b"SPFRESULT") == b"pass",
+                  confirm=self._confirm):
             return None
         try:
             verdict, wait = self.list.check(ip, s.mailfrom, addr)
