@@ -15,7 +15,7 @@ started on free 127.0.0.1 ports (never 25), its processes in a cgroup of their o
 - C qmail, only with --cqmail DIR: an installed qmail whose control files (me, locals,
   rcpthosts, defaultdomain, plusdomain, smtproutes) and users/assign the bench overwrites,
   run as its rc and run files would: `qmail-start ./Maildir/` and ucspi-tcp's
-  `tcpserver -v -R -l FQDN -c 40 -u qmaild -g nofiles`.
+  `tcpserver -v -R -H -l FQDN -c 40 -u qmaild -g nofiles` (-H: see bench/mta.py).
 
 Mail for the local recipient goes to a Maildir the bench made, delivered as the ordinary user
 pqtest (qmail: users/assign, so the user's home is the bench's directory; Postfix:
@@ -34,8 +34,10 @@ The figures, one row each (issue 17's table):
 - fsyncs and processes per message: one more SMTP run (200 messages) with `strace -f` attached
   to every process of the system (`-p` for each pid of its cgroup), counting fsync, fdatasync,
   syncfs and sync_file_range calls, and process creations (fork, vfork, clone and clone3
-  without CLONE_THREAD), divided by the messages. strace slows the system: no time is taken
-  from this run. Once per system, not per round (the counts barely move).
+  without CLONE_THREAD), divided by the messages; and the mean time of one sync call (strace
+  -T), which says how much the disk (and everything else writing to it) made the system wait.
+  strace slows the system: no rate is taken from this run. Once per system, not per round
+  (the counts barely move).
 - latency connect -> Maildir/new, p50/p90: 200 messages (4 KB) sent one at a time by smtplib;
   from just before connect() until inotify reports the file in Maildir/new. An unloaded
   system's latency.
@@ -177,22 +179,31 @@ def measure_smtp(m: Mta, n: int) -> dict[str, float]:
 SYNCS = ("fsync", "fdatasync", "syncfs", "sync_file_range")
 FORKS = ("fork", "vfork", "clone", "clone3")
 CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)")
+RESUMED = re.compile(r"^\d+\s+<\.\.\. (\w+) resumed>")
+SPENT = re.compile(r"<(\d+\.\d+)>\s*$")  # strace -T: the time spent in the call
 
 
-def count_calls(trace: str) -> tuple[int, int]:
-    """Return (sync calls, process creations) in an `strace -f -o` file."""
+def count_calls(trace: str) -> tuple[int, int, float]:
+    """Return (sync calls, process creations, seconds spent in sync calls) in an `strace -f -T -o` file."""
     syncs = procs = 0
+    spent = 0.0
     with open(trace, errors="replace") as f:
         for line in f:
             match = CALL.match(line)  # the start of a call ("<... resumed>" lines never match)
-            if match is None:
-                continue
-            name = match.group(2)
-            if name in SYNCS:
+            name = match.group(2) if match else None
+            if name is None:
+                resumed = RESUMED.match(line)
+                name = resumed.group(1) if resumed else None
+                if name is None:
+                    continue
+            elif name in SYNCS:
                 syncs += 1
             elif name in FORKS and "CLONE_THREAD" not in line:
                 procs += 1
-    return syncs, procs
+            took = SPENT.search(line)
+            if name in SYNCS and took:
+                spent += float(took.group(1))
+    return syncs, procs, spent
 
 
 def quiet_pids(m: Mta) -> list[int]:
@@ -216,7 +227,7 @@ def measure_strace(m: Mta, n: int, workdir: str) -> dict[str, float]:
     clear(m.maildir)
     trace = os.path.join(workdir, f"{m.name}.strace")
     pids = quiet_pids(m)
-    argv = [strace, "-f", "-o", trace, "-e", "trace=" + ",".join(SYNCS + FORKS), "-e", "signal=none"]
+    argv = [strace, "-f", "-T", "-o", trace, "-e", "trace=" + ",".join(SYNCS + FORKS), "-e", "signal=none"]
     for pid in pids:
         argv += ["-p", str(pid)]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -256,9 +267,9 @@ def measure_strace(m: Mta, n: int, workdir: str) -> dict[str, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    syncs, procs = count_calls(trace)
+    syncs, procs, spent = count_calls(trace)
     os.unlink(trace)
-    return {"fsync": syncs / n, "procs": procs / n}
+    return {"fsync": syncs / n, "procs": procs / n, "fsync_ms": spent * 1000 / max(syncs, 1)}
 
 
 # --- latency -----------------------------------------------------------------------------------
@@ -431,6 +442,7 @@ ROWS = [
     ("pss", "PSS per idle SMTP connection, KiB", "{:.0f}"),
     ("fsync", "fsync per message (SMTP -> Maildir)", "{:.2f}"),
     ("procs", "processes created per message", "{:.2f}"),
+    ("fsync_ms", "ms per fsync call (strace -T, under the strace run's load)", "{:.1f}"),
 ]
 
 

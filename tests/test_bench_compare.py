@@ -21,23 +21,25 @@ import compare  # noqa: E402
 import mta  # noqa: E402
 
 FIGURES = ["smtp_rate", "cpu_ms", "p50", "p90", "inject_sendmail", "local_drain", "remote_drain", "pss",
-           "fsync", "procs"]
+           "fsync", "procs", "fsync_ms"]
 
 
 def test_strace_counting(tmp_path: Path) -> None:
     trace = tmp_path / "t"
     trace.write_text(
-        "100 fsync(3) = 0\n"
+        "100 fsync(3) = 0 <0.002000>\n"
         "100 clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, "
         "child_tidptr=0x7f) = 101\n"
         "101 fdatasync(4 <unfinished ...>\n"
         "102 clone3({flags=CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|CLONE_SYSVSEM, "
         "exit_signal=0}, 88) = 103\n"
-        "101 <... fdatasync resumed>) = 0\n"
+        "101 <... fdatasync resumed>) = 0 <0.004000>\n"
         "104 clone3({flags=CLONE_VM|CLONE_VFORK, exit_signal=SIGCHLD, stack=0x7f}, 88) = 105\n"
         "105 +++ exited with 0 +++\n")
     # two syncs; two processes (fork-like clone, vfork-like clone3), the thread not counted
-    assert compare.count_calls(str(trace)) == (2, 2)
+    syncs, procs, spent = compare.count_calls(str(trace))
+    assert (syncs, procs) == (2, 2)
+    assert abs(spent - 0.006) < 1e-9  # the resumed call's time counted once
 
 
 def test_table_medians_and_ranges() -> None:
