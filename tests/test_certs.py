@@ -468,18 +468,18 @@ def test_services_argv_and_environment(qhome: QHome) -> None:
     got = _services(qhome, smtp=2525, pop3=2110, smtps=2465, pop3s=2995)
     assert sorted(got) == ["pop3d", "pop3s", "send", "smtpd", "smtps"]
     auth = [str(b / "qmail-smtpd"), str(b / "checkpassword"), "/bin/true"]  # SMTP AUTH (issue 14)
-    assert got["smtps"] == ["SMTPS=1", "SMTPAUTH=", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", *tcp, "2465", *auth]
+    assert got["smtps"] == ["SMTPS=1", "SMTPAUTH=", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", "SMTPSIZE=1", "CHUNKING=1", *tcp, "2465", *auth]
     assert got["pop3s"] == ["POP3S=1", *tcp, "2995", *popup]
     assert got["pop3d"] == ["FORCETLS=1", *tcp, "2110", *popup]
-    assert got["smtpd"] == ["RCPTCHECK_LOCAL=1", "SMTPUTF8=1", *tcp, "2525", str(b / "qmail-smtpd")]
+    assert got["smtpd"] == ["RCPTCHECK_LOCAL=1", "SMTPUTF8=1", "SMTPSIZE=1", "CHUNKING=1", *tcp, "2525", str(b / "qmail-smtpd")]
     assert sorted(_services(qhome, smtp=2525, pop3=0)) == ["send", "smtpd"]  # 0: no service
 
 
 def test_services_root_mode_users_and_default_ports(root_home: QHome) -> None:
     qmaild = pwd.getpwnam("qmaild")
     got = _services(root_home, smtp=25, smtps=465, pop3s=995)
-    assert got["smtps"][:5] == ["SMTPS=1", "SMTPAUTH=", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", str(root_home.bin("tcpserver"))]
-    assert ["-u", str(qmaild.pw_uid), "-g", str(qmaild.pw_gid)] == got["smtpd"][9:13]
+    assert got["smtps"][:7] == ["SMTPS=1", "SMTPAUTH=", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", "SMTPSIZE=1", "CHUNKING=1", str(root_home.bin("tcpserver"))]
+    assert ["-u", str(qmaild.pw_uid), "-g", str(qmaild.pw_gid)] == got["smtpd"][11:15]
     assert "-u" not in got["smtps"]  # SMTP AUTH's checkpassword needs root, as the POP3 service
     assert "-u" not in got["pop3s"]  # qmail-popup's checkpassword needs root, as the POP3 service
 
@@ -491,7 +491,7 @@ def test_qmail_services_and_systemd_take_the_tls_ports(qhome: QHome) -> None:
     assert sorted(os.listdir(qhome.path / "service")) == ["send", "smtps"], res.explain()
     script = (qhome.path / "service" / "smtps" / "run").read_text()
     host = "0" if os.geteuid() == 0 else "127.0.0.1"  # as root, every address
-    assert script.endswith(f"exec env - PATH='{qhome.path}/bin:/usr/local/bin:/usr/bin:/bin' 'SMTPS=1' 'SMTPAUTH=' 'RCPTCHECK_LOCAL=1' 'SMTPUTF8=1' "
+    assert script.endswith(f"exec env - PATH='{qhome.path}/bin:/usr/local/bin:/usr/bin:/bin' 'SMTPS=1' 'SMTPAUTH=' 'RCPTCHECK_LOCAL=1' 'SMTPUTF8=1' 'SMTPSIZE=1' 'CHUNKING=1' "
                            f"'{qhome.bin('tcpserver')}' '-v' '-R' '-l' '{FQDN}' '-c' '40' '{host}' '4465' "
                            f"'{qhome.bin('qmail-smtpd')}' '{qhome.bin('checkpassword')}' '/bin/true'\n"), script
     from pyqmail.admin import status
@@ -605,12 +605,13 @@ def running(qhome: QHome) -> Running:
 
 
 def test_run_scripts_give_tcpserver_its_environment(running: Running, qhome: QHome) -> None:
-    """Every service listens, and its run script hands tcpserver exactly PATH and its TLS variable."""
+    """Every service listens, and its run script hands tcpserver exactly PATH, its TLS variable and the SMTP switches."""
     path = f"{qhome.path}/bin:/usr/local/bin:/usr/bin:/bin"
-    assert running.environ(qhome, "smtps") == {"PATH": path, "SMTPS": "1", "SMTPAUTH": ""}
+    smtp = {"RCPTCHECK_LOCAL": "1", "SMTPUTF8": "1", "SMTPSIZE": "1", "CHUNKING": "1"}  # every SMTP service's
+    assert running.environ(qhome, "smtps") == {"PATH": path, "SMTPS": "1", "SMTPAUTH": "", **smtp}
     assert running.environ(qhome, "pop3s") == {"PATH": path, "POP3S": "1"}
     assert running.environ(qhome, "pop3d") == {"PATH": path, "FORCETLS": "1"}
-    assert running.environ(qhome, "smtpd") == {"PATH": path}
+    assert running.environ(qhome, "smtpd") == {"PATH": path, **smtp}
     for name, proc in running.procs.items():
         assert proc.poll() is None, name
 

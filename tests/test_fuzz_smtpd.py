@@ -43,7 +43,7 @@ def _session(relay: bytes | None) -> Session:
     cfg = Config(b"mx.example.com", peer, liphost=b"mx.example.com",
                  rcpthosts=RcptHosts(DomainSet(["example.com", ".example.net"])),
                  badmailfrom=frozenset({b"bad@example.com", b"@evil.example"}), relayclient=relay,
-                 is_local=lambda ip: ip == (127, 0, 0, 1))
+                 is_local=lambda ip: ip == (127, 0, 0, 1), chunking=True)
     return Session(cfg)
 
 

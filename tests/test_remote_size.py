@@ -74,6 +74,7 @@ def test_552_at_mail_from_qmail_smtpd_is_permanent(qhome: QHome, dnsd: DnsServer
     """pyqmail's qmail-smtpd with 1 MB databytes refuses a 2 MB message at MAIL: D, nothing sent, nothing queued."""
     no_certificate(qhome)
     qhome.control("databytes", "1048576\n")
+    qhome.control("smtpsize", "1\n")  # SIZE offered, as in `qmail up`'s services
     message = b"Subject: big\n\n" + (b"z" * 99 + b"\n") * 20000
     with ForkServer(qhome.bin("qmail-smtpd")) as srv:
         out = remote_from_file(qhome, dnsd, message, srv.port, tmp_path)

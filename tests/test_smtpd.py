@@ -74,8 +74,8 @@ def test_smtplib_delivers(qhome: QHome, smtp: ForkServer) -> None:
     before = int(time.time())
     with smtplib.SMTP("127.0.0.1", smtp.port, local_hostname="client.example", timeout=30) as s:
         code, ehlo = s.ehlo()
-        assert (code, ehlo) == (250, b"test.example.com\nPIPELINING\n8BITMIME\nSIZE 0\nCHUNKING")  # issue 18.3-4
-        assert s.has_extn("size")  # so smtplib sends MAIL FROM:<...> SIZE=n
+        assert (code, ehlo) == (250, b"test.example.com\nPIPELINING\n8BITMIME")
+        assert not s.has_extn("size")
         refused = s.sendmail("alice@client.example", ["bob@test.example.com", "carol@test.example.com"],
                              "Subject: hello\r\n\r\nHello, Bob.\r\n.leading dot\r\n")
         assert refused == {}
@@ -204,8 +204,7 @@ def test_whole_dialogue(qhome: QHome) -> None:
     no_certificate(qhome)
     c = talk(qhome)
     dialogue(c,
-             (b"EHLO liar.example\r\n", b"250-test.example.com\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
-                                        b"250-SIZE 0\r\n250 CHUNKING\r\n"),
+             (b"EHLO liar.example\r\n", b"250-test.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"),
              (b"HELP\r\n", replies.HELP),
              (b"VRFY root\r\n", replies.VRFY),
              (b"NOOP\r\n", b"250 ok\r\n"),
@@ -553,13 +552,12 @@ def test_pipelined_before_the_greeting(qhome: QHome) -> None:
     got = c.rest()
     assert c.finish()[0] == 0
     lines = got.split(b"\r\n")
-    assert lines[:11] == [b"220 test.example.com ESMTP", b"250-test.example.com", b"250-PIPELINING", b"250-8BITMIME",
-                          b"250-SIZE 0", b"250 CHUNKING",
-                          b"250 ok", b"250 ok", replies.NOGATEWAY[:-2], b"354 go ahead", lines[10]]
-    assert ACCEPTED.match(lines[10] + b"\r\n")
-    assert lines[11:14] == [b"250 ok", b"250 ok", b"354 go ahead"]
-    assert ACCEPTED.match(lines[14] + b"\r\n")
-    assert lines[15:] == [b"221 test.example.com", b""]
+    assert lines[:9] == [b"220 test.example.com ESMTP", b"250-test.example.com", b"250-PIPELINING", b"250 8BITMIME",
+                         b"250 ok", b"250 ok", replies.NOGATEWAY[:-2], b"354 go ahead", lines[8]]
+    assert ACCEPTED.match(lines[8] + b"\r\n")
+    assert lines[9:12] == [b"250 ok", b"250 ok", b"354 go ahead"]
+    assert ACCEPTED.match(lines[12] + b"\r\n")
+    assert lines[13:] == [b"221 test.example.com", b""]
     msgs = sorted(queued(qhome.queue), key=lambda m: m[1])
     assert [(s, r) for _, s, r in msgs] == [(b"a@b", [b"u@test.example.com"]), (b"c@d", [b"w@test.example.com"])]
     assert msgs[0][0].endswith(b"Subject: early\n\n.x\n") and msgs[1][0].endswith(b"\nsecond\n")

@@ -32,6 +32,46 @@ def _no_leftover_servers():
     Conversation.close_all()
 
 
+@pytest.fixture
+def qhome(qhome: QHome) -> QHome:
+    """A home whose qmail-smtpd offers SIZE and CHUNKING (control/smtpsize, control/chunking), as `qmail up`'s."""
+    qhome.control("smtpsize", "1\n")
+    qhome.control("chunking", "1\n")
+    return qhome
+
+
+def test_bare_qmail_smtpd_keeps_qmails_ehlo_and_ignores_size_and_bdat(qhome: QHome) -> None:
+    """Without the switches (a bare qmail-smtpd): qmail's EHLO, SIZE= ignored, BDAT unimplemented."""
+    no_certificate(qhome)
+    (qhome.path / "control" / "smtpsize").unlink()
+    (qhome.path / "control" / "chunking").unlink()
+    qhome.control("databytes", "1000\n")
+    c = talk(qhome)
+    dialogue(c, (b"EHLO c.example\r\n", b"250-test.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"),
+             (b"MAIL FROM:<a@c.example> SIZE=10485760\r\n", b"250 ok\r\n"),
+             (b"BDAT 3 LAST\r\n", replies.UNIMPLEMENTED))
+    c.send(b"QUIT\r\n")
+    assert c.rest() == b"221 test.example.com\r\n"
+    assert c.finish()[0] == 0
+
+
+def test_switches_by_environment(qhome: QHome) -> None:
+    """$SMTPSIZE and $CHUNKING over the control files: `0` turns each off, anything else on."""
+    no_certificate(qhome)
+    c = talk(qhome, {"SMTPSIZE": "0", "CHUNKING": "0"})
+    dialogue(c, (b"EHLO c.example\r\n", b"250-test.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"))
+    c.send(b"QUIT\r\n")
+    c.rest()
+    c.finish()
+    (qhome.path / "control" / "smtpsize").unlink()
+    (qhome.path / "control" / "chunking").unlink()
+    c = talk(qhome, {"SMTPSIZE": "1", "CHUNKING": "yes"})
+    dialogue(c, (b"EHLO c.example\r\n", EHLO % 0))
+    c.send(b"QUIT\r\n")
+    c.rest()
+    c.finish()
+
+
 def body(mess: bytes) -> bytes:
     """Return a queued message after qmail-queue's and qmail-smtpd's Received lines."""
     rest = mess[RECEIVED.match(mess).end():]

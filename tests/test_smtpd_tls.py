@@ -24,8 +24,8 @@ from pyqmail.smtpd import replies
 
 TCP = {"TCPREMOTEIP": "192.0.2.7", "TCPLOCALIP": "192.0.2.1", "TCPREMOTEHOST": "client.example.net"}
 GREETING = b"220 test.example.com ESMTP\r\n"
-EHLO_TLS = b"250-test.example.com\r\n250-STARTTLS\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 0\r\n250 CHUNKING\r\n"
-EHLO_PLAIN = b"250-test.example.com\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 0\r\n250 CHUNKING\r\n"
+EHLO_TLS = b"250-test.example.com\r\n250-STARTTLS\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+EHLO_PLAIN = b"250-test.example.com\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
 ESMTPS = re.compile(rb"^Received: from (\S*) (?:\(HELO (\S*)\) )?\((\S*)\)\n  by (\S*) with ESMTPS \(([A-Z0-9_-]+) "
                     rb"encrypted\)(\n  \(cert [^)]*\))?; \d+ \w{3} \d{4} \d\d:\d\d:\d\d -0000\n")
 BODY = "Subject: over TLS\r\n\r\nline one\r\n.leading dot\r\nlast line\r\n"

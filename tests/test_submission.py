@@ -42,9 +42,9 @@ def test_submission_service_argv_and_environment(qhome: QHome) -> None:
     tcp = [str(b / "tcpserver"), "-v", "-R", "-l", FQDN, "-c", "40", "127.0.0.1"]
     auth = [str(b / "qmail-smtpd"), str(b / "checkpassword"), "/bin/true"]
     got = _services(qhome, smtp=2525, smtps=2465, submission=2587)
-    assert got["submission"] == ["SMTPAUTH=!", "FORCETLS=1", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", *tcp, "2587", *auth]
-    assert got["smtps"] == ["SMTPS=1", "SMTPAUTH=", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", *tcp, "2465", *auth]
-    assert got["smtpd"] == ["RCPTCHECK_LOCAL=1", "SMTPUTF8=1", *tcp, "2525", str(b / "qmail-smtpd")]  # port 25: no AUTH
+    assert got["submission"] == ["SMTPAUTH=!", "FORCETLS=1", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", "SMTPSIZE=1", "CHUNKING=1", *tcp, "2587", *auth]
+    assert got["smtps"] == ["SMTPS=1", "SMTPAUTH=", "RCPTCHECK_LOCAL=1", "SMTPUTF8=1", "SMTPSIZE=1", "CHUNKING=1", *tcp, "2465", *auth]
+    assert got["smtpd"] == ["RCPTCHECK_LOCAL=1", "SMTPUTF8=1", "SMTPSIZE=1", "CHUNKING=1", *tcp, "2525", str(b / "qmail-smtpd")]  # port 25: no AUTH
     assert "submission" not in _services(qhome, submission=0)
     (qhome.path / "control" / "servercert.pem").unlink()
     assert "submission" not in _services(qhome, submission=2587)  # no TLS: no password may be taken

@@ -74,7 +74,9 @@ RCPTCHECK_ENV = "RCPTCHECK_LOCAL=1"
 # SMTPUTF8 (RFC 6531, issue 18.2) offered in every SMTP service `qmail up` runs; a bare
 # qmail-smtpd offers it only with control/smtputf8, so that its EHLO stays qmail's.
 SMTPUTF8_ENV = "SMTPUTF8=1"
-SMTP_ENV = (RCPTCHECK_ENV, SMTPUTF8_ENV)
+# SIZE (RFC 1870) and CHUNKING (RFC 3030, BDAT) likewise: on in `qmail up`'s services, off
+# in a bare qmail-smtpd (control/smtpsize, control/chunking) so that its EHLO stays qmail's.
+SMTP_ENV = (RCPTCHECK_ENV, SMTPUTF8_ENV, "SMTPSIZE=1", "CHUNKING=1")
 BRTLIMIT_DEFAULT = "10\n"  # control/brtlimit `qmail up` writes when there is none
 AUTH_SUBPROGRAM = "/bin/true"  # what checkpassword runs as the user once the login is accepted
 SERVERCERT = "control/servercert.pem"  # pyqmail.admin.certs.SERVERCERT, not imported: `qmail up` stays light

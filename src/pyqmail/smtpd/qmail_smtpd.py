@@ -104,10 +104,14 @@ the message is queued with $SMTPUTF8MAIL=1 in qmail-queue's environment, which k
 in the queue. Without the parameter (or when SMTPUTF8 is not offered) a non-ASCII address is
 taken byte for byte, as qmail takes it, and the message is not flagged.
 
-SIZE (RFC 1870): EHLO lists `SIZE n`, n being databytes (`SIZE 0`: no limit); `MAIL
-FROM:<...> SIZE=n` with n over databytes gets `552 sorry, that message size exceeds my
-databytes limit (#5.3.4)` and no transaction starts. A SIZE= that is not a number is ignored.
-CHUNKING (RFC 3030; pyqmail.smtpd.bdat): `BDAT n [LAST]` is followed by exactly n bytes of
+SIZE (RFC 1870): offered when control/smtpsize holds a number other than 0 ($SMTPSIZE over it,
+`0`: not offered), and whenever AUTH is configured (the AUTH patch's `250 SIZE n` line). EHLO then
+lists `SIZE n`, n being databytes (`SIZE 0`: no limit); `MAIL FROM:<...> SIZE=n` with n over
+databytes gets `552 sorry, that message size exceeds my databytes limit (#5.3.4)` and no
+transaction starts. A SIZE= that is not a number is ignored, and so is every SIZE= when SIZE is
+not offered (qmail's behaviour). CHUNKING (RFC 3030; pyqmail.smtpd.bdat): offered when
+control/chunking holds a number other than 0 ($CHUNKING over it); else BDAT is `502 unimplemented
+(#5.5.1)`, as in qmail. `BDAT n [LAST]` is followed by exactly n bytes of
 message, no dot-stuffing; CR LF is stored as LF (as after DATA), a bare LF or CR is data.
 Each chunk gets `250 ok n bytes`, LAST gets DATA's reply (`250 ok TIME qp PID`, 554 hops,
 552 databytes, qmail-queue's failure). A chunk past databytes gets the 552 once it is read,
@@ -264,6 +268,10 @@ def _setup(argv: list[str] | None = None) -> tuple[Config, int, AuthRun | None]:
         utf8 = (x != b"0") if x is not None else control.read_int("smtputf8", 0) != 0
         x = env.get(b"ENHANCEDSTATUSCODES")
         esc = (x != b"0") if x is not None else control.read_int("enhancedstatuscodes", 0) != 0
+        x = env.get(b"SMTPSIZE")
+        size = (x != b"0") if x is not None else control.read_int("smtpsize", 0) != 0
+        x = env.get(b"CHUNKING")
+        chunking = (x != b"0") if x is not None else control.read_int("chunking", 0) != 0
     except (ControlError, OSError, ValueError):
         raise Die(replies.CONTROL) from None
     cfg = Config(greeting.encode("latin-1"), Peer.from_env(env),
@@ -272,7 +280,7 @@ def _setup(argv: list[str] | None = None) -> tuple[Config, int, AuthRun | None]:
                  databytes=recv.databytes, relayclient=recv.relayclient, is_local=Ipme(),
                  starttls=None if b"DISABLETLS" in env else _cert_readable,
                  auth=policy, forcetls=forcetls, hooks=hooks, brtlimit=brtlimit, setenv=_setenv,
-                 smtputf8=utf8, esc=esc)
+                 smtputf8=utf8, esc=esc, size=size, chunking=chunking)
     return cfg, timeout, authrun
 
 

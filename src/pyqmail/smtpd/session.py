@@ -146,7 +146,8 @@ class Config:
     """What qmail-smtpd reads at start: control files and environment."""
 
     __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "relayclient", "peer",
-                 "is_local", "starttls", "auth", "forcetls", "hooks", "brtlimit", "setenv", "smtputf8", "esc")
+                 "is_local", "starttls", "auth", "forcetls", "hooks", "brtlimit", "setenv", "smtputf8", "esc",
+                 "size", "chunking")
 
     def __init__(self, greeting: bytes, peer: Peer, liphost: bytes | None = None,
                  rcpthosts: RcptHosts | None = None,
@@ -157,7 +158,7 @@ class Config:
                  auth: Policy | None = None, forcetls: bool = False,
                  hooks: Hooks = NO_HOOKS, brtlimit: int = 0,
                  setenv: Callable[[bytes, bytes], None] | None = None, smtputf8: bool = False,
-                 esc: bool = False) -> None:
+                 esc: bool = False, size: bool = False, chunking: bool = False) -> None:
         self.greeting = greeting
         self.peer = peer
         self.liphost = liphost
@@ -178,6 +179,10 @@ class Config:
         self.setenv = setenv
         self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531): control/smtputf8, $SMTPUTF8
         self.esc = esc  # offer ENHANCEDSTATUSCODES (RFC 2034): control/enhancedstatuscodes, $ENHANCEDSTATUSCODES
+        # Offer SIZE (RFC 1870: control/smtpsize, $SMTPSIZE; also whenever AUTH is configured, as the
+        # AUTH patch) and CHUNKING (RFC 3030: control/chunking, $CHUNKING). Off, EHLO is qmail's.
+        self.size = size or auth is not None
+        self.chunking = chunking
 
 
 class Session:
@@ -379,8 +384,10 @@ class Session:
         if policy is not None and (self.tls or not cfg.forcetls):  # the AUTH patch's line
             kw.append(b"AUTH " + policy.line())
         # RFC 1870, as the AUTH patch's line (SIZE 0: no limit), then RFC 3030 and RFC 2034.
-        kw.append(b"SIZE %d" % cfg.databytes)
-        kw.append(b"CHUNKING")
+        if cfg.size:
+            kw.append(b"SIZE %d" % cfg.databytes)
+        if cfg.chunking:
+            kw.append(b"CHUNKING")
         if cfg.esc:
             kw.append(b"ENHANCEDSTATUSCODES")
         return kw
@@ -449,6 +456,8 @@ class Session:
         A refusal is sent after its chunk is read and dropped (RFC 3030 2: the data follows
         the command unasked), so the bytes after it are commands again.
         """
+        if not self.cfg.chunking:
+            return replies.UNIMPLEMENTED, CONTINUE  # qmail's answer: CHUNKING is not offered
         got = bdat.parse(arg)
         if got is None:
             return replies.BDAT_SYNTAX, DIE  # no way to tell where the chunk ends
@@ -519,7 +528,7 @@ class Session:
         addr = self._addr(arg)
         if addr is None:
             return replies.SYNTAX, CONTINUE
-        if self.cfg.databytes and b"=" in arg and declared_size(arg) > self.cfg.databytes:
+        if self.cfg.size and self.cfg.databytes and b"=" in arg and declared_size(arg) > self.cfg.databytes:
             return replies.DATABYTES, CONTINUE  # RFC 1870 6.1: before any data moves
         check = self.cfg.auth.sendercheck if self.cfg.auth is not None else None
         if check is not None and self.authuser is not None and not check.allowed(self.authuser, addr):
