@@ -24,6 +24,12 @@ FIGURES = ["smtp_rate", "cpu_ms", "p50", "p90", "inject_sendmail", "local_drain"
            "fsync", "procs", "fsync_ms"]
 
 
+def _bench_cgroups() -> set[str]:
+    """The bench's cgroups that exist now (bench/mta.py names them pyqmail-bench-SYSTEM-PID)."""
+    return {os.path.join(root, d) for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup")
+            if os.path.isdir(root) for d in os.listdir(root) if d.startswith("pyqmail-bench-")}
+
+
 def test_strace_counting(tmp_path: Path) -> None:
     trace = tmp_path / "t"
     trace.write_text(
@@ -64,6 +70,7 @@ def test_compare_quick(tmp_path: Path) -> None:
             pytest.skip(f"{tool} not installed")
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(BENCH / "compare.py"), "--quick", "--systems", ",".join(systems), "--json", str(out)]
+    before = _bench_cgroups()  # another run's (a bench running beside the tests) are not this one's
     p = subprocess.run(cmd, capture_output=True, timeout=900)
     stdout, stderr = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
     if p.returncode != 0:
@@ -78,7 +85,6 @@ def test_compare_quick(tmp_path: Path) -> None:
         assert got["results"][name]["idle_procs"] == [1.0], got["results"][name]
     assert got["results"]["pyqmail"]["inject_qmail-inject"][0] > 0
     assert got["cpu"]["pyqmail"].startswith(("cgroup", "process tree"))
-    # nothing of the bench's systems left running: no cgroup, no listener from its directories
-    leftovers = [d for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup")
-                 if os.path.isdir(root) for d in os.listdir(root) if d.startswith("pyqmail-bench-")]
-    assert not any(d.endswith(f"-{p.pid}") for d in leftovers), leftovers
+    # nothing of the bench's systems left running: no cgroup of this run left behind
+    leftovers = _bench_cgroups() - before
+    assert not leftovers, leftovers
