@@ -346,26 +346,26 @@ class Session:
 
     # --- the verbs (VERBS below is qmail's smtpcommands[]) ----------------------------------
 
-    def _cmd_helo(self, arg: bytes) -> tuple[bytes, int]:
-        before = b""
+    def _helo_checks(self, arg: bytes) -> tuple[bytes, tuple[bytes, int] | None]:
+        """Run the helo hooks for HELO or EHLO arg: (text to send first, the refusal or None)."""
         hooks = self.cfg.hooks.helo
-        if hooks:
-            v, _, before = self._checks(hooks, arg)
-            refused = self._refused(v, before)
-            if refused is not None:
-                return refused
+        if not hooks:
+            return b"", None
+        v, _, before = self._checks(hooks, arg)
+        return before, self._refused(v, before)
+
+    def _cmd_helo(self, arg: bytes) -> tuple[bytes, int]:
+        before, refused = self._helo_checks(arg)
+        if refused is not None:
+            return refused
         self.seenmail = self.bdat = self.esc = False
         self._helo(arg)
         return before + replies.helo(self.cfg.greeting), CONTINUE
 
     def _cmd_ehlo(self, arg: bytes) -> tuple[bytes, int]:
-        before = b""
-        hooks = self.cfg.hooks.helo
-        if hooks:
-            v, _, before = self._checks(hooks, arg)
-            refused = self._refused(v, before)
-            if refused is not None:
-                return refused
+        before, refused = self._helo_checks(arg)
+        if refused is not None:
+            return refused
         self.seenmail = self.bdat = False
         self.esc = self.cfg.esc
         self._helo(arg)
