@@ -40,6 +40,15 @@ def ptr(ip: str) -> str | None:
     return name.lower()
 
 
+def ptr_env(ip: str) -> bytes | None:
+    """Return ip's host name as TCPREMOTEHOST/TCPLOCALHOST carry it, or None (none, or no answer now)."""
+    try:
+        name = ptr(ip)
+    except SoftError:
+        return None
+    return None if not name else name.encode("utf-8", "surrogateescape")
+
+
 def addresses(name: str) -> set[str]:
     """Return the addresses of name (empty if none or on failure)."""
     try:

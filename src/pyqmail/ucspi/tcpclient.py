@@ -211,23 +211,15 @@ def environment(sock: socket.socket, cfg: Config) -> None:
     env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
     localhost = cfg.localname
     if localhost is None:
-        localhost = _name(local_ip)
+        localhost = netinfo.ptr_env(local_ip)
     _put(b"TCPLOCALHOST", localhost)
-    _put(b"TCPREMOTEHOST", _name(remote_ip) if cfg.remotehost else None)
+    _put(b"TCPREMOTEHOST", netinfo.ptr_env(remote_ip) if cfg.remotehost else None)
     info = None
     if cfg.remoteinfo:
         info = ident.remoteinfo((netinfo.ip_text(str(remote[0])), remote[1]),
                                 (netinfo.ip_text(str(local[0])), local[1]), cfg.timeoutinfo)
         info = None if info is None else info.split(b"\0", 1)[0]
     _put(b"TCPREMOTEINFO", info)
-
-
-def _name(ip: str) -> bytes | None:
-    try:
-        name = netinfo.ptr(ip)
-    except netinfo.SoftError:
-        return None
-    return None if not name else os.fsencode(name)
 
 
 def _put(name: bytes, value: bytes | None) -> None:

@@ -356,14 +356,6 @@ class Connection:
         self.proto = b"TCP"
 
 
-def _lookup_name(ip: str) -> bytes | None:
-    try:
-        name = netinfo.ptr(ip)
-    except netinfo.SoftError:
-        return None
-    return None if not name else os.fsencode(name)
-
-
 def setenv(name: bytes, value: bytes | None) -> None:
     """Set (or, for None, remove) a variable of this process's environment.
 
@@ -415,7 +407,7 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
     c.localip = local_ip.encode()
     c.localport = b"%d" % local[1]
     c.remoteport = b"%d" % peer[1]
-    c.localhost = cfg.localname if cfg.localname is not None else _lookup_name(local_ip)
+    c.localhost = cfg.localname if cfg.localname is not None else netinfo.ptr_env(local_ip)
 
     setenv(b"PROTO", c.proto)
     setenv(b"TCPLOCALIP", c.localip)
@@ -423,7 +415,7 @@ def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
     setenv(b"TCPLOCALHOST", c.localhost)
     if cfg.remotehost:
         remote_ip = c.remoteip.decode()
-        name = _lookup_name(remote_ip)
+        name = netinfo.ptr_env(remote_ip)
         if name is not None and (not cfg.paranoid or netinfo.paranoid_ok(remote_ip, os.fsdecode(name))):
             c.remotehost = name
     setenv(b"TCPREMOTEIP", c.remoteip)
