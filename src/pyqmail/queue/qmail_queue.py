@@ -27,6 +27,7 @@ from pyqmail import durable
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
+from pyqmail.queue import handoff as _handoff
 from pyqmail.queue import layout
 from pyqmail.queue.envelope import ADDR_MAX, CHUNK as _CHUNK, FD_ENVELOPE, FD_ERRSTR, FD_MESSAGE, Exit, Reader
 from pyqmail.queue.exits import QueueExit
@@ -37,19 +38,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 SUICIDE_SECONDS = 86400
-SOCKET = "run/qmail-queue.sock"
-# The socket's protocol: the client sends REQUEST_QUEUE with descriptors 0 and
-# 1; the server answers ACK once it holds them (before reading either), then
-# the exit code as one byte. No ACK means nothing has read the descriptors,
-# so the client may still write the message into the maildrop. REQUEST_STOP
-# (no descriptors) asks a `qmail-queued -p` to give way to a standalone one:
-# STOP_YES or STOP_NO.
-REQUEST_QUEUE = b"Q"
-REQUEST_QUEUE_UTF8 = b"U"  # as REQUEST_QUEUE, for a message flagged SMTPUTF8 ($SMTPUTF8MAIL)
-REQUEST_STOP = b"S"
-ACK = b"+"  # 43: not one of qmail-queue's exit codes
-STOP_YES = b"y"
-STOP_NO = b"n"
+# The socket and its protocol: pyqmail.queue.handoff, whose names these are.
+SOCKET = _handoff.SOCKET
+REQUEST_QUEUE = _handoff.REQUEST_QUEUE
+REQUEST_QUEUE_UTF8 = _handoff.REQUEST_QUEUE_UTF8
+REQUEST_STOP = _handoff.REQUEST_STOP
+ACK = _handoff.ACK
+STOP_YES = _handoff.STOP_YES
+STOP_NO = _handoff.STOP_NO
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -334,44 +330,12 @@ def hand_to_server(qmail_home: str) -> int:
     If no qmail-queued takes them (no socket, nobody listening, or the server
     goes away before acknowledging), write the message into the maildrop.
     """
-    # _socket, not socket: socket imports enum and selectors, about 10 ms of every
-    # local injection's start (issue 17). The descriptors go as SCM_RIGHTS of
-    # native ints, what socket.send_fds builds with array.
-    import _socket
-    import sys
-
-    path = os.path.join(qmail_home, SOCKET)
-    try:
-        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    except OSError:
-        return QueueExit.QUEUE_ERROR
-    try:
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return drop_message(qmail_home, FD_MESSAGE, FD_ENVELOPE)
-        except OSError:
-            return QueueExit.QUEUE_ERROR
-        try:
-            request = REQUEST_QUEUE_UTF8 if flagged(os.environb.get(SMTPUTF8_ENV)) else REQUEST_QUEUE
-            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (FD_MESSAGE, FD_ENVELOPE))
-            s.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)], _socket.MSG_NOSIGNAL)
-            ack = s.recv(1)
-        except OSError:
-            ack = b""
-        if not ack:
-            # The server closed (or died) before taking the descriptors: the
-            # kernel dropped them unread, so the message is still ours.
-            return drop_message(qmail_home, FD_MESSAGE, FD_ENVELOPE)
-        if ack != ACK:
-            return ack[0]  # a server of the one-byte protocol answered the exit code
-        try:
-            answer = s.recv(1)
-        except OSError:
-            return QueueExit.BUG
-    finally:
-        s.close()
-    return answer[0] if answer else QueueExit.BUG
+    conn, code = _handoff.offer(qmail_home, FD_MESSAGE, FD_ENVELOPE, flagged(os.environb.get(SMTPUTF8_ENV)))
+    if conn is not None:
+        return _handoff.answer(conn)
+    if code == _handoff.NO_SERVER:
+        return drop_message(qmail_home, FD_MESSAGE, FD_ENVELOPE)
+    return code
 
 
 def drop_message(qmail_home: str, msg_fd: int, env_fd: int, now: float | None = None) -> int:

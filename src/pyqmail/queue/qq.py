@@ -23,11 +23,13 @@ from pyqmail.queue import exits
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
+    import _socket
     from collections.abc import Iterable, Mapping, Sequence
 
 FD_ERRSTR = 6
 CUSTOM_READ = 1024  # bytes of descriptor 6 read (exits.custom_report uses the first 255)
 SMTPFILTERS = "smtpfilters"
+QMAIL_QUEUE_MODULE = "pyqmail.queue.qmail_queue"  # what a stub of this installation's qmail-queue names
 
 
 def queue_program(env: Mapping[str, str] | None = None) -> str:
@@ -89,8 +91,10 @@ class QQ:
         self._buf = bytearray()
         self._envelope: bytearray | None = None  # what begin() and to() have not written yet
         self._start_error = 120
+        self._conn: _socket.socket | None = None  # qmail-queued's connection, when it took the message
         prog = program or queue_program(self._env)
         argv = [prog]
+        chained = False
         if network:
             from pyqmail.control import ControlError
 
@@ -102,24 +106,66 @@ class QQ:
                 return
             if chain:
                 self._env["QQF_QMAILQUEUE"] = prog
+                chained = True
                 argv = chain_argv(chain)
                 prog = argv[0]
         msg_r, self._msg = os.pipe2(os.O_CLOEXEC)
         env_r, self._envfd = os.pipe2(os.O_CLOEXEC)
-        self._err, err_w = os.pipe2(os.O_CLOEXEC)
+        self._err = -1
         try:
-            # qmail-queue runs in QMAILHOME, as qmail's programs start it.
-            self.pid = spawn.spawn(prog, argv, env=self._env, fds={0: msg_r, 1: env_r, 2: 2, FD_ERRSTR: err_w},
-                                   cwd=_home.home())
-        except OSError:
-            self.pid = -1
-            if not os.path.isdir(_home.home()):
-                self._start_error = 61
-            for fd in (self._msg, self._envfd, self._err):
-                os.close(fd)
+            if not chained:
+                self._conn = self._hand_over(prog, msg_r, env_r)
+                if self._conn is not None:
+                    self.pid = os.getpid()  # the pid qmail-queued's Received line and `p` record name
+                    return
+            self._err, err_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                # qmail-queue runs in QMAILHOME, as qmail's programs start it.
+                self.pid = spawn.spawn(prog, argv, env=self._env, fds={0: msg_r, 1: env_r, 2: 2, FD_ERRSTR: err_w},
+                                       cwd=_home.home())
+            except OSError:
+                self.pid = -1
+                if not os.path.isdir(_home.home()):
+                    self._start_error = 61
+                for fd in (self._msg, self._envfd, self._err):
+                    os.close(fd)
+            finally:
+                os.close(err_w)
         finally:
-            for fd in (msg_r, env_r, err_w):
+            for fd in (msg_r, env_r):
                 os.close(fd)
+
+    def _hand_over(self, prog: str, msg_r: int, env_r: int) -> _socket.socket | None:
+        """Give msg_r and env_r to qmail-queued where prog would only do that; return the connection.
+
+        prog is this installation's own qmail-queue, a pyqmail stub started
+        by fork-and-call (spawn's fast path), and this process is what it
+        would run as: not root, not qmailq, in a root-mode home. That
+        qmail-queue would only connect to qmail-queued and pass its
+        descriptors 0 and 1 (qmail_queue.hand_to_server); this process does
+        it itself, one process fewer per message (issue 17). None when that
+        is not the case, or no qmail-queued acknowledged: qmail-queue is
+        started as always (and writes the maildrop).
+        """
+        if "/" not in prog or os.geteuid() == 0:
+            return None
+        stub = spawn.read_stub(prog)
+        if stub is None or stub.module != QMAIL_QUEUE_MODULE or not os.access(prog, os.X_OK):
+            return None
+        qmail_home = _home.home()
+        if (self._env.get("QMAILHOME") or stub.home) != qmail_home:
+            return None  # qmail-queue would serve another home
+        try:
+            inst = _home.install()
+        except (OSError, ValueError):
+            return None  # qmail-queue fails as it fails
+        if inst.single or os.getuid() == inst.uid("qmailq"):
+            return None
+        from pyqmail.queue import handoff
+        from pyqmail.smtputf8 import ENV as SMTPUTF8_ENV, flagged
+
+        conn, _ = handoff.offer(qmail_home, msg_r, env_r, flagged(self._env.get(SMTPUTF8_ENV)))
+        return conn
 
     def write(self, data: bytes) -> None:
         """Queue data as part of the message; errors are reported by close()."""
@@ -183,20 +229,29 @@ class QQ:
             self._envelope += b"\0"
             self._send_envelope()
         os.close(self._envfd)
-        custom = bytearray()
-        while len(custom) < CUSTOM_READ:
-            try:
-                chunk = os.read(self._err, CUSTOM_READ - len(custom))
-            except OSError:
-                break
-            if not chunk:
-                break
-            custom += chunk
-        os.close(self._err)
-        code = spawn.wait(self.pid)
-        self.code, self.custom = code, bytes(custom)
+        if self._conn is not None:
+            from pyqmail.queue import handoff
+
+            # qmail-queued writes nothing for descriptor 6: custom stays b"", as from the
+            # qmail-queue that handed the message over.
+            code = handoff.answer(self._conn)
+            self._conn = None
+            self.code = code
+        else:
+            custom = bytearray()
+            while len(custom) < CUSTOM_READ:
+                try:
+                    chunk = os.read(self._err, CUSTOM_READ - len(custom))
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                custom += chunk
+            os.close(self._err)
+            code = spawn.wait(self.pid)
+            self.code, self.custom = code, bytes(custom)
         if code < 0:
             return exits.CRASHED
         if code == 0 and (self._failed or self._abandoned):
             return exits.report(54)
-        return exits.report(code, bytes(custom))
+        return exits.report(code, self.custom)
