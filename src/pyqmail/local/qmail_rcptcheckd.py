@@ -6,27 +6,46 @@ qmail-smtpd runs as qmaild and cannot look into users' homes; qmail-lspawn
 can, because it runs as root and becomes each user. qmail-rcptcheckd answers
 the one question qmail-smtpd needs, on QMAILHOME/run/qmail-rcptcheck.sock,
 the way qmail-lspawn and qmail-local would decide it
-(pyqmail.local.rcptcheck.check_local): for each connection it forks a
-child that reads a local part (already rewritten by qmail-send's rules,
-which qmail-smtpd applies itself from the world-readable control files),
-finds its user with users.controller (qmail-getpw's rules with qmailp's ids,
-as qmail-lspawn), drops to that user's uid and gid (never root) and searches
-the home for the .qmail file qmail-local would use. It answers one line:
-``K`` (delivered), ``D`` (no mailbox here by that name), ``Z`` and a reason
-(cannot check now). Nothing is cached: a .qmail made or removed a moment ago
-decides the next question.
+(pyqmail.local.rcptcheck.check_local). The question is a local part
+(already rewritten by qmail-send's rules, which qmail-smtpd applies itself
+from the world-readable control files), ended by NUL; the answer is one
+line: ``K`` (delivered), ``D`` (no mailbox here by that name), ``Z`` and a
+reason (cannot check now).
+
+The parent (root) reads questions without blocking (a poll loop: a slow
+client holds only its own connection) and finds each one's user with
+users.controller (users/cdb, else qmail-getpw's rules with qmailp's ids, as
+qmail-lspawn). The search of the home for the .qmail file qmail-local would
+use runs as that user, in a worker: a process forked once per (uid, gid),
+dropped to those ids for good (it never regains root), which receives the
+client's connection (SCM_RIGHTS) with the user's home and extension,
+answers on it, and waits for the next question. Nothing is cached: users/cdb
+and the rules are read afresh for each question, the worker opens the home
+and the .qmail files afresh, so a file made or removed a moment ago decides
+the next question.
+
+One worker per user, so a slow home (NFS) or a user who stops their worker
+holds up only that user's questions: at most 20 wait for one worker (past
+that: ``Z`` busy at once); a worker busy with one question for 30 seconds is
+SIGKILLed by the parent (its passed connections close: qmail-smtpd sees no
+answer, 451); a worker is retired after 60 seconds without a question and
+after 1000 questions; at most 40 run, and a new user's worker replaces the
+least recently used idle one (all 40 busy: ``Z`` busy).
 
 Only root and qmaild (SO_PEERCRED) are answered: the socket tells nobody more
 than RCPT TO tells any SMTP client, and nobody else needs it. A request is
-at most 1000 bytes ended by NUL; a child lives at most 30 seconds (its own
-alarm, and the parent's SIGKILL for a child its user has stopped); at most 40
-children run at once. SIGTERM: remove the socket and exit 0. Errors go to
-descriptor 2 (multilog).
+at most 1000 bytes ended by NUL, and must arrive within 10 seconds; at most
+200 connections wait for their question. SIGTERM: remove the socket and exit
+0 (workers finish the questions they hold, then exit). Errors go to
+descriptor 2 (multilog). In a single-user installation the workers keep
+the installing user's ids.
 """
 
 from __future__ import annotations
 
+import array
 import os
+import selectors
 import socket
 import struct
 import time
@@ -39,12 +58,21 @@ from pyqmail.privs import Credentials, PrivilegeError, drop
 
 SOCKET = "run/qmail-rcptcheck.sock"
 EXIT_FAIL = 111
-CHILDREN_MAX = 40
-CHILD_SECONDS = 30
-READ_SECONDS = 10
+CHILDREN_MAX = 40  # workers at once
+CHILD_SECONDS = 30  # one question's limit in a worker
+READ_SECONDS = 10  # for a question to arrive
+QUEUE_MAX = 20  # questions handed to one worker and not yet answered
+PENDING_MAX = 200  # connections whose question has not arrived yet
+IDLE_SECONDS = 60  # a worker without a question this long is retired
+QUESTIONS_MAX = 1000  # a worker is retired (once idle) after this many questions
 CHILD_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_CHILD_SECONDS"  # test seam: CHILD_SECONDS
-FULL_PAUSE = 0.05  # seconds between looks for a free slot when CHILDREN_MAX run
+IDLE_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_IDLE_SECONDS"  # test seam: IDLE_SECONDS
+QUESTIONS_MAX_ENV = "PYQMAIL_RCPTCHECKD_QUESTIONS_MAX"  # test seam: QUESTIONS_MAX
+BUSY = "busy: too many questions waiting for this user"
+BUSY_ALL = "busy: every worker is busy"
 _UCRED = struct.Struct("3i")
+_HANDOFF = struct.Struct("!III")  # lengths of homedir, dash, ext; then the three
+_HANDOFF_MAX = 3 * 4096 + _HANDOFF.size
 
 
 def _say(text: str) -> None:
@@ -54,25 +82,8 @@ def _say(text: str) -> None:
         pass  # safe: nowhere left to report; the answer on the socket still says what happened
 
 
-def _read_request(conn: socket.socket) -> bytes | None:
-    """Return the local part asked about (up to its NUL), or None for a malformed or late request."""
-    conn.settimeout(READ_SECONDS)
-    data = b""
-    while b"\0" not in data:
-        if len(data) > rcptcheck.LOCAL_MAX:
-            return None
-        try:
-            chunk = conn.recv(rcptcheck.LOCAL_MAX + 2 - len(data))
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        data += chunk
-    return data.split(b"\0", 1)[0]
-
-
 class Checker:
-    """The lookup of one child, with the identities qmail-lspawn would use."""
+    """The parent's part of a question: qmail-lspawn's user lookup, with its identities."""
 
     def __init__(self, qmail_home: str, inst: _home.Install) -> None:
         self.home = qmail_home
@@ -95,19 +106,32 @@ class Checker:
             os.seteuid(0)
             os.setegid(0)
 
-    def become(self, who: users.Assignment) -> rcptcheck.Answer | None:
-        """Drop to who's uid and gid, as qmail-lspawn does before qmail-local."""
-        uid, gid = rcptcheck.scan_ulong(who.uid), rcptcheck.scan_ulong(who.gid)
-        if self.inst.single:
-            return rcptcheck.single_user_become(who)
-        try:
-            drop(Credentials(uid, gid))
-        except (OSError, PrivilegeError) as e:
-            return rcptcheck.Answer(rcptcheck.TEMPORARY, f"unable to become uid {uid}: {e}")
-        return None
+    def decide(self, local: bytes) -> rcptcheck.Answer | users.Assignment:
+        """Return the answer if it needs no look into a home, else who must look (as who's ids)."""
+        handed: list[users.Assignment] = []
 
-    def answer(self, local: bytes) -> rcptcheck.Answer:
-        return rcptcheck.check_local(local, os.path.join(self.home, "users", "cdb"), self.become, self.rules)
+        def become(who: users.Assignment) -> rcptcheck.Answer | None:
+            if self.inst.single:
+                early = rcptcheck.single_user_become(who)
+                if early is not None:
+                    return early
+            handed.append(who)
+            return _HANDED
+
+        try:
+            answer = rcptcheck.check_local(local, os.path.join(self.home, "users", "cdb"), become, self.rules)
+        except Exception as e:  # noqa: BLE001 - any trouble is "cannot check now", never "no mailbox"
+            return rcptcheck.Answer(rcptcheck.TEMPORARY, f"internal error: {type(e).__name__}")
+        return handed[0] if answer is _HANDED and handed else answer
+
+    def credentials(self, who: users.Assignment) -> Credentials | None:
+        """Return the ids a worker for who takes (None: keep ours, single-user mode)."""
+        if self.inst.single:
+            return None
+        return Credentials(rcptcheck.scan_ulong(who.uid), rcptcheck.scan_ulong(who.gid))
+
+
+_HANDED = rcptcheck.Answer("handed to a worker")  # compared by identity
 
 
 def encode(answer: rcptcheck.Answer) -> bytes:
@@ -144,64 +168,384 @@ def ask(qmail_home: str, local: bytes, timeout: float = 20.0) -> rcptcheck.Answe
     return decode(data)
 
 
-def serve_one(conn: socket.socket, checker: Checker) -> int:
-    """In a child: read the question, answer it, return the exit code."""
-    local = _read_request(conn)
-    if local is None:
-        return 100
-    try:
-        answer = checker.answer(local)
-    except Exception as e:  # noqa: BLE001 - any trouble is "cannot check now", never "no mailbox"
-        answer = rcptcheck.Answer(rcptcheck.TEMPORARY, f"internal error: {type(e).__name__}")
-    if answer.code == rcptcheck.TEMPORARY:
-        _say(f"cannot check a local part: {answer.why}")
-    try:
-        conn.sendall(encode(answer))
-    except OSError:
-        return 111
-    return 0
-
-
 def _allowed(conn: socket.socket, qmaild: int) -> bool:
     pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return uid in (0, qmaild, os.getuid())
 
 
-class _Stop(Exception):
-    pass
+def _reply(conn: socket.socket, answer: rcptcheck.Answer) -> None:
+    """Answer on conn without waiting (the line fits an empty socket buffer) and close it."""
+    if answer.code == rcptcheck.TEMPORARY:
+        _say(f"cannot check a local part: {answer.why}")
+    try:
+        conn.send(encode(answer))
+    except OSError:
+        pass  # safe: the client has gone; it reads no answer as TEMPORARY
+    conn.close()
+
+
+# --- the worker: one user's searches, as that user --------------------------------------------------
+
+def handoff(who: users.Assignment) -> bytes:
+    """Return the message that hands who's search to a worker (the fields mailbox() reads)."""
+    return _HANDOFF.pack(len(who.homedir), len(who.dash), len(who.ext)) + who.homedir + who.dash + who.ext
+
+
+def unhandoff(msg: bytes) -> users.Assignment | None:
+    """Return the Assignment a handoff message carries (uid and gid empty), None if malformed."""
+    if len(msg) < _HANDOFF.size:
+        return None
+    a, b, c = _HANDOFF.unpack_from(msg)
+    if _HANDOFF.size + a + b + c != len(msg):
+        return None
+    p = _HANDOFF.size
+    return users.Assignment(b"", b"", b"", msg[p:p + a], msg[p + a:p + a + b], msg[p + a + b:])
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(data[:len(data) - len(data) % got.itemsize])
+            fds.extend(got)
+    return fds
+
+
+def work(ctl: socket.socket, creds: Credentials | None, limit: float) -> int:
+    """A worker's life: take creds for good, then answer each question handed over ctl until it closes.
+
+    After each question, answered or not, one byte on ctl tells the parent
+    it is done (the parent counts what it has handed over).
+    """
+    failed: rcptcheck.Answer | None = None
+    if creds is not None:
+        try:
+            drop(creds)
+        except (OSError, PrivilegeError) as e:
+            failed = rcptcheck.Answer(rcptcheck.TEMPORARY, f"unable to become uid {creds.uid}: {e}")
+        except Exception as e:  # noqa: BLE001 - e.g. an id too large: "cannot check now", as before
+            failed = rcptcheck.Answer(rcptcheck.TEMPORARY, f"internal error: {type(e).__name__}")
+    while True:
+        msg, ancillary, flags, _ = ctl.recvmsg(_HANDOFF_MAX, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+        if not msg and not ancillary:
+            return 0  # the parent retired us
+        fds = _received_fds(ancillary)
+        try:
+            who = unhandoff(msg)
+            if fds and who is not None:
+                conn = socket.socket(fileno=fds.pop(0))
+                signal.alarm(max(1, int(limit)))
+                try:
+                    try:
+                        answer = failed or rcptcheck.mailbox(who)
+                    except Exception as e:  # noqa: BLE001 - trouble is "cannot check now", never "no mailbox"
+                        answer = rcptcheck.Answer(rcptcheck.TEMPORARY, f"internal error: {type(e).__name__}")
+                    if answer.code == rcptcheck.TEMPORARY:
+                        _say(f"cannot check a local part: {answer.why}")
+                    conn.settimeout(limit)
+                    try:
+                        conn.sendall(encode(answer))
+                    except OSError:
+                        pass  # safe: the client has gone; it reads no answer as TEMPORARY
+                finally:
+                    conn.close()
+                    signal.alarm(0)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            ctl.send(b"d")
+
+
+class _Worker:
+    """The parent's record of one worker."""
+
+    __slots__ = ("key", "pid", "ctl", "waiting", "started", "last", "served")
+
+    def __init__(self, key: tuple[int, int], pid: int, ctl: socket.socket, now: float) -> None:
+        self.key = key
+        self.pid = pid
+        self.ctl = ctl  # the parent's end of the socket pair
+        self.waiting = 0  # questions handed over and not yet answered
+        self.started = now  # when the question it works on began (if waiting)
+        self.last = now  # when it was last handed a question
+        self.served = 0
+
+
+class _Pending:
+    """A connection whose question has not all arrived."""
+
+    __slots__ = ("conn", "data", "deadline")
+
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn = conn
+        self.data = b""
+        self.deadline = deadline
+
+
+class _Stop(BaseException):
+    """SIGTERM: not an Exception, so that no `except Exception` of a question swallows it."""
 
 
 def _on_term(signum: int, frame: object) -> None:
     raise _Stop
 
 
-def _reap(children: dict[int, float]) -> None:
-    """Forget the children that have exited."""
-    while children:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            return
-        if pid == 0:
-            return
-        children.pop(pid, None)
+class Daemon:
+    """The parent's poll loop: read questions, answer or hand them to workers, keep workers in bounds."""
 
+    def __init__(self, srv: socket.socket, checker: Checker, qmaild: int, limit: float,
+                 idle: float, questions_max: int) -> None:
+        self.srv = srv
+        self.checker = checker
+        self.qmaild = qmaild
+        self.limit = limit
+        self.idle = idle
+        self.questions_max = questions_max
+        self.sel = selectors.DefaultSelector()
+        self.pending: dict[int, _Pending] = {}
+        self.workers: dict[tuple[int, int], _Worker] = {}
+        self.by_pid: dict[int, _Worker] = {}
+        self.dying: set[int] = set()  # killed or retired workers not yet reaped
+        self.listening = False
 
-def _kill_overdue(children: dict[int, float], now: float) -> None:
-    """SIGKILL the children past their deadline: the parent's limit, which a stopped child cannot ignore.
+    def run(self) -> None:
+        """Serve until SIGTERM (_Stop) or a failure of the listening socket (OSError)."""
+        self.srv.setblocking(False)
+        while True:
+            want = len(self.pending) < PENDING_MAX
+            if want != self.listening:
+                if want:
+                    self.sel.register(self.srv, selectors.EVENT_READ, None)
+                else:
+                    self.sel.unregister(self.srv)
+                self.listening = want
+            now = time.monotonic()
+            events = self.sel.select(self._timeout(now))
+            for key, _ in events:
+                # A descriptor closed by an earlier event of this round may have been reused.
+                if key.data is None:
+                    self._accept()
+                elif isinstance(key.data, _Pending) and self.pending.get(key.fd) is key.data:
+                    self._read(key.data)
+                elif isinstance(key.data, _Worker) and self.by_pid.get(key.data.pid) is key.data:
+                    self._done(key.data)
+            self._tend(time.monotonic())
 
-    A child runs as the recipient's user, who may stop it (SIGSTOP, then its
-    own alarm is never acted on); CHILDREN_MAX such children would otherwise
-    hold every slot and defer every recipient check of the host.
-    """
-    for pid, deadline in list(children.items()):
-        if now >= deadline:
+    def _timeout(self, now: float) -> float:
+        """Seconds until the next deadline (a question's arrival, a worker's limit or idle time)."""
+        soon = now + 5.0
+        for p in self.pending.values():
+            soon = min(soon, p.deadline)
+        for w in self.workers.values():
+            soon = min(soon, w.started + self.limit if w.waiting else w.last + self.idle)
+        return max(0.0, soon - now)
+
+    def _accept(self) -> None:
+        while len(self.pending) < PENDING_MAX:
             try:
-                os.kill(pid, signal.SIGKILL)
+                conn, _ = self.srv.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the questions wait in the backlog
+                _say(f"unable to accept: {e.strerror or e}")
+                return
+            try:
+                allowed = _allowed(conn, self.qmaild)
+            except OSError:
+                allowed = False
+            if not allowed:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            p = _Pending(conn, time.monotonic() + READ_SECONDS)
+            self.pending[conn.fileno()] = p
+            self.sel.register(conn, selectors.EVENT_READ, p)
+
+    def _drop_pending(self, p: _Pending) -> None:
+        self.sel.unregister(p.conn)
+        del self.pending[p.conn.fileno()]
+
+    def _read(self, p: _Pending) -> None:
+        """Read what has arrived of a question; a whole one is decided, a malformed one closed."""
+        try:
+            chunk = p.conn.recv(rcptcheck.LOCAL_MAX + 2 - len(p.data))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        p.data += chunk
+        if b"\0" in p.data:
+            self._drop_pending(p)
+            self._question(p.conn, p.data.split(b"\0", 1)[0])
+        elif not chunk or len(p.data) > rcptcheck.LOCAL_MAX:
+            self._drop_pending(p)
+            p.conn.close()  # malformed: no answer, as a request cut short
+
+    def _question(self, conn: socket.socket, local: bytes) -> None:
+        decided = self.checker.decide(local)
+        if isinstance(decided, rcptcheck.Answer):
+            _reply(conn, decided)
+            return
+        creds = self.checker.credentials(decided)
+        key = (os.getuid(), os.getgid()) if creds is None else (creds.uid, creds.gid)
+        now = time.monotonic()
+        w = self.workers.get(key)
+        if w is None:
+            if len(self.workers) >= CHILDREN_MAX:
+                idle = [x for x in self.workers.values() if not x.waiting]
+                if not idle:
+                    _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, BUSY_ALL))
+                    return
+                self._retire(min(idle, key=lambda x: x.last))
+            try:
+                w = self._fork(key, creds, now, conn)
+            except OSError as e:
+                _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, f"unable to fork: {e.strerror or e}"))
+                return
+        if w.waiting >= QUEUE_MAX:
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, BUSY))
+            return
+        try:
+            w.ctl.sendmsg([handoff(decided)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))],
+                          socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, BUSY))
+            return
+        except OSError as e:  # the worker has gone: a new one for the next question
+            self._retire(w)
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, f"worker lost: {e.strerror or e}"))
+            return
+        conn.close()  # the worker holds it now
+        if not w.waiting:
+            w.started = now
+        w.waiting += 1
+        w.last = now
+        w.served += 1
+
+    def _fork(self, key: tuple[int, int], creds: Credentials | None, now: float, conn: socket.socket) -> _Worker:
+        """Start a worker for key; it takes creds in the child, before it reads anything.
+
+        conn, the question being handed, is closed in the child: it arrives
+        over the pair like any other (a copy kept would hold the client's
+        connection open for the worker's life).
+        """
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # TERM blocked across fork: the child must not run the parent's _Stop cleanup.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            code = 111
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                self._forget_all()
+                conn.close()
+                mine.close()
+                code = work(theirs, creds, self.limit)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        theirs.close()
+        mine.setblocking(False)
+        w = _Worker(key, pid, mine, now)
+        self.workers[key] = w
+        self.by_pid[pid] = w
+        self.sel.register(mine, selectors.EVENT_READ, w)
+        return w
+
+    def _forget_all(self) -> None:
+        """In a new worker: close every descriptor of the parent's (the listener, questions, other workers)."""
+        self.sel.close()
+        self.srv.close()
+        for p in self.pending.values():
+            p.conn.close()
+        for w in self.workers.values():
+            w.ctl.close()
+
+    def _done(self, w: _Worker) -> None:
+        """Count the answers a worker reports; its end of the pair closed: it has gone."""
+        try:
+            got = w.ctl.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            got = b""
+        if not got:
+            self._retire(w)
+            return
+        w.waiting = max(0, w.waiting - len(got))
+        w.started = time.monotonic()
+
+    def _forget(self, w: _Worker) -> bool:
+        """Drop a worker's record and close our end of its pair; False if it was already forgotten."""
+        if self.by_pid.get(w.pid) is not w:
+            return False
+        del self.by_pid[w.pid]
+        if self.workers.get(w.key) is w:
+            del self.workers[w.key]
+        self.sel.unregister(w.ctl)
+        w.ctl.close()
+        return True
+
+    def _retire(self, w: _Worker) -> None:
+        """Forget a worker and end it: SIGKILL, which a stopped one cannot ignore.
+
+        Its questions in flight close with the socket pair (the client reads
+        no answer: TEMPORARY). An idle worker loses nothing by the kill. Only
+        a worker not yet reaped is killed: its pid cannot have been reused.
+        """
+        if self._forget(w):
+            try:
+                os.kill(w.pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass  # safe: it has exited; _reap forgets it
-            children[pid] = float("inf")  # killed once; reaped when the kernel says so
+                pass  # safe: cannot happen before we reap it; nothing to end
+            self.dying.add(w.pid)
+
+    def _tend(self, now: float) -> None:
+        """Reap exited workers, kill those past their limit, retire idle and worn ones, drop late questions."""
+        while self.by_pid or self.dying:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            self.dying.discard(pid)
+            gone = self.by_pid.get(pid)
+            if gone is not None:
+                self._forget(gone)  # reaped: never kill its pid again
+        for w in list(self.workers.values()):
+            if w.waiting and now >= w.started + self.limit:
+                _say(f"killing the worker for uid {w.key[0]}: busy for {self.limit:g} seconds")
+                self._retire(w)
+            elif not w.waiting and (now >= w.last + self.idle or w.served >= self.questions_max):
+                self._retire(w)
+        for p in list(self.pending.values()):
+            if now >= p.deadline:
+                self._drop_pending(p)
+                p.conn.close()
+
+    def close(self) -> None:
+        """Stop: close every connection; workers finish what they hold and exit at their pair's end."""
+        for p in list(self.pending.values()):
+            p.conn.close()
+        self.pending.clear()
+        for w in list(self.by_pid.values()):
+            w.ctl.close()
+        self.by_pid.clear()
+        self.workers.clear()
+        self.sel.close()
+
+
+def _seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
 
 
 @program("qmail-rcptcheckd", crash=EXIT_FAIL)
@@ -217,8 +561,8 @@ def main(argv: list[str]) -> int:
     path = os.path.join(qmail_home, SOCKET)
     signal.signal(signal.SIGTERM, _on_term)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    children: dict[int, float] = {}  # pid: the monotonic time it is killed at
-    limit = float(os.environ.get(CHILD_SECONDS_ENV) or CHILD_SECONDS)
+    daemon = Daemon(srv, checker, qmaild, _seconds(CHILD_SECONDS_ENV, CHILD_SECONDS),
+                    _seconds(IDLE_SECONDS_ENV, IDLE_SECONDS), int(_seconds(QUESTIONS_MAX_ENV, QUESTIONS_MAX)))
     mine = -1
     try:
         try:
@@ -234,37 +578,14 @@ def main(argv: list[str]) -> int:
             os.umask(old)
         mine = os.lstat(path).st_ino
         srv.listen(64)
-        srv.settimeout(5.0)
-        while True:
-            _reap(children)
-            _kill_overdue(children, time.monotonic())
-            if len(children) >= CHILDREN_MAX:
-                time.sleep(FULL_PAUSE)  # safe: bounded; questions wait in the listen backlog
-                continue
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                if not _allowed(conn, qmaild):
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    code = 111
-                    try:
-                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        signal.alarm(max(1, int(limit)))
-                        srv.close()
-                        code = serve_one(conn, checker)
-                    finally:
-                        os._exit(code)
-                children[pid] = time.monotonic() + limit
+        daemon.run()
     except _Stop:
         pass
     except OSError as e:
         _say(f"fatal: {path}: {e.strerror or e}")
         return EXIT_FAIL
     finally:
+        daemon.close()
         srv.close()
     # Only our own socket: a successor started meanwhile (supervise restarting a service
     # whose old process it has just sent TERM) has bound a new one at the same path.
