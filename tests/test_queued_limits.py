@@ -1,7 +1,8 @@
 """qmail-queued keeps local users in their lane (issue 12 A.3) and names one pid per message (B.5).
 
 Root mode, real processes: qmail-queued started as root, clients run as the
-test user or a qmail user. Children are counted in /proc by their parent pid.
+test user or a qmail user. Workers are counted in /proc by their parent pid;
+a busy one holds its client's connection beside its own socket pair's end.
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _sockets(pid: int) -> int:
+    """Return how many sockets pid holds open (0 once it is gone)."""
+    n = 0
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return 0
+    for fd in names:
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue
+    return n
+
+
+def _busy(pid: int) -> list[int]:
+    """Return the workers of qmail-queued pid serving a client (an idle one holds one socket, its end to the server)."""
+    return [c for c in _children(pid) if _sockets(c) >= 2]
+
+
 def _as(user: str) -> dict[str, object]:
     import pwd
 
@@ -100,20 +121,22 @@ def test_fifty_idle_connections_of_one_uid_get_the_limit_of_children(site: Site)
         assert holder.stdout is not None
         acked, refused = map(int, holder.stdout.readline().split())
         assert (acked, refused) == (20, 30)  # refused ones are closed unacknowledged: such a client drops instead
-        assert len(_children(q.proc.pid)) == 20
+        assert len(_children(q.proc.pid)) == 20 and len(_busy(q.proc.pid)) == 20
         # Another uid is still served, through the socket.
         p = qq(home, b"Subject: other uid\n\nserved\n", envelope(b"", b"pq@" + FQDN.encode()), user="qmaild")
         assert p.returncode == 0, p.stderr
         assert len(files(home.queue)["todo"]) == 1 and _drops(home) == []
-        assert len(_children(q.proc.pid)) == 20
+        _wait(lambda: len(_busy(q.proc.pid)) == 20, 30, "the other uid's worker to be idle")
+        assert len(_children(q.proc.pid)) == 21  # the 20 busy ones, and the other uid's, idle now
     finally:
         assert holder.stdin is not None
         holder.stdin.close()  # the holder exits: its connections hang up
         holder.wait(30)
         assert holder.stdout is not None
         holder.stdout.close()
-    # Every child stops when its client hangs up, queueing nothing.
-    _wait(lambda: _children(q.proc.pid) == [], 30, "children to end with their client")
+    # Every worker gives up its message when its client hangs up, queueing nothing, and waits idle.
+    _wait(lambda: _busy(q.proc.pid) == [], 30, "workers to give up with their client")
+    assert len(_children(q.proc.pid)) == 21
     assert len(files(home.queue)["todo"]) == 1 and len(files(home.queue)["mess"]) == 1 and _drops(home) == []
     assert q.stop() == 0
     err = q.stderr()
@@ -127,7 +150,7 @@ def test_a_client_past_the_limit_writes_the_maildrop(site: Site) -> None:
     q = Queued(home, "-c", "1")
     try:
         p1, w1 = _client(home)
-        _wait(lambda: len(_children(q.proc.pid)) == 1, 30, "the first client's child")
+        _wait(lambda: len(_busy(q.proc.pid)) == 1, 30, "the first client's worker")
         p2 = qq(home, b"Subject: second\n\nvia maildrop\n", envelope(b"s@x", b"pq@" + FQDN.encode()), user=TEST_USER)
         assert p2.returncode == 0, p2.stderr  # refused by the server, dropped by the client
         _wait(lambda: _drops(home) == [] and len(files(home.queue)["todo"]) == 1, 30, "pickup of the drop")
@@ -152,10 +175,10 @@ def test_a_killed_client_leaves_no_child_and_queues_nothing(site: Site) -> None:
         assert p.stdin is not None
         p.stdin.write(b"Subject: half\n\nthe first half\n")
         p.stdin.flush()
-        _wait(lambda: len(_children(q.proc.pid)) == 1, 30, "the client's child")
+        _wait(lambda: len(_busy(q.proc.pid)) == 1, 30, "the client's worker")
         p.kill()
         p.wait(30)
-        _wait(lambda: _children(q.proc.pid) == [], 30, "the child to end with its client")
+        _wait(lambda: _busy(q.proc.pid) == [], 30, "the worker to give up with its client")
         # The rest of the message and the envelope would come now: nobody holds the pipes to read them.
         try:
             p.stdin.write(b"the second half\n")
@@ -193,7 +216,8 @@ def test_an_idle_client_is_cut_after_the_idle_time(site: Site) -> None:
         p.stdin.close()
         p.stderr.close()
         os.close(w)
-        assert _children(q.proc.pid) == [] and _nothing_queued(home)
+        _wait(lambda: _busy(q.proc.pid) == [], 30, "the worker to be idle")
+        assert _nothing_queued(home)
         # A client that keeps sending is not idle, however long it takes in all.
         p, w = _client(home)
         assert p.stdin is not None
@@ -213,9 +237,10 @@ def test_an_idle_client_is_cut_after_the_idle_time(site: Site) -> None:
 
 
 def test_usage(site: Site) -> None:
-    for args in (["-c", "0"], ["-c", "x"], ["-t", "-1"], ["-x"]):
+    for args in (["-c", "0"], ["-c", "x"], ["-t", "-1"], ["-x"], ["-n", "0"], ["-w", "-1"], ["-w", "x"]):
         r = subprocess.run([str(site.home.bin("qmail-queued")), *args], env=ENV, capture_output=True, timeout=60)
-        assert r.returncode == 111 and r.stderr.endswith(b"qmail-queued: usage: qmail-queued [-p] [-c N] [-t SECONDS]\n"), r
+        assert r.returncode == 111 and r.stderr.endswith(
+            b"qmail-queued: usage: qmail-queued [-p] [-c N] [-t SECONDS] [-n N] [-w SECONDS]\n"), r
 
 
 # --- B.5: one pid per queued message ---------------------------------------------------

@@ -13,24 +13,34 @@ QMAILHOME/maildrop/ instead. qmail-queued scans that directory at start,
 every SCAN_INTERVAL seconds and on SIGALRM, queues each `m` file with the uid
 of the file's owner (the kernel's word, never the file's) and removes it.
 
-usage: qmail-queued [-p] [-c N] [-t SECONDS]
+usage: qmail-queued [-p] [-c N] [-t SECONDS] [-n N] [-w SECONDS]
 (started as root or as qmailq; as root it becomes qmailq)
 
 Limits, so that local users stay in their lane (C's setuid qmail-queue is
 the caller's own process; here the work is the server's, so it is bounded
 and accounted to the caller):
 
-  -c N        at most N children serve one uid at a time (default 20). A
+  -c N        at most N messages of one uid are served at a time (default 20). A
               connection past the limit is closed before its descriptors
               are taken, so that client writes the message into the
               maildrop itself: its own process, its own time, bounded by
               the disk only, as with C's qmail-queue.
-  -t SECONDS  a child whose client's descriptors give nothing for SECONDS
+  -t SECONDS  a worker whose client's descriptors give nothing for SECONDS
               (default 1200, qmail-smtpd's timeout) gives up: qmail-queue's
               read error, 54, nothing queued.
 
-A child also stops, queueing nothing, as soon as its client hangs up (the
-client was killed, or gave up): the caller can kill what it started, as it
+The messages are queued by workers: processes forked by qmail-queued (as
+qmailq) that each serve one connection after another, handed to them over
+a socket pair, so that a message costs no fork (Postfix's reuse of its
+processes). A worker is forked when a connection comes and none is idle;
+each message gets fresh state, and a worker that meets anything unexpected
+answers and exits (another is forked when needed). The options:
+
+  -n N        a worker retires after N messages (default 500).
+  -w SECONDS  an idle worker retires after SECONDS (default 60).
+
+A worker also gives up a message, queueing nothing, as soon as its client
+hangs up (the client was killed, or gave up): the caller can kill what it started, as it
 can kill C's qmail-queue. The Received line, the `p` record and so qmail-
 send's log lines name the client's pid (SO_PEERCRED), as they name C's
 qmail-queue; a maildrop message names the pid its client wrote into the
@@ -75,7 +85,10 @@ if TYPE_CHECKING:
 
 _UCRED = struct.Struct("iII")
 ANSWER_TIMEOUT = 60  # seconds a client has to send its descriptors
-PER_UID = 20  # -c: children serving one uid at a time
+PER_UID = 20  # -c: messages of one uid served at a time
+WORKER_MESSAGES = 500  # -n: messages a worker serves before it retires
+WORKER_IDLE = 60.0  # -w: seconds an idle worker waits for its next message before it retires
+WORKER_COMM = "qmail-queued-w"  # a worker's name in ps (the kernel's comm): the killers and census tell it apart
 IDLE_SECONDS = 1200.0  # -t: a client's descriptors silent this long is a read error (qmail-smtpd's timeout)
 SCAN_INTERVAL = 1.0  # seconds between maildrop scans; also between checks that the starting process lives (-p)
 LOCK = "queue/lock/queued"
@@ -84,9 +97,14 @@ BACKOFF_SECONDS = 300  # a drop file the queue could not take waits this long; t
 SPARSE_SLACK = 1 << 16  # bytes a drop file may claim beyond its blocks on disk (filesystem rounding)
 WARNED_MAX = 10000  # names remembered as said: past this, nothing more is said about new ones
 EXIT_FAIL = 111
-COMMIT_ASK = b"c"  # group commit: a child asks the server to make its todo/ link durable
+COMMIT_ASK = b"c"  # group commit: a worker asks the server to make its todo/ link durable
 COMMIT_OK = b"+"
 COMMIT_FAILED = b"!"
+JOB = b"j"  # server to worker, with the client's connection (SCM_RIGHTS): serve it
+DONE = b"d"  # worker to server: the message is answered and every descriptor of it closed
+# Exit codes after which a worker does not serve again: the alarm (52) may have cut
+# anything short, and 81 is a bug of ours. Its next message gets a fresh process.
+_UNCERTAIN = (QueueExit.TIMEOUT, QueueExit.BUG)
 # Exit codes of queue_message that mean the drop file itself is bad: it is
 # removed. Every other failure is the queue's: the file stays for the next scan.
 _MALFORMED = (QueueExit.ADDR_TOO_LONG, QueueExit.READ_ERROR, QueueExit.ENVELOPE_FORMAT)
@@ -107,8 +125,13 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
               stoppable: bool = False, idle: float = IDLE_SECONDS,
-              commit: Callable[[], None] = qmail_queue.commit_todo) -> int:
-    """Answer one client connection (queue its message, or a stop request); return the exit code sent."""
+              commit: Callable[[], None] = qmail_queue.commit_todo,
+              before_answer: Callable[[int], None] | None = None) -> int:
+    """Answer one client connection (queue its message, or a stop request); return the exit code sent.
+
+    before_answer(code) is called once the message's descriptors are closed,
+    just before its exit code is sent (a worker tells its server it is free).
+    """
     client_pid, uid, _ = peer_credentials(conn)
     if client_pid <= 0:
         client_pid = os.getpid()  # the client is in another pid namespace: the kernel says 0
@@ -130,12 +153,16 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
             watch = qmail_queue.Watch(conn.fileno(), idle)
             signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
             signal.alarm(qmail_queue.SUICIDE_SECONDS)
-            code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch,
-                                             commit=commit, utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8)
-            signal.alarm(0)
+            try:
+                code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch,
+                                                 commit=commit, utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8)
+            finally:
+                signal.alarm(0)  # a worker's next message starts without this one's alarm
     finally:
         for fd in fds:
             os.close(fd)
+    if before_answer is not None:
+        before_answer(code)
     try:
         conn.sendall(bytes([code]))
     except OSError:
@@ -144,57 +171,23 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
 
 
 class GroupCommit:
-    """The server's half of the todo/ group commit: one fsync of todo/ for every child waiting.
+    """The server's half of the todo/ group commit: one fsync of todo/ for every worker waiting.
 
-    Each child gets one end of a socket pair. Having linked todo/N it writes
-    COMMIT_ASK and waits; the server reads every end that is ready, fsyncs
-    todo/ once, and answers COMMIT_OK (or COMMIT_FAILED) to each. A link
-    made before the fsync started is in the journal commit that fsync
-    forces, so one fsync makes all of them durable; children asking while it
-    runs are answered by the next one. Beyond qmail, whose qmail-queue never
-    fsyncs todo/: this is what keeps that fsync from costing one per message
-    under load.
+    Each worker has one end of a socket pair with the server. Having linked
+    todo/N it writes COMMIT_ASK and waits; the server reads every end that
+    is ready, fsyncs todo/ once, and answers COMMIT_OK (or COMMIT_FAILED) to
+    each. A link made before the fsync started is in the journal commit that
+    fsync forces, so one fsync makes all of them durable; workers asking
+    while it runs are answered by the next one. Beyond qmail, whose
+    qmail-queue never fsyncs todo/: this is what keeps that fsync from
+    costing one per message under load.
     """
 
     def __init__(self, todo_dir: str) -> None:
         self.todo_dir = todo_dir
-        self.ends: dict[int, socket.socket] = {}  # fd -> the server's end, one per child
 
-    def pair(self) -> tuple[socket.socket, socket.socket]:
-        """Return (server's end, child's end) for a child about to be forked."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.ends[mine.fileno()] = mine
-        return mine, theirs
-
-    def forget(self, mine: socket.socket) -> None:
-        self.ends.pop(mine.fileno(), None)
-        mine.close()
-
-    def close_all(self) -> None:
-        """Close every end (in a child: the other children's are not its own)."""
-        for end in self.ends.values():
-            end.close()
-        self.ends.clear()
-
-    def serve(self, ready: list[int]) -> None:
-        """Answer the children whose ends are in ready: one fsync for all that asked."""
-        asking = []
-        for fd in ready:
-            end = self.ends.get(fd)
-            if end is None:
-                continue
-            try:
-                data = end.recv(16)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                self.forget(end)  # the child is gone
-            elif COMMIT_ASK in data:
-                asking.append(end)
-        if not asking:
-            return
+    def commit(self, asking: list[socket.socket]) -> list[socket.socket]:
+        """fsync todo/ once and answer every end in asking; return the ends that could not be answered."""
         answer = COMMIT_OK
         try:
             fd = os.open(self.todo_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -204,15 +197,17 @@ class GroupCommit:
                 os.close(fd)
         except OSError:
             answer = COMMIT_FAILED
+        gone = []
         for end in asking:
             try:
                 end.sendall(answer)
             except OSError:
-                self.forget(end)  # the child is gone: it will not wait for an answer
+                gone.append(end)  # the worker is gone: it will not wait for an answer
+        return gone
 
 
 def child_commit(end: socket.socket) -> Callable[[], None]:
-    """Return a qmail_queue commit that asks the server over end (its own fsync if the server is gone)."""
+    """Return a qmail_queue commit that asks the server over end (a worker's own fsync if the server is gone)."""
 
     def commit() -> None:
         try:
@@ -239,6 +234,88 @@ def _stop_request(conn: socket.socket, uid: int, inst: _home.Install, server_pid
     if ok:
         os.kill(server_pid, signal.SIGUSR1)
     return 0 if ok else 1
+
+
+# --- the workers ------------------------------------------------------------------
+
+def _open_fds(skip: int = -1) -> set[int] | None:
+    """Return this process's open descriptors but skip (None without /proc: then nothing to compare)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    fds = set()
+    for name in names:
+        fd = int(name)
+        if fd == skip:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed again by now
+        fds.add(fd)
+    return fds
+
+
+def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
+         stoppable: bool = False, idle: float = IDLE_SECONDS) -> int:
+    """Serve the connections the server hands over end, one after another, until it closes end; return the exit code.
+
+    Each message starts from nothing of the one before: serve_one makes a
+    new watch and queue_message a new Queuer, and every descriptor of the
+    message is closed before the worker says DONE. It says DONE before it
+    sends the client its exit code, so that a client's next message, sent
+    once it has its answer, finds this worker idle rather than making the
+    server fork another. The worker exits instead (the server forks another
+    when needed) after an exception, an exit code in _UNCERTAIN, or when it
+    holds other descriptors than before its first message.
+    """
+    commit = child_commit(end)
+    base = _open_fds()
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(end, 16, 1)
+        except OSError:
+            return 0  # the server is gone
+        if msg != JOB or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return 0 if not msg else EXIT_FAIL  # closed by the server (retired, or it stopped), or nonsense
+        conn = socket.socket(fileno=fds[0])
+        said = [False]  # DONE said for this message
+
+        def ready_for_next(code: int) -> None:
+            if code in _UNCERTAIN or _open_fds(skip=conn.fileno()) != base:
+                return  # not to be trusted with another message: the checks below say why and exit
+            try:
+                end.sendall(DONE)
+                said[0] = True
+            except OSError:
+                pass  # safe: the server is gone; recv_fds says so next
+
+        try:
+            code = serve_one(conn, qmail_home, inst, server_pid, stoppable=stoppable, idle=idle, commit=commit,
+                             before_answer=ready_for_next)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: answer as qmail-queue's crash would, then go
+            _say(f"warning: worker {os.getpid()}: internal error: {type(e).__name__}: {e}")
+            try:
+                conn.sendall(bytes([QueueExit.BUG]))
+            except OSError:
+                pass  # safe: the client is gone; the exit code was for it alone
+            return QueueExit.BUG
+        finally:
+            conn.close()
+        if said[0]:
+            continue
+        if code in _UNCERTAIN:
+            return code
+        if _open_fds() != base:
+            _say(f"warning: worker {os.getpid()}: descriptors left open after a message: exiting")
+            return EXIT_FAIL
+        try:
+            end.sendall(DONE)  # a connection that never came to an answer (a stop request, a client gone)
+        except OSError:
+            return 0  # the server is gone
 
 
 # --- the maildrop -----------------------------------------------------------------
@@ -493,17 +570,34 @@ def _on_child(signum: int, frame: object) -> None:
     """SIGCHLD: nothing here; the signal's byte on the wake-up pipe makes the loop reap."""
 
 
-class Children:
-    """The connection children that run, by uid: the -c limit's count."""
+class Worker:
+    """One worker as the server sees it."""
 
-    def __init__(self, per_uid: int) -> None:
+    __slots__ = ("pid", "end", "uid", "served", "since")
+
+    def __init__(self, pid: int, end: socket.socket, now: float) -> None:
+        self.pid = pid
+        self.end = end  # the server's end of the socket pair; closed when the worker is retired
+        self.uid: int | None = None  # the uid of the message it serves; None when idle
+        self.served = 0
+        self.since = now  # when it became idle
+
+
+class Workers:
+    """The workers: which are idle, which serve, and the -c limit's count of messages in progress by uid."""
+
+    def __init__(self, per_uid: int, messages: int = WORKER_MESSAGES, idle: float = WORKER_IDLE) -> None:
         self.per_uid = per_uid
-        self.uid_of: dict[int, int] = {}  # child pid -> the uid it serves
-        self.count: dict[int, int] = {}  # uid -> children serving it
+        self.messages = messages
+        self.idle_seconds = idle
+        self.by_pid: dict[int, Worker] = {}  # every worker not yet reaped
+        self.by_fd: dict[int, Worker] = {}  # the server's end -> worker, for those not retired
+        self.idle: list[Worker] = []  # oldest first; the newest is reused first, so the pool shrinks with the load
+        self.count: dict[int, int] = {}  # uid -> messages being served
         self.said: set[int] = set()  # uids whose refusal was said, until they drop below the limit
 
     def full(self, uid: int) -> bool:
-        """Return True if uid has its limit of children already (said once per time it reaches it)."""
+        """Return True if uid has its limit of messages in progress already (said once per time it reaches it)."""
         if self.count.get(uid, 0) < self.per_uid:
             return False
         if uid not in self.said:
@@ -512,12 +606,90 @@ class Children:
                  "further ones are refused (their qmail-queue uses the maildrop)")
         return True
 
-    def add(self, pid: int, uid: int) -> None:
-        self.uid_of[pid] = uid
+    def add(self, pid: int, end: socket.socket, now: float) -> Worker:
+        """Record a worker just forked (not yet idle: it is given a message at once)."""
+        w = Worker(pid, end, now)
+        self.by_pid[pid] = w
+        self.by_fd[end.fileno()] = w
+        return w
+
+    def take(self) -> Worker | None:
+        """Return the newest idle worker (no longer idle), or None."""
+        return self.idle.pop() if self.idle else None
+
+    def busy(self, w: Worker, uid: int) -> None:
+        """w serves a message of uid from now on."""
+        w.uid = uid
+        w.served += 1
         self.count[uid] = self.count.get(uid, 0) + 1
 
+    def _uncount(self, w: Worker) -> None:
+        uid = w.uid
+        if uid is None:
+            return
+        w.uid = None
+        n = self.count[uid] - 1
+        if n:
+            self.count[uid] = n
+        else:
+            del self.count[uid]
+        if n < self.per_uid:
+            self.said.discard(uid)
+
+    def done(self, w: Worker, now: float) -> None:
+        """w has answered its message: idle again, or retired after its last one."""
+        self._uncount(w)
+        if w.served >= self.messages:
+            self.retire(w)
+        else:
+            w.since = now
+            self.idle.append(w)
+
+    def retire(self, w: Worker) -> None:
+        """Close the server's end of w: it reads the end of its socket and exits (after its message, if busy)."""
+        if self.by_fd.pop(w.end.fileno(), None) is None:
+            return
+        if w in self.idle:
+            self.idle.remove(w)
+        w.end.close()
+
+    def gone(self, w: Worker) -> None:
+        """w has died or broken its socket: its message, if any, is over."""
+        self.retire(w)
+        self._uncount(w)
+
+    def expire(self, now: float) -> None:
+        """Retire the workers idle for the idle time."""
+        while self.idle and now - self.idle[0].since >= self.idle_seconds:
+            self.retire(self.idle[0])
+
+    def read(self, ready: list[int], group: GroupCommit, now: float) -> None:
+        """Read the ends in ready: DONE, COMMIT_ASK (one fsync for all that ask) or a worker gone."""
+        asking = []
+        for fd in ready:
+            w = self.by_fd.get(fd)
+            if w is None:
+                continue
+            try:
+                data = w.end.recv(16)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data == COMMIT_ASK and w.uid is not None:
+                asking.append(w)
+            elif data == DONE and w.uid is not None:
+                self.done(w, now)
+            else:
+                self.gone(w)  # died (b""), or said what it must not: not to be trusted with another message
+        if asking:
+            broken = group.commit([w.end for w in asking])
+            for w in asking:
+                if w.end in broken:
+                    self.gone(w)
+
     def reap(self) -> None:
-        """Collect every child that has ended."""
+        """Collect every worker that has ended."""
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -525,16 +697,19 @@ class Children:
                 return
             if pid == 0:
                 return
-            uid = self.uid_of.pop(pid, None)
-            if uid is None:
-                continue
-            n = self.count[uid] - 1
-            if n:
-                self.count[uid] = n
-            else:
-                del self.count[uid]
-            if n < self.per_uid:
-                self.said.discard(uid)
+            w = self.by_pid.pop(pid, None)
+            if w is not None:
+                self.gone(w)
+
+    def close_all(self) -> None:
+        """Retire every worker (the server stops serving); those busy finish their message first."""
+        for w in list(self.by_fd.values()):
+            self.retire(w)
+
+    def close_inherited(self) -> None:
+        """In a new worker: close the server's ends of the other workers, which are not its own."""
+        for w in self.by_fd.values():
+            w.end.close()
 
 
 class _Flags:
@@ -547,8 +722,8 @@ class _Server:
     """What one qmail-queued needs while it holds the lock."""
 
     def __init__(self, qmail_home: str, inst: _home.Install, q: _home.Account, gid: int, lock: int,
-                 with_parent: bool, parent: int, flags: _Flags, children: Children, idle: float) -> None:
-        self.children = children
+                 with_parent: bool, parent: int, flags: _Flags, workers: Workers, idle: float) -> None:
+        self.workers = workers
         self.idle = idle
         self.qmail_home = qmail_home
         self.inst = inst
@@ -578,7 +753,7 @@ class _Server:
             if not first:
                 time.sleep(SCAN_INTERVAL)  # having given way: let the standalone one take the lock
             first = False
-            self.children.reap()  # children of an earlier turn as holder
+            self.workers.reap()  # workers of an earlier turn as holder
             if _try_lock(self.lock):
                 return not self.orphaned()
 
@@ -629,6 +804,7 @@ class _Server:
         old_wake = signal.set_wakeup_fd(wake_w)
         pickup = Pickup(self.qmail_home, self.inst, self.q.uid)
         group = GroupCommit(os.path.join(self.qmail_home, "queue", "todo"))
+        workers = self.workers
         server_pid = os.getpid()
         next_scan = 0.0
         try:
@@ -639,19 +815,20 @@ class _Server:
                     pickup.scan()
                     now = time.monotonic()
                     next_scan = now + SCAN_INTERVAL
+                workers.expire(now)
                 try:
-                    ready, _, _ = select.select([srv.fileno(), wake_r, *group.ends], [], [],
+                    ready, _, _ = select.select([srv.fileno(), wake_r, *workers.by_fd], [], [],
                                                 max(0.0, next_scan - now))
                 except InterruptedError:
                     continue
-                if group.ends:
-                    group.serve(ready)
+                if workers.by_fd:
+                    workers.read(ready, group, time.monotonic())
                 if wake_r in ready:
                     try:
                         os.read(wake_r, 512)
                     except BlockingIOError:
                         pass  # safe: another signal's byte was read already
-                    self.children.reap()
+                    workers.reap()
                 if srv.fileno() not in ready:
                     continue
                 try:
@@ -663,37 +840,79 @@ class _Server:
                 except OSError:
                     conn.close()
                     continue
-                if self.children.full(uid):
+                if workers.full(uid):
                     # Closed before the descriptors are taken: the kernel drops
                     # them unread, and the client writes the maildrop itself.
                     conn.close()
                     continue
                 conn.setblocking(True)
-                mine, theirs = group.pair()
-                pid = os.fork()
-                if pid == 0:
-                    code = 81
-                    try:
-                        srv.close()
-                        group.close_all()
-                        os.close(self.lock)  # the lock belongs to the server alone: a child must not keep it
-                        signal.set_wakeup_fd(-1)
-                        os.close(wake_r)
-                        os.close(wake_w)
-                        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1):
-                            signal.signal(signum, signal.SIG_DFL)
-                        code = serve_one(conn, self.qmail_home, self.inst, server_pid, stoppable=self.with_parent,
-                                         idle=self.idle, commit=child_commit(theirs))
-                    finally:
-                        os._exit(code)
-                theirs.close()
-                self.children.add(pid, uid)
-                conn.close()
+                try:
+                    self._hand_over(conn, uid, srv, wake_r, wake_w, server_pid)
+                finally:
+                    conn.close()
         finally:
-            group.close_all()
+            workers.close_all()
             signal.set_wakeup_fd(old_wake)
             os.close(wake_r)
             os.close(wake_w)
+
+    def _hand_over(self, conn: socket.socket, uid: int, srv: socket.socket, wake_r: int, wake_w: int,
+                   server_pid: int) -> None:
+        """Give conn to an idle worker, or to a new one; if none takes it, the client finds it closed (maildrop)."""
+        workers = self.workers
+        while True:
+            w = workers.take()
+            fresh = w is None
+            if w is None:
+                try:
+                    w = self._fork(conn, srv, wake_r, wake_w, server_pid)
+                except OSError as e:
+                    _say(f"warning: unable to fork a worker: {e.strerror}")
+                    return  # unacknowledged: the client writes the maildrop
+            try:
+                socket.send_fds(w.end, [JOB], [conn.fileno()])
+            except OSError:
+                workers.gone(w)  # it died idle, its end not read yet: the next one
+                if fresh:
+                    return
+                continue
+            workers.busy(w, uid)
+            return
+
+    def _fork(self, conn: socket.socket, srv: socket.socket, wake_r: int, wake_w: int, server_pid: int) -> Worker:
+        """Fork a worker; return it as the server sees it. Raise OSError."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            code = EXIT_FAIL
+            try:
+                # Nothing of the server's stays open here: its socket, the connection
+                # (it comes again over theirs, as every later one does), the other
+                # workers' ends, the lock (the server's alone) and the wake-up pipe.
+                srv.close()
+                conn.close()
+                mine.close()
+                self.workers.close_inherited()
+                os.close(self.lock)
+                signal.set_wakeup_fd(-1)
+                os.close(wake_r)
+                os.close(wake_w)
+                for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1):
+                    signal.signal(signum, signal.SIG_DFL)
+                from pyqmail.proctitle import set_title
+
+                set_title(WORKER_COMM, ["qmail-queued", "worker"])
+                code = work(theirs, self.qmail_home, self.inst, server_pid, stoppable=self.with_parent,
+                            idle=self.idle)
+            finally:
+                os._exit(code)
+        theirs.close()
+        return self.workers.add(pid, mine, time.monotonic())
 
 
 @program("qmail-queued", crash=EXIT_FAIL)
@@ -709,7 +928,9 @@ def main(argv: list[str]) -> int:
     with_parent = False
     per_uid = PER_UID
     idle = IDLE_SECONDS
-    opts = Getopt(argv, "pc:t:")
+    messages = WORKER_MESSAGES
+    worker_idle = WORKER_IDLE
+    opts = Getopt(argv, "pc:t:n:w:")
     while (opt := opts.next()) is not None:
         try:
             if opt == "p":
@@ -718,12 +939,16 @@ def main(argv: list[str]) -> int:
                 per_uid = int(opts.optarg or "")
             elif opt == "t":
                 idle = float(opts.optarg or "")
+            elif opt == "n":
+                messages = int(opts.optarg or "")
+            elif opt == "w":
+                worker_idle = float(opts.optarg or "")
             else:
                 raise ValueError
         except ValueError:
             opt = "?"
-        if opt == "?" or per_uid < 1 or not 0 < idle < 10**9:
-            _say("usage: qmail-queued [-p] [-c N] [-t SECONDS]")
+        if opt == "?" or per_uid < 1 or not 0 < idle < 10**9 or messages < 1 or not 0 <= worker_idle < 10**9:
+            _say("usage: qmail-queued [-p] [-c N] [-t SECONDS] [-n N] [-w SECONDS]")
             return EXIT_FAIL
     parent = os.getppid()
     if os.geteuid() != 0 and os.getuid() != q.uid:
@@ -750,7 +975,7 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         _say(f"fatal: unable to open {LOCK}: {e.strerror}")
         return EXIT_FAIL
-    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags, Children(per_uid), idle)
+    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags, Workers(per_uid, messages, worker_idle), idle)
     try:
         first = True
         while server.wait(first):
