@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, TEST_USER, QHome, expect, run
+from conftest import IS_ROOT, TEST_USER, VENV_BIN, QHome, expect, run, world_dir
 from pyqmail.local import qmail_rcptcheckd as rd
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="root mode: the daemon becomes each user")
@@ -31,11 +31,15 @@ UID_BASE = 61000
 class Daemon:
     """A running qmail-rcptcheckd and what the tests ask of it."""
 
-    def __init__(self, home: QHome, users: Path, env: dict[str, str]) -> None:
+    def __init__(self, home: QHome, users: Path, env: dict[str, str], user: str | None = None) -> None:
         self.home = home
         self.users = users
+        ids = {}
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            ids = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
         self.proc = subprocess.Popen([home.bin("qmail-rcptcheckd")], env={"PATH": "/usr/bin:/bin", **env},
-                                     cwd=home.path, stderr=subprocess.PIPE)
+                                     cwd=home.path, stderr=subprocess.PIPE, **ids)  # type: ignore[call-overload]
         self.sock = home.path / "run" / "qmail-rcptcheck.sock"
         deadline = time.monotonic() + 30
         while True:  # bound, then listening
@@ -133,6 +137,7 @@ def test_one_worker_answers_every_question_of_a_user(homes: tuple[QHome, Path, l
         uids, gids, groups = next(iter(first.values()))
         assert uids == [pq.pw_uid] * 4 and gids == [pq.pw_gid] * 4 and groups == [pq.pw_gid]  # root never again
         (pid,) = first
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == rd.WORKER_COMM  # not counted as the daemon
         fds = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
         assert len([f for f in fds if f.startswith("socket:")]) == 1, fds  # its pair's end: no client, no listener
     finally:
@@ -297,3 +302,35 @@ def test_at_most_children_max_workers_the_least_recently_used_idle_one_goes(
         for s in held:
             s.close()
         d.stop()
+
+
+def test_single_user_mode_workers_keep_the_installing_users_ids() -> None:
+    """A single-user home run by pqtest: the daemon and its worker are pqtest; another user's mail is
+    "deferred at delivery" (K) without a worker, as before."""
+    pq = pwd.getpwnam(TEST_USER)
+    base = world_dir()
+    os.chown(base, pq.pw_uid, pq.pw_gid)
+    home = QHome(base / "qmail")
+    try:
+        expect(run([VENV_BIN / "qmail", "init", "--single-user", "--home", home.path, "test.example.com"],
+                   user=TEST_USER))
+        (base / "joe").mkdir(mode=0o700)
+        (base / "joe" / ".qmail-box").write_text("./Maildir/\n")
+        os.chown(base / "joe", pq.pw_uid, pq.pw_gid)
+        al = pwd.getpwnam("alias")
+        (home.path / "users" / "assign").write_text(
+            f"+joe-:{TEST_USER}:{pq.pw_uid}:{pq.pw_gid}:{base}/joe:-::\n"
+            f"+ann-:alias:{al.pw_uid}:{al.pw_gid}:{base}/joe:-::\n.\n")
+        expect(run([home.bin("qmail-newu")], user=TEST_USER))
+        d = Daemon(home, base, {}, user=TEST_USER)
+        try:
+            assert [d.ask(x) for x in ("joe-box", "joe-none", "joe-box")] == ["K", "D", "K"]
+            assert d.ask("ann-box") == "K"  # another user: deferred at delivery, no worker
+            w = d.workers()
+            assert [ids[0] for ids in w.values()] == [[pq.pw_uid] * 4], w
+        finally:
+            d.stop()
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

@@ -68,11 +68,12 @@ QUESTIONS_MAX = 1000  # a worker is retired (once idle) after this many question
 CHILD_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_CHILD_SECONDS"  # test seam: CHILD_SECONDS
 IDLE_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_IDLE_SECONDS"  # test seam: IDLE_SECONDS
 QUESTIONS_MAX_ENV = "PYQMAIL_RCPTCHECKD_QUESTIONS_MAX"  # test seam: QUESTIONS_MAX
+WORKER_COMM = "qmail-rcptchk-w"  # a worker's name in ps (comm: 15 bytes; the parent's is qmail-rcptcheck)
 BUSY = "busy: too many questions waiting for this user"
 BUSY_ALL = "busy: every worker is busy"
 _UCRED = struct.Struct("3i")
 _HANDOFF = struct.Struct("!III")  # lengths of homedir, dash, ext; then the three
-_HANDOFF_MAX = 3 * 4096 + _HANDOFF.size
+_HANDOFF_MAX = 65536  # a longer handoff (a home path past any PATH_MAX) arrives cut: no answer, 451
 
 
 def _say(text: str) -> None:
@@ -448,6 +449,9 @@ class Daemon:
                 self._forget_all()
                 conn.close()
                 mine.close()
+                from pyqmail.proctitle import set_title
+
+                set_title(WORKER_COMM, ["qmail-rcptcheckd", "worker", str(key[0])])
                 code = work(theirs, creds, self.limit)
             finally:
                 os._exit(code)
@@ -471,17 +475,18 @@ class Daemon:
 
     def _done(self, w: _Worker) -> None:
         """Count the answers a worker reports; its end of the pair closed: it has gone."""
-        try:
-            got = w.ctl.recv(64)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            got = b""
-        if not got:
-            self._retire(w)
-            return
-        w.waiting = max(0, w.waiting - len(got))
-        w.started = time.monotonic()
+        while True:  # one byte a message (SOCK_SEQPACKET)
+            try:
+                got = w.ctl.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                got = b""
+            if not got:
+                self._retire(w)
+                return
+            w.waiting = max(0, w.waiting - len(got))
+            w.started = time.monotonic()
 
     def _forget(self, w: _Worker) -> bool:
         """Drop a worker's record and close our end of its pair; False if it was already forgotten."""
