@@ -65,6 +65,8 @@ def messages(queue: Path, split: int = 23) -> dict[int, str]:
             num = int(base)
             if d in ("mess", "info", "local", "remote"):
                 assert n == f"{num % split}/{num}", f"{d}/{n} is in the wrong split directory"
+            elif d in ("intd", "todo"):  # flat, or split in a big-todo queue
+                assert n in (str(num), f"{num % split}/{num}"), f"{d}/{n} is in the wrong place"
             else:
                 assert "/" not in n, f"{d}/{n} must not be split"
             s.add(num)

@@ -63,18 +63,21 @@ class Site:
         return f"={local}:{name}:{u}:{self.gid}:{homedir}:::"
 
 
-def make_site(fqdn: str = "test.example.com") -> Site:
-    """A single-user home; as root it belongs to (and runs as) the test user, never root."""
+def make_site(fqdn: str = "test.example.com", todo: str = "--flat-todo") -> Site:
+    """A single-user home; as root it belongs to (and runs as) the test user, never root.
+
+    todo: the queue's layout, flat by default (tests read todo/N by name); "--big-todo" for qmail init's default.
+    """
     if not IS_ROOT:
         base = world_dir()
         home = base / "qmail"
-        expect(run([VENV_BIN / "qmail", "init", "--single-user", "--home", home, fqdn]))
+        expect(run([VENV_BIN / "qmail", "init", "--single-user", todo, "--home", home, fqdn]))
         return Site(QHome(home), None, os.getuid(), os.getgid())
     pw = pwd.getpwnam(TEST_USER)
     base = world_dir()
     os.chown(base, pw.pw_uid, pw.pw_gid)
     home = base / "qmail"
-    expect(run([VENV_BIN / "qmail", "init", "--single-user", "--home", home, fqdn], user=TEST_USER))
+    expect(run([VENV_BIN / "qmail", "init", "--single-user", todo, "--home", home, fqdn], user=TEST_USER))
     return Site(QHome(home), TEST_USER, pw.pw_uid, pw.pw_gid)
 
 

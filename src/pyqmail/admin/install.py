@@ -48,6 +48,7 @@ class Options:
     single_user: bool = False
     upgrade: bool = False
     new_cert: bool = False
+    todo: str = ""  # "flat": intd/ and todo/ as qmail 1.03's; "big": split (a flat queue converted); "": default
 
 
 HOME_HELP = ("the installation (default: $QMAILHOME, else the home of the bin/qmail stub that runs, "
@@ -268,8 +269,14 @@ class _Layout:
         return True
 
 
-def make_layout(lay: _Layout) -> None:
-    """Create the directories and queue of qmail 1.03's install."""
+def make_layout(lay: _Layout, bigtodo: bool | None = None) -> None:
+    """Create the directories and queue of qmail 1.03's install.
+
+    bigtodo: intd/ and todo/ split as mess/ (the big-todo layout), or flat as
+    qmail 1.03's; None: as the queue already is, big-todo for a new queue.
+    """
+    if bigtodo is None:
+        bigtodo = queue_bigtodo(lay.home)
     lay.d("", "root", 0o755)
     for rel in ("control", "users", "bin", "boot", "conf"):
         lay.d(rel, "root", 0o755)
@@ -280,8 +287,12 @@ def make_layout(lay: _Layout) -> None:
     lay.d("authenticated", "root", 0o755)  # POP-before-SMTP stamps: only the POP3 service's user writes (pop3.relay)
     lay.d("queue", "qmailq", 0o750)
     lay.d("queue/pid", "qmailq", 0o700)
-    lay.d("queue/intd", "qmailq", 0o700)
-    lay.d("queue/todo", "qmailq", 0o750)
+    if bigtodo:
+        lay.dsplit("queue/intd", "qmailq", 0o700)
+        lay.dsplit("queue/todo", "qmailq", 0o750)
+    else:
+        lay.d("queue/intd", "qmailq", 0o700)
+        lay.d("queue/todo", "qmailq", 0o750)
     lay.d("queue/bounce", "qmails", 0o700)
     lay.dsplit("queue/mess", "qmailq", 0o750)
     lay.dsplit("queue/info", "qmails", 0o700)
@@ -293,6 +304,14 @@ def make_layout(lay: _Layout) -> None:
     lay.d("queue/mtasts", "qmailr", 0o700)  # qmail-remote's MTA-STS policy cache (pyqmail.remote.mtasts)
     lay.z("queue/" + layout.SENDMUTEX, 0, "qmails", 0o600)
     lay.fifo("queue/" + layout.TRIGGER, "qmails", 0o622)
+
+
+def queue_bigtodo(qmail_home: str) -> bool:
+    """Return True if the home's queue is big-todo, or has no todo/ yet (a new queue is made so)."""
+    queue = os.path.join(qmail_home, "queue")
+    if not os.path.isdir(os.path.join(queue, "todo")):
+        return True
+    return layout.is_bigtodo(queue)
 
 
 # --- programs ------------------------------------------------------------------
@@ -759,7 +778,7 @@ def install_code(lay: _Layout) -> str:
     return lib
 
 
-def upgrade(qmail_home: str, out: TextIO) -> str:
+def upgrade(qmail_home: str, out: TextIO, todo: str = "") -> str:
     """Install the running pyqmail into an existing home (`qmail init --upgrade`); return the new lib dir.
 
     As qmail's `make setup` over a running installation: directories and
@@ -779,7 +798,13 @@ def upgrade(qmail_home: str, out: TextIO) -> str:
     if not inst.single and os.geteuid() != 0:
         raise InstallError(f"qmail init: fatal: {qmail_home} is a root-mode home: upgrade it as root")
     lay = _Layout(qmail_home, inst)
-    make_layout(lay)
+    if todo == "flat" and queue_bigtodo(qmail_home):
+        raise InstallError("qmail init: fatal: --flat-todo: the queue is big-todo already; "
+                           "a split todo/ is not made flat again")
+    # The queue keeps its layout; --big-todo converts a flat one: the
+    # subdirectories are made, and messages waiting in the flat places are
+    # still read from there (pyqmail.queue.layout).
+    make_layout(lay, True if todo == "big" else None)
     previous = stub_lib(os.path.join(qmail_home, "bin", _STUB_PROBE))
     lib = install_code(lay)
     for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():
@@ -804,7 +829,7 @@ def init(opts: Options, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> i
         if opts.new_cert:
             new_cert(opts.home, out)
         elif opts.upgrade:
-            upgrade(opts.home, out)
+            upgrade(opts.home, out, opts.todo)
         else:
             _init(opts, out)
     except InstallError as e:
@@ -854,7 +879,7 @@ def _init(opts: Options, out: TextIO) -> None:
 
     os.makedirs(os.path.dirname(qmail_home) or "/", exist_ok=True)
     lay = _Layout(qmail_home, inst)
-    make_layout(lay)
+    make_layout(lay, {"flat": False, "big": True}.get(opts.todo))
     lay.file("conf/install", _home.format_install(inst), "root", 0o644)
     install_code(lay)
     for name, text in __import__("pyqmail.admin.boot", fromlist=["scripts"]).scripts(qmail_home).items():

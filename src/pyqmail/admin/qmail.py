@@ -1,8 +1,8 @@
 """qmail: the front command of a pyqmail installation.
 
 usage: qmail init [--home DIR] [--user NAME] [--split N] [--force]
-                  [--create-users] [--single-user] [FQDN]
-       qmail init --upgrade [--home DIR]
+                  [--create-users] [--single-user] [--flat-todo] [FQDN]
+       qmail init --upgrade [--home DIR] [--big-todo]
        qmail init --new-cert [--home DIR]
        qmail up [--home DIR] [--smtp-port N] [--pop3-port N] [--qmtp-port N]
                 [--smtps-port N] [--pop3s-port N] [--submission-port N]
@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--upgrade", action="store_true",
                    help="install the running pyqmail's code into an existing home and point its stubs at it; "
                         "control files, aliases, users and the queue are kept, nothing is restarted")
+    i.add_argument("--flat-todo", dest="todo", action="store_const", const="flat", default="",
+                   help="a new queue's intd/ and todo/ unsplit, as qmail 1.03 makes them (default: split as "
+                        "mess/, the big-todo layout)")
+    i.add_argument("--big-todo", dest="todo", action="store_const", const="big",
+                   help="with --upgrade: split a flat queue's intd/ and todo/ (waiting messages stay readable)")
     i.add_argument("--new-cert", action="store_true",
                    help="replace control/servercert.pem by a new self-signed certificate for control/me "
                         "(the old one kept as servercert.pem.old)")
@@ -117,7 +122,7 @@ def main(argv: list[str]) -> int:
         opts = install.Options(
             home=args.home or install.default_home(), fqdn=args.fqdn, user=args.user,
             split=args.split, force=args.force, create_users=args.create_users,
-            single_user=args.single_user, upgrade=args.upgrade, new_cert=args.new_cert)
+            single_user=args.single_user, upgrade=args.upgrade, new_cert=args.new_cert, todo=args.todo)
         return install.init(opts, sys.stdout, sys.stderr)
     if args.command in ("up", "down"):
         import os

@@ -168,7 +168,7 @@ def read_message(num: int, split: int) -> Message:
                 if rec[:1] in (b"T", b"D"):
                     msg.recipients.append(Recipient(channel, rec[:1] == b"D", rec[1:]))
         return msg
-    todo_path = f"todo/{num}"
+    todo_path = layout.find_todo(num, split) or f"todo/{num}"  # either place (big-todo or flat)
     todo = _read_file(todo_path)
     if todo is None:
         # mess/N alone (or with intd/N) is a message being queued or being
@@ -186,9 +186,11 @@ def read_message(num: int, split: int) -> Message:
 
 def message_numbers(split: int) -> list[int]:
     """Return the numbers of the messages in todo/ and info/, in increasing order."""
-    found: set[int] = set()
-    dirs = ["todo"] + [f"info/{i}" for i in range(split)]
-    for d in dirs:
+    try:
+        found = layout.todo_numbers(split)  # todo/ and, in a big-todo queue, its subdirectories
+    except OSError as e:
+        raise QueueError(f"unable to list queue/todo: {errors.describe(e)}") from None
+    for d in [f"info/{i}" for i in range(split)]:
         try:
             names = os.listdir(d)
         except OSError as e:
@@ -344,7 +346,7 @@ def _remove(path: str) -> bool:
     """Remove queue file path and make that durable; return False if it was not there."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as e:
         raise QueueError(f"unable to remove queue/{path}: {errors.describe(e)}") from None
@@ -364,9 +366,11 @@ def do_delete(num: int, split: int) -> int:
             return EXIT_TEMPORARY
         read_message(num, split)  # raises NoMessage
         for kind in DELETE_ORDER:
-            path = split_name(kind, num, split)
-            if _remove(path):
-                _out(b"removed queue/" + path.encode() + b"\n")
+            # intd/N and todo/N from both places (big-todo's subdirectory, the flat one).
+            for path in layout.todo_names(kind, num, split) if kind in layout.TODO_DIRS \
+                    else (split_name(kind, num, split),):
+                if _remove(path):
+                    _out(b"removed queue/" + path.encode() + b"\n")
     _out(b"deleted message #%d\n" % num)
     return EXIT_OK
 

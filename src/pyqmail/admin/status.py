@@ -250,16 +250,15 @@ def oldest(queue_dir: str, split: int) -> tuple[int, int] | None:
     qmail-send and qmail-qread take it; before that, todo/N's.
     """
     found: tuple[int, int] | None = None
-    dirs = ["todo"] + [f"info/{i}" for i in range(split)]
-    numbers: set[int] = set()
-    for d in dirs:
+    numbers = layout.todo_numbers(split, queue_dir)  # todo/ and, in a big-todo queue, its subdirectories
+    for d in [f"info/{i}" for i in range(split)]:
         numbers.update(int(n) for n in os.listdir(os.path.join(queue_dir, d)) if n.isdigit())
     for num in numbers:
-        for kind in ("info", "todo"):
+        for name in (layout.split_name("info", num, split), *layout.todo_names("todo", num, split)):
             try:
-                born = int(os.stat(os.path.join(queue_dir, layout.split_name(kind, num, split))).st_mtime)
-            except FileNotFoundError:
-                continue  # delivered (or preprocessed) meanwhile
+                born = int(os.stat(os.path.join(queue_dir, name)).st_mtime)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # delivered (or preprocessed) meanwhile, or in todo/'s other place
             if found is None or (born, num) < (found[1], found[0]):
                 found = (num, born)
             break

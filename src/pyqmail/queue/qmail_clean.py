@@ -6,6 +6,8 @@ byte on descriptor 1 (the protocol is in pyqmail.send.spawnproto):
 "foop/N" removes intd/N and mess/N (qmail-send is done with it, or found it
 abandoned); '+' means done, '!' that a file could not be removed, 'x' that
 the command was not understood. A file already gone counts as removed.
+In a big-todo queue intd/N and todo/N are intd/D/N and todo/D/N; both
+places are cleaned, so that messages of a converted flat queue go too.
 Every 30 commands, and at start, pid/ files left for 36 hours by a dead
 qmail-queue are removed. qmail-clean runs in QMAILHOME/queue, as qmailq:
 only qmailq can write mess/, intd/ and todo/.
@@ -60,8 +62,8 @@ def sweep_pid(now: float) -> None:
 def _remove(path: str) -> bool:
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # absent (NotADirectory: flat intd/ or todo/ holding a message numbered as the subdirectory)
     except OSError:
         return False
     return True
@@ -75,10 +77,13 @@ def clean(line: bytes, split: int) -> bytes:
     if not num.isdigit():
         return BAD
     messnum = int(num)
+    # intd/N and todo/N are taken from both places: a big-todo queue's
+    # subdirectory and the flat one (pyqmail.queue.layout).
+    targets: tuple[str, ...]
     if kind == b"foop/":
-        targets = (f"intd/{messnum}", layout.split_name("mess", messnum, split))
+        targets = (*layout.todo_names("intd", messnum, split), layout.split_name("mess", messnum, split))
     elif kind == b"todo/":
-        targets = (f"intd/{messnum}", f"todo/{messnum}")
+        targets = (*layout.todo_names("intd", messnum, split), *layout.todo_names("todo", messnum, split))
     else:
         return BAD
     for path in targets:

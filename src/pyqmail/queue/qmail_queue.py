@@ -5,6 +5,8 @@ follow INTERNALS.md's states: pid/ file created (its inode is the message
 number), renamed to mess/ (S2), message written and fsync'd, intd/ created
 (S3) with the envelope, fsync'd, linked to todo/ (S4), trigger pulled. Any
 failure removes what was made and exits with the code of qmail-queue(8).
+In a big-todo queue (pyqmail.queue.layout) intd/N and todo/N are
+intd/D/N and todo/D/N, D = N modulo the split, as mess/N.
 
 Run as root, qmail-queue writes the queue as qmailq. Run as another local
 user in a root-mode installation, it cannot write the queue itself (Python
@@ -259,7 +261,11 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     _write(fd, buf)
     _fsync(fd)
 
-    intd_fn = f"intd/{messnum}"
+    try:
+        big = layout.is_bigtodo()
+    except OSError:
+        raise Die(QueueExit.INTD_ERROR) from None
+    intd_fn = layout.todo_name("intd", messnum, inst.split, big)
     try:
         ifd = durable.create_excl(intd_fn)
     except OSError:
@@ -288,6 +294,18 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
         os.link(intd_fn, todo_fn)
     except OSError:
         raise Die(QueueExit.TODO_ERROR) from None
+    if big:
+        # Big-todo: todo/N moves into its subdirectory by one rename, which
+        # changes todo/ and todo/D/ in one journal transaction, so that the
+        # commit below (an fsync of todo/, here or qmail-queued's group
+        # commit) makes todo/D/N durable. Until the rename, todo/N is in the
+        # flat place, which every reader of todo/ takes too.
+        try:
+            os.rename(todo_fn, layout.todo_name("todo", messnum, inst.split, True))
+        except OSError:
+            pass  # safe: todo/N stays in the flat place, queued all the same and read from there
+        else:
+            todo_fn = layout.todo_name("todo", messnum, inst.split, True)
     # S4: queued. From here on mess/N and intd/N are never removed, whatever happens.
     q.made.clear()
     try:

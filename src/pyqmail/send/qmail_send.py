@@ -40,6 +40,7 @@ import fcntl
 import heapq
 import os
 import select
+import stat
 import time
 
 from pyqmail import control, durable, smtputf8
@@ -54,7 +55,7 @@ from pyqmail.send.schedule import CHANNELS, LOCAL, REMOTE
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Generator, Iterator
 
 FD_LOG = 0
 CHANFDOUT = (1, 3)
@@ -252,7 +253,7 @@ class Send:
         self.comm = [bytearray(), bytearray()]
         self.reports = [spawnproto.ReportReader(), spawnproto.ReportReader()]
         self.trigger = -1
-        self.tododir: Iterator[os.DirEntry[str]] | None = None
+        self.tododir: Generator[int, None, None] | None = None
         self.nexttodorun = 0
         self.cleanupdir: Iterator[int] | None = None
         self.cleanuptime = 0
@@ -305,7 +306,7 @@ class Send:
             if _stat(fn) is None:
                 return  # someone yanking our chain
             fn = f"todo/{messid}"
-            if _stat(fn) is not None:
+            if self.todo_exists(messid):
                 return  # preprocessing was interrupted: the todo scan redoes it
             found = []
             for c in CHANNELS:
@@ -727,7 +728,7 @@ class Send:
                     self._push(self.pqdone, self.clock() + SLEEP_SYSFAIL, messid)
                     return
             fn = f"todo/{messid}"
-            if _stat(fn) is not None:
+            if self.todo_exists(messid):
                 return
             fn = self.fn_split("info", messid)
             if _stat(fn) is None:
@@ -871,18 +872,17 @@ class Send:
                 return
             self.trigger_set()
             try:
-                self.tododir = os.scandir("todo")
+                dirs = layout.todo_dirs(self.split)
             except OSError:
                 self.pause(log.opendir(b"todo"))
                 return
+            self.tododir = self._todo_scan(dirs)
             self.nexttodorun = self.recent + SLEEP_TODO
         batch: list[Prepared] = []
         done = 0
-        for entry in self.tododir:
-            name = entry.name
-            if name.isdigit() and name.isascii() and int(name) not in self.cleaning_todo \
-                    and int(name) not in self.kept:
-                prepared = self.prepare(int(name))
+        for messid in self.tododir:
+            if messid not in self.cleaning_todo and not self.is_kept(messid):
+                prepared = self.prepare(messid)
                 if prepared is not None:
                     if len(self.kept) < KEEP_MAX:
                         self.keep(prepared)
@@ -892,9 +892,43 @@ class Send:
                 if done >= TODO_BATCH:
                     break
         else:
-            self.tododir.close()  # type: ignore[attr-defined]
             self.tododir = None
         self.commit(batch)
+
+    def _todo_scan(self, dirs: list[str]) -> Generator[int, None, None]:
+        """Yield the message numbers in todo/ and, in a big-todo queue, its subdirectories.
+
+        An unreadable directory is logged and waited for, as qmail-send does
+        for todo/; a subdirectory not there (a flat queue's) is skipped.
+        """
+        for d in dirs:
+            while True:
+                try:
+                    it = os.scandir(d)
+                    break
+                except FileNotFoundError:
+                    it = None
+                    break
+                except OSError:
+                    self.pause(log.opendir(d.encode()))
+            if it is None:
+                continue
+            with it:
+                for entry in it:
+                    name = entry.name
+                    if not (name.isdigit() and name.isascii()):
+                        continue
+                    if d == "todo" and entry.is_dir(follow_symlinks=False):
+                        continue  # a big-todo subdirectory, scanned in its turn
+                    yield int(name)
+
+    def todo_exists(self, messid: int) -> bool:
+        """Return True if todo/N is in the queue (either place); raise OSError if that cannot be told."""
+        return layout.find_todo(messid, self.split) is not None
+
+    def is_kept(self, messid: int) -> bool:
+        """Return True if message N is preprocessed and kept, its todo/N still its record."""
+        return messid in self.kept
 
     def keep(self, p: Prepared) -> None:
         """Schedule a preprocessed message at once, todo/N kept as its durable record."""
@@ -949,15 +983,22 @@ class Send:
 
     def prepare(self, messid: int) -> Prepared | None:
         """Write info/N, local/N and remote/N from todo/N (not yet fsync'd); None on trouble, logged."""
-        todo = f"todo/{messid}"
-        try:
-            fd = os.open(todo, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # Listed by this scan, removed by qmail-clean since: preprocessed already.
-            return None
-        except OSError:
-            self.log(log.unable(b"open", todo.encode()))
-            return None
+        fd = -1
+        for todo in layout.todo_names("todo", messid, self.split):
+            try:
+                fd = os.open(todo, os.O_RDONLY | os.O_CLOEXEC)
+                if messid < self.split and stat.S_ISDIR(os.fstat(fd).st_mode):
+                    os.close(fd)  # todo/D, a big-todo subdirectory, is not message D
+                    fd = -1
+                    continue
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # in the other place, or removed by qmail-clean since this scan listed it
+            except OSError:
+                self.log(log.unable(b"open", todo.encode()))
+                return None
+        if fd == -1:
+            return None  # listed by this scan, removed by qmail-clean since: preprocessed already
         prepared = Prepared(messid)
         try:
             ok = self._prepare(prepared, fd)
@@ -1086,7 +1127,7 @@ class Send:
                     continue
                 if _stat(self.fn_split("info", messid)) is not None:
                     continue
-                if _stat(f"todo/{messid}") is not None:
+                if self.todo_exists(messid):
                     continue
             except OSError:
                 continue
@@ -1216,7 +1257,7 @@ class Send:
         self.unsynced.clear()
         self.closing.clear()
         if self.tododir is not None:
-            self.tododir.close()  # type: ignore[attr-defined]
+            self.tododir.close()
             self.tododir = None
 
     def finish(self) -> None:
