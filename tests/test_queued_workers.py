@@ -158,7 +158,8 @@ def test_a_killed_worker_queues_nothing_and_is_replaced(site: Site) -> None:
         ok = qq(home, b"Subject: whole\n\nwhole\n", envelope(b"s@x", b"pq@" + FQDN.encode()), user=TEST_USER)
         assert ok.returncode == 0, ok.stderr
         assert len(files(home.queue)["todo"]) == 1
-        assert worker not in _children(q.proc.pid) and len(_children(q.proc.pid)) == 1
+        _wait(lambda: len(_children(q.proc.pid)) == 1 and worker not in _children(q.proc.pid), 30,
+              "one worker, a new one")
     finally:
         assert q.stop() == 0
     assert q.stderr() == ""
@@ -258,3 +259,21 @@ def test_worker_exits_when_a_message_leaves_a_descriptor_open(monkeypatch: pytes
     assert end.recv(16) == b""
     assert _exit_code(pid) == qmail_queued.EXIT_FAIL
     end.close()
+
+
+def test_an_idle_worker_killed_is_replaced_for_the_next_message(site: Site) -> None:
+    home = site.home
+    q = _started(home)
+    try:
+        assert _send(home, *_message(0)) == 0
+        (worker,) = _children(q.proc.pid)
+        _wait(lambda: _idle(worker), 30, "the worker to be idle")
+        os.kill(worker, signal.SIGKILL)
+        assert _send(home, *_message(1)) == 0  # at once: its end is read as gone, or the hand-over fails over
+        # The killed one is gone once the server has reaped it (a zombie until then).
+        _wait(lambda: len(_children(q.proc.pid)) == 1 and worker not in _children(q.proc.pid), 30,
+              "one worker, a new one")
+        assert len(files(home.queue)["todo"]) == 2
+    finally:
+        assert q.stop() == 0
+    assert q.stderr() == ""
