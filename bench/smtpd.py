@@ -24,7 +24,10 @@ with recipient validation (control/rcptcheck), SPF (control/spfbehavior 3, the
 sender's record served by a DNS server the bench runs on 127.0.0.1,
 $DNSCACHEIP) and greylisting (control/greylist, the bench's triplet passed
 beforehand) on; it prints the median rate of each with min-max and their
-ratio (floor 70%).
+ratio (floor 70%), each round's ratio, the load average, and per message the
+CPU and minor page faults of the server's children (qmail-smtpd and the
+qmail-queue it starts) and the server's own CPU (its forks): figures a busy
+machine moves less than the rates.
 """
 
 from __future__ import annotations
@@ -106,6 +109,14 @@ def children(ppid: int) -> list[int]:
         if int(fields[1]) == ppid:
             out.append(int(name))
     return out
+
+
+def cpu(pid: int) -> tuple[float, float, float]:
+    """Return (ms of CPU of pid's reaped children, their minor faults, ms of CPU of pid itself) so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    return ((int(fields[13]) + int(fields[14])) * tick, float(fields[8]), (int(fields[11]) + int(fields[12])) * tick)
 
 
 def rollup(pid: int) -> dict[str, int]:
@@ -339,19 +350,29 @@ def main_checks(n: int, k: int, use_loop: bool) -> None:
             env = {"DNSCACHEIP": dns.dnscacheip}
             servers[label] = accept_loop(home) if use_loop else start_tcpserver(home, env)
         rates: dict[str, list[float]] = {label: [] for label in homes}
+        costs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in homes}
+        load = os.getloadavg()[0]
         for _ in range(ROUNDS):
-            for label, (_, port) in servers.items():
+            for label, (pid, port) in servers.items():
+                before = cpu(pid)
                 done, elapsed, errors = throughput(port, n, k, False, CLIENT)
                 if errors or done != n:
                     raise SystemExit(f"{label}: {done} of {n} sent, {len(errors)} errors: {errors[:1]}")
                 rates[label].append(done / elapsed)
+                after = cpu(pid)
+                costs[label].append(((after[0] - before[0]) / n, (after[1] - before[1]) / n, (after[2] - before[2]) / n))
         for label, r in rates.items():
+            c = costs[label]
             print(f"qmail-smtpd {label}: {n} messages of {SIZE} bytes over {k} parallel sessions, one connection "
                   f"each, {ROUNDS} rounds: median {statistics.median(r):.0f} accepted messages/s "
-                  f"(min {min(r):.0f}, max {max(r):.0f})")
+                  f"(min {min(r):.0f}, max {max(r):.0f}); per message: the server's children "
+                  f"{statistics.median(x[0] for x in c):.2f} ms of CPU and {statistics.median(x[1] for x in c):.0f} "
+                  f"minor faults, the server {statistics.median(x[2] for x in c):.2f} ms")
         ratio = statistics.median(rates["checks"]) / statistics.median(rates["plain"])
         print(f"with recipient validation (control/rcptcheck), SPF (spfbehavior 3, {dns.queries} DNS queries "
-              f"answered) and greylisting (passed triplet) / plain: {100 * ratio:.0f}% (floor 70%)")
+              f"answered) and greylisting (passed triplet) / plain: {100 * ratio:.0f}% (floor 70%); "
+              f"per-round ratios {', '.join(f'{100 * c / p:.0f}%' for c, p in zip(rates['checks'], rates['plain']))}; "
+              f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
         mess = os.path.join(homes["checks"], "queue", "mess")
         sample = next(os.path.join(root, f) for root, _, fs in os.walk(mess) for f in fs)
         with open(sample, "rb") as f:

@@ -332,9 +332,14 @@ def _evaluate(settings: Settings, ip: str, sender: str, helo: str, domain: str, 
         return NONE, False
     import spf
 
-    from pyqmail.filter import dmarc
+    if env is not None:
+        from pyqmail.filter import dmarc
 
-    dmarc.use_dnscacheip(env)
+        dmarc.use_dnscacheip(env)
+    from pyqmail.smtpd import spfdns
+
+    if spf.DNSLookup is spfdns.lookup:
+        return _ask(spf, settings, ip, sender, helo, domain, receiver, values)  # spfdns quiets its fallback
     import warnings
 
     with warnings.catch_warnings():
@@ -439,25 +444,43 @@ def load(env: Mapping[bytes, bytes]) -> SpfCheck | None:
     settings = Settings.load(env)
     if settings is None:
         return None
+    _point_dns(env.get(b"DNSCACHEIP"))
+    if b"TCPREMOTEIP" not in env:
+        _warm()  # no client: tcpserver's parent preloading (a child always has TCPREMOTEIP)
+    return SpfCheck(settings)
+
+
+_pointed: tuple[bytes | None, object, object, list[tuple[str, int]]] | None = None  # what _point_dns last set up
+
+
+def _point_dns(value: bytes | None) -> None:
+    """Point pyspf (spfdns, dnspython's default resolver as fallback) at $DNSCACHEIP, else resolv.conf.
+
+    The same value as last time, with the resolver and lookup it set still in
+    place, is left alone: a child forked from tcpserver's parent (preload) has
+    them already, and making a dnspython resolver cost each connection 0.4 ms
+    and 100 page copies (bench/smtpd.py --checks).
+    """
+    global _pointed
+    import dns.resolver
     import spf  # noqa: F401 - imported once in tcpserver's parent (preload), not in every child
 
-    from pyqmail.filter import dmarc
     from pyqmail.smtpd import spfdns
 
-    value = env.get(b"DNSCACHEIP")
+    if (_pointed is not None and _pointed[0] == value and _pointed[1] is dns.resolver.default_resolver
+            and _pointed[2] is spf.DNSLookup and _pointed[3] == spfdns._servers):
+        return
+    from pyqmail.filter import dmarc
+
     dmarc.use_dnscacheip({"DNSCACHEIP": value.decode("latin-1")} if value else None)
     if value:
         from pyqmail.remote import mx
 
         spfdns.install(mx.parse_nameservers(value.decode("latin-1")))
     else:
-        import dns.resolver
-
         r = dns.resolver.get_default_resolver()  # /etc/resolv.conf
         spfdns.install([(ns, r.port) for ns in r.nameservers if isinstance(ns, str)])
-    if b"TCPREMOTEIP" not in env:
-        _warm()  # no client: tcpserver's parent preloading (a child always has TCPREMOTEIP)
-    return SpfCheck(settings)
+    _pointed = (value, dns.resolver.default_resolver, spf.DNSLookup, list(spfdns._servers))
 
 
 _warmed = False
