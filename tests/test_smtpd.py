@@ -11,6 +11,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -181,6 +182,17 @@ def test_warm_up_with_broken_controls(qhome: QHome) -> None:
     qhome.control("me", None)
     got = _greeting_via_tcpserver(qhome, lambda: qhome.control("me", "back.example"))
     assert got == [b"421 unable to read controls (#4.3.0)\r\n", b"220 back.example ESMTP\r\n"]
+
+
+def test_warm_up_imports_the_queue_program(qhome: QHome) -> None:
+    """tcpserver's parent imports the module of the qmail-queue each message starts (when it is one
+    of ours), so that no connection unmarshals it again; another $QMAILQUEUE leaves it out."""
+    code = ("import sys\nfrom pyqmail.smtpd import qmail_smtpd\nqmail_smtpd.preload()\n"
+            "print('pyqmail.queue.qmail_queue' in sys.modules)\n")
+    base = {"PATH": "/usr/bin:/bin", "QMAILHOME": str(qhome.path)}
+    assert expect(run([sys.executable, "-c", code], env=base)).stdout == b"True\n"
+    other = dict(base, QMAILQUEUE="/bin/cat")
+    assert expect(run([sys.executable, "-c", code], env=other)).stdout == b"False\n"
 
 
 def test_relay_control_over_tcp(qhome: QHome) -> None:

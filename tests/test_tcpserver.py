@@ -7,7 +7,9 @@ import os
 import pwd
 import re
 import socket
+import shutil
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, TEST_USER, QHome, run
+from conftest import CI, IS_ROOT, TEST_USER, QHome, run
 from pyqmail.ucspi import ident, netinfo
 from ucspikit import DEADLINE, IdentServer, Served, normalize, ours, real, rules_file
 
@@ -306,7 +308,40 @@ def test_remote_host_lookup() -> None:
             lines = srv.wait_for(r"tcpserver: ok ")
         assert f"TCPREMOTEHOST={name}\n".encode() in out
         assert f"TCPLOCALHOST={name}\n".encode() in out
-        assert f"{name}:127.0.0.1::{cport}" in lines[-1]
+        # The ok line, not the last one: the end and status lines may follow it by now.
+        assert [x for x in lines if x.startswith("tcpserver: ok ")][-1].endswith(f"{name}:127.0.0.1::{cport}")
+
+
+RESOLVER_SETUP = ("/etc/nsswitch.conf", "/etc/host.conf", "/etc/resolv.conf", "/etc/services")
+
+
+def test_child_lookup_does_not_set_the_resolver_up_again(tmp_path: Path) -> None:
+    """Without -H each child asks for TCPREMOTEHOST: the C library's set-up (nsswitch.conf,
+    host.conf, resolv.conf) is done once in the parent, and no service name is looked up
+    (/etc/services): the child reads no resolver configuration (strace -f of a connection)."""
+    if shutil.which("strace") is None:
+        if CI:
+            pytest.fail("strace missing: .ci/run installs it")
+        pytest.skip("strace missing")
+    trace = tmp_path / "strace.out"
+    with Served([ours("tcpserver"), "-1", "-v", "-R", "-l", "lname", "127.0.0.1", "0", "true"],
+                env=clean_env()) as srv:
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=openat,open", "-o", str(trace),
+                                   "-p", str(srv.proc.pid)], stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + DEADLINE
+            while "TracerPid:\t0\n" in Path(f"/proc/{srv.proc.pid}/status").read_text():
+                assert time.monotonic() < end, "strace did not attach"
+                time.sleep(0.01)
+            srv.connect()
+            lines = srv.wait_for(END)
+        finally:
+            tracer.terminate()
+            tracer.wait(timeout=DEADLINE)
+    opened = trace.read_text()
+    assert "/etc/hosts" in opened, opened  # the child did look the name up
+    assert [f for f in RESOLVER_SETUP if f in opened] == [], opened
+    assert any(line.startswith("tcpserver: ok ") for line in lines)
 
 
 def test_ident_client_unit() -> None:

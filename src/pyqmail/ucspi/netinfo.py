@@ -30,7 +30,9 @@ def ptr(ip: str) -> str | None:
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sockaddr: tuple[str, int] | tuple[str, int, int, int] = (ip, 0) if family == socket.AF_INET else (ip, 0, 0, 0)
     try:
-        name, _ = socket.getnameinfo(sockaddr, socket.NI_NAMEREQD)
+        # NI_NUMERICSERV: the port's service name is not wanted, and looking it up reads
+        # /etc/services through nsswitch.conf's "services:" modules in every child.
+        name, _ = socket.getnameinfo(sockaddr, socket.NI_NAMEREQD | socket.NI_NUMERICSERV)
     except socket.gaierror as e:
         if e.errno == socket.EAI_AGAIN:
             raise SoftError(str(e)) from e
@@ -38,6 +40,19 @@ def ptr(ip: str) -> str | None:
     except OSError as e:
         raise SoftError(str(e)) from e
     return name.lower()
+
+
+def warm() -> None:
+    """Set the C library's resolver up in this process (a parent), so that forked children share it.
+
+    The first lookup of a process reads host.conf, resolv.conf and nsswitch.conf and
+    loads the modules it names; done once here (a lookup of the loopback address, which
+    /etc/hosts answers), each child's lookup only reads /etc/hosts or asks the DNS.
+    """
+    try:
+        ptr("127.0.0.1")
+    except SoftError:
+        pass  # safe: only a warm-up; each child asks again and handles the failure
 
 
 def ptr_env(ip: str) -> bytes | None:

@@ -632,6 +632,8 @@ def main(argv: list[str]) -> int:
             warn(cfg, d.text)
         return d.code
     preload(cfg.argv)
+    if cfg.remotehost or cfg.localname is None:
+        netinfo.warm()  # each child looks names up: the resolver's set-up is shared, not redone
     if cfg.print_port:
         try:
             os.write(1, b"%d\n" % listener.getsockname()[1])
