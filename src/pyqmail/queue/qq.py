@@ -11,6 +11,11 @@ A receiver of network mail (qmail-smtpd, qmail-qmtpd, qmail-qmqpd) passes
 network=True: when control/smtpfilters names filters, the message goes
 through `qmail-qfilter` with that chain, and the chain ends at the program
 named above (given to qmail-qfilter as $QQF_QMAILQUEUE).
+
+In a root-mode home, a caller that is neither root nor qmailq would start a
+qmail-queue that only passes its descriptors to qmail-queued: QQ passes them
+itself (QQ._hand_over, pyqmail.queue.handoff), and qmail-queue is started
+only when no qmail-queued acknowledges.
 """
 
 from __future__ import annotations
