@@ -183,7 +183,8 @@ def _mess(home: Path, name: str) -> bytes:
 
 
 def _queue_empty(home: Path) -> bool:
-    return not any((home / "queue" / "todo").iterdir()) and all(
+    # todo/ is split like mess/ (big-todo) or flat (qmail 1.03's layout): no file in it either way.
+    return not any(p.is_file() for p in (home / "queue" / "todo").rglob("*")) and all(
         not any(d.iterdir()) for d in (home / "queue" / "info").iterdir())
 
 

@@ -353,3 +353,28 @@ def test_single_user_mode_workers_keep_the_installing_users_ids() -> None:
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_silent_clients_are_closed_and_at_most_pending_max_wait(homes: tuple[QHome, Path, list[str]]) -> None:
+    """A client that never finishes its question is closed after READ_SECONDS (1 s here). At most PENDING_MAX
+    wait at once: past them the parent stops accepting (the backlog holds the rest) until one goes."""
+    d = _daemon(homes, **{rd.READ_SECONDS_ENV: "1"})
+    silent = [d.connect() for _ in range(rd.PENDING_MAX)]
+    try:
+        silent[0].sendall(b"joe-bo")  # half a question
+        t = time.monotonic()
+        with d.connect() as c:  # a blocking connect: it waits for room in the backlog
+            c.sendall(b"joe-box\0")
+            c.settimeout(20)
+            assert c.recv(100) == b"K\n"  # accepted once the silent ones have gone
+        assert time.monotonic() - t >= 0.9
+        for s in silent:
+            s.settimeout(10)
+            assert s.recv(100) == b""  # closed, no answer
+        t = time.monotonic()
+        assert d.ask("joe-box") == "K"
+        assert time.monotonic() - t < 1
+    finally:
+        for s in silent:
+            s.close()
+        d.stop()

@@ -67,6 +67,7 @@ IDLE_SECONDS = 60  # a worker without a question this long is retired
 QUESTIONS_MAX = 1000  # a worker is retired (once idle) after this many questions
 CHILD_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_CHILD_SECONDS"  # test seam: CHILD_SECONDS
 IDLE_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_IDLE_SECONDS"  # test seam: IDLE_SECONDS
+READ_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_READ_SECONDS"  # test seam: READ_SECONDS
 QUESTIONS_MAX_ENV = "PYQMAIL_RCPTCHECKD_QUESTIONS_MAX"  # test seam: QUESTIONS_MAX
 WORKER_COMM = "qmail-rcptchk-w"  # a worker's name in ps (comm: 15 bytes; the parent's is qmail-rcptcheck)
 BUSY = "busy: too many questions waiting for this user"
@@ -296,13 +297,14 @@ class Daemon:
     """The parent's poll loop: read questions, answer or hand them to workers, keep workers in bounds."""
 
     def __init__(self, srv: socket.socket, checker: Checker, qmaild: int, limit: float,
-                 idle: float, questions_max: int) -> None:
+                 idle: float, questions_max: int, read: float = READ_SECONDS) -> None:
         self.srv = srv
         self.checker = checker
         self.qmaild = qmaild
         self.limit = limit
         self.idle = idle
         self.questions_max = questions_max
+        self.read_seconds = read
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}
         self.workers: dict[tuple[int, int], _Worker] = {}
@@ -359,7 +361,7 @@ class Daemon:
                 conn.close()
                 continue
             conn.setblocking(False)
-            p = _Pending(conn, time.monotonic() + READ_SECONDS)
+            p = _Pending(conn, time.monotonic() + self.read_seconds)
             self.pending[conn.fileno()] = p
             self.sel.register(conn, selectors.EVENT_READ, p)
 
@@ -567,7 +569,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     daemon = Daemon(srv, checker, qmaild, _seconds(CHILD_SECONDS_ENV, CHILD_SECONDS),
-                    _seconds(IDLE_SECONDS_ENV, IDLE_SECONDS), int(_seconds(QUESTIONS_MAX_ENV, QUESTIONS_MAX)))
+                    _seconds(IDLE_SECONDS_ENV, IDLE_SECONDS), int(_seconds(QUESTIONS_MAX_ENV, QUESTIONS_MAX)),
+                    _seconds(READ_SECONDS_ENV, READ_SECONDS))
     mine = -1
     try:
         try:
