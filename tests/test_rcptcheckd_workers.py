@@ -378,3 +378,30 @@ def test_silent_clients_are_closed_and_at_most_pending_max_wait(homes: tuple[QHo
         for s in silent:
             s.close()
         d.stop()
+
+
+PEEK = """
+import sys
+try:
+    open(f"/proc/{sys.argv[1]}/mem", "rb").close()
+    print("opened")
+except PermissionError:
+    print("refused")
+"""
+
+
+def test_the_user_cannot_read_their_workers_memory(homes: tuple[QHome, Path, list[str]]) -> None:
+    """A worker is forked from the root parent, so its memory holds the parent's (other users' local parts,
+    users/cdb pages). Its uid change made it undumpable (the kernel's rule for a process that changed ids):
+    its user cannot open its /proc/PID/mem (nor ptrace it)."""
+    import sys
+
+    d = _daemon(homes)
+    try:
+        assert d.ask("joe-box") == "K"
+        (pid,) = d.workers()
+        r = run([sys.executable, "-c", PEEK, str(pid)], user=TEST_USER)
+        expect(r)
+        assert r.stdout == b"refused\n"
+    finally:
+        d.stop()
