@@ -25,12 +25,14 @@ and the .qmail files afresh, so a file made or removed a moment ago decides
 the next question.
 
 One worker per user, so a slow home (NFS) or a user who stops their worker
-holds up only that user's questions: at most 20 wait for one worker (past
+holds up only that user's questions (but for one look the parent makes:
+qmail-getpw's rules check that a passwd user owns their home directory): at most 20 wait for one worker (past
 that: ``Z`` busy at once); a worker busy with one question for 30 seconds is
 SIGKILLed by the parent (its passed connections close: qmail-smtpd sees no
 answer, 451); a worker is retired after 60 seconds without a question and
 after 1000 questions; at most 40 run, and a new user's worker replaces the
-least recently used idle one (all 40 busy: ``Z`` busy).
+least recently used idle one (all 40 busy: ``Z`` busy). Workers show in ps
+as ``qmail-rcptcheckd worker UID`` (comm qmail-rcptchk-w).
 
 Only root and qmaild (SO_PEERCRED) are answered: the socket tells nobody more
 than RCPT TO tells any SMTP client, and nobody else needs it. A request is
