@@ -41,16 +41,17 @@ REMOTES = (f"r1@{REMOTE_DOMAIN}", f"r2@{REMOTE_DOMAIN}")
 BOUNCE_USER = "bounce"
 SENDER = f"{BOUNCE_USER}@{FQDN}"
 # What the killer aims at, by the kernel's comm (pyqmail.proctitle makes it the program's name).
-KINDS = ("qmail-send", "qmail-lspawn", "qmail-local", "qmail-rspawn", "qmail-remote", "qmail-clean",
+KINDS = ("qmail-send", "qmail-todo", "qmail-lspawn", "qmail-local", "qmail-rspawn", "qmail-remote", "qmail-clean",
          "qmail-queued", "qmail-queued-w", "qmail-queue", "tcpserver", "qmail-smtpd", "supervise", "multilog",
          "qmail-rcptcheck", "qmail-rcptchk-w")  # qmail-rcptcheckd: the kernel keeps 15 bytes of a name;
 # qmail-queued-w, qmail-rcptchk-w: their workers
-# The whole system at rest: each daemon once (qmail-queued: the service's and qmail-start's -p one),
+# The whole system at rest: each daemon once (qmail-queued: the service's and qmail-start's -p one;
+# qmail-clean: qmail-send's and qmail-todo's),
 # a supervise for each of the 4 services (send, queued, smtpd, rcptcheckd) and their logs, a
 # multilog for each log; qmail-queued's workers (qmail-queued-w) and qmail-rcptcheckd's
 # (qmail-rcptchk-w) come and go with the load and are not counted.
 WHOLE = {"svscan": 1, "supervise": 8, "multilog": 4, "qmail-send": 1, "qmail-lspawn": 1, "qmail-rspawn": 1,
-         "qmail-clean": 1, "qmail-queued": 2, "tcpserver": 1, "qmail-rcptcheck": 1}
+         "qmail-clean": 2, "qmail-todo": 1, "qmail-queued": 2, "tcpserver": 1, "qmail-rcptcheck": 1}
 ID_RE = re.compile(rb"^X-Crash-Id: (\S+)\r?$", re.M)
 
 # The reaper: a child subreaper that starts svscan (its own session, as `qmail up`

@@ -349,8 +349,9 @@ def test_qmail_start_is_qmail_send(site: Site) -> None:
     d = Running(site)
     try:
         d.wait_for(STATUS0)
-        assert len(_children(d.proc.pid)) == 3  # qmail-lspawn, qmail-rspawn, qmail-clean
-        for fd in range(7):
+        # qmail-lspawn, qmail-rspawn, qmail-clean; qmail-todo and its qmail-clean (ext-todo).
+        assert len(_children(d.proc.pid)) == 5
+        for fd in range(9):
             assert os.path.exists(f"/proc/{d.proc.pid}/fd/{fd}")
     finally:
         d.stop()

@@ -18,6 +18,9 @@ CANNOT_START_RUNNING = b"alert: cannot start: qmail-send is already running\n"
 CANNOT_START_SPAWN = b"alert: cannot start: hath the daemon spawn no fire?\n"
 LOST_SPAWN = b"alert: oh no! lost spawn connection! dying...\n"
 LOST_CLEAN = b"alert: oh no! lost qmail-clean connection! dying...\n"
+LOST_TODO = b"alert: oh no! lost qmail-todo connection! dying...\n"  # ext-todo's qmail-send
+TODO_DIALECT = b"warning: qmail-todo speaks an obscure dialect\n"
+SEND_DIALECT = b"warning: qmail-send speaks an obscure dialect\n"  # ext-todo's qmail-todo
 
 # Serious problems: qmail-send sleeps ten seconds and tries again.
 BOUNCE_APPEND = b"alert: unable to append to bounce message; HELP! sleeping...\n"

@@ -25,6 +25,14 @@ todo/N, and the next qmail-send preprocesses it again, as after a crash in
 qmail's preprocessing (INTERNALS.md): its recipients may be delivered twice,
 never lost, and a qmail-send of C taking the queue over does the same.
 
+With qmail-todo (ext-todo: qmail-start runs it and hands qmail-send its
+pipes on descriptors 7 and 8), todo/ is qmail-todo's: it preprocesses, and
+qmail-send writes its log lines, schedules what it reports (D: committed, K:
+kept, then committed or finished here as above, and G said back once todo/N
+is gone), tells it H and X, and exits once it has gone; a qmail-todo lost is
+qmail-send's end, as a spawner lost. Without descriptors 7 and 8 qmail-send
+scans todo/ itself, as qmail 1.03's.
+
 Signals are handled in one place, the top of the loop: TERM stops new work
 and exits once running deliveries have reported; ALRM makes every recipient
 due now; HUP rereads locals and virtualdomains. Time comes from a clock
@@ -50,7 +58,7 @@ from pyqmail.entry import program
 from pyqmail.queue import layout
 from pyqmail.queue.qmail_queue import date822
 from pyqmail.queue.qq import QQ
-from pyqmail.send import bounce, log, schedule, spawnproto
+from pyqmail.send import bounce, log, schedule, spawnproto, todoproto
 from pyqmail.send.schedule import CHANNELS, LOCAL, REMOTE
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
@@ -62,6 +70,8 @@ CHANFDOUT = (1, 3)
 CHANFDIN = (2, 4)
 FD_TOCLEAN = 5
 FD_FROMCLEAN = 6
+FD_FROMTODO = 7  # qmail-todo's records, when qmail-start runs one (ext-todo)
+FD_TOTODO = 8  # commands to qmail-todo
 CHANDIR = ("local", "remote")
 
 SLEEP_TODO = 1500  # scan todo/ at least this often, trigger or not
@@ -265,6 +275,28 @@ class Send:
         self.kept: dict[int, int] = {}  # kept messages (todo/N is their record): N -> when to commit
         self.unsynced: dict[int, str] = {}  # recipient lists marked, to fsync before going on
         self.closing: list[int] = []  # recipient lists of ended jobs, to close once synced
+        # qmail-todo (ext-todo), when qmail-start runs one: todo/ is its business then.
+        self.todo_in = -1  # its records (todoproto)
+        self.todo_out = -1  # commands to it
+        self.todo_buf = bytearray()
+        self.todo_records = todoproto.Records()
+        self.todo_alive = False
+        self.todo_stopping = False
+
+    def attach_todo(self, fd_in: int, fd_out: int) -> None:
+        """Leave todo/ to the qmail-todo at the other end of fd_in (its records) and fd_out (commands)."""
+        self.todo_in, self.todo_out = fd_in, fd_out
+        try:
+            fl = fcntl.fcntl(fd_out, fcntl.F_GETFL)
+            fcntl.fcntl(fd_out, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+        except OSError:
+            self.tododied()
+            return
+        self.todo_alive = True
+
+    @property
+    def external_todo(self) -> bool:
+        return self.todo_in != -1
 
     # Names in the queue ------------------------------------------------------------
 
@@ -422,13 +454,74 @@ class Send:
             if kind == "todo" and channels is None:
                 # A kept message's todo/N is gone: committed, or finished (messdone goes on).
                 self.kept.pop(messid, None)
+                if self.external_todo:
+                    self.todo_say(todoproto.gone(messid))  # a todo/N of this number is a new message now
             elif kind == "todo" and channels is not None:
-                # S5: preprocessed. Deliver at once.
-                now = self.clock()
-                for c in channels:
-                    self._push(self.pqchan[c], now, messid)
-                if not channels:
-                    self._push(self.pqdone, now, messid)
+                self.preprocessed(messid, channels)
+
+    def preprocessed(self, messid: int, channels: tuple[int, ...]) -> None:
+        """S5: message N is preprocessed and committed. Deliver at once."""
+        now = self.clock()
+        for c in channels:
+            self._push(self.pqchan[c], now, messid)
+        if not channels:
+            self._push(self.pqdone, now, messid)
+
+    # Talking to qmail-todo -----------------------------------------------------------
+
+    def tododied(self) -> None:
+        if not self.todo_stopping:
+            self.log(log.LOST_TODO)
+        self.todo_alive = False
+        self.exitasap = True
+
+    def todo_say(self, data: bytes) -> None:
+        if self.todo_alive:
+            self.todo_buf += data
+            self.todo_flush()
+
+    def todo_flush(self) -> None:
+        while self.todo_buf and self.todo_alive:
+            try:
+                n = os.write(self.todo_out, self.todo_buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.tododied()
+                return
+            del self.todo_buf[:n]
+
+    def todo_answers(self) -> None:
+        """Read and act on qmail-todo's records: log lines, preprocessed messages, its exit."""
+        try:
+            data = os.read(self.todo_in, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.tododied()
+            return
+        try:
+            for rec in self.todo_records.feed(data):
+                kind = rec[:1]
+                if kind == b"L":
+                    self.log(rec[1:])
+                elif kind in (b"D", b"K") and len(rec) > 2 and rec[2:].isdigit():
+                    channels = todoproto.channels_of(rec[1])
+                    if channels is None:
+                        self.log(log.TODO_DIALECT)
+                    elif kind == b"D":
+                        self.preprocessed(int(rec[2:]), channels)
+                    else:
+                        self.keep_scheduled(int(rec[2:]), channels)
+                elif rec == b"X":
+                    self.todo_stopping = True
+                else:
+                    self.log(log.TODO_DIALECT)
+        except ValueError:
+            self.log(log.TODO_DIALECT)
+            self.tododied()
 
     # Talking to the spawners ---------------------------------------------------------
 
@@ -933,12 +1026,16 @@ class Send:
     def keep(self, p: Prepared) -> None:
         """Schedule a preprocessed message at once, todo/N kept as its durable record."""
         p.close()
-        self.kept[p.messid] = self.recent + KEEP_SECONDS
+        self.keep_scheduled(p.messid, p.channels)
+
+    def keep_scheduled(self, messid: int, channels: tuple[int, ...]) -> None:
+        """Keep message N (todo/N its record, committed later) and deliver it at once."""
+        self.kept[messid] = self.recent + KEEP_SECONDS
         now = self.clock()
-        for c in p.channels:
-            self._push(self.pqchan[c], now, p.messid)
-        if not p.channels:
-            self._push(self.pqdone, now, p.messid)
+        for c in channels:
+            self._push(self.pqchan[c], now, messid)
+        if not channels:
+            self._push(self.pqdone, now, messid)
 
     def kept_do(self, everything: bool = False) -> None:
         """Commit the kept messages that are due (with everything: all, at exit)."""
@@ -1179,7 +1276,8 @@ class Send:
         self.pqstart()
         self.status()
         self.nexttodorun = self.clock()
-        self.trigger_set()
+        if not self.external_todo:
+            self.trigger_set()  # qmail-todo, if there is one, listens to lock/trigger
         self.cleanuptime = self.clock()
 
     def step(self, max_wait: float | None = None, qmail_home: str = "") -> None:
@@ -1191,6 +1289,11 @@ class Send:
         if self.readasap:
             self.readasap = False
             self.reread(qmail_home or _home.home())
+            if self.external_todo:
+                self.todo_say(todoproto.REREAD)  # qmail-todo rewrites the recipients
+        if self.exitasap and self.todo_alive and not self.todo_stopping:
+            self.todo_stopping = True
+            self.todo_say(todoproto.STOP)
         wakeup = self.recent + SLEEP_FOREVER
         rfds: list[int] = []
         wfds: list[int] = []
@@ -1200,7 +1303,11 @@ class Send:
                 if self.comm[c]:
                     wfds.append(self.chanout[c])
         wakeup = self.pass_wakeup(wakeup)
-        if not self.exitasap:
+        if self.todo_alive:
+            rfds.append(self.todo_in)
+            if self.todo_buf:
+                wfds.append(self.todo_out)
+        if not self.exitasap and not self.external_todo:
             if self.trigger != -1:
                 rfds.append(self.trigger)
             if self.tododir is not None:
@@ -1234,17 +1341,23 @@ class Send:
                 self.del_dochan(c)
         if self.fd_fromclean in readable:
             self.clean_answers()
+        if self.todo_alive and self.todo_out in writable:
+            self.todo_flush()
+        if self.todo_alive and self.todo_in in readable:
+            self.todo_answers()
         # Deliveries are started before new messages are preprocessed (qmail:
         # the other way round), so that a batch of todo/ never keeps an idle
         # spawner waiting.
         self.pass_do()
         self.kept_do()
-        self.todo_do(self.trigger != -1 and self.trigger in readable)
+        if not self.external_todo:
+            self.todo_do(self.trigger != -1 and self.trigger in readable)
         self.cleanup_do()
 
     def done(self) -> bool:
         """Return True once TERM (or a lost daemon) has come and no delivery is running."""
-        return self.exitasap and self.del_canexit()
+        # With qmail-todo: once it has gone too, so that its last records are read.
+        return self.exitasap and self.del_canexit() and not self.todo_alive
 
     def close(self) -> None:
         """Close the descriptors the loop holds (for a Send that lives inside another program)."""
@@ -1318,6 +1431,13 @@ def _read_spawn_max(fd: int) -> int | None:
             return None
 
 
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def _log_crash(reason: str) -> None:
     os.write(FD_LOG, b"alert: " + reason.encode("utf-8", "backslashreplace") + b"\n")
 
@@ -1329,6 +1449,8 @@ def _clock() -> int:
 @program("qmail-send", crash=EXIT_TEMPORARY, on_crash=_log_crash)
 def main(argv: list[str]) -> int:
     """Deliver the queue until TERM; return 0, or 111 if qmail-send cannot start."""
+    # Before this process opens anything that could take descriptors 7 and 8.
+    with_todo = _is_pipe(FD_FROMTODO) and _is_pipe(FD_TOTODO)
     qmail_home = _home.home()
     try:
         os.chdir(qmail_home)
@@ -1377,6 +1499,8 @@ def main(argv: list[str]) -> int:
         spawn_max.append(n)
     send = Send(controls, _home.install().split, _clock, spawn_max=(spawn_max[0], spawn_max[1]))
     send.wake = wake_r
+    if with_todo:
+        send.attach_todo(FD_FROMTODO, FD_TOTODO)
     send.exitasap, send.runasap, send.readasap = early["exit"], early["run"], early["read"]
     # From here on the handlers set the loop's flags themselves, as qmail's do.
     signal.signal(signal.SIGTERM, lambda signum, frame: setattr(send, "exitasap", True))

@@ -4,6 +4,8 @@
 
 Starts qmail-lspawn (with defaultdelivery, ./Mailbox if none), qmail-rspawn
 and qmail-clean, wired by pipes to the descriptors of qmail-send(8), and
+qmail-todo (which preprocesses new messages, as the ext-todo patch's) with a
+qmail-clean of its own, wired to qmail-send's descriptors 7 and 8; and
 then becomes qmail-send itself, so that its process is the one a supervisor
 signals. qmail-send's activity record goes to qmail-start's descriptor 1,
 or through logger (run with its arguments, found on $PATH) when one is
@@ -27,6 +29,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 from pyqmail import home as _home
 from pyqmail import spawn
@@ -60,6 +66,7 @@ def _ids(inst: _home.Install) -> dict[str, Credentials] | None:
         "qmail-rspawn": Credentials(inst.users["qmailr"].uid, gid_q),
         "qmail-clean": Credentials(inst.users["qmailq"].uid, gid_q),
         "qmail-send": Credentials(inst.users["qmails"].uid, gid_q),
+        "qmail-todo": Credentials(inst.users["qmails"].uid, gid_q),
     }
 
 
@@ -78,6 +85,35 @@ def send_running(qmail_home: str) -> bool:
     finally:
         os.close(fd)  # the lock, if taken, ends here: qmail-send takes its own
     return False
+
+
+def _start_todo(bindir: str, stderr: dict[int, int],
+                who: Callable[[str], Credentials | None]) -> dict[int, int]:
+    """Start qmail-todo and its qmail-clean (ext-todo); return qmail-send's descriptors 7 and 8 for it.
+
+    qmail-todo: 0 from qmail-send, 1 to qmail-send, 2 to its qmail-clean, 3
+    from it. If it cannot be started, qmail-send gets no 7 and 8 and
+    preprocesses todo/ itself, as qmail 1.03's.
+    """
+    (t_cmd_r, t_cmd_w), (t_rec_r, t_rec_w), (tc_cmd_r, tc_cmd_w), (tc_rep_r, tc_rep_w) = \
+        [os.pipe2(os.O_CLOEXEC) for _ in range(4)]
+    started = False
+    try:
+        spawn.spawn(os.path.join(bindir, "qmail-todo"), ["qmail-todo"],
+                    fds={0: t_cmd_r, 1: t_rec_w, 2: tc_cmd_w, 3: tc_rep_r}, creds=who("qmail-todo"))
+        started = True
+        spawn.spawn(os.path.join(bindir, "qmail-clean"), ["qmail-clean"], fds={0: tc_cmd_r, 1: tc_rep_w, **stderr},
+                    creds=who("qmail-clean"))
+    except OSError:
+        pass  # qmail-todo without its qmail-clean says so in the log and stops; qmail-send follows
+    finally:
+        for fd in (t_cmd_r, t_rec_w, tc_cmd_w, tc_rep_r, tc_cmd_r, tc_rep_w):
+            os.close(fd)
+    if not started:
+        os.close(t_cmd_w)
+        os.close(t_rec_r)
+        return {}
+    return {7: t_rec_r, 8: t_cmd_w}
 
 
 @program("qmail-start", crash=EXIT_FAIL)
@@ -156,6 +192,7 @@ def main(argv: list[str]) -> int:
             os.close(cmd_r)
             os.close(rep_w)
     send_fds = {0: log_fd, 1: l_cmd_w, 2: l_rep_r, 3: r_cmd_w, 4: r_rep_r, 5: c_cmd_w, 6: c_rep_r}
+    send_fds.update(_start_todo(bindir, stderr, who))
     try:
         spawn.become(os.path.join(bindir, "qmail-send"), ["qmail-send"], fds=send_fds, creds=who("qmail-send"))
     except OSError:
