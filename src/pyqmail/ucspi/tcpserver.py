@@ -25,6 +25,7 @@ are imported once, in the parent, before the first connection.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import posix
@@ -371,7 +372,7 @@ def setenv(name: bytes, value: bytes | None) -> None:
         _ENVIRON[name] = value
 
 
-def learn(conn: socket.socket, peer: tuple[str, int], cfg: Config,
+def learn(conn: _socket.socket, peer: tuple[str, int], cfg: Config,
           setenv: Callable[[bytes, bytes | None], None]) -> tuple[bool, Connection]:
     """Do tcpserver's per-connection work up to the decision; return (deny, what was learned).
 
@@ -483,7 +484,7 @@ def follow_rules(cfg: Config, c: Connection, setenv: Callable[[bytes, bytes | No
     return deny
 
 
-def child(conn: socket.socket, peer: tuple[str, int], cfg: Config) -> NoReturn:
+def child(conn: _socket.socket, peer: tuple[str, int], cfg: Config) -> NoReturn:
     """Serve one connection in the forked child: decide, then become the program."""
     code = EXIT_TEMP
     try:
@@ -519,6 +520,10 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.accepting = False
+        # accept() of socket.py wraps each connection in a socket.socket, converting the
+        # family and type to enums in Python: pages of the parent written at every
+        # connection, each a copy while children share them. The C level takes ints.
+        self.family = int(listener.family)
 
     def print_status(self) -> None:
         status(self.cfg, b"tcpserver: status: %d/%d" % (self.children, self.cfg.limit))
@@ -540,12 +545,13 @@ class Server:
     def accept_one(self) -> None:
         """Accept a connection, if one is still there, and fork its child."""
         try:
-            conn, peer = self.listener.accept()
+            fd, peer = self.listener._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError:
             return  # as socket_accept4 failing: tcpserver just tries again
-        with conn:
+        conn = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
+        try:
             conn.setblocking(True)
             self.children += 1
             self.print_status()
@@ -559,6 +565,8 @@ class Server:
             if pid == 0:
                 self.in_child()
                 child(conn, peer, self.cfg)
+        finally:
+            conn.close()
 
     def in_child(self) -> None:
         """Let go of the parent's descriptors in a new child.
