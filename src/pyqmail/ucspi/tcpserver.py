@@ -14,7 +14,7 @@ TCP6REMOTEPORT, TCP6REMOTEHOST, TCP6REMOTEINFO (same values) and, for a
 scoped local address, TCP6INTERFACE. An IPv4 connection's environment and
 log lines stay 0.88's exactly (the patch adds TCP6* there too: see DESIGN).
 
-The parent is a single-threaded selectors loop: it accepts while fewer than
+The parent is a single-threaded poll loop: it accepts while fewer than
 limit children run, forks one child per connection and reaps children when
 SIGCHLD wakes it. The child learns about the connection (tcp-environ(5)
 variables, -x rules), logs its decision and becomes the program with the
@@ -29,7 +29,7 @@ import _socket
 import errno
 import os
 import posix
-import selectors
+import select
 import socket
 
 from pyqmail import cdb, sig, spawn
@@ -517,12 +517,14 @@ class Server:
         self.cfg = cfg
         self.listener = listener
         self.children = 0
-        self.selector = selectors.DefaultSelector()
+        # select.poll, not selectors: its select() is Python code run at every wake-up, and
+        # after each fork every page the parent writes is a copy while children share it.
+        self.poller = select.poll()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.accepting = False
         # accept() of socket.py wraps each connection in a socket.socket, converting the
-        # family and type to enums in Python: pages of the parent written at every
-        # connection, each a copy while children share them. The C level takes ints.
+        # family and type to enums in Python (pages written at every connection, as
+        # above). The C level takes ints.
         self.family = int(listener.family)
 
     def print_status(self) -> None:
@@ -574,7 +576,7 @@ class Server:
         Only the descriptors: the child ends in exec or os._exit, and freeing
         the parent's objects here would copy the pages they sit on.
         """
-        for fd in (self.selector.fileno(), self.listener.fileno(), self.wake_r, self.wake_w):
+        for fd in (self.listener.fileno(), self.wake_r, self.wake_w):
             os.close(fd)
 
     def run(self) -> NoReturn:
@@ -582,16 +584,17 @@ class Server:
         sig.signal(sig.SIGTERM, _terminate)
         sig.signal(sig.SIGCHLD, _nothing)
         sig.set_wakeup_fd(self.wake_w)
-        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.poller.register(self.wake_r, select.POLLIN)
+        listener = self.listener.fileno()
         while True:
             want = self.children < self.cfg.limit
             if want != self.accepting:
                 if want:
-                    self.selector.register(self.listener, selectors.EVENT_READ)
+                    self.poller.register(listener, select.POLLIN)
                 else:
-                    self.selector.unregister(self.listener)
+                    self.poller.unregister(listener)
                 self.accepting = want
-            ready = {key.fileobj for key, _ in self.selector.select()}
+            ready = [fd for fd, _ in self.poller.poll()]
             if self.wake_r in ready:
                 try:
                     while os.read(self.wake_r, 512):
@@ -601,7 +604,7 @@ class Server:
             # Children are reaped before each accept, as C tcpserver's
             # SIGCHLD handler runs the moment accept() waits.
             self.reap()
-            if self.listener in ready and self.children < self.cfg.limit:
+            if listener in ready and self.children < self.cfg.limit:
                 self.accept_one()
 
 
