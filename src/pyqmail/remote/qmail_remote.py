@@ -117,8 +117,25 @@ def _write_all(fd: int, data: bytes) -> None:
         pass  # qmail: if the report cannot be written, just exit 0
 
 
+_crashes = 0  # deliveries of this process that ended in the crash report (a worker of qmail-rspawn retires)
+
+
 def _on_crash(reason: str) -> None:
+    global _crashes
+    _crashes += 1
     _write_all(FD_REPORT, sc.CRASH + b"\0")
+
+
+def worker_reset() -> bool:
+    """Make this module ready for another delivery in the same process; return False if it must not serve one.
+
+    qmail-rspawn's workers (pyqmail.remote.qmail_rspawn) call it after each delivery. Every
+    delivery reads its control files, makes its resolver, TLS contexts and tcpto tables afresh
+    and closes its sockets: nothing of one delivery is kept in this module but the crash count.
+    x509verify keeps the libcrypto handle it loaded (code, not data). A delivery that crashed
+    may have left anything half done: the worker exits.
+    """
+    return _crashes == 0
 
 
 class Smtp:
