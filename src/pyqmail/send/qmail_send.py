@@ -404,6 +404,10 @@ class Send:
         if not self.clean_alive:
             self.cleandied()
             return
+        if kind == "foop" and self.todo_buf:
+            # qmail-todo must have every G before a mess/N goes: once it has, a
+            # todo/N of a kept message's number is a new message (qmail-todo's is_kept).
+            self.todo_flush_all()
         try:
             durable.write_all(self.fd_toclean, spawnproto.clean_command(kind, messid))
         except OSError:
@@ -490,6 +494,15 @@ class Send:
                 self.tododied()
                 return
             del self.todo_buf[:n]
+
+    def todo_flush_all(self) -> None:
+        """Write everything qmail-todo has yet to hear, waiting for it (it reads its commands every turn)."""
+        while self.todo_buf and self.todo_alive:
+            try:
+                select.select([], [self.todo_out], [], 1)
+            except InterruptedError:
+                continue
+            self.todo_flush()
 
     def todo_answers(self) -> None:
         """Read and act on qmail-todo's records: log lines, preprocessed messages, its exit."""
