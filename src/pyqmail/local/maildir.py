@@ -52,14 +52,20 @@ def hostname() -> bytes:
     return os.fsencode(os.uname().nodename)[:HOST_MAX]
 
 
-def unique_name(when: float, pid: int, host: bytes) -> bytes:
-    """Return the time.pid.host name of a message delivered at `when` by process pid."""
+def unique_name(when: float, pid: int, host: bytes, seq: int = 0) -> bytes:
+    """Return the time.pid.host name of a message delivered at `when` by process pid.
+
+    seq > 0 (delivery number seq of a long-lived process, a qmail-lspawn
+    worker) gives time.PpidQseq.host, the maildir spec's P and Q parts.
+    """
+    if seq:
+        return b"%d.P%dQ%d.%s" % (int(when), pid, seq, host)
     return b"%d.%d.%s" % (int(when), pid, host)
 
 
 def deliver(maildir: bytes, message_fd: int, head: bytes, *, pid: int, host: bytes,
             clock: Callable[[], float], sleep: Callable[[float], None],
-            timer: int = TIMER_SECONDS) -> int:
+            timer: int = TIMER_SECONDS, seq: int = 0) -> int:
     """Deliver head + the rest of message_fd into maildir; return OK or the failure's outcome.
 
     The message is read from message_fd's current offset to its end. `timer`
@@ -77,16 +83,16 @@ def deliver(maildir: bytes, message_fd: int, head: bytes, *, pid: int, host: byt
             os.stat(b".", dir_fd=dirfd)
         except OSError as e:
             return TEMPORARY if errors.temporary(e) else NO_CHDIR
-        return _deliver_in(dirfd, message_fd, head, pid, host, clock, sleep, timer)
+        return _deliver_in(dirfd, message_fd, head, pid, host, clock, sleep, timer, seq)
     finally:
         os.close(dirfd)
 
 
 def _free_name(dirfd: int, pid: int, host: bytes, clock: Callable[[], float],
-               sleep: Callable[[float], None]) -> bytes | None:
+               sleep: Callable[[float], None], seq: int = 0) -> bytes | None:
     """Return a unique name not yet in tmp/, or None after RETRIES collisions."""
     for attempt in range(RETRIES + 1):
-        name = unique_name(clock(), pid, host)
+        name = unique_name(clock(), pid, host, seq)
         try:
             os.stat(b"tmp/" + name, dir_fd=dirfd)
         except FileNotFoundError:
@@ -100,8 +106,9 @@ def _free_name(dirfd: int, pid: int, host: bytes, clock: Callable[[], float],
 
 
 def _deliver_in(dirfd: int, message_fd: int, head: bytes, pid: int, host: bytes,
-                clock: Callable[[], float], sleep: Callable[[float], None], timer: int) -> int:
-    name = _free_name(dirfd, pid, host, clock, sleep)
+                clock: Callable[[], float], sleep: Callable[[float], None], timer: int,
+                seq: int = 0) -> int:
+    name = _free_name(dirfd, pid, host, clock, sleep, seq)
     if name is None:
         return TEMPORARY
     tmp = b"tmp/" + name

@@ -169,6 +169,19 @@ def _check_loop(dtline: bytes) -> None:
 
 
 _maildir_pid_used = False
+_maildir_seq = 0  # in a qmail-lspawn worker: which of its deliveries this is (0: a process of its own)
+
+
+def worker_reset(seq: int) -> None:
+    """Start delivery number seq of a qmail-lspawn worker: the state of a new qmail-local process.
+
+    The worker's pid names one Maildir message of every delivery it runs, so
+    the name carries seq too (maildir.unique_name's Q part): two deliveries
+    of one worker in the same second never share a name.
+    """
+    global _maildir_pid_used, _maildir_seq
+    _maildir_pid_used = False
+    _maildir_seq = seq
 
 
 def _deliver_maildir(path: bytes, head: bytes) -> None:
@@ -180,7 +193,7 @@ def _deliver_maildir(path: bytes, head: bytes) -> None:
         # fork costs more here than the whole delivery. Later ones fork.
         _maildir_pid_used = True
         code = maildir.deliver(path, FD_MESSAGE, head, pid=os.getpid(), host=maildir.hostname(),
-                               clock=time.time, sleep=time.sleep)
+                               clock=time.time, sleep=time.sleep, seq=_maildir_seq)
         _maildir_result(code)
         return
     try:

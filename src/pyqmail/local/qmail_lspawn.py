@@ -13,11 +13,23 @@ local part is a trash address: delivered at once.
 
 In a single-user installation every delivery runs as the installing user,
 so a user with another uid is deferred with the reason.
+
+When both bin/qmail-getpw and bin/qmail-local are pyqmail's own programs,
+qmail-getpw's rules run in this process and qmail-local runs in a per-user
+worker (issue 17): a process forked once for a (uid, gid), dropped to it for
+good, that runs one delivery at a time, set up as the child would be, and
+waits for the next delivery of that user. See docs/DESIGN.md, "qmail-lspawn's
+per-user workers".
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
+import select
+import socket
+import time
 
 from pyqmail import errors, spawn
 from pyqmail import home as _home
@@ -50,6 +62,18 @@ REPORTS = {
 CRASHED = b"Zqmail-local crashed.\n"
 TEMPORARY_EXITS = frozenset({111, 71, 74, 75})
 SINGLE_USER = b"single-user installation: cannot deliver as user %s (#4.3.0)\n"
+
+# Per-user workers (issue 17). Each bound can be changed through the environment.
+WORKER_COMM = "qmail-lspawn-w"  # a worker's name in ps between deliveries (15 bytes at most)
+WORKERS_ENV = "PYQMAIL_LSPAWN_WORKERS"  # live workers at most; 0: a child per delivery, as before
+IDLE_ENV = "PYQMAIL_LSPAWN_IDLE"  # seconds an idle worker waits for its user's next delivery
+DELIVERIES_ENV = "PYQMAIL_LSPAWN_DELIVERIES"  # deliveries a worker runs before it exits
+IDLE_SECONDS = 30.0
+DELIVERIES_MAX = 200
+WORKERS_DEFAULT = 10  # qmail-send's default concurrencylocal: at most this many deliveries run at once
+HANDOFF_MAX = 1 << 18  # bytes of one delivery's fields a worker accepts
+SETTLE_SECONDS = 30.0  # how long the parent waits for a worker's verdict after its output ended
+_VERDICT = 2  # bytes: qmail-local's exit code, then 1 if the worker takes another delivery
 
 
 def report(status: int, output: bytes) -> bytes:
@@ -90,6 +114,14 @@ class LocalSpawner(spawnproto.Spawner):
     def __init__(self, aliasempty: bytes, qmail_home: str, inst: _home.Install) -> None:
         uid_q = inst.uid("qmailq")
         super().__init__(uid_q if uid_q != -1 else os.getuid())
+        self.workers_max = _env_int(WORKERS_ENV, WORKERS_DEFAULT)
+        self.idle = _env_float(IDLE_ENV, IDLE_SECONDS)
+        self.deliveries_max = max(1, _env_int(DELIVERIES_ENV, DELIVERIES_MAX))
+        self._pool: dict[tuple[int, int], list[_Worker]] = {}  # live workers by (uid, gid)
+        self._wpids: dict[int, _Worker] = {}  # every worker not yet reaped, retired ones too
+        self._serving: dict[int, _Worker] = {}  # slot -> the worker running that delivery
+        self._handed: _Worker | None = None  # the worker start() just gave a delivery to
+        self._seq = 0
         self.aliasempty = aliasempty
         self.home = qmail_home
         self.inst = inst
@@ -112,6 +144,19 @@ class LocalSpawner(spawnproto.Spawner):
         return report(status, output)
 
     def start(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
+        self._handed = None
+        if self.workers_max > 0 and self._ours():
+            return self._start_worker(messfd, outfd, sender, recip, at)
+        return self._start_child(messfd, outfd, sender, recip, at)
+
+    def _ours(self) -> bool:
+        """True if bin/qmail-getpw and bin/qmail-local are pyqmail's programs (an admin's own are exec'd)."""
+        getpw = spawn.read_stub(self.getpw_program)
+        local = spawn.read_stub(self.local_program)
+        return (getpw is not None and getpw.module == GETPW_MODULE and local is not None
+                and os.access(self.local_program, os.X_OK))
+
+    def _start_child(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
         pid = os.fork()
         if pid == 0:
             code = users.QLX_SYS
@@ -246,6 +291,390 @@ class LocalSpawner(spawnproto.Spawner):
         if len(fields) < 7:
             raise _Exit(users.QLX_USAGE)
         return users.Assignment(*fields[:6])
+
+
+    # Per-user workers (in the parent) ------------------------------------------------
+
+    def docmd(self, slot: int, messid: bytes, sender: bytes, recip: bytes, ok: bool) -> None:
+        self._handed = None
+        super().docmd(slot, messid, sender, recip, ok)
+        w, self._handed = self._handed, None
+        if w is not None:
+            d = self.deliveries.get(slot)
+            if d is not None and d.pid == w.pid:
+                w.delivery = d
+                self._serving[slot] = w
+
+    def _start_worker(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
+        """Hand the delivery to the recipient's worker; return its pid (a child's for the rest)."""
+        local, domain = recip[:at], recip[at + 1:]
+        try:
+            who = self._lookup_parent(local)
+        except _Exit as e:
+            return self._verdict_child(outfd, e.code, b"")
+        uid = _scan_ulong(who.uid)
+        gid = _scan_ulong(who.gid)
+        if self.inst.single and uid != os.getuid():
+            return self._verdict_child(outfd, 111, SINGLE_USER % who.user)
+        if uid == 0:
+            return self._verdict_child(outfd, users.QLX_ROOT, b"")
+        fields = (who.user, who.homedir, local, who.dash, who.ext, domain, sender, self.aliasempty)
+        msg = b"\0".join(fields)
+        if len(msg) > HANDOFF_MAX or msg.count(b"\0") != len(fields) - 1:
+            return self._start_child(messfd, outfd, sender, recip, at)  # as before, to the letter
+        for _ in range(2):
+            w = self._worker_for((uid, gid))
+            if w is None:
+                return self._start_child(messfd, outfd, sender, recip, at)
+            try:
+                w.ctl.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [messfd, outfd]))])
+            except OSError:
+                self._retire(w)  # it is ending (idle time out, EPIPE): a new one
+                continue
+            w.busy = True
+            w.last = time.monotonic()
+            self._handed = w
+            return w.pid
+        return self._start_child(messfd, outfd, sender, recip, at)
+
+    def _lookup_parent(self, local: bytes) -> users.Assignment:
+        """_lookup, here in qmail-lspawn; the supplementary groups of qmailp's switch are taken back."""
+        groups = os.getgroups() if os.geteuid() == 0 else None
+        try:
+            return self._lookup(local)
+        finally:
+            if groups is not None and os.getgroups() != groups:
+                os.setgroups(groups)
+
+    def _verdict_child(self, outfd: int, code: int, text: bytes) -> int:
+        """Fork a child that says text and exits code: a failed lookup reported as the delivery child did."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if text:
+                    _say(outfd, text)
+            finally:
+                os._exit(code)
+        return pid
+
+    def _worker_for(self, key: tuple[int, int]) -> _Worker | None:
+        """Return an idle worker of key, a new one, or None if all workers allowed are busy."""
+        for w in self._pool.get(key, ()):
+            if not w.busy:
+                return w
+        live = [w for ws in self._pool.values() for w in ws]
+        if len(live) >= self.workers_max:
+            idle = [w for w in live if not w.busy]
+            if not idle:
+                return None
+            self._retire(min(idle, key=lambda w: w.last))  # least recently used, of any user
+        return self._fork_worker(key)
+
+    def _fork_worker(self, key: tuple[int, int]) -> _Worker:
+        """Start a worker for key: it takes the ids for good before it reads anything; raise OSError."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            code = 111
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # Nothing of the parent's stays open here: qmail-send's pipes,
+                # other deliveries' pipes, other workers' sockets.
+                for other in self._wpids.values():
+                    other.ctl.detach()
+                mine.detach()
+                keep = theirs.fileno()
+                os.closerange(0, keep)
+                os.closerange(keep + 1, spawn._MAX_FD)
+                code = _work(theirs, Credentials(*key), self)
+            finally:
+                os._exit(code)
+        theirs.close()
+        w = _Worker(key, pid, mine, time.monotonic())
+        self._pool.setdefault(key, []).append(w)
+        self._wpids[pid] = w
+        return w
+
+    def _retire(self, w: _Worker) -> None:
+        """Give w no more deliveries; closing its socket ends it (it is reaped as any child)."""
+        ws = self._pool.get(w.key)
+        if ws is not None and w in ws:
+            ws.remove(w)
+            if not ws:
+                del self._pool[w.key]
+        if w.delivery is None:
+            w.ctl.close()
+
+    def _settle(self, w: _Worker, wait: float) -> None:
+        """Take w's verdict on its delivery (waiting up to wait seconds); a worker gone without one is reaped."""
+        d = w.delivery
+        assert d is not None
+        got = b""
+        try:
+            if wait <= 0 or select.select([w.ctl], [], [], wait)[0]:
+                got = w.ctl.recv(_VERDICT, socket.MSG_DONTWAIT)
+            else:
+                os.kill(w.pid, signal.SIGKILL)  # output ended, no verdict: stuck; as a killed child
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            got = b""
+        if len(got) == _VERDICT:
+            self._detach(w, got[0] << 8)
+            w.served += 1
+            w.last = time.monotonic()
+            if not got[1]:
+                self._retire(w)
+            return
+        # Gone (or going) without a verdict: as a delivery child that died.
+        status = self._reap_worker(w)
+        self._detach(w, status if os.WIFSIGNALED(status) else users.QLX_SYS << 8)
+        self._retire(w)
+        w.ctl.close()
+
+    def _detach(self, w: _Worker, status: int) -> None:
+        d = w.delivery
+        assert d is not None
+        w.delivery = None
+        w.busy = False
+        d.status = status
+        self._by_pid.pop(w.pid, None)
+        self._serving.pop(d.slot, None)
+
+    def _reap_worker(self, w: _Worker) -> int:
+        """Wait for w to end; return its wait status."""
+        if w.status is None:
+            while True:
+                try:
+                    _, w.status = os.waitpid(w.pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    w.status = 111 << 8
+                    break
+            self._wpids.pop(w.pid, None)
+        return w.status
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            w = self._wpids.pop(pid, None)
+            if w is None:
+                d = self._by_pid.pop(pid, None)
+                if d is not None:
+                    d.status = status
+                    self._finish(d)
+                continue
+            w.status = status
+            d = w.delivery
+            if d is not None:
+                self._settle(w, 0)  # its verdict, if it gave one before it ended
+                if w.delivery is not None:  # a verdict sent and not read: cannot be (recv was not blocked)
+                    self._detach(w, status if os.WIFSIGNALED(status) else users.QLX_SYS << 8)
+                self._finish(d)
+            self._retire(w)
+            w.ctl.close()
+
+    def _read_delivery(self, d: spawnproto.Delivery) -> None:
+        w = self._serving.get(d.slot)
+        if w is None or w.delivery is not d:
+            super()._read_delivery(d)
+            return
+        try:
+            data = os.read(d.fd, 65536)
+        except InterruptedError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            if len(d.output) < self.OUTPUT_MAX:
+                d.output += data[:self.OUTPUT_MAX - len(d.output)]
+            spawnproto.truncate(d.output, self.truncreport)
+            return
+        os.close(d.fd)
+        d.fd = -1
+        d.eof = True
+        # The worker gives its verdict before it closes its copy of the output.
+        self._settle(w, SETTLE_SECONDS)
+        self._finish(d)
+
+
+class _Worker:
+    """qmail-lspawn's record of one per-user worker."""
+
+    __slots__ = ("key", "pid", "ctl", "busy", "last", "served", "delivery", "status")
+
+    def __init__(self, key: tuple[int, int], pid: int, ctl: socket.socket, now: float) -> None:
+        self.key = key
+        self.pid = pid
+        self.ctl = ctl  # our end of the socket pair
+        self.busy = False
+        self.last = now
+        self.served = 0
+        self.delivery: spawnproto.Delivery | None = None
+        self.status: int | None = None  # wait status once reaped
+
+
+# In a worker -------------------------------------------------------------------------
+
+def _fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def _work(ctl: socket.socket, creds: Credentials, sp: LocalSpawner) -> int:
+    """A worker's life: take creds for good, then run each delivery handed over ctl until it closes or idles out.
+
+    A delivery is run as the delivery child ran it (spawn.become's set-up of
+    qmail-local's main, in QMAILHOME); its verdict (exit code, and whether
+    this worker takes another) goes back over ctl before the worker lets go
+    of the output pipe, so that the end of the output means the verdict is
+    there. The worker ends after a temporary failure or crash, a change in its
+    descriptors, DELIVERIES_MAX deliveries or IDLE seconds with nothing to do.
+    """
+    from pyqmail.proctitle import set_title
+
+    first = os.open(os.devnull, os.O_RDWR)  # descriptor 0: everything below ctl was closed
+    null = fcntl.fcntl(first, fcntl.F_DUPFD_CLOEXEC, 3)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    set_title(WORKER_COMM, [WORKER_COMM, str(creds.uid)])
+    failed = 0
+    try:
+        drop(creds)
+    except Exception:  # noqa: BLE001 - the child's answer to a failed drop: QLX_USAGE
+        failed = users.QLX_USAGE
+    stub = spawn.read_stub(sp.local_program)
+    mod = None
+    if stub is not None:
+        try:
+            mod = __import__(stub.module, fromlist=["main"])
+        except ImportError:
+            failed = failed or users.QLX_EXECSOFT
+    env = dict(os.environ)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    ctl.settimeout(sp.idle)
+    baseline = len(_fds())
+    served = 0
+    closing = False
+    while True:
+        try:
+            msg, ancillary, _, _ = ctl.recvmsg(HANDOFF_MAX, socket.CMSG_SPACE(2 * 4), socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            # Refuse what comes next (the parent's send fails: EPIPE), then serve what came before.
+            ctl.shutdown(socket.SHUT_RD)
+            ctl.setblocking(False)
+            closing = True
+            try:
+                msg, ancillary, _, _ = ctl.recvmsg(HANDOFF_MAX, socket.CMSG_SPACE(2 * 4), socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, OSError):
+                return 0
+        if not msg and not ancillary:
+            return 0
+        fds = _received_fds(ancillary)
+        served += 1
+        code = failed or users.QLX_USAGE
+        if len(fds) == 2 and not failed and mod is not None and stub is not None:
+            code = _deliver(fds[0], fds[1], msg.split(b"\0"), sp, stub, mod, env, mask, served)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            set_title(WORKER_COMM, [WORKER_COMM, str(creds.uid)])
+        closed_now = fds[:1] if len(fds) == 2 else fds
+        for fd in closed_now:
+            os.close(fd)
+        # The count (the listing's own descriptor in both): only the output pipe more than before.
+        more = (code in (0, 100) and served < sp.deliveries_max and not closing
+                and len(_fds()) == baseline + len(fds) - len(closed_now) and not _children())
+        try:
+            ctl.sendall(bytes((code & 0xFF, int(more))))
+        finally:
+            for fd in fds[len(closed_now):]:
+                os.close(fd)
+        if not more:
+            return 0
+
+
+def _children() -> bool:
+    """Reap any child a delivery left behind; True if there was one."""
+    left = False
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return left
+        if pid == 0:
+            return True
+        left = True
+
+
+def _deliver(messfd: int, outfd: int, fields: list[bytes], sp: LocalSpawner, stub: spawn.Stub,
+             mod: object, env: dict[str, str], mask: int, seq: int) -> int:
+    """Run one qmail-local in this process, set up as the delivery child was; return its exit code."""
+    argv = [LOCAL_PROGRAM, "--"] + [os.fsdecode(a) for a in fields]
+    rc = 111
+    try:
+        os.chdir(sp.home)
+        os.umask(mask)
+        os.dup2(messfd, 0)
+        os.dup2(outfd, 1)
+        os.dup2(outfd, 2)
+        spawn._enter(sp.local_program, argv, env, None, None, None, stub, True)
+        reset = getattr(mod, "worker_reset", None)
+        if reset is not None:
+            reset(seq)
+        rc = mod.main([sp.local_program, *argv[1:]])  # type: ignore[attr-defined]
+    except BaseException as e:  # noqa: BLE001 - as a crashed child: temporary
+        _say(2, f"qmail-lspawn: {type(e).__name__}: {e}\n".encode("utf-8", "replace"))
+        rc = 111
+    finally:
+        import sys
+
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        signal.alarm(0)
+    return rc & 0xFF
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(data[:len(data) - len(data) % got.itemsize])
+            fds.extend(got)
+    return fds
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default
 
 
 def _say(fd: int, data: bytes) -> None:
