@@ -45,6 +45,7 @@ GETPW_MAX = 65536  # bytes of qmail-getpw output read
 LOCAL_PROGRAM = "bin/qmail-local"
 GETPW_PROGRAM = "bin/qmail-getpw"
 GETPW_MODULE = "pyqmail.local.qmail_getpw"
+LOCAL_MODULE = "pyqmail.local.qmail_local"  # the one program a worker runs (it has worker_reset)
 
 # What qmail-lspawn reports for the exit codes of its own children (qlx.h).
 REPORTS = {
@@ -154,7 +155,7 @@ class LocalSpawner(spawnproto.Spawner):
         getpw = spawn.read_stub(self.getpw_program)
         local = spawn.read_stub(self.local_program)
         return (getpw is not None and getpw.module == GETPW_MODULE and local is not None
-                and os.access(self.local_program, os.X_OK))
+                and local.module == LOCAL_MODULE and os.access(self.local_program, os.X_OK))
 
     def _start_child(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
         pid = os.fork()
@@ -415,15 +416,19 @@ class LocalSpawner(spawnproto.Spawner):
         """Take w's verdict on its delivery (waiting up to wait seconds); a worker gone without one is reaped."""
         d = w.delivery
         assert d is not None
-        got = b""
+        got: bytes | None
         try:
-            if wait <= 0 or select.select([w.ctl], [], [], wait)[0]:
-                got = w.ctl.recv(_VERDICT, socket.MSG_DONTWAIT)
-            else:
-                os.kill(w.pid, signal.SIGKILL)  # output ended, no verdict: stuck; as a killed child
-        except (BlockingIOError, InterruptedError):
-            return
+            ready = wait <= 0 or bool(select.select([w.ctl], [], [], wait)[0])
+            got = w.ctl.recv(_VERDICT, socket.MSG_DONTWAIT) if ready else None
+        except BlockingIOError:
+            got = None
         except OSError:
+            got = b""
+        if got is None:
+            if wait <= 0:
+                return
+            # Its output ended and no verdict came: stuck. As a killed child.
+            os.kill(w.pid, signal.SIGKILL)
             got = b""
         if len(got) == _VERDICT:
             self._detach(w, got[0] << 8)
@@ -543,7 +548,8 @@ def _work(ctl: socket.socket, creds: Credentials, sp: LocalSpawner) -> int:
     this worker takes another) goes back over ctl before the worker lets go
     of the output pipe, so that the end of the output means the verdict is
     there. The worker ends after a temporary failure or crash, a change in its
-    descriptors, DELIVERIES_MAX deliveries or IDLE seconds with nothing to do.
+    descriptor count, ids or threads, a child left running, DELIVERIES_MAX
+    deliveries or IDLE seconds with nothing to do.
     """
     from pyqmail.proctitle import set_title
 
@@ -569,6 +575,7 @@ def _work(ctl: socket.socket, creds: Credentials, sp: LocalSpawner) -> int:
     os.umask(mask)
     ctl.settimeout(sp.idle)
     baseline = len(_fds())
+    ids = (os.getresuid(), os.getresgid(), os.getgroups())
     served = 0
     closing = False
     while True:
@@ -598,7 +605,8 @@ def _work(ctl: socket.socket, creds: Credentials, sp: LocalSpawner) -> int:
             os.close(fd)
         # The count (the listing's own descriptor in both): only the output pipe more than before.
         more = (code in (0, 100) and served < sp.deliveries_max and not closing
-                and len(_fds()) == baseline + len(fds) - len(closed_now) and not _children())
+                and len(_fds()) == baseline + len(fds) - len(closed_now) and not _children()
+                and (os.getresuid(), os.getresgid(), os.getgroups()) == ids and _threads() == 1)
         try:
             ctl.sendall(bytes((code & 0xFF, int(more))))
         finally:
@@ -606,6 +614,14 @@ def _work(ctl: socket.socket, creds: Credentials, sp: LocalSpawner) -> int:
                 os.close(fd)
         if not more:
             return 0
+
+
+def _threads() -> int:
+    """Threads of this process (a delivery that started one leaves a worker that must end)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 def _children() -> bool:
