@@ -118,6 +118,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 _crashes = 0  # deliveries of this process that ended in the crash report (a worker of qmail-rspawn retires)
+_served = 0  # deliveries this process began before the present one (a worker's earlier ones; 0 in a child)
 
 
 def _on_crash(reason: str) -> None:
@@ -131,7 +132,8 @@ def worker_reset() -> bool:
 
     qmail-rspawn's workers (pyqmail.remote.qmail_rspawn) call it after each delivery. Every
     delivery reads its control files, makes its resolver, TLS contexts and tcpto tables afresh
-    and closes its sockets: nothing of one delivery is kept in this module but the crash count.
+    and closes its sockets: nothing of one delivery is kept in this module but the crash count
+    and the count of deliveries (it varies the MX choice and the tcpto back-off, as a new pid did).
     x509verify keeps the libcrypto handle it loaded (code, not data). A delivery that crashed
     may have left anything half done: the worker exits.
     """
@@ -628,6 +630,11 @@ def plan(a: mx.IpMx, port: int, tc: _TlsControl, dns: mx.Lookup, secure_domain: 
 
 def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) -> bytes:
     """Deliver the message on descriptor 0; return qmail-remote's whole output."""
+    global _served
+    # qmail varies the MX choice and the tcpto back-off by the pid of each qmail-remote; a
+    # worker's deliveries share a pid, so its count of earlier deliveries varies them too.
+    salt = os.getpid() + _served
+    _served += 1
     if len(argv) < 4:
         return sc.USAGE + b"\0"
     try:
@@ -687,7 +694,7 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
     if sender8 is not None or any(r is not None for r in recips8) or smtputf8.header_utf8(FD_MESSAGE):
         utf8 = Utf8(sender8 or sender, [r8 or r for r, r8 in zip(recips, recips8)], not _utf8_box(args[2]),
                     [not _utf8_box(a) for a in args[3:]])
-    seed = int(time.time()) + (os.getpid() << 16)
+    seed = int(time.time()) + (salt << 16)
     if route is not None:
         status, ips = mx.ip(resolver, host)
     else:
@@ -720,8 +727,8 @@ def deliver(argv: list[str], env: dict[str, str], dns: mx.Lookup | None = None) 
             candidates = [a for a in candidates if a.name and sts.allows(a.name)]
             if not candidates:
                 return sc.sts_no_mx(domain.encode("latin-1")) + b"\0"
-    table = tcpto.Table(TCPTO_PATH)
-    table6 = tcpto.Table(TCPTO6_PATH, lay=tcpto.V6)
+    table = tcpto.Table(TCPTO_PATH, pid=salt)
+    table6 = tcpto.Table(TCPTO6_PATH, pid=salt, lay=tcpto.V6)
     refused = b""
     for n, a in enumerate(candidates):
         ip4 = mx.ipv4_bytes(a.ip)

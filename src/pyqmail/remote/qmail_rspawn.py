@@ -199,7 +199,6 @@ def serve(end: socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, en
     spawn._set_environ(env)
     _home.set_default(stub.home)
     name = os.path.basename(target)
-    set_title(target, [name, "idle"])
     here = os.getcwd()  # qmail-rspawn's queue/mess, where each delivery starts (qmail-remote moves to the home)
     base_fds = _open_fds()
     base = _process_state()
@@ -375,6 +374,8 @@ class RemoteSpawner(spawnproto.Spawner):
         if pid == 0:
             code = EXIT_TEMPORARY
             try:
+                # Named at once: until then ps (and the crash harness's census) sees a second qmail-rspawn.
+                set_title(self.program, [os.path.basename(self.program), "idle"])
                 # The other workers' ends are closed by number below: their objects must
                 # never close those numbers again.
                 for other in self.workers.values():
