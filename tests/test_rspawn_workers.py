@@ -261,3 +261,87 @@ def test_many_deliveries_at_once_use_at_most_as_many_workers(site: Site) -> None
         finally:
             r.close()
         assert len(sink.sessions) == 15
+
+
+# --- the worker loop alone, with programs that leave something behind ---------------------------
+
+class _Program:
+    """A stand-in for qmail-remote's module: main runs what the test gives, then says 'r\\0Kok\\0'."""
+
+    def __init__(self, act: object, reset: bool = True) -> None:
+        self.act = act
+        self.reset = reset
+
+    def main(self, argv: list[str]) -> int:
+        self.act(argv)  # type: ignore[operator]
+        os.write(1, b"r\0K" + argv[1].encode() + b"\0")
+        return 0
+
+    def worker_reset(self) -> bool:
+        return self.reset
+
+
+def _serve_jobs(prog: _Program, jobs: int) -> tuple[list[bytes], list[bytes], int]:
+    """Fork a worker running prog; hand it up to jobs deliveries; return (DONE messages, outputs, its exit code)."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 111
+        try:
+            mine.close()
+            code = qmail_rspawn.serve(theirs, "/nonexistent/qmail-remote",
+                                      qmail_rspawn.spawn.Stub("qmail-remote", "x", "/nonexistent"),
+                                      prog, {"PATH": "/usr/bin:/bin"}, 100, 30.0)  # type: ignore[arg-type]
+        finally:
+            os._exit(code)
+    theirs.close()
+    said, outs = [], []
+    try:
+        for i in range(jobs):
+            r, w = os.pipe()
+            with open("/dev/null", "rb") as msg:
+                try:
+                    socket.send_fds(mine, [b"j" + b"\0".join([b"qmail-remote", b"h%d" % i, b"s", b"r@h"])],
+                                    [msg.fileno(), w], socket.MSG_NOSIGNAL)
+                except BrokenPipeError:
+                    os.close(r)
+                    os.close(w)
+                    break
+            os.close(w)
+            out = b""
+            while chunk := os.read(r, 4096):
+                out += chunk
+            os.close(r)
+            outs.append(out)
+            said.append(mine.recv(16))
+    finally:
+        mine.close()
+        _, status = os.waitpid(pid, 0)
+    return said, outs, os.waitstatus_to_exitcode(status)
+
+
+def test_worker_loop_serves_clean_deliveries_and_exits_after_any_leftover() -> None:
+    said, outs, code = _serve_jobs(_Program(lambda argv: None), 3)
+    assert said == [b"d\0+"] * 3 and outs == [b"r\0Kh0\0", b"r\0Kh1\0", b"r\0Kh2\0"] and code == 0
+    leaked: list[int] = []
+    for act in (lambda argv: leaked.append(os.open("/dev/null", os.O_RDONLY)),  # a descriptor left open
+                lambda argv: os.umask(0o002),
+                lambda argv: signal.signal(signal.SIGUSR1, lambda *a: None),
+                lambda argv: signal.alarm(100),
+                lambda argv: os.environ.__setitem__("LEFT", "over")):
+        said, outs, code = _serve_jobs(_Program(act), 2)
+        assert said == [b"d\0x"] and outs == [b"r\0Kh0\0"] and code == 0, (said, outs)
+    # qmail-remote moves to the home: the worker moves back to where it started.
+    said, _, code = _serve_jobs(_Program(lambda argv: os.chdir("/")), 2)
+    assert said == [b"d\0+"] * 2 and code == 0
+    # The module says it cannot serve again (qmail-remote after its crash report).
+    said, _, _ = _serve_jobs(_Program(lambda argv: None, reset=False), 2)
+    assert said == [b"d\0x"]
+
+
+def test_worker_loop_exception_is_exit_111_and_the_last_delivery() -> None:
+    def boom(argv: list[str]) -> None:
+        raise RuntimeError("bug")
+
+    said, outs, code = _serve_jobs(_Program(boom), 2)
+    assert said == [b"d\x6fx"] and outs == [b""] and code == 0
