@@ -450,37 +450,36 @@ def load(env: Mapping[bytes, bytes]) -> SpfCheck | None:
     return SpfCheck(settings)
 
 
-_pointed: tuple[bytes | None, object, object, list[tuple[str, int]]] | None = None  # what _point_dns last set up
+_pointed: tuple[bytes | None, object, list[tuple[str, int]]] | None = None  # what _point_dns last set up
 
 
 def _point_dns(value: bytes | None) -> None:
-    """Point pyspf (spfdns, dnspython's default resolver as fallback) at $DNSCACHEIP, else resolv.conf.
+    """Point pyspf (spfdns; dnspython's default resolver as fallback) at $DNSCACHEIP, else resolv.conf.
 
-    The same value as last time, with the resolver and lookup it set still in
-    place, is left alone: a child forked from tcpserver's parent (preload) has
-    them already, and making a dnspython resolver cost each connection 0.4 ms
-    and 100 page copies (bench/smtpd.py --checks).
+    pyspf is imported here, without dnspython's resolver (spfdns.import_spf:
+    the fallback loads it, and points it at $DNSCACHEIP, in the child that
+    needs it). resolv.conf's nameservers are read as rblsmtpd reads them
+    (pyqmail.ucspi.dnsq: none listed is 127.0.0.1). The same value as last
+    time, with the lookup and servers it set still in place, is left alone:
+    a child forked from tcpserver's parent (preload) has them already.
     """
     global _pointed
-    import dns.resolver
-    import spf  # noqa: F401 - imported once in tcpserver's parent (preload), not in every child
-
     from pyqmail.smtpd import spfdns
 
-    if (_pointed is not None and _pointed[0] == value and _pointed[1] is dns.resolver.default_resolver
-            and _pointed[2] is spf.DNSLookup and _pointed[3] == spfdns._servers):
+    spf = spfdns.import_spf()  # once in tcpserver's parent (preload), not in every child
+    if (_pointed is not None and _pointed[0] == value and _pointed[1] is spf.DNSLookup
+            and _pointed[2] == spfdns._servers):
         return
-    from pyqmail.filter import dmarc
-
-    dmarc.use_dnscacheip({"DNSCACHEIP": value.decode("latin-1")} if value else None)
     if value:
         from pyqmail.remote import mx
 
-        spfdns.install(mx.parse_nameservers(value.decode("latin-1")))
+        text = value.decode("latin-1")
+        spfdns.install(mx.parse_nameservers(text), text)
     else:
-        r = dns.resolver.get_default_resolver()  # /etc/resolv.conf
-        spfdns.install([(ns, r.port) for ns in r.nameservers if isinstance(ns, str)])
-    _pointed = (value, dns.resolver.default_resolver, spf.DNSLookup, list(spfdns._servers))
+        from pyqmail.ucspi import dnsq
+
+        spfdns.install(dnsq.servers({}))  # /etc/resolv.conf
+    _pointed = (value, spf.DNSLookup, list(spfdns._servers))
 
 
 _warmed = False
@@ -492,25 +491,21 @@ def _warm() -> None:
 
     (Called by load after spfdns.install: the checks go to the responder, then the servers come back.)
 
-    dnspython imports a record type's module when it first parses one, and
-    code run for the first time is rewritten (so copied) in each child:
+    Code run for the first time is rewritten (so copied) in each child:
     measured, a forked session's SPF check cost 2.5 ms of CPU and 240 page
-    faults more without a warm-up of the parsing alone. This runs the whole
-    path (pyspf, dnspython's resolver, a UDP query and its answer) WARM_ROUNDS
-    times, then puts the real resolver back. Best effort: a failure only
-    leaves the children colder.
+    faults more without a warm-up. This runs the whole path (pyspf, spfdns's
+    UDP query and its answer) WARM_ROUNDS times, then puts the servers back.
+    The responder is a bare thread (_thread: the threading module, and its
+    at-fork hook in every child, stay out of the parent) answering each
+    query with one TXT record made by hand (dnspython stays unloaded too).
+    Best effort: a failure only leaves the children colder.
     """
     global _warmed
     if _warmed:
         return
     _warmed = True
+    import _thread
     import socket
-    import threading
-
-    import dns.message
-    import dns.nameserver
-    import dns.resolver
-    import dns.rrset
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -519,39 +514,40 @@ def _warm() -> None:
     except OSError:
         sock.close()
         return
+    record = b"v=spf1 ip4:192.0.2.1 -all"
+    rr = b"\xc0\x0c\x00\x10\x00\x01\x00\x00\x00\x3c" + (len(record) + 1).to_bytes(2, "big") \
+        + bytes([len(record)]) + record  # the question's name, TXT, IN, TTL 60
+    done = _thread.allocate_lock()
+    done.acquire()
 
     def answer() -> None:
-        for _ in range(WARM_ROUNDS):
-            try:
+        try:
+            for _ in range(WARM_ROUNDS):
                 data, peer = sock.recvfrom(4096)
-                q = dns.message.from_wire(data)
-                r = dns.message.make_response(q)
-                r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "TXT",
-                                                    '"v=spf1 ip4:192.0.2.1 -all"'))
-                sock.sendto(r.to_wire(), peer)
-            except (OSError, ValueError, dns.exception.DNSException):
-                return  # the warm-up stops; the checks below time out quickly
+                end = data.index(b"\0", 12) + 5  # after the question's (uncompressed) name, type and class
+                flags = bytes([0x80 | (data[2] & 0x01), 0x80])  # QR, the query's RD; RA
+                sock.sendto(data[:2] + flags + b"\x00\x01\x00\x01\x00\x00\x00\x00" + data[12:end] + rr, peer)
+        except (OSError, ValueError):
+            pass  # the warm-up stops; the checks below time out quickly
+        finally:
+            done.release()
 
     from pyqmail.smtpd import spfdns
 
-    responder = threading.Thread(target=answer, daemon=True)
-    responder.start()
-    saved = dns.resolver.default_resolver
     saved_servers = list(spfdns._servers)
-    warm = dns.resolver.Resolver(configure=False)
-    warm.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", sock.getsockname()[1])]
-    warm.lifetime = 2.0
-    dns.resolver.default_resolver = warm
+    saved_dnscacheip = spfdns._dnscacheip
+    _thread.start_new_thread(answer, ())
     spfdns._servers[:] = [("127.0.0.1", sock.getsockname()[1])]
+    spfdns._dnscacheip = None
     try:
         settings = Settings(1)
         for _ in range(WARM_ROUNDS):
             v = check(settings, "192.0.2.1", "a@warm.invalid", "warm.invalid", "warm")
             v.refusal()
     finally:
-        dns.resolver.default_resolver = saved
         spfdns._servers[:] = saved_servers
-        responder.join(5)
+        spfdns._dnscacheip = saved_dnscacheip
+        done.acquire(timeout=5)
         sock.close()
 
 

@@ -9,6 +9,13 @@ with a query put together by hand and an answer read by a bounded parser;
 anything else (a truncated answer, which needs TCP; a reply that does not
 parse) goes to dnspython, as pyspf would have.
 
+dnspython's resolver (and what it imports: threading, ssl, email,
+importlib.metadata...) is not loaded until that fallback needs it:
+`import_spf` imports pyspf with dns.resolver standing in as a module that
+loads the real one at its first attribute use. tcpserver's preloaded parent
+thus stays half the size, which every fork and exit of a session pays for
+(docs/DESIGN.md "Speed (bench/smtpd.py --checks)").
+
 `lookup` has the interface of pyspf's DNSLookup: a list of ((name, type),
 value) with value an address text (A, AAAA), (preference, exchange) (MX), a
 name (PTR, CNAME) or the tuple of character-strings (TXT); [] for NXDOMAIN
@@ -19,7 +26,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
+import types
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,18 +42,65 @@ EDNS_PAYLOAD = 1232  # as pyqmail's other resolvers (issue 18.6)
 
 _servers: list[tuple[str, int]] = []
 _fallback: Callable[..., Any] | None = None
+_dnscacheip: str | None = None  # $DNSCACHEIP's value, for dnspython when the fallback runs
+
+
+class _Deferred(types.ModuleType):
+    """A module standing in sys.modules (and as its package's attribute) until its first attribute use.
+
+    `import` statements find it there without loading anything (its
+    __spec__ is None, so no import waits on it); the first attribute asked
+    imports the real module, which takes its place in sys.modules and in the
+    package, and every later use goes there.
+    """
+
+    def __getattr__(self, attr: str) -> Any:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        __import__(name)
+        return getattr(sys.modules[name], attr)
+
+
+def import_spf() -> Any:
+    """Return pyspf, imported (the first time) without loading dnspython's resolver.
+
+    pyspf imports dns, dns.resolver and dns.exception at its own import and
+    uses dns.resolver only in its DNSLookup_dnspython, our fallback; dns and
+    dns.exception (and dns.rdatatype, which pyspf checks for type SPF) are
+    small and imported for real.
+    """
+    loaded = sys.modules.get("spf")
+    if loaded is not None:
+        return loaded
+    if "dns.resolver" not in sys.modules:
+        import dns
+        import dns.exception  # noqa: F401
+        import dns.rdatatype  # noqa: F401
+
+        stand_in = _Deferred("dns.resolver")
+        sys.modules["dns.resolver"] = stand_in
+        setattr(dns, "resolver", stand_in)  # noqa: B010 - `import dns.resolver` binds dns; uses go through it
+    import spf
+
+    return spf
 
 
 class Unreadable(Exception):
     """The answer does not parse (or is truncated): dnspython reads it instead."""
 
 
-def install(servers: Sequence[tuple[str, int]]) -> None:
-    """Make pyspf ask servers (address, port) through `lookup`; dnspython stays the fallback."""
-    global _fallback
-    import spf
+def install(servers: Sequence[tuple[str, int]], dnscacheip: str | None = None) -> None:
+    """Make pyspf ask servers (address, port) through `lookup`; dnspython stays the fallback.
+
+    dnscacheip ($DNSCACHEIP's value) is where the fallback points dnspython's
+    default resolver when it runs; None leaves dnspython to read resolv.conf.
+    """
+    global _fallback, _dnscacheip
+    spf = import_spf()
 
     _servers[:] = list(servers)
+    _dnscacheip = dnscacheip
     if spf.DNSLookup is not lookup:
         _fallback = spf.DNSLookup
         spf.DNSLookup = lookup
@@ -196,6 +252,10 @@ def _fall(name: str, qtype: str, strict: object, timeout: float) -> list[tuple[t
     import spf
 
     fallback = _fallback or spf.DNSLookup_dnspython
+    if _dnscacheip:
+        from pyqmail.filter import dmarc
+
+        dmarc.use_dnscacheip({"DNSCACHEIP": _dnscacheip})  # loads dnspython's resolver, here only
     with warnings.catch_warnings():
         # pyspf calls dnspython's deprecated dns.resolver.query: a warning, not a failure of the check
         # (here, not around every check: the common path never gets here).
