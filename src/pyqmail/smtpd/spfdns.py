@@ -49,17 +49,23 @@ class _Deferred(types.ModuleType):
     """A module standing in sys.modules (and as its package's attribute) until its first attribute use.
 
     `import` statements find it there without loading anything (its
-    __spec__ is None, so no import waits on it); the first attribute asked
+    __spec__ is None, so no import waits on it); the first attribute read or set
     imports the real module, which takes its place in sys.modules and in the
     package, and every later use goes there.
     """
 
-    def __getattr__(self, attr: str) -> Any:
+    def _real(self) -> types.ModuleType:
         name = self.__name__
         if sys.modules.get(name) is self:
             del sys.modules[name]
         __import__(name)
-        return getattr(sys.modules[name], attr)
+        return sys.modules[name]
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._real(), attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        setattr(self._real(), attr, value)  # e.g. dns.resolver.default_resolver = ..., before any read
 
 
 def import_spf() -> Any:
