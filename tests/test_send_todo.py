@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from pyqmail.send import log
 from queuefmt import files
 from sendkit import Running, Site, fill, make_site, qqueue, remove_site
 
@@ -182,3 +183,52 @@ def test_qmail_todo_hands_over_kept_and_committed_messages(monkeypatch: pytest.M
             clean.wait(10)
             clean.stdout.close()
         remove_site(site)
+
+
+def _pid_of_child(parent: int, name: str) -> int:
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                head, _, tail = f.read().rpartition(b")")
+            if int(tail.split()[1]) == parent and head.endswith(b"(" + name.encode()):
+                return int(p)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no {name} under {parent}")
+
+
+def test_an_idle_qmail_clean_of_qmail_todo_killed_is_noticed_at_once() -> None:
+    """Killed while nothing is asked of it, qmail-todo's qmail-clean ends qmail-todo at once, and qmail-send with it.
+
+    The whole of qmail-start then exits and supervise starts it again, instead of
+    running without a qmail-clean until the next commit needs one.
+    """
+    site = make_site(FQDN)
+    try:
+        d = Running(site)
+        try:
+            d.wait_for(lambda ls: any(x.startswith(b"status:") for x in ls))
+            todo = _pid_of_child(d.proc.pid, "qmail-todo")
+            pipe = os.readlink(f"/proc/{todo}/fd/2")  # ext-todo: qmail-todo's 2 writes to its qmail-clean
+            clean = next(pid for pid in (int(p) for p in os.listdir("/proc") if p.isdigit())
+                         if _readlink(f"/proc/{pid}/fd/0") == pipe and pid != todo)
+            os.kill(clean, signal.SIGKILL)
+            rc = d.wait(timeout=30)  # qmail-todo dies at once, and qmail-send follows it out
+        except BaseException:
+            d.stop()
+            raise
+        lines = d.lines()
+        assert rc == 0  # as qmail-send after its alert: exitasap, then the normal end
+        assert log.LOST_CLEAN.rstrip(b"\n") in lines, lines
+        assert lines[-1] == b"status: exiting", lines  # qmail-todo said X; qmail-send ends with it
+    finally:
+        remove_site(site)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""

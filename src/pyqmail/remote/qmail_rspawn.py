@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import os
 import select
-import socket
+import _socket
 import sys
+from array import array
 
 from pyqmail import errors, spawn
 from pyqmail import home as _home
@@ -183,7 +184,21 @@ def _keep_only(keep: set[int]) -> None:
     os.closerange(low, _OPEN_MAX)
 
 
-def serve(end: socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, env: dict[str, str],
+def _recv_fds(end: _socket.socket, size: int, flags: int) -> tuple[bytes, list[int]]:
+    """Receive one job and the descriptors it carries (close-on-exec); socket.recv_fds without socket.py.
+
+    socket.py imports enum and selectors (issue 17: this daemon's forks stay lean).
+    """
+    width = array("i").itemsize
+    msg, ancillary, _, _ = end.recvmsg(size, _socket.CMSG_SPACE(2 * width), flags | _socket.MSG_CMSG_CLOEXEC)
+    fds = array("i")
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % width])
+    return msg, list(fds)
+
+
+def serve(end: _socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, env: dict[str, str],
           deliveries: int, idle: float) -> int:
     """Run the deliveries qmail-rspawn hands over end, one after another; return the worker's exit code.
 
@@ -210,10 +225,10 @@ def serve(end: socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, en
         if not poller.poll(int(idle * 1000)):
             # Idle too long. Reading is shut first, so that a job sent from now on fails
             # (EPIPE) in qmail-rspawn, which forks another; one sent before is served.
-            end.shutdown(socket.SHUT_RD)
+            end.shutdown(_socket.SHUT_RD)
             last = True
         try:
-            msg, fds, _, _ = socket.recv_fds(end, JOB_MAX + 16, 2, socket.MSG_DONTWAIT if last else 0)
+            msg, fds = _recv_fds(end, JOB_MAX + 16, _socket.MSG_DONTWAIT if last else 0)
         except OSError:
             return 0  # nothing came (idle), or qmail-rspawn is gone
         if msg[:1] != JOB or len(fds) != 2:
@@ -255,7 +270,7 @@ def serve(end: socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, en
         except Exception:  # noqa: BLE001 - a check that fails is a state not to be trusted
             clean = False
         if not clean:
-            end.shutdown(socket.SHUT_RD)
+            end.shutdown(_socket.SHUT_RD)
         try:
             end.send(DONE + bytes((rc & 0xFF,)) + (AGAIN if clean else LAST))
         except OSError:
@@ -271,9 +286,9 @@ class _Worker:
 
     __slots__ = ("pid", "end", "busy", "served", "retire")
 
-    def __init__(self, pid: int, end: socket.socket) -> None:
+    def __init__(self, pid: int, end: _socket.socket) -> None:
         self.pid = pid
-        self.end: socket.socket | None = end  # qmail-rspawn's end of the pair; None once closed
+        self.end: _socket.socket | None = end  # qmail-rspawn's end of the pair; None once closed
         self.busy = False
         self.served = 0
         self.retire = False  # the stub changed: no delivery after the one it runs
@@ -335,7 +350,8 @@ class RemoteSpawner(spawnproto.Spawner):
                 w = self._fork_worker(stub, mod)
             assert w.end is not None
             try:
-                socket.send_fds(w.end, [job], [messfd, outfd], socket.MSG_NOSIGNAL)
+                w.end.sendmsg([job], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", [messfd, outfd]))],
+                              _socket.MSG_NOSIGNAL)
             except OSError:
                 self._close(w)  # it died or retired itself while idle: the next one
                 if fresh:
@@ -364,7 +380,7 @@ class RemoteSpawner(spawnproto.Spawner):
 
     def _fork_worker(self, stub: spawn.Stub, mod: ModuleType) -> _Worker:
         """Fork a worker; raise OSError."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
         try:
             pid = os.fork()
         except OSError:
@@ -422,7 +438,7 @@ class RemoteSpawner(spawnproto.Spawner):
         said = b""
         if w.end is not None:
             try:
-                said = w.end.recv(16, socket.MSG_DONTWAIT)
+                said = w.end.recv(16, _socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return  # not said, yet the pipe's last copy is closed: it is dying; SIGCHLD brings its status
             except OSError:

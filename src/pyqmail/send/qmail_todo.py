@@ -142,7 +142,9 @@ class Todo(qmail_send.Send):
                 wfds.append(self.fd_tosend)
         if self.wake != -1:
             rfds.append(self.wake)
-        if self.clean_pending and self.clean_alive:
+        if self.clean_alive:
+            # Watched even with nothing asked: a qmail-clean killed while idle is noticed
+            # at once (EOF), and the whole of qmail-start comes back, not at the next commit.
             rfds.append(self.fd_fromclean)
         busy = len(self.out) > OUT_MAX  # qmail-send is behind: wait for it
         timeout: float = qmail_send.SLEEP_FOREVER
@@ -164,10 +166,24 @@ class Todo(qmail_send.Send):
         if self.fd_fromsend in readable:
             self.read_commands()
         if self.fd_fromclean in readable:
-            self.clean_answers()
+            if self.clean_pending:
+                self.clean_answers()
+            else:
+                self.clean_idle_read()
         if not self.exitasap and len(self.out) <= OUT_MAX:
             self.todo_do(self.trigger != -1 and self.trigger in readable)
         self.flush()
+
+    def clean_idle_read(self) -> None:
+        """qmail-clean's pipe is readable with nothing asked: EOF is its death; bytes it should not send are dropped."""
+        try:
+            data = os.read(self.fd_fromclean, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.cleandied()
 
     def done(self) -> bool:
         """Return True once asked to stop (or qmail-send is gone) and qmail-clean has answered everything."""
