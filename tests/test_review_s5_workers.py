@@ -62,3 +62,38 @@ def test_a_user_who_stops_their_worker_holds_up_only_their_own_delivery(root_hom
     finally:
         ls.close()
 
+
+
+def _gone(pid: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_retired_idle_worker_its_user_stopped_does_not_stay(root_home: QHome, user_dir: Path) -> None:  # noqa: F811
+    """Retiring an idle worker closed its socket only: one its user had stopped stayed, outside the count,
+    until SIGCONT. It is SIGKILLed now (idle: nothing of a delivery is lost; not yet reaped: its pid)."""
+    a = _home_for(user_dir, TEST_USER, "a", {})
+    b = _home_for(user_dir, OTHER_USER, "b", {})
+    _assign(root_home, [_entry("a", TEST_USER, a), _entry("b", OTHER_USER, b)])
+    ls = Lspawn(root_home, SHOW, env={"PYQMAIL_LSPAWN_WORKERS": "1"})
+    wa = 0
+    try:
+        wa, _, _ = _seen(ls.deliver(f"a@{FQDN}"))
+        os.kill(wa, signal.SIGSTOP)
+        _, uid, _ = _seen(ls.deliver(f"b@{FQDN}"))  # the one worker allowed: a's, idle, is retired
+        assert uid == pwd.getpwnam(OTHER_USER).pw_uid
+        assert _gone(wa, time.monotonic() + 10), "the retired, stopped worker is still there"
+    finally:
+        if wa:
+            try:
+                os.kill(wa, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        ls.close()

@@ -403,7 +403,12 @@ class LocalSpawner(spawnproto.Spawner):
         return w
 
     def _retire(self, w: _Worker) -> None:
-        """Give w no more deliveries; closing its socket ends it (it is reaped as any child)."""
+        """Give w no more deliveries; closing its socket ends it (it is reaped as any child).
+
+        An idle one is also SIGKILLed: it runs as its user, who may have stopped it,
+        and a stopped worker would read the socket's end only once continued. Only
+        one not yet reaped (w.status None): its pid is still its own.
+        """
         ws = self._pool.get(w.key)
         if ws is not None and w in ws:
             ws.remove(w)
@@ -411,6 +416,11 @@ class LocalSpawner(spawnproto.Spawner):
                 del self._pool[w.key]
         if w.delivery is None:
             w.ctl.close()
+            if w.status is None:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # safe: cannot happen before we reap it; nothing to end
 
     def _settle(self, w: _Worker, wait: float) -> None:
         """Take w's verdict on its delivery (waiting up to wait seconds); a worker gone without one is reaped."""
