@@ -38,6 +38,7 @@ from pyqmail.entry import program
 from pyqmail.local import users
 from pyqmail.privs import Credentials, PrivilegeError, drop
 from pyqmail.send import spawnproto
+from pyqmail import workers
 
 EXIT_USAGE = 100
 TRUNCREPORT = 3000
@@ -478,15 +479,7 @@ class LocalSpawner(spawnproto.Spawner):
         return w.status
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, status in workers.reaped():
             w = self._wpids.pop(pid, None)
             if w is None:
                 d = self._by_pid.pop(pid, None)
@@ -602,7 +595,7 @@ def _work(ctl: socket.socket, creds: Credentials, sp: LocalSpawner) -> int:
                 return 0
         if not msg and not ancillary:
             return 0
-        fds = _received_fds(ancillary)
+        fds = workers.received_fds(ancillary)
         served += 1
         code = failed or users.QLX_USAGE
         if len(fds) == 2 and not failed and mod is not None and stub is not None:
@@ -677,16 +670,6 @@ def _deliver(messfd: int, outfd: int, fields: list[bytes], sp: LocalSpawner, stu
                 pass
         signal.alarm(0)
     return rc & 0xFF
-
-
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[:len(data) - len(data) % got.itemsize])
-            fds.extend(got)
-    return fds
 
 
 def _env_int(name: str, default: int) -> int:

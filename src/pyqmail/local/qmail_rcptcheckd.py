@@ -57,6 +57,7 @@ from pyqmail import sig as signal
 from pyqmail.entry import program
 from pyqmail.local import rcptcheck, users
 from pyqmail.privs import Credentials, PrivilegeError, drop
+from pyqmail import workers
 
 SOCKET = "run/qmail-rcptcheck.sock"
 EXIT_FAIL = 111
@@ -206,16 +207,6 @@ def unhandoff(msg: bytes) -> users.Assignment | None:
     return users.Assignment(b"", b"", b"", msg[p:p + a], msg[p + a:p + a + b], msg[p + a + b:])
 
 
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[:len(data) - len(data) % got.itemsize])
-            fds.extend(got)
-    return fds
-
-
 def work(ctl: socket.socket, creds: Credentials | None, limit: float) -> int:
     """A worker's life: take creds for good, then answer each question handed over ctl until it closes.
 
@@ -234,7 +225,7 @@ def work(ctl: socket.socket, creds: Credentials | None, limit: float) -> int:
         msg, ancillary, flags, _ = ctl.recvmsg(_HANDOFF_MAX, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
         if not msg and not ancillary:
             return 0  # the parent retired us
-        fds = _received_fds(ancillary)
+        fds = workers.received_fds(ancillary)
         try:
             who = unhandoff(msg)
             if fds and who is not None:
@@ -519,13 +510,7 @@ class Daemon:
 
     def _tend(self, now: float) -> None:
         """Reap exited workers, kill those past their limit, retire idle and worn ones, drop late questions."""
-        while self.by_pid or self.dying:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, _ in workers.reaped() if self.by_pid or self.dying else ():
             self.dying.discard(pid)
             gone = self.by_pid.get(pid)
             if gone is not None:

@@ -78,6 +78,7 @@ from pyqmail.privs import Credentials, drop
 from pyqmail.queue import maildrop, qmail_queue
 from pyqmail.queue.exits import QueueExit
 from pyqmail.sgetopt import Getopt
+from pyqmail import workers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -238,25 +239,6 @@ def _stop_request(conn: socket.socket, uid: int, inst: _home.Install, server_pid
 
 # --- the workers ------------------------------------------------------------------
 
-def _open_fds(skip: int = -1) -> set[int] | None:
-    """Return this process's open descriptors but skip (None without /proc: then nothing to compare)."""
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    fds = set()
-    for name in names:
-        fd = int(name)
-        if fd == skip:
-            continue
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue  # the listing's own descriptor, closed again by now
-        fds.add(fd)
-    return fds
-
-
 def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
          stoppable: bool = False, idle: float = IDLE_SECONDS) -> int:
     """Serve the connections the server hands over end, one after another, until it closes end; return the exit code.
@@ -271,7 +253,7 @@ def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: i
     holds other descriptors than before its first message.
     """
     commit = child_commit(end)
-    base = _open_fds()
+    base = workers.open_fds()
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(end, 16, 1)
@@ -285,7 +267,7 @@ def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: i
         said = [False]  # DONE said for this message
 
         def ready_for_next(code: int) -> None:
-            if code in _UNCERTAIN or _open_fds(skip=conn.fileno()) != base:
+            if code in _UNCERTAIN or workers.open_fds(skip=conn.fileno()) != base:
                 return  # not to be trusted with another message: the checks below say why and exit
             try:
                 end.sendall(DONE)
@@ -309,7 +291,7 @@ def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: i
             continue
         if code in _UNCERTAIN:
             return code
-        if _open_fds() != base:
+        if workers.open_fds() != base:
             _say(f"warning: worker {os.getpid()}: descriptors left open after a message: exiting")
             return EXIT_FAIL
         try:
@@ -690,13 +672,7 @@ class Workers:
 
     def reap(self) -> None:
         """Collect every worker that has ended."""
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, _ in workers.reaped():
             w = self.by_pid.pop(pid, None)
             if w is not None:
                 self.gone(w)

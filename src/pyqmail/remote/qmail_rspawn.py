@@ -44,6 +44,7 @@ from pyqmail.entry import program
 from pyqmail.proctitle import set_title
 from pyqmail.queue import layout
 from pyqmail.send import spawnproto
+from pyqmail import workers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -139,25 +140,6 @@ def _env_number(env: dict[str, str], name: str, default: float) -> float:
         return default
 
 
-def _open_fds(skip: int = -1) -> set[int] | None:
-    """Return this process's open descriptors but skip (None without /proc: then nothing to compare)."""
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    fds = set()
-    for name in names:
-        fd = int(name)
-        if fd == skip:
-            continue
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue  # the listing's own descriptor, closed by now
-        fds.add(fd)
-    return fds
-
-
 def _process_state() -> tuple[object, ...]:
     """Return what a delivery could change in this process and the next one would inherit."""
     mask = os.umask(0o077)
@@ -189,13 +171,8 @@ def _recv_fds(end: _socket.socket, size: int, flags: int) -> tuple[bytes, list[i
 
     socket.py imports enum and selectors (issue 17: this daemon's forks stay lean).
     """
-    width = array("i").itemsize
-    msg, ancillary, _, _ = end.recvmsg(size, _socket.CMSG_SPACE(2 * width), flags | _socket.MSG_CMSG_CLOEXEC)
-    fds = array("i")
-    for level, kind, data in ancillary:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % width])
-    return msg, list(fds)
+    msg, ancillary, _, _ = end.recvmsg(size, _socket.CMSG_SPACE(2 * 4), flags | _socket.MSG_CMSG_CLOEXEC)
+    return msg, workers.received_fds(ancillary)
 
 
 def serve(end: _socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, env: dict[str, str],
@@ -215,7 +192,7 @@ def serve(end: _socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, e
     _home.set_default(stub.home)
     name = os.path.basename(target)
     here = os.getcwd()  # qmail-rspawn's queue/mess, where each delivery starts (qmail-remote moves to the home)
-    base_fds = _open_fds()
+    base_fds = workers.open_fds()
     base = _process_state()
     poller = select.poll()
     poller.register(end.fileno(), select.POLLIN)
@@ -265,7 +242,7 @@ def serve(end: _socket.socket, target: str, stub: spawn.Stub, mod: ModuleType, e
         try:
             os.chdir(here)
             clean = (clean and not last and served < deliveries and signal.alarm(0) == 0
-                     and _open_fds(skip=outfd) == base_fds and dict(os.environ) == env
+                     and workers.open_fds(skip=outfd) == base_fds and dict(os.environ) == env
                      and _process_state() == base and bool(mod.worker_reset()))
         except Exception:  # noqa: BLE001 - a check that fails is a state not to be trusted
             clean = False
@@ -460,15 +437,7 @@ class RemoteSpawner(spawnproto.Spawner):
         self._finish(d)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, status in workers.reaped():
             w = self.workers.pop(pid, None)
             if w is not None:
                 self._close(w)

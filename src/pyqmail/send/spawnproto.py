@@ -28,6 +28,7 @@ import select
 import stat
 
 from pyqmail import sig as signal
+from pyqmail import workers
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
@@ -288,15 +289,7 @@ class Spawner:
         self._by_pid[pid] = d
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        for pid, status in workers.reaped():
             d = self._by_pid.pop(pid, None)
             if d is not None:
                 d.status = status

@@ -1,0 +1,61 @@
+"""What the daemons' reused workers share (issue 17): reaping, descriptor census, SCM_RIGHTS.
+
+qmail-queued, qmail-rcptcheckd, qmail-lspawn and qmail-rspawn fork workers
+that serve one event after another. Each must reap what has ended without
+blocking, check between events that no descriptor was left behind, and take
+the descriptors an event arrives with. Only os, array and _socket: socket.py
+imports enum and selectors, which these daemons keep out (their forks stay
+lean).
+"""
+
+from __future__ import annotations
+
+import os
+from _socket import SCM_RIGHTS, SOL_SOCKET
+from array import array
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """Yield (pid, status) of every child that has ended, without waiting for one that has not."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def open_fds(skip: int = -1) -> set[int] | None:
+    """Return this process's open descriptors but skip (None without /proc: then nothing to compare)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    fds = set()
+    for name in names:
+        fd = int(name)
+        if fd == skip:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed again by now
+        fds.add(fd)
+    return fds
+
+
+def received_fds(ancillary: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """Return the descriptors that recvmsg's ancillary data carries (SCM_RIGHTS)."""
+    fds = array("i")
+    for level, kind, data in ancillary:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
