@@ -73,7 +73,7 @@ DELIVERIES_ENV = "PYQMAIL_LSPAWN_DELIVERIES"  # deliveries a worker runs before 
 IDLE_SECONDS = 30.0
 DELIVERIES_MAX = 200
 WORKERS_DEFAULT = 10  # qmail-send's default concurrencylocal: at most this many deliveries run at once
-HANDOFF_MAX = 1 << 18  # bytes of one delivery's fields a worker accepts
+HANDOFF_MAX = 1 << 16  # bytes of one delivery's fields a worker accepts: below a socket pair's send buffer (more goes to a child)
 SETTLE_SECONDS = 30.0  # how long the parent waits for a worker's verdict after its output ended
 _VERDICT = 2  # bytes: qmail-local's exit code, then 1 if the worker takes another delivery
 
