@@ -16,7 +16,13 @@ from array import array
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import Protocol, TypeVar
+
+    class _Closable(Protocol):
+        def close(self) -> None: ...
+
+    S = TypeVar("S", bound=_Closable)
 
 
 def reaped() -> Iterator[tuple[int, int]]:
@@ -59,3 +65,18 @@ def received_fds(ancillary: Iterable[tuple[int, int, bytes]]) -> list[int]:
         if level == SOL_SOCKET and kind == SCM_RIGHTS:
             fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
     return list(fds)
+
+
+def fork_pair(pair: Callable[[], tuple[S, S]]) -> tuple[int, S, S]:
+    """Make a socket pair with pair(), then fork; return (pid, mine, theirs) as os.fork's caller sees them.
+
+    A failed fork closes both ends and raises OSError, as a failed socketpair does.
+    """
+    mine, theirs = pair()
+    try:
+        pid = os.fork()
+    except OSError:
+        mine.close()
+        theirs.close()
+        raise
+    return pid, mine, theirs

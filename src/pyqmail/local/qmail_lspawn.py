@@ -374,13 +374,8 @@ class LocalSpawner(spawnproto.Spawner):
 
     def _fork_worker(self, key: tuple[int, int]) -> _Worker:
         """Start a worker for key: it takes the ids for good before it reads anything; raise OSError."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            pid = os.fork()
-        except OSError:
-            mine.close()
-            theirs.close()
-            raise
+        pid, mine, theirs = workers.fork_pair(
+            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC))
         if pid == 0:
             code = 111
             try:

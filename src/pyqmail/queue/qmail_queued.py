@@ -857,13 +857,8 @@ class _Server:
 
     def _fork(self, conn: socket.socket, srv: socket.socket, wake_r: int, wake_w: int, server_pid: int) -> Worker:
         """Fork a worker; return it as the server sees it. Raise OSError."""
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            pid = os.fork()
-        except OSError:
-            mine.close()
-            theirs.close()
-            raise
+        pid, mine, theirs = workers.fork_pair(
+            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC))
         if pid == 0:
             code = EXIT_FAIL
             try:

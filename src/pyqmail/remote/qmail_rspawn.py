@@ -357,13 +357,8 @@ class RemoteSpawner(spawnproto.Spawner):
 
     def _fork_worker(self, stub: spawn.Stub, mod: ModuleType) -> _Worker:
         """Fork a worker; raise OSError."""
-        mine, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-        try:
-            pid = os.fork()
-        except OSError:
-            mine.close()
-            theirs.close()
-            raise
+        pid, mine, theirs = workers.fork_pair(
+            lambda: _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC))
         if pid == 0:
             code = EXIT_TEMPORARY
             try:
