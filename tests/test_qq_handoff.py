@@ -257,13 +257,28 @@ def test_qq_hands_over_in_process_and_passes_exit_codes(root_home: QHome, server
     assert env.uid == pwd.getpwnam(TEST_USER).pw_uid and env.recipients == [b"c@d"]
 
 
-def test_qq_as_root_or_single_user_starts_qmail_queue(root_home: QHome, server: Server) -> None:
-    """Root writes the queue itself through qmail-queue: QQ starts it (its pid is a child's)."""
+def _run_qq_as_root(home: QHome) -> subprocess.CompletedProcess[bytes]:
     code = ("from pyqmail.queue.qq import QQ; "
             "q = QQ(); q.write(b'x\\n'); r = q.close(b'a@b', [b'c@d']); print(q.pid != os.getpid(), r)")
-    r = subprocess.run([sys.executable, "-IS", "-c", f"import os, sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
-                        f"os.environ['QMAILHOME'] = {str(root_home.path)!r}; " + code],
-                       capture_output=True, env=ENV, timeout=60)
+    return subprocess.run([sys.executable, "-IS", "-c", f"import os, sys; sys.path.insert(0, {str(ROOT / 'src')!r}); "
+                           f"os.environ['QMAILHOME'] = {str(home.path)!r}; " + code],
+                          capture_output=True, env=ENV, timeout=60)
+
+
+def test_qq_as_root_hands_over_with_uid_0(root_home: QHome, server: Server) -> None:
+    """Root's QQ also hands the message to qmail-queued (no fork): uid 0 in todo/N and the Received line."""
+    r = _run_qq_as_root(root_home)
+    assert (r.returncode, r.stdout) == (0, b"False b''\n"), r
+    (name,) = files(root_home.queue)["todo"]
+    assert parse_todo((root_home.queue / "todo" / name).read_bytes()).uid == 0
+    (mess,) = files(root_home.queue)["mess"]
+    assert b"invoked by uid 0);" in (root_home.queue / "mess" / mess).read_bytes().split(b"\n", 1)[0]
+
+
+def test_qq_as_root_without_qmail_queued_starts_qmail_queue(root_home: QHome) -> None:
+    """Without qmail-queued, root writes the queue itself through qmail-queue: QQ starts it (its pid is a child's)."""
+    r = _run_qq_as_root(root_home)
     assert (r.returncode, r.stdout) == (0, b"True b''\n"), r
     (name,) = files(root_home.queue)["todo"]
     assert parse_todo((root_home.queue / "todo" / name).read_bytes()).uid == 0
+    assert not _drops(root_home)

@@ -12,10 +12,11 @@ network=True: when control/smtpfilters names filters, the message goes
 through `qmail-qfilter` with that chain, and the chain ends at the program
 named above (given to qmail-qfilter as $QQF_QMAILQUEUE).
 
-In a root-mode home, a caller that is neither root nor qmailq would start a
-qmail-queue that only passes its descriptors to qmail-queued: QQ passes them
-itself (QQ._hand_over, pyqmail.queue.handoff), and qmail-queue is started
-only when no qmail-queued acknowledges.
+In a root-mode home, a caller that is not qmailq would start a qmail-queue
+that passes its descriptors to qmail-queued (another user) or forks to write
+the queue as qmailq (root): QQ passes them to qmail-queued itself
+(QQ._hand_over, pyqmail.queue.handoff), and qmail-queue is started only when
+no qmail-queued acknowledges.
 """
 
 from __future__ import annotations
@@ -144,16 +145,21 @@ class QQ:
         """Give msg_r and env_r to qmail-queued where prog would only do that; return the connection.
 
         prog is this installation's own qmail-queue, a pyqmail stub started
-        by fork-and-call (spawn's fast path), and this process is what it
-        would run as: not root, not qmailq, in a root-mode home. That
-        qmail-queue would only connect to qmail-queued and pass its
-        descriptors 0 and 1 (qmail_queue.hand_to_server); this process does
-        it itself, one process fewer per message (issue 17). None when that
-        is not the case, or no qmail-queued acknowledged: qmail-queue is
-        started as always (and writes the maildrop).
+        by fork-and-call (spawn's fast path), in a root-mode home, and this
+        process is not qmailq. As another user, that qmail-queue would only
+        connect to qmail-queued and pass its descriptors 0 and 1
+        (qmail_queue.hand_to_server); this process does it itself, one
+        process fewer per message (issue 17). As root (real and effective
+        uid 0), it would drop to qmailq and write the queue itself, with uid
+        0 in the Received line and the `u` record: qmail-queued writes the
+        same records for a root client (SO_PEERCRED says uid 0), with the
+        same fsyncs, without a fork per message. None when that is not the
+        case, or no qmail-queued acknowledged (down, or at its -c limit for
+        the uid): qmail-queue is started as always (and writes the maildrop,
+        or as root the queue).
         """
-        if "/" not in prog or os.geteuid() == 0:
-            return None
+        if "/" not in prog or (os.geteuid() == 0) != (os.getuid() == 0):
+            return None  # a setuid-root caller: qmail-queue names the real uid, qmail-queued would see 0
         stub = spawn.read_stub(prog)
         if stub is None or stub.module != QMAIL_QUEUE_MODULE or not os.access(prog, os.X_OK):
             return None
