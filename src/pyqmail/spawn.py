@@ -361,6 +361,43 @@ def become(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
     _run_main(mod, target, argv)
 
 
+def reusable(path: str) -> bool:
+    """Whether path is a stub whose program may run again in the process it returned in (REUSABLE)."""
+    try:
+        target, stub, mod = _prepare(path, os.environ, True, preload=True)
+    except OSError:
+        return False
+    return stub is not None and mod is not None and getattr(mod, "REUSABLE", False) is True
+
+
+def call(path: str, argv: Sequence[str]) -> int | None:
+    """Run a REUSABLE stub's program in this process, as become() would, and return its exit code.
+
+    For a worker that serves one connection after another (tcpserver): the
+    caller has put the descriptors in place and set the environment; this
+    sets up signals, the home, argv, the title and fresh standard streams as
+    become() does, calls main and returns its code (0-255) instead of
+    exiting. None, before anything is changed, when path is not such a
+    program: the caller then uses become(). ImportError and OSError as
+    become() raises them.
+    """
+    target, stub, mod = _prepare(path, os.environ, True, preload=False)
+    if stub is None or mod is None or getattr(mod, "REUSABLE", False) is not True:
+        return None
+    _enter(target, argv, os.environ, None, None, None, stub, set_env=False)
+    rc: int = 111
+    try:
+        rc = mod.main([target, *argv[1:]])
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+    return rc & 0xFF
+
+
 def exit_code(status: int) -> int:
     """Return the exit code of a wait status; -N for death by signal N."""
     if os.WIFSIGNALED(status):

@@ -510,7 +510,12 @@ def _auth(session: Session, conn: Conn, run: AuthRun) -> None:
     """Run one AUTH exchange and the checkprogram; reply; Die after the session's last allowed failure."""
     from pyqmail import auth as checkpw
 
-    stamp = b"<%d.%d@" % (os.getpid(), int(time.time())) + session.cfg.greeting.split(b" ", 1)[0] + b">"
+    # The patch's <PID.TIME@HOST>; a reused tcpserver worker serves many sessions under one pid,
+    # so from its second session on the challenge carries the session's number too (a
+    # challenge must never repeat: CRAM-MD5's answer to one would be good for the other).
+    n = _sessions[0]
+    who = b"%d" % os.getpid() if n <= 1 else b"%d.%d" % (os.getpid(), n)
+    stamp = b"<%s.%d@" % (who, int(time.time())) + session.cfg.greeting.split(b" ", 1)[0] + b">"
     ex = Exchange(session.cfg.auth, session.auth_arg, stamp)  # type: ignore[arg-type]
     while not ex.done:
         conn.put(ex.prompt)
@@ -692,9 +697,18 @@ def _conn(fd_in: int, fd_out: int, timeout: int) -> _Replies:
     return conn
 
 
+# tcpserver may run main again in the same process for its next connection (a reused worker,
+# issue 17): main keeps nothing between sessions but this count, and sets up each from the
+# environment and the control files as a new process would. Whatever a session leaves in
+# os.environ (SPFRESULT, RELAYCLIENT after AUTH...) is tcpserver's to reset.
+REUSABLE = True
+_sessions = [0]  # sessions this process has begun (the AUTH challenge's uniqueness)
+
+
 @program("qmail-smtpd", crash=EXIT_DEATH)
 def main(argv: list[str]) -> int:
     """Talk SMTP on descriptors 0 and 1 until QUIT or a death."""
+    _sessions[0] += 1
     try:
         cfg, timeout, authrun = _setup(argv)
     except Die as e:

@@ -31,8 +31,9 @@ import os
 import posix
 import select
 import socket
+import sys
 
-from pyqmail import cdb, sig, spawn
+from pyqmail import cdb, sig, spawn, workers
 from pyqmail.entry import program
 from pyqmail.sgetopt import Getopt
 from pyqmail.ucspi import ident, netinfo, pathexec, rules
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 # The process environment os.environ and os.environb wrap: bytes to bytes.
 _ENVIRON = posix.environ
+_MAX_FD = os.sysconf("SC_OPEN_MAX")
+sys_byteorder = sys.byteorder
 
 FATAL = b"tcpserver: fatal: "
 DROP = b"tcpserver: warning: dropping connection, "
@@ -510,10 +513,193 @@ def child(conn: _socket.socket, peer: tuple[str, int], cfg: Config) -> NoReturn:
     os._exit(code)
 
 
-class Server:
-    """The accept loop: at most limit children, reaped on SIGCHLD."""
+# --- reused workers (issue 17) ------------------------------------------------------------------
 
-    def __init__(self, cfg: Config, listener: socket.socket) -> None:
+REUSE_ENV = "PYQMAIL_TCPSERVER_REUSE"  # connections one worker serves; 0 or 1: a child per connection
+IDLE_ENV = "PYQMAIL_TCPSERVER_IDLE"  # seconds an idle worker is kept
+REUSE_MAX = 100  # as Postfix's max_use: a worker's leftovers (heap, caches) are bounded in time
+IDLE_MAX = 60.0
+GROWTH_MAX = 32 << 20  # bytes of resident memory a worker may gain over its start before it retires
+END = b"E"  # worker -> parent: the connection has ended; 4 bytes of wait status follow
+RETIRE = b"R"  # the same, and the worker exits now (its uses, a leftover descriptor, its memory)
+PEER_MAX = 512
+
+
+def _reuse_settings() -> tuple[int, float]:
+    """Return (connections per worker, idle seconds) from the environment (test and admin seam)."""
+    uses, idle = REUSE_MAX, IDLE_MAX
+    value = os.environ.get(REUSE_ENV)
+    if value is not None:
+        try:
+            uses = max(int(value), 0)
+        except ValueError:
+            pass  # a malformed value keeps the default
+    value = os.environ.get(IDLE_ENV)
+    if value is not None:
+        try:
+            idle = max(float(value), 0.0)
+        except ValueError:
+            pass
+    return uses, idle
+
+
+def _rss() -> int:
+    """Return this process's resident memory in bytes (0 if /proc cannot say)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _encode_peer(peer: tuple[str, int]) -> bytes:
+    return peer[0].encode() + b"\0" + b"%d" % peer[1]
+
+
+def _decode_peer(data: bytes) -> tuple[str, int]:
+    host, _, port = data.partition(b"\0")
+    return host.decode(), int(port)
+
+
+def _restore_environ(base: dict[bytes, bytes]) -> None:
+    """Make the environment base again (what tcpserver started with), touching only what differs."""
+    env = _ENVIRON
+    for name in [k for k in env if k not in base]:
+        os.unsetenv(name)
+        del env[name]
+    for name, value in base.items():
+        if env.get(name) != value:
+            os.putenv(name, value)
+            env[name] = value
+
+
+class Worker:
+    """The parent's view of one worker: its pid, its end of the pair, whether it serves a connection."""
+
+    __slots__ = ("pid", "sock", "fd", "busy", "retiring", "since")
+
+    def __init__(self, pid: int, sock: _socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.busy = True
+        self.retiring = False
+        self.since = 0.0
+
+
+class Reuse:
+    """One worker's life: serve the connection it was forked with, then each one the parent sends.
+
+    Every connection finds what a new child would: descriptors 0 and 1 on the
+    socket, 2 the log, no other but the pair to the parent (close-on-exec);
+    tcpserver's own environment plus this connection's variables; the
+    starting directory and umask; signals as a new process has them (spawn.call).
+    After the program returns, its exit code goes to the parent as the wait
+    status a child's exit would have given; a descriptor left open, memory
+    grown past GROWTH_MAX or the last of its uses retire the worker.
+    """
+
+    def __init__(self, cfg: Config, sock: _socket.socket, uses: int) -> None:
+        self.cfg = cfg
+        self.sock = sock
+        self.uses = uses
+        self.environ = dict(_ENVIRON)
+        self.cwd = os.getcwd()
+        self.umask = os.umask(0o22)
+        os.umask(self.umask)
+        self.rss = 0
+        self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    def run(self, conn: _socket.socket, peer: tuple[str, int]) -> NoReturn:
+        import gc
+
+        # The parent's objects stay where the fork left them: the collector no longer walks them.
+        gc.freeze()
+        self.rss = _rss()
+        served = 0
+        while True:
+            wstat = self.serve(conn, peer) << 8
+            served += 1
+            retire = served >= self.uses or not self.clean(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
+            try:
+                # Reported before the client sees the end: a client that connects again at
+                # once (smtp-source, a sender's next message) finds this worker idle.
+                self.sock.send((RETIRE if retire else END) + wstat.to_bytes(4, "little"))
+            except OSError:
+                os._exit(0)  # the parent is gone
+            if retire:
+                os._exit(0)
+            # The client sees the end now, as when a child exits.
+            conn.close()
+            os.dup2(self.null, 0)
+            os.dup2(self.null, 1)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(PEER_MAX, _socket.CMSG_SPACE(4))
+            except OSError:
+                os._exit(0)
+            fds = workers.received_fds(ancillary)
+            if not data or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                os._exit(0)  # the parent closed the pair: retired, or gone
+            conn = _socket.socket(fileno=fds[0])
+            peer = _decode_peer(data)
+
+    def serve(self, conn: _socket.socket, peer: tuple[str, int]) -> int:
+        """Serve one connection; return the program's exit code (tcpserver's own on a drop)."""
+        code = EXIT_TEMP
+        try:
+            _restore_environ(self.environ)
+            os.chdir(self.cwd)
+            os.umask(self.umask)
+            conn.setblocking(True)
+            deny, _ = learn(conn, peer, self.cfg, setenv)
+            if deny:
+                code = EXIT_DENY
+            else:
+                name = self.cfg.argv[0]
+                fd = conn.fileno()
+                os.dup2(fd, 0)
+                os.dup2(fd, 1)
+                conn.close()
+                try:
+                    path = _ENVIRON.get(b"PATH")
+                    target = pathexec.target(name, None if path is None else os.fsdecode(path))
+                    rc = spawn.call(target, self.cfg.argv)
+                    if rc is None:  # no longer a reusable program (replaced): the old way, once
+                        spawn.become(target, self.cfg.argv, fds={0: 0, 1: 1, 2: 2})
+                    code = rc
+                except OSError as e:
+                    raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
+        except Die as d:
+            if d.text is not None:
+                warn(self.cfg, d.text)
+            code = d.code
+        except Exception as e:  # noqa: BLE001 - the worker goes on; the connection ends as a child's would
+            warn(self.cfg, DROP + b"internal error: " + type(e).__name__.encode() + b": "
+                 + str(e).encode("utf-8", "replace"))
+        except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: as a child, it ends
+            os._exit(code)
+        return code
+
+    def clean(self, conn: int) -> bool:
+        """Whether the program left no descriptor open beyond 0, 1 and conn (the connection), 2, the pair, /dev/null."""
+        fds = workers.open_fds()
+        return fds is None or fds <= {0, 1, 2, conn, self.sock.fileno(), self.null}
+
+
+class Server:
+    """The accept loop: at most limit children, reaped on SIGCHLD.
+
+    With reuse (a REUSABLE program and uses > 1), a child is a worker that
+    serves one connection after another (Reuse): an accepted connection goes
+    to an idle worker through its socket pair (SCM_RIGHTS), or to a new worker
+    forked for it when none is idle. Workers report each connection's end;
+    idle ones are let go (their pair closed) after idle seconds.
+    """
+
+    def __init__(self, cfg: Config, listener: socket.socket, uses: int = 0, idle: float = IDLE_MAX,
+                 clock: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
         self.listener = listener
         self.children = 0
@@ -526,26 +712,76 @@ class Server:
         # family and type to enums in Python (pages written at every connection, as
         # above). The C level takes ints.
         self.family = int(listener.family)
+        self.uses = uses
+        self.idle_max = idle
+        if clock is None:
+            import time
+
+            clock = time.monotonic
+        self.clock = clock
+        self.pool: dict[int, Worker] = {}  # by pid
+        self.by_fd: dict[int, Worker] = {}
+        self.idle: list[Worker] = []  # the most recently used last: it is the warmest
 
     def print_status(self) -> None:
         status(self.cfg, b"tcpserver: status: %d/%d" % (self.children, self.cfg.limit))
 
+    def ended(self, pid: int, wstat: int) -> None:
+        """Log a connection's end as tcpserver's sigchld does, and count it."""
+        status(self.cfg, b"tcpserver: end %d status %d" % (pid, wstat))
+        if self.children:
+            self.children -= 1
+        self.print_status()
+
     def reap(self) -> None:
         """Collect every finished child, logging each as tcpserver's sigchld does."""
-        while True:
-            try:
-                pid, wstat = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            status(self.cfg, b"tcpserver: end %d status %d" % (pid, wstat))
-            if self.children:
-                self.children -= 1
-            self.print_status()
+        for pid, wstat in workers.reaped():
+            w = self.pool.pop(pid, None)
+            if w is None:
+                self.ended(pid, wstat)
+                continue
+            if w.busy:
+                self.hear(w)  # its last report, if it sent one before exiting
+            self.drop(w)
+            if w.busy:  # died inside a connection: that connection ends with the worker
+                self.ended(pid, wstat)
+
+    def drop(self, w: Worker) -> None:
+        """Forget a worker: its pair closed (an idle one exits on that)."""
+        self.pool.pop(w.pid, None)
+        if self.by_fd.pop(w.fd, None) is not None:
+            self.poller.unregister(w.fd)
+        if w in self.idle:
+            self.idle.remove(w)
+        w.sock.close()
+
+    def hear(self, w: Worker) -> None:
+        """Read a busy worker's report of its connection's end, if there is one."""
+        try:
+            data = w.sock.recv(16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if len(data) != 5 or data[:1] not in (END, RETIRE):
+            if not data:
+                w.retiring = True  # gone: reap() says how, and ends its connection
+                if w.fd in self.by_fd:
+                    self.poller.unregister(w.fd)
+                    del self.by_fd[w.fd]
+            return
+        w.busy = False
+        self.ended(w.pid, int.from_bytes(data[1:], "little"))
+        if data[:1] == RETIRE:
+            w.retiring = True
+            if self.by_fd.pop(w.fd, None) is not None:
+                self.poller.unregister(w.fd)
+        else:
+            w.since = self.clock()
+            self.idle.append(w)
 
     def accept_one(self) -> None:
-        """Accept a connection, if one is still there, and fork its child."""
+        """Accept a connection, if one is still there, and fork its child (or hand it to a worker)."""
         try:
             fd, peer = self.listener._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -554,9 +790,14 @@ class Server:
             return  # as socket_accept4 failing: tcpserver just tries again
         conn = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
         try:
-            conn.setblocking(True)
             self.children += 1
             self.print_status()
+            if self.uses > 1:
+                if self.hand_over(conn, peer):
+                    return
+                self.fork_worker(conn, peer)
+                return
+            conn.setblocking(True)
             try:
                 pid = os.fork()
             except OSError as e:
@@ -570,13 +811,74 @@ class Server:
         finally:
             conn.close()
 
+    def hand_over(self, conn: _socket.socket, peer: tuple[str, int]) -> bool:
+        """Give conn to an idle worker; False when none took it."""
+        data = _encode_peer(peer)
+        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, conn.fileno().to_bytes(4, sys_byteorder))]
+        while self.idle:
+            w = self.idle.pop()
+            try:
+                w.sock.sendmsg([data], rights)
+            except OSError:
+                self.drop(w)  # gone while idle: reap() collects it
+                continue
+            w.busy = True
+            return True
+        return False
+
+    def fork_worker(self, conn: _socket.socket, peer: tuple[str, int]) -> None:
+        """Fork a worker that serves conn first."""
+        try:
+            pid, mine, theirs = workers.fork_pair(
+                lambda: _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC))
+        except OSError as e:
+            warn(self.cfg, DROP + b"unable to fork: " + describe(e))
+            self.children -= 1
+            self.print_status()
+            return
+        if pid == 0:
+            code = EXIT_TEMP
+            try:
+                mine.detach()  # the parent's end: closed with the rest below
+                keep = {theirs.fileno(), conn.fileno()}
+                low = 3
+                for fd in sorted(keep):
+                    os.closerange(low, fd)
+                    low = fd + 1
+                os.closerange(low, _MAX_FD)
+                sig.set_wakeup_fd(-1)
+                sig.signal(sig.SIGTERM, sig.SIG_DFL)
+                sig.signal(sig.SIGCHLD, sig.SIG_DFL)
+                Reuse(self.cfg, theirs, self.uses).run(conn, peer)
+            except BaseException as e:  # noqa: BLE001 - the worker must never return to the loop
+                warn(self.cfg, DROP + b"internal error: " + type(e).__name__.encode() + b": "
+                     + str(e).encode("utf-8", "replace"))
+            os._exit(code)
+        theirs.close()
+        mine.setblocking(False)
+        w = Worker(pid, mine)
+        self.pool[pid] = w
+        self.by_fd[w.fd] = w
+        self.poller.register(w.fd, select.POLLIN)
+
+    def retire_idle(self) -> float | None:
+        """Let go of workers idle for idle_max seconds; return seconds until the next one is due."""
+        if not self.idle:
+            return None
+        now = self.clock()
+        while self.idle and now - self.idle[0].since >= self.idle_max:
+            self.drop(self.idle[0])
+        if not self.idle:
+            return None
+        return self.idle[0].since + self.idle_max - now
+
     def in_child(self) -> None:
         """Let go of the parent's descriptors in a new child.
 
         Only the descriptors: the child ends in exec or os._exit, and freeing
         the parent's objects here would copy the pages they sit on.
         """
-        for fd in (self.listener.fileno(), self.wake_r, self.wake_w):
+        for fd in (self.listener.fileno(), self.wake_r, self.wake_w, *self.by_fd):
             os.close(fd)
 
     def run(self) -> NoReturn:
@@ -594,13 +896,18 @@ class Server:
                 else:
                     self.poller.unregister(listener)
                 self.accepting = want
-            ready = [fd for fd, _ in self.poller.poll()]
+            due = self.retire_idle()
+            ready = [fd for fd, _ in self.poller.poll(None if due is None else max(int(due * 1000) + 1, 1))]
             if self.wake_r in ready:
                 try:
                     while os.read(self.wake_r, 512):
                         pass
                 except BlockingIOError:
                     pass  # drained
+            for fd in ready:
+                w = self.by_fd.get(fd)
+                if w is not None and w.busy:
+                    self.hear(w)
             # Children are reaped before each accept, as C tcpserver's
             # SIGCHLD handler runs the moment accept() waits.
             self.reap()
@@ -651,6 +958,13 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass  # buffer_flush's result is not checked either
     _quiet_std()
-    server = Server(cfg, listener)
+    uses, idle = _reuse_settings()
+    if uses > 1:
+        try:
+            if not spawn.reusable(pathexec.target(cfg.argv[0], os.environ.get("PATH"))):
+                uses = 0  # a program that must run in a process of its own (or an exec'd one)
+        except OSError:
+            uses = 0  # not found now: each child says so, as without reuse
+    server = Server(cfg, listener, uses, idle)
     server.print_status()
     server.run()
