@@ -2,6 +2,7 @@
 
 usage (root, a root-mode home run by `qmail up`):
   python bench/inject_start.py --home DIR [--lib A_LIB] [--lib B_LIB] [--user pqtest] [-n 200]
+  python bench/inject_start.py --home A --home B          (each home's own lib, against itself)
 
 Each run starts the program as its stub would (`python3.11 -IS` + the stub's
 lines) from a copy of the stub that adds timestamps: CLOCK_MONOTONIC, which
@@ -126,14 +127,16 @@ def one(python: str, driver: str, args: list[str], msgfd: int, logr: int, uid: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--home", required=True)
+    ap.add_argument("--home", required=True, action="append",
+                    help="a running home (repeat as often as --lib: lib i runs against home i)")
     ap.add_argument("--lib", action="append", help="lib dir to run (repeat for A/B); default the stub's")
     ap.add_argument("--user", help="run as this user instead of root")
     ap.add_argument("-n", type=int, default=200)
     ap.add_argument("--python", default="/usr/bin/python3.11")
     ap.add_argument("--programs", default="qmail-inject,sendmail,qmail-inject -n,pass")
     a = ap.parse_args()
-    libs = a.lib or [stub_lib(a.home)]
+    libs = a.lib or [stub_lib(h) for h in a.home]
+    homes = a.home if len(a.home) == len(libs) else [a.home[0]] * len(libs)
     uid = pwd.getpwnam(a.user).pw_uid if a.user else None
     progs = {"qmail-inject": ("pyqmail.inject.qmail_inject", ["qmail-inject", "postmaster"]),
              "sendmail": ("pyqmail.inject.sendmail", ["sendmail", "-t", "-i", "-f", "sender@bench.example"]),
@@ -159,8 +162,8 @@ def main() -> None:
                     f.write(DRIVER.split("from pyqmail.entry")[0].replace("{path!r}", "[]").format(fd=logw)
                             + "_marks += [('stub', _t.monotonic_ns()), ('import', _t.monotonic_ns())]\nos._exit(0)\n")
                 else:
-                    f.write(DRIVER.format(path=[lib], fd=logw, module=module, home=a.home,
-                                          argv0=os.path.join(a.home, "bin", argv[0])))
+                    f.write(DRIVER.format(path=[lib], fd=logw, module=module, home=homes[li],
+                                          argv0=os.path.join(homes[li], "bin", argv[0])))
             os.chmod(path, 0o644)
             # argv[0] as the stub's: the program's path in the home
             drivers[(li, name)] = (path, argv[1:])
@@ -176,7 +179,7 @@ def main() -> None:
         med = {p: statistics.median(r[p] for r in runs) for p in PHASES}
         print(f"{li:>3} {name:16} " + " ".join(f"{med[p]:7.2f}" for p in PHASES) + f"  {1000 / med['total']:6.1f}")
     for li, lib in enumerate(libs):
-        print(f"lib {li}: {lib}")
+        print(f"lib {li}: {lib} (home {homes[li]})")
 
 
 if __name__ == "__main__":

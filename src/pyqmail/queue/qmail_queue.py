@@ -174,8 +174,12 @@ def commit_todo() -> None:
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
                   inst: _home.Install, now: float | None = None, msg_len: int | None = None,
                   watch: Watch | None = None, env_len: int | None = None,
-                  commit: Callable[[], None] = commit_todo, utf8: bool = False) -> int:
+                  commit: Callable[[], None] = commit_todo, utf8: bool = False, trigger: bool = True) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
+
+    trigger=False: lock/trigger is not pulled; the caller pulls it (qmail-queued's
+    child, after it has answered its client: the wake-up of qmail-send is not
+    part of the commit the client waits for).
 
     utf8: the message is flagged SMTPUTF8 ($SMTPUTF8MAIL; todo/N says `u... SMTPUTF8`).
 
@@ -191,7 +195,8 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
     """
     q = _Queuer()
     try:
-        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len, commit, utf8)
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len, commit, utf8,
+                      trigger)
     except Die as e:
         q.cleanup()
         return e.code
@@ -204,7 +209,8 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
            inst: _home.Install, now: float | None, msg_len: int | None, watch: Watch | None,
-           env_len: int | None = None, commit: Callable[[], None] = commit_todo, utf8: bool = False) -> int:
+           env_len: int | None = None, commit: Callable[[], None] = commit_todo, utf8: bool = False,
+           trigger: bool = True) -> int:
     if now is None:
         now = time.time()
     try:
@@ -312,7 +318,8 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
         commit()
     except OSError:
         return _take_back(todo_fn)
-    layout.pull_trigger(".")
+    if trigger:
+        layout.pull_trigger(".")
     return QueueExit.OK
 
 

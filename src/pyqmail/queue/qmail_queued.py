@@ -13,7 +13,7 @@ QMAILHOME/maildrop/ instead. qmail-queued scans that directory at start,
 every SCAN_INTERVAL seconds and on SIGALRM, queues each `m` file with the uid
 of the file's owner (the kernel's word, never the file's) and removes it.
 
-usage: qmail-queued [-p] [-c N] [-t SECONDS] [-n N] [-w SECONDS]
+usage: qmail-queued [-p] [-c N] [-m N] [-t SECONDS] [-n N] [-w SECONDS]
 (started as root or as qmailq; as root it becomes qmailq)
 
 Limits, so that local users stay in their lane (C's setuid qmail-queue is
@@ -25,6 +25,11 @@ and accounted to the caller):
               are taken, so that client writes the message into the
               maildrop itself: its own process, its own time, bounded by
               the disk only, as with C's qmail-queue.
+  -m N        at most N messages are served at a time in all (default 100),
+              so at most N workers serve: -c bounds one uid, -m every uid
+              together (20 x the users connecting at once had no bound). A
+              connection past it is closed unread as past -c: its client
+              writes the maildrop.
   -t SECONDS  a worker whose client's descriptors give nothing for SECONDS
               (default 1200, qmail-smtpd's timeout) gives up: qmail-queue's
               read error, 54, nothing queued.
@@ -87,6 +92,7 @@ if TYPE_CHECKING:
 _UCRED = struct.Struct("iII")
 ANSWER_TIMEOUT = 60  # seconds a client has to send its descriptors
 PER_UID = 20  # -c: messages of one uid served at a time
+SERVING_MAX = 100  # -m: messages served at a time, every uid together
 WORKER_MESSAGES = 500  # -n: messages a worker serves before it retires
 WORKER_IDLE = 60.0  # -w: seconds an idle worker waits for its next message before it retires
 WORKER_COMM = "qmail-queued-w"  # a worker's name in ps (the kernel's comm): the killers and census tell it apart
@@ -156,7 +162,8 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
             signal.alarm(qmail_queue.SUICIDE_SECONDS)
             try:
                 code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch,
-                                                 commit=commit, utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8)
+                                                 commit=commit, utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8,
+                                                 trigger=False)
             finally:
                 signal.alarm(0)  # a worker's next message starts without this one's alarm
     finally:
@@ -168,6 +175,15 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
         conn.sendall(bytes([code]))
     except OSError:
         pass  # safe: the client is gone; the exit code was for it alone
+    if code == QueueExit.OK:
+        # The trigger after the answer: writing it wakes qmail-send, which can take
+        # this CPU for milliseconds before the answer would go (issue 17). The
+        # message is durable already; a worker killed here leaves it in todo/ for
+        # qmail-send's own scan, as a qmail-queue killed after its link would.
+        # (A 0 from _take_back, todo/N already taken, pulls a spare one: harmless.)
+        from pyqmail.queue import layout
+
+        layout.pull_trigger(os.path.join(qmail_home, "queue"))
     return code
 
 
@@ -568,8 +584,12 @@ class Worker:
 class Workers:
     """The workers: which are idle, which serve, and the -c limit's count of messages in progress by uid."""
 
-    def __init__(self, per_uid: int, messages: int = WORKER_MESSAGES, idle: float = WORKER_IDLE) -> None:
+    def __init__(self, per_uid: int, messages: int = WORKER_MESSAGES, idle: float = WORKER_IDLE,
+                 serving_max: int = SERVING_MAX) -> None:
         self.per_uid = per_uid
+        self.serving_max = serving_max
+        self.serving = 0  # messages being served, every uid together (the sum of count)
+        self.said_all = False  # the global refusal was said, until the count drops below it
         self.messages = messages
         self.idle_seconds = idle
         self.by_pid: dict[int, Worker] = {}  # every worker not yet reaped
@@ -579,7 +599,13 @@ class Workers:
         self.said: set[int] = set()  # uids whose refusal was said, until they drop below the limit
 
     def full(self, uid: int) -> bool:
-        """Return True if uid has its limit of messages in progress already (said once per time it reaches it)."""
+        """Return True if uid, or every uid together, has its limit of messages in progress (said once each time)."""
+        if self.serving >= self.serving_max:
+            if not self.said_all:
+                self.said_all = True
+                _say(f"warning: {self.serving_max} connections being served: "
+                     "further ones are refused (their qmail-queue uses the maildrop)")
+            return True
         if self.count.get(uid, 0) < self.per_uid:
             return False
         if uid not in self.said:
@@ -604,12 +630,16 @@ class Workers:
         w.uid = uid
         w.served += 1
         self.count[uid] = self.count.get(uid, 0) + 1
+        self.serving += 1
 
     def _uncount(self, w: Worker) -> None:
         uid = w.uid
         if uid is None:
             return
         w.uid = None
+        self.serving -= 1
+        if self.serving < self.serving_max:
+            self.said_all = False
         n = self.count[uid] - 1
         if n:
             self.count[uid] = n
@@ -898,16 +928,19 @@ def main(argv: list[str]) -> int:
     gid = inst.groups.get("qmail", q.gid)
     with_parent = False
     per_uid = PER_UID
+    serving_max = SERVING_MAX
     idle = IDLE_SECONDS
     messages = WORKER_MESSAGES
     worker_idle = WORKER_IDLE
-    opts = Getopt(argv, "pc:t:n:w:")
+    opts = Getopt(argv, "pc:m:t:n:w:")
     while (opt := opts.next()) is not None:
         try:
             if opt == "p":
                 with_parent = True
             elif opt == "c":
                 per_uid = int(opts.optarg or "")
+            elif opt == "m":
+                serving_max = int(opts.optarg or "")
             elif opt == "t":
                 idle = float(opts.optarg or "")
             elif opt == "n":
@@ -918,8 +951,8 @@ def main(argv: list[str]) -> int:
                 raise ValueError
         except ValueError:
             opt = "?"
-        if opt == "?" or per_uid < 1 or not 0 < idle < 10**9 or messages < 1 or not 0 <= worker_idle < 10**9:
-            _say("usage: qmail-queued [-p] [-c N] [-t SECONDS] [-n N] [-w SECONDS]")
+        if opt == "?" or per_uid < 1 or serving_max < 1 or not 0 < idle < 10**9 or messages < 1 or not 0 <= worker_idle < 10**9:
+            _say("usage: qmail-queued [-p] [-c N] [-m N] [-t SECONDS] [-n N] [-w SECONDS]")
             return EXIT_FAIL
     parent = os.getppid()
     if os.geteuid() != 0 and os.getuid() != q.uid:
@@ -946,7 +979,7 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         _say(f"fatal: unable to open {LOCK}: {e.strerror}")
         return EXIT_FAIL
-    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags, Workers(per_uid, messages, worker_idle), idle)
+    server = _Server(qmail_home, inst, q, gid, lock, with_parent, parent, flags, Workers(per_uid, messages, worker_idle, serving_max), idle)
     try:
         first = True
         while server.wait(first):
