@@ -13,6 +13,10 @@ Then the same without qmail-send: qmail-lspawn alone, fed the N deliveries by th
 process (10 at a time, as qmail-send would), into the Maildir and to a .qmail holding
 only a comment (qmail-local's process cost without the Maildir's writes and fsyncs):
 CPU of qmail-lspawn's whole tree per delivery.
+
+--miss: the direct runs only, with users/cdb removed, so that every delivery's user is
+found by qmail-getpw's rules (no passwd user "bench": the alias user, whose
+alias/.qmail-bench names the same Maildir or holds the comment).
 """
 
 from __future__ import annotations
@@ -54,15 +58,21 @@ def one(n: int, workers: str) -> tuple[float, float]:
     return used / n * 1000, n / elapsed
 
 
-def direct(n: int, workers: str, what: str, concurrency: int = 10) -> float:
-    """Run n deliveries through qmail-lspawn alone (what: "maildir" or "comment"); return ms CPU per delivery."""
+def direct(n: int, workers: str, what: str, concurrency: int = 10, miss: bool = False) -> float:
+    """Run n deliveries through qmail-lspawn alone (what: "maildir" or "comment"); return ms CPU per delivery.
+
+    miss: no users/cdb, the user found by qmail-getpw's rules (the alias user's .qmail-bench).
+    """
     import subprocess
 
     home, maildir = drain.setup(10)
-    if what == "comment":
-        dotqmail = os.path.join(os.path.dirname(maildir), ".qmail")
+    dotqmail = os.path.join(os.path.dirname(maildir), ".qmail")
+    if miss:
+        os.unlink(os.path.join(home, "users", "cdb"))
+        dotqmail = os.path.join(home, "alias", ".qmail-bench")
+    if what == "comment" or miss:
         with open(dotqmail, "w") as f:
-            f.write("#\n")
+            f.write("#\n" if what == "comment" else maildir + "/\n")
         os.chmod(dotqmail, 0o644)
     drain.fill(home, n, 4096)
     mess = os.path.join(home, "queue", "mess")
@@ -105,12 +115,15 @@ def main() -> None:
         i = args.index("--rounds")
         rounds = int(args[i + 1])
         del args[i:i + 2]
+    miss = "--miss" in args
+    if miss:
+        args.remove("--miss")
     n = int(args[0]) if args else 300
     if os.geteuid() == 0:
         drain.as_user("pqtest")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    for r in range(rounds):
+    for r in range(0 if miss else rounds):
         for workers in ("0", "10"):
             ms, rate = one(n, workers)
             print(f"round {r + 1} workers={workers:>2}: {ms:5.2f} ms CPU per message, {rate:4.0f} msgs/s, "
@@ -118,8 +131,8 @@ def main() -> None:
     for what in ("maildir", "comment"):
         for r in range(rounds):
             for workers in ("0", "10"):
-                ms = direct(n, workers, what)
-                print(f"qmail-lspawn alone, {what:7}, round {r + 1} workers={workers:>2}: {ms:5.2f} ms CPU per delivery, "
+                ms = direct(n, workers, what, miss=miss)
+                print(f"qmail-lspawn alone{' (users/cdb miss)' if miss else ''}, {what:7}, round {r + 1} workers={workers:>2}: {ms:5.2f} ms CPU per delivery, "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 

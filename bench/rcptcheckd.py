@@ -10,6 +10,10 @@ workers) and of this tree. Rounds alternate the three; each daemon is
 started afresh for its turn and answers two sessions: the first pays for
 its workers' forks, the second finds them running. Prints the medians and
 the cost per RCPT over plain.
+
+--miss: every RCPT misses users/cdb (pqtest's own address and pqtest-nobodyN,
+found by qmail-getpw's rules, a stat of pqtest's home), to measure the user
+lookup child of the review of session 5 (finding 2) against --old-rev.
 """
 
 from __future__ import annotations
@@ -84,12 +88,17 @@ def start(prog: str, home: str) -> subprocess.Popen[bytes]:
     raise SystemExit("qmail-rcptcheckd did not start")
 
 
+MISS = False  # --miss
+
+
 def session(home: str, rcpts: int, check: bool) -> float:
     """Run one qmail-smtpd session as qmaild; return its wall seconds (checked: every reply as expected)."""
     names = []
     for i in range(rcpts):
         if i % 4 == 3:
-            names.append(f"joe-nobody{i}")
+            names.append(f"pqtest-nobody{i}" if MISS else f"joe-nobody{i}")
+        elif MISS:
+            names.append("pqtest")
         else:
             names.append("joe-box" if i % 2 else "ann-box")
     lines = [b"HELO client.example", b"MAIL FROM:<a@b.example>"]
@@ -113,7 +122,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rcpts", type=int, default=200)
     ap.add_argument("--old-rev", default="f37d666~1")
+    ap.add_argument("--miss", action="store_true")
     a = ap.parse_args()
+    global MISS
+    MISS = a.miss
     if os.geteuid() != 0:
         raise SystemExit("root mode: run as root")
     base = tempfile.mkdtemp(prefix="pyqmail-bench-rcptcheckd-")

@@ -15,17 +15,24 @@ In a single-user installation every delivery runs as the installing user,
 so a user with another uid is deferred with the reason.
 
 When both bin/qmail-getpw and bin/qmail-local are pyqmail's own programs,
-qmail-getpw's rules run in this process and qmail-local runs in a per-user
-worker (issue 17): a process forked once for a (uid, gid), dropped to it for
-good, that runs one delivery at a time, set up as the child would be, and
-waits for the next delivery of that user. See docs/DESIGN.md, "qmail-lspawn's
-per-user workers".
+qmail-local runs in a per-user worker (issue 17): a process forked once for
+a (uid, gid), dropped to it for good, that runs one delivery at a time, set
+up as the child would be, and waits for the next delivery of that user. See
+docs/DESIGN.md, "qmail-lspawn's per-user workers". The user is found here
+when users/cdb has them (a read of a local file); otherwise qmail-getpw's
+rules (NSS, a stat of the home) run in a short-lived child of their own
+(pyqmail.local.getpwchild), whose answer this loop takes when it exits, so a
+hung home or NSS source holds up only that delivery; a lookup that has not
+answered after PYQMAIL_LSPAWN_LOOKUP_SECONDS (30) is killed and the delivery
+deferred as qmail 1.03 defers on a crashed qmail-getpw ("Temporary failure
+in qmail-lspawn.").
 """
 
 from __future__ import annotations
 
 import array
 import fcntl
+import math
 import os
 import select
 import socket
@@ -35,7 +42,7 @@ from pyqmail import errors, spawn
 from pyqmail import home as _home
 from pyqmail import sig as signal
 from pyqmail.entry import program
-from pyqmail.local import users
+from pyqmail.local import getpwchild, users
 from pyqmail.privs import Credentials, PrivilegeError, drop
 from pyqmail.send import spawnproto
 from pyqmail import workers
@@ -70,6 +77,7 @@ WORKER_COMM = "qmail-lspawn-w"  # a worker's name in ps between deliveries (15 b
 WORKERS_ENV = "PYQMAIL_LSPAWN_WORKERS"  # live workers at most; 0: a child per delivery, as before
 IDLE_ENV = "PYQMAIL_LSPAWN_IDLE"  # seconds an idle worker waits for its user's next delivery
 DELIVERIES_ENV = "PYQMAIL_LSPAWN_DELIVERIES"  # deliveries a worker runs before it exits
+LOOKUP_ENV = "PYQMAIL_LSPAWN_LOOKUP_SECONDS"  # a user lookup child's deadline (getpwchild.LOOKUP_SECONDS)
 IDLE_SECONDS = 30.0
 DELIVERIES_MAX = 200
 WORKERS_DEFAULT = 10  # qmail-send's default concurrencylocal: at most this many deliveries run at once
@@ -100,6 +108,10 @@ def _scan_ulong(field: bytes) -> int:
     return n
 
 
+class _Miss(Exception):
+    """users/cdb does not name the user: qmail-getpw's rules must decide."""
+
+
 class _Exit(Exception):
     """The delivery child ends here with this exit code."""
 
@@ -123,6 +135,9 @@ class LocalSpawner(spawnproto.Spawner):
         self._wpids: dict[int, _Worker] = {}  # every worker not yet reaped, retired ones too
         self._serving: dict[int, _Worker] = {}  # slot -> the worker running that delivery
         self._handed: _Worker | None = None  # the worker start() just gave a delivery to
+        self.lookup_seconds = _env_float(LOOKUP_ENV, getpwchild.LOOKUP_SECONDS)
+        self._lookups: dict[int, _Lookup] = {}  # user lookup children not yet reaped, by pid
+        self._looking: _Lookup | None = None  # the lookup start() just began
         self._seq = 0
         self.aliasempty = aliasempty
         self.home = qmail_home
@@ -147,6 +162,7 @@ class LocalSpawner(spawnproto.Spawner):
 
     def start(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
         self._handed = None
+        self._looking = None
         if self.workers_max > 0 and self._ours():
             return self._start_worker(messfd, outfd, sender, recip, at)
         return self._start_child(messfd, outfd, sender, recip, at)
@@ -163,9 +179,10 @@ class LocalSpawner(spawnproto.Spawner):
         if pid == 0:
             code = users.QLX_SYS
             try:
-                # The parent's wakeup descriptor and SIGCHLD handler are not ours.
+                # The parent's wakeup descriptor and SIGCHLD and SIGALRM handlers are not ours.
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 code = self._child(messfd, outfd, sender, recip, at)
             except _Exit as e:
                 code = e.code
@@ -297,23 +314,38 @@ class LocalSpawner(spawnproto.Spawner):
 
     # Per-user workers (in the parent) ------------------------------------------------
 
+    def run(self) -> int:
+        # SIGALRM wakes the loop (through its wakeup descriptor) at a lookup's deadline.
+        signal.signal(signal.SIGALRM, _no_op)
+        return super().run()
+
     def docmd(self, slot: int, messid: bytes, sender: bytes, recip: bytes, ok: bool) -> None:
         self._handed = None
+        self._looking = None
         super().docmd(slot, messid, sender, recip, ok)
         w, self._handed = self._handed, None
-        if w is not None:
-            d = self.deliveries.get(slot)
-            if d is not None and d.pid == w.pid:
-                w.delivery = d
-                self._serving[slot] = w
+        lk, self._looking = self._looking, None
+        d = self.deliveries.get(slot)
+        if w is not None and d is not None and d.pid == w.pid:
+            w.delivery = d
+            self._serving[slot] = w
+        if lk is not None and d is not None and d.pid == lk.pid:
+            lk.delivery = d
 
     def _start_worker(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
-        """Hand the delivery to the recipient's worker; return its pid (a child's for the rest)."""
-        local, domain = recip[:at], recip[at + 1:]
+        """Hand the delivery to the recipient's worker (or a lookup child first); return its pid (a child's for the rest)."""
+        local = recip[:at]
         try:
             who = self._lookup_parent(local)
         except _Exit as e:
             return self._verdict_child(outfd, e.code, b"")
+        except _Miss:
+            return self._start_lookup(messfd, outfd, sender, recip, at)
+        return self._hand(who, messfd, outfd, sender, recip, at)
+
+    def _hand(self, who: users.Assignment, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
+        """Hand the delivery for who to their worker; return its pid (a child's when it cannot); raise OSError."""
+        local, domain = recip[:at], recip[at + 1:]
         uid = _scan_ulong(who.uid)
         gid = _scan_ulong(who.gid)
         if self.inst.single and uid != os.getuid():
@@ -340,13 +372,86 @@ class LocalSpawner(spawnproto.Spawner):
         return self._start_child(messfd, outfd, sender, recip, at)
 
     def _lookup_parent(self, local: bytes) -> users.Assignment:
-        """_lookup, here in qmail-lspawn; the supplementary groups of qmailp's switch are taken back."""
-        groups = os.getgroups() if os.geteuid() == 0 else None
+        """users/cdb's answer for local, here (a read of a local file); raise _Miss without one, _Exit on trouble."""
         try:
-            return self._lookup(local)
+            found = users.lookup(local, os.path.join(self.home, "users", "cdb"))
+        except users.UsersCdbError as e:
+            raise _Exit(e.code) from None
+        if found is None:
+            raise _Miss
+        return found
+
+    # User lookups in a child (review of session 5, finding 2) -------------------------
+
+    def _start_lookup(self, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int) -> int:
+        """Start qmail-getpw's rules for the delivery in a child (qmailp's ids in root mode); return its pid.
+
+        The delivery waits, holding copies of its message and output descriptors,
+        until the child is reaped (_looked_up) or killed at its deadline; raise OSError.
+        """
+        creds = None
+        if not self.inst.single and os.geteuid() == 0:
+            acct = self.inst.users.get("qmailp")
+            gid = self.inst.groups.get("nofiles")
+            if acct is None or gid is None:
+                return self._verdict_child(outfd, users.QLX_USAGE, b"")
+            creds = Credentials(acct.uid, gid)
+        pid, answer = getpwchild.start(recip[:at], creds)
+        lk = _Lookup(pid, answer, os.dup(messfd), os.dup(outfd), sender, recip, at,
+                     time.monotonic() + self.lookup_seconds)
+        self._lookups[pid] = lk
+        self._looking = lk
+        self._arm(time.monotonic())
+        return pid
+
+    def _arm(self, now: float) -> None:
+        """Set the alarm for the earliest lookup deadline (none: no alarm)."""
+        due = [lk.deadline for lk in self._lookups.values() if not lk.killed]
+        signal.alarm(max(1, math.ceil(min(due) - now)) if due else 0)
+
+    def _overdue(self, now: float) -> None:
+        """Kill every lookup child past its deadline (reaped later: a crashed qmail-getpw, QLX_SYS)."""
+        for lk in self._lookups.values():
+            if not lk.killed and now >= lk.deadline:
+                lk.killed = True
+                try:
+                    os.kill(lk.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # safe: not reaped yet, so it is ours; nothing to end
+        self._arm(now)
+
+    def _looked_up(self, lk: _Lookup, status: int) -> None:
+        """The lookup child lk has ended (status): hand its delivery on, or end it with qmail-getpw's failure."""
+        self._by_pid.pop(lk.pid, None)
+        local = lk.recip[:lk.at]
+        d = lk.delivery
+        try:
+            data = getpwchild.read_all(lk.answer)
+            try:
+                who = getpwchild.result(status, data, local)
+            except getpwchild.LookupFailed as e:
+                code = e.code
+            else:
+                code = -1
+                if d is not None:
+                    self._handed = None
+                    try:
+                        pid = self._hand(who, lk.messfd, lk.outfd, lk.sender, lk.recip, lk.at)
+                    except OSError:
+                        code = users.QLX_SYS  # no fork: as the delivery child's own failure
+                    else:
+                        d.pid = pid
+                        self._by_pid[pid] = d
+                        w, self._handed = self._handed, None
+                        if w is not None and w.pid == pid:
+                            w.delivery = d
+                            self._serving[d.slot] = w
+            if code >= 0 and d is not None:
+                # Its output ends when our copy closes (below): reported then, as this exit.
+                d.status = code << 8
         finally:
-            if groups is not None and os.getgroups() != groups:
-                os.setgroups(groups)
+            os.close(lk.messfd)
+            os.close(lk.outfd)
 
     def _verdict_child(self, outfd: int, code: int, text: bytes) -> int:
         """Fork a child that says text and exits code: a failed lookup reported as the delivery child did."""
@@ -381,6 +486,7 @@ class LocalSpawner(spawnproto.Spawner):
             try:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 # Nothing of the parent's stays open here: qmail-send's pipes,
                 # other deliveries' pipes, other workers' sockets.
                 for other in self._wpids.values():
@@ -474,7 +580,14 @@ class LocalSpawner(spawnproto.Spawner):
         return w.status
 
     def _reap(self) -> None:
+        if self._lookups:
+            self._overdue(time.monotonic())
         for pid, status in workers.reaped():
+            lk = self._lookups.pop(pid, None)
+            if lk is not None:
+                self._looked_up(lk, status)
+                self._arm(time.monotonic())
+                continue
             w = self._wpids.pop(pid, None)
             if w is None:
                 d = self._by_pid.pop(pid, None)
@@ -514,6 +627,25 @@ class LocalSpawner(spawnproto.Spawner):
         # The worker gives its verdict before it closes its copy of the output.
         self._settle(w, SETTLE_SECONDS)
         self._finish(d)
+
+
+class _Lookup:
+    """A delivery waiting for its user lookup child."""
+
+    __slots__ = ("pid", "answer", "messfd", "outfd", "sender", "recip", "at", "deadline", "killed", "delivery")
+
+    def __init__(self, pid: int, answer: int, messfd: int, outfd: int, sender: bytes, recip: bytes, at: int,
+                 deadline: float) -> None:
+        self.pid = pid
+        self.answer = answer  # the read end of the child's answer pipe
+        self.messfd = messfd  # our copies of the delivery's descriptors, until it is handed on
+        self.outfd = outfd
+        self.sender = sender
+        self.recip = recip
+        self.at = at
+        self.deadline = deadline
+        self.killed = False
+        self.delivery: spawnproto.Delivery | None = None
 
 
 class _Worker:
@@ -679,6 +811,10 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ.get(name) or default)
     except ValueError:
         return default
+
+
+def _no_op(signum: int, frame: object) -> None:
+    """SIGALRM handler: its only job is to write to the loop's wakeup descriptor."""
 
 
 def _say(fd: int, data: bytes) -> None:

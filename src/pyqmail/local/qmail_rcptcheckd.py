@@ -13,9 +13,13 @@ line: ``K`` (delivered), ``D`` (no mailbox here by that name), ``Z`` and a
 reason (cannot check now).
 
 The parent (root) reads questions without blocking (a poll loop: a slow
-client holds only its own connection) and finds each one's user with
-users.controller (users/cdb, else qmail-getpw's rules with qmailp's ids, as
-qmail-lspawn). The search of the home for the .qmail file qmail-local would
+client holds only its own connection) and finds each one's user as
+qmail-lspawn does: users/cdb here (a read of a local file), else
+qmail-getpw's rules (NSS, a stat of the home) in a short-lived child with
+qmailp's ids and the group nofiles (pyqmail.local.getpwchild), whose answer
+the loop reads when it comes; one not answered within
+PYQMAIL_RCPTCHECKD_LOOKUP_SECONDS (30) is killed and the question answered
+``Z`` (a hung home or NSS source holds up only its own questions). The search of the home for the .qmail file qmail-local would
 use runs as that user, in a worker: a process forked once per (uid, gid),
 dropped to those ids for good (it never regains root), which receives the
 client's connection (SCM_RIGHTS) with the user's home and extension,
@@ -25,8 +29,7 @@ and the .qmail files afresh, so a file made or removed a moment ago decides
 the next question.
 
 One worker per user, so a slow home (NFS) or a user who stops their worker
-holds up only that user's questions (but for one look the parent makes:
-qmail-getpw's rules check that a passwd user owns their home directory): at most 20 wait for one worker (past
+holds up only that user's questions: at most 20 wait for one worker (past
 that: ``Z`` busy at once); a worker busy with one question for 30 seconds is
 SIGKILLed by the parent (its passed connections close: qmail-smtpd sees no
 answer, 451); a worker is retired after 60 seconds without a question and
@@ -51,11 +54,12 @@ import selectors
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from pyqmail import home as _home
 from pyqmail import sig as signal
 from pyqmail.entry import program
-from pyqmail.local import rcptcheck, users
+from pyqmail.local import getpwchild, rcptcheck, users
 from pyqmail.privs import Credentials, PrivilegeError, drop
 from pyqmail import workers
 
@@ -72,9 +76,12 @@ CHILD_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_CHILD_SECONDS"  # test seam: CHILD_SECON
 IDLE_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_IDLE_SECONDS"  # test seam: IDLE_SECONDS
 READ_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_READ_SECONDS"  # test seam: READ_SECONDS
 QUESTIONS_MAX_ENV = "PYQMAIL_RCPTCHECKD_QUESTIONS_MAX"  # test seam: QUESTIONS_MAX
+LOOKUP_SECONDS_ENV = "PYQMAIL_RCPTCHECKD_LOOKUP_SECONDS"  # a user lookup child's deadline
+LOOKUPS_MAX = 40  # user lookup children at once (past that: Z busy)
 WORKER_COMM = "qmail-rcptchk-w"  # a worker's name in ps (comm: 15 bytes; the parent's is qmail-rcptcheck)
 BUSY = "busy: too many questions waiting for this user"
 BUSY_ALL = "busy: every worker is busy"
+BUSY_LOOKUPS = "busy: too many user lookups under way"
 _UCRED = struct.Struct("3i")
 _HANDOFF = struct.Struct("!III")  # lengths of homedir, dash, ext; then the three
 _HANDOFF_MAX = 65536  # a longer handoff (a home path past any PATH_MAX) arrives cut: no answer, 451
@@ -94,25 +101,47 @@ class Checker:
         self.home = qmail_home
         self.inst = inst
 
-    def rules(self, local: bytes) -> users.Assignment:
-        """qmail-getpw's rules, run with qmailp's ids and the one group nofiles (as qmail-lspawn runs them)."""
+    def lookup_credentials(self) -> Credentials | None:
+        """The ids qmail-getpw's rules run with: qmailp and the one group nofiles (None: ours, single-user mode).
+
+        Raise users.GetpwError(QLX_USAGE) if the installation has no qmailp or nofiles.
+        """
         if self.inst.single or os.geteuid() != 0:
-            return users.getpw(local)
+            return None
         acct = self.inst.users.get("qmailp")
         gid = self.inst.groups.get("nofiles")
         if acct is None or gid is None:
             raise users.GetpwError(users.QLX_USAGE, "no qmailp user or nofiles group")
-        os.setgroups([gid])
-        os.setegid(gid)
-        os.seteuid(acct.uid)
-        try:
-            return users.getpw(local)
-        finally:
-            os.seteuid(0)
-            os.setegid(0)
+        return Credentials(acct.uid, gid)
 
-    def decide(self, local: bytes) -> rcptcheck.Answer | users.Assignment:
-        """Return the answer if it needs no look into a home, else who must look (as who's ids)."""
+    def rules(self, local: bytes) -> users.Assignment:
+        """qmail-getpw's rules here, with qmailp's ids and the one group nofiles; every id taken back after.
+
+        The daemon runs them in a child (getpwchild); this is for a caller that may block.
+        """
+        creds = self.lookup_credentials()
+        if creds is None:
+            return users.getpw(local)
+        groups = os.getgroups()
+        os.setgroups([creds.gid])
+        try:
+            os.setegid(creds.gid)
+            os.seteuid(creds.uid)
+            try:
+                return users.getpw(local)
+            finally:
+                os.seteuid(0)
+                os.setegid(0)
+        finally:
+            os.setgroups(groups)
+
+    def decide(self, local: bytes, rules: Callable[[bytes], users.Assignment] | None = None
+               ) -> rcptcheck.Answer | users.Assignment:
+        """Return the answer if it needs no look into a home, else who must look (as who's ids).
+
+        rules stands for qmail-getpw (default: self.rules); _Miss, which the
+        daemon's rules raise on a users/cdb miss, goes through.
+        """
         handed: list[users.Assignment] = []
 
         def become(who: users.Assignment) -> rcptcheck.Answer | None:
@@ -124,7 +153,9 @@ class Checker:
             return _HANDED
 
         try:
-            answer = rcptcheck.check_local(local, os.path.join(self.home, "users", "cdb"), become, self.rules)
+            answer = rcptcheck.check_local(local, os.path.join(self.home, "users", "cdb"), become, rules or self.rules)
+        except _Miss:
+            raise
         except Exception as e:  # noqa: BLE001 - any trouble is "cannot check now", never "no mailbox"
             return rcptcheck.Answer(rcptcheck.TEMPORARY, f"internal error: {type(e).__name__}")
         return handed[0] if answer is _HANDED and handed else answer
@@ -137,6 +168,14 @@ class Checker:
 
 
 _HANDED = rcptcheck.Answer("handed to a worker")  # compared by identity
+
+
+class _Miss(Exception):
+    """users/cdb does not name the user: qmail-getpw's rules must decide (in a lookup child)."""
+
+
+def _miss(local: bytes) -> users.Assignment:
+    raise _Miss
 
 
 def encode(answer: rcptcheck.Answer) -> bytes:
@@ -267,6 +306,20 @@ class _Worker:
         self.served = 0
 
 
+class _Lookup:
+    """A question waiting for its user lookup child."""
+
+    __slots__ = ("pid", "fd", "conn", "local", "data", "deadline")
+
+    def __init__(self, pid: int, fd: int, conn: socket.socket, local: bytes, deadline: float) -> None:
+        self.pid = pid
+        self.fd = fd  # the read end of the child's answer pipe
+        self.conn = conn
+        self.local = local
+        self.data = b""
+        self.deadline = deadline
+
+
 class _Pending:
     """A connection whose question has not all arrived."""
 
@@ -290,7 +343,8 @@ class Daemon:
     """The parent's poll loop: read questions, answer or hand them to workers, keep workers in bounds."""
 
     def __init__(self, srv: socket.socket, checker: Checker, qmaild: int, limit: float,
-                 idle: float, questions_max: int, read: float = READ_SECONDS) -> None:
+                 idle: float, questions_max: int, read: float = READ_SECONDS,
+                 lookup: float = getpwchild.LOOKUP_SECONDS) -> None:
         self.srv = srv
         self.checker = checker
         self.qmaild = qmaild
@@ -298,6 +352,9 @@ class Daemon:
         self.idle = idle
         self.questions_max = questions_max
         self.read_seconds = read
+        self.lookup_seconds = lookup
+        self.lookups: dict[int, _Lookup] = {}  # by the answer pipe's descriptor
+        self.reaped: dict[int, int] = {}  # lookup children reaped before their answer was read: pid -> status
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}
         self.workers: dict[tuple[int, int], _Worker] = {}
@@ -326,6 +383,8 @@ class Daemon:
                     self._read(key.data)
                 elif isinstance(key.data, _Worker) and self.by_pid.get(key.data.pid) is key.data:
                     self._done(key.data)
+                elif isinstance(key.data, _Lookup) and self.lookups.get(key.fd) is key.data:
+                    self._answer(key.data)
             self._tend(time.monotonic())
 
     def _timeout(self, now: float) -> float:
@@ -335,6 +394,8 @@ class Daemon:
             soon = min(soon, p.deadline)
         for w in self.workers.values():
             soon = min(soon, w.started + self.limit if w.waiting else w.last + self.idle)
+        for lk in self.lookups.values():
+            soon = min(soon, lk.deadline)
         return max(0.0, soon - now)
 
     def _accept(self) -> None:
@@ -379,7 +440,74 @@ class Daemon:
             p.conn.close()  # malformed: no answer, as a request cut short
 
     def _question(self, conn: socket.socket, local: bytes) -> None:
-        decided = self.checker.decide(local)
+        try:
+            decided = self.checker.decide(local, _miss)
+        except _Miss:
+            self._start_lookup(conn, local)
+            return
+        self._route(conn, decided)
+
+    # User lookups in a child (review of session 5, finding 2) -------------------------
+
+    def _start_lookup(self, conn: socket.socket, local: bytes) -> None:
+        """Run qmail-getpw's rules for local in a child; conn waits for its answer (_answer) or deadline."""
+        if len(self.lookups) >= LOOKUPS_MAX:
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, BUSY_LOOKUPS))
+            return
+        try:
+            creds = self.checker.lookup_credentials()
+            pid, fd = getpwchild.start(local, creds)
+        except users.GetpwError as e:
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, str(e)))
+            return
+        except OSError as e:
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, f"unable to fork: {e.strerror or e}"))
+            return
+        os.set_blocking(fd, False)
+        lk = _Lookup(pid, fd, conn, local, time.monotonic() + self.lookup_seconds)
+        self.lookups[fd] = lk
+        self.sel.register(fd, selectors.EVENT_READ, lk)
+
+    def _answer(self, lk: _Lookup) -> None:
+        """Read what the lookup child wrote; at its end, decide the question with its answer."""
+        try:
+            chunk = os.read(lk.fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if chunk and len(lk.data) < getpwchild.ANSWER_MAX:
+            lk.data += chunk
+            return
+        self._drop_lookup(lk)
+        status = self.reaped.pop(lk.pid, None)
+        if status is None and chunk:
+            os.kill(lk.pid, signal.SIGKILL)  # an answer past ANSWER_MAX: not qmail-getpw's
+        if status is None:
+            # Its answer pipe closed as it exited: it is a zombie now, or about to be.
+            try:
+                _, status = os.waitpid(lk.pid, 0)
+            except ChildProcessError:
+                status = users.QLX_SYS << 8
+        try:
+            who = getpwchild.result(status, lk.data, lk.local)
+        except getpwchild.LookupFailed as e:
+            failed = e
+
+            def rules(local: bytes) -> users.Assignment:
+                raise users.GetpwError(failed.code, str(failed))
+        else:
+            def rules(local: bytes) -> users.Assignment:
+                return who
+        self._route(lk.conn, self.checker.decide(lk.local, rules))
+
+    def _drop_lookup(self, lk: _Lookup) -> None:
+        self.sel.unregister(lk.fd)
+        del self.lookups[lk.fd]
+        os.close(lk.fd)
+
+    def _route(self, conn: socket.socket, decided: rcptcheck.Answer | users.Assignment) -> None:
+        """Answer conn, or hand it with who must look to that user's worker."""
         if isinstance(decided, rcptcheck.Answer):
             _reply(conn, decided)
             return
@@ -467,6 +595,9 @@ class Daemon:
             p.conn.close()
         for w in self.workers.values():
             w.ctl.close()
+        for lk in self.lookups.values():
+            lk.conn.close()
+            os.close(lk.fd)
 
     def _done(self, w: _Worker) -> None:
         """Count the answers a worker reports; its end of the pair closed: it has gone."""
@@ -510,11 +641,27 @@ class Daemon:
 
     def _tend(self, now: float) -> None:
         """Reap exited workers, kill those past their limit, retire idle and worn ones, drop late questions."""
-        for pid, _ in workers.reaped() if self.by_pid or self.dying else ():
+        looking = {lk.pid for lk in self.lookups.values()}
+        for pid, status in workers.reaped() if self.by_pid or self.dying or looking else ():
             self.dying.discard(pid)
+            if pid in looking:
+                self.reaped[pid] = status  # its answer is read from its pipe
             gone = self.by_pid.get(pid)
             if gone is not None:
                 self._forget(gone)  # reaped: never kill its pid again
+        for lk in list(self.lookups.values()):
+            if now >= lk.deadline:
+                _say(f"killing the user lookup for {lk.local.decode('utf-8', 'backslashreplace')}: "
+                     f"no answer in {self.lookup_seconds:g} seconds")
+                self._drop_lookup(lk)
+                if self.reaped.pop(lk.pid, None) is None:
+                    try:
+                        os.kill(lk.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass  # safe: not reaped yet, so it is ours; nothing to end
+                    self.dying.add(lk.pid)
+                _reply(lk.conn, rcptcheck.Answer(rcptcheck.TEMPORARY,
+                                                 f"user lookup timed out after {self.lookup_seconds:g} seconds"))
         for w in list(self.workers.values()):
             if w.waiting and now >= w.started + self.limit:
                 _say(f"killing the worker for uid {w.key[0]}: busy for {self.limit:g} seconds")
@@ -531,6 +678,10 @@ class Daemon:
         for p in list(self.pending.values()):
             p.conn.close()
         self.pending.clear()
+        for lk in list(self.lookups.values()):
+            lk.conn.close()
+            os.close(lk.fd)
+        self.lookups.clear()
         for w in list(self.by_pid.values()):
             w.ctl.close()
         self.by_pid.clear()
@@ -557,7 +708,7 @@ def main(argv: list[str]) -> int:
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     daemon = Daemon(srv, checker, qmaild, _seconds(CHILD_SECONDS_ENV, CHILD_SECONDS),
                     _seconds(IDLE_SECONDS_ENV, IDLE_SECONDS), int(_seconds(QUESTIONS_MAX_ENV, QUESTIONS_MAX)),
-                    _seconds(READ_SECONDS_ENV, READ_SECONDS))
+                    _seconds(READ_SECONDS_ENV, READ_SECONDS), _seconds(LOOKUP_SECONDS_ENV, getpwchild.LOOKUP_SECONDS))
     mine = -1
     try:
         try:

@@ -1,0 +1,148 @@
+"""qmail-getpw's rules in a short-lived child, for the root parents of qmail-lspawn and qmail-rcptcheckd.
+
+getpwnam goes through NSS (LDAP, sssd) and the rules stat the candidate's home
+directory (an NFS home, a FUSE file system its user mounted there): either can
+block for as long as the source or the mount likes. qmail 1.03 ran qmail-getpw
+in the delivery's child; the daemons here keep one loop for every user, so a
+users/cdb miss is looked up in a child of its own (start), with qmailp's ids
+and the one group nofiles as qmail-lspawn gave qmail-getpw, and the parent
+reads its answer without blocking, killing it past a deadline (review of
+session 5, finding 2; docs/DESIGN.md).
+
+The child writes its answer on a pipe and exits: 0 and the answer, or
+qmail-getpw's exit code (QLX_NOALIAS, QLX_NFS, QLX_SYS) and nothing. The
+answer carries no extension: qmail-getpw's extension is always the end of
+the local part, so its length is enough, and the answer stays far below a
+pipe's buffer (user, ids and home: under 4200 bytes), so the child never
+waits for its reader.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from pyqmail import sig as signal
+from pyqmail import spawn
+from pyqmail.local import users
+from pyqmail.privs import Credentials, drop
+
+LOOKUP_SECONDS = 30.0  # a lookup child that has not answered by then is killed: temporary failure
+ANSWER_MAX = 8192  # bytes of an answer read (user 31, ids, a home path of at most PATH_MAX)
+_EXTLEN = struct.Struct("!I")
+
+
+class LookupFailed(Exception):
+    """The lookup child did not answer; .code is qmail-lspawn's exit for it (qmail-getpw's, or QLX_SYS)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def encode(who: users.Assignment, local: bytes) -> bytes:
+    """Return the child's answer for who (its extension as a length: a suffix of local)."""
+    if not local.endswith(who.ext):
+        raise ValueError("extension is not the end of the local part")
+    return _EXTLEN.pack(len(who.ext)) + b"".join(f + b"\0" for f in (who.user, who.uid, who.gid, who.homedir, who.dash))
+
+
+def decode(data: bytes, local: bytes) -> users.Assignment:
+    """Return the Assignment an answer carries for local; raise LookupFailed(QLX_USAGE) if malformed."""
+    if len(data) < _EXTLEN.size:
+        raise LookupFailed(users.QLX_USAGE, "short answer from the lookup child")
+    (extlen,) = _EXTLEN.unpack_from(data)
+    fields = data[_EXTLEN.size:].split(b"\0")
+    if len(fields) != 6 or fields[5] or extlen > len(local):
+        raise LookupFailed(users.QLX_USAGE, "malformed answer from the lookup child")
+    return users.Assignment(fields[0], fields[1], fields[2], fields[3], fields[4], local[len(local) - extlen:])
+
+
+def start(local: bytes, creds: Credentials | None) -> tuple[int, int]:
+    """Fork a child applying qmail-getpw's rules to local (as creds, if given); return (pid, answer fd).
+
+    The answer descriptor is the read end of a pipe, close-on-exec; the
+    child holds nothing else of the parent's (its descriptors are closed but
+    for 2), so that a hung lookup holds no other delivery's pipe open.
+    SIGTERM is blocked across the fork: the child must not run the parent's
+    handler. Raise OSError if the pipe or the fork fails.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        os.close(r)
+        os.close(w)
+        raise
+    if pid == 0:
+        code = users.QLX_SYS
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            os.dup2(w, 1)
+            os.closerange(0, 1)
+            os.closerange(3, spawn._MAX_FD)
+            code = _child(local, creds)
+        finally:
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    os.close(w)
+    return pid, r
+
+
+def _child(local: bytes, creds: Credentials | None) -> int:
+    """Apply the rules and write the answer on descriptor 1; return the exit code."""
+    if creds is not None:
+        try:
+            drop(creds)
+        except Exception:  # noqa: BLE001 - qmail-lspawn's prot_uid failing: QLX_USAGE
+            return users.QLX_USAGE
+    try:
+        who = users.getpw(local)
+    except users.GetpwError as e:
+        return e.code
+    data = encode(who, local)
+    while data:
+        n = os.write(1, data)
+        data = data[n:]
+    return 0
+
+
+def result(status: int, data: bytes, local: bytes) -> users.Assignment:
+    """Return the child's answer from its wait status and output; raise LookupFailed as qmail-lspawn reads qmail-getpw.
+
+    Killed (at the deadline too): QLX_SYS, qmail 1.03's reading of a crashed
+    qmail-getpw ("Temporary failure in qmail-lspawn."); a nonzero exit: that code.
+    """
+    if os.WIFSIGNALED(status):
+        raise LookupFailed(users.QLX_SYS, f"the user lookup was killed by signal {os.WTERMSIG(status)}")
+    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else users.QLX_SYS
+    if code != 0:
+        raise LookupFailed(code, f"the user lookup exited {code}")
+    return decode(data, local)
+
+
+def read_all(fd: int) -> bytes:
+    """Read what the exited child left in fd, without blocking, at most ANSWER_MAX bytes; close fd."""
+    out = bytearray()
+    try:
+        os.set_blocking(fd, False)
+        while len(out) <= ANSWER_MAX:
+            try:
+                chunk = os.read(fd, 4096)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break  # a descendant holds the pipe: what the child wrote is all here
+            if not chunk:
+                break
+            out += chunk
+    except OSError:
+        pass  # safe: a cut answer fails to decode (QLX_USAGE), a temporary failure
+    finally:
+        os.close(fd)
+    return bytes(out)
