@@ -167,6 +167,47 @@ def test_a_client_past_the_limit_writes_the_maildrop(site: Site) -> None:
         assert q.stop() == 0
 
 
+def _hold(home: QHome, user: str, n: int) -> subprocess.Popen[str]:
+    """Start a HOLDER of n connections as user."""
+    python = home.bin("qmail-queue").read_text().split("\n", 1)[0][2:].split()[0]  # the stubs' interpreter
+    return subprocess.Popen([python, "-c", HOLDER, str(_sock(home)), str(n)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=ENV, text=True, **_as(user))  # type: ignore[call-overload]
+
+
+def test_the_global_cap_serves_at_most_m_messages_past_it_the_maildrop(site: Site) -> None:
+    # Review of session 5, finding 8: -c bounds one uid; -m every uid together.
+    home = site.home
+    q = Queued(home, "-c", "20", "-m", "5")
+    holders = []
+    try:
+        holders.append(_hold(home, TEST_USER, 4))
+        assert holders[0].stdout is not None
+        assert holders[0].stdout.readline().split() == ["4", "0"]
+        holders.append(_hold(home, "qmaild", 4))  # another uid, well below its -c
+        assert holders[1].stdout is not None
+        assert holders[1].stdout.readline().split() == ["1", "3"]  # refused ones were closed unacknowledged
+        assert len(_children(q.proc.pid)) == 5 and len(_busy(q.proc.pid)) == 5
+        # A third uid past the cap: its qmail-queue writes the maildrop, which qmail-queued picks up.
+        p = qq(home, b"Subject: past the cap\n\nvia maildrop\n", envelope(b"", b"pq@" + FQDN.encode()), user="qmaill")
+        assert p.returncode == 0, p.stderr
+        _wait(lambda: _drops(home) == [] and len(files(home.queue)["todo"]) == 1, 30, "pickup of the drop")
+        assert len(_children(q.proc.pid)) == 5
+    finally:
+        for h in holders:
+            assert h.stdin is not None and h.stdout is not None
+            h.stdin.close()
+            h.wait(30)
+            h.stdout.close()
+    _wait(lambda: _busy(q.proc.pid) == [], 30, "workers to give up with their clients")
+    # Below the cap again: served through the socket.
+    p = qq(home, b"Subject: below\n\nserved\n", envelope(b"", b"pq@" + FQDN.encode()), user="qmaill")
+    assert p.returncode == 0, p.stderr
+    assert len(files(home.queue)["todo"]) == 2 and _drops(home) == []
+    assert q.stop() == 0
+    assert q.stderr() == ("qmail-queued: warning: 5 connections being served: further ones are refused "
+                          "(their qmail-queue uses the maildrop)\n")
+
+
 def test_a_killed_client_leaves_no_child_and_queues_nothing(site: Site) -> None:
     home = site.home
     q = Queued(home)
@@ -237,10 +278,11 @@ def test_an_idle_client_is_cut_after_the_idle_time(site: Site) -> None:
 
 
 def test_usage(site: Site) -> None:
-    for args in (["-c", "0"], ["-c", "x"], ["-t", "-1"], ["-x"], ["-n", "0"], ["-w", "-1"], ["-w", "x"]):
+    for args in (["-c", "0"], ["-c", "x"], ["-m", "0"], ["-m", "x"], ["-t", "-1"], ["-x"], ["-n", "0"], ["-w", "-1"],
+                 ["-w", "x"]):
         r = subprocess.run([str(site.home.bin("qmail-queued")), *args], env=ENV, capture_output=True, timeout=60)
         assert r.returncode == 111 and r.stderr.endswith(
-            b"qmail-queued: usage: qmail-queued [-p] [-c N] [-t SECONDS] [-n N] [-w SECONDS]\n"), r
+            b"qmail-queued: usage: qmail-queued [-p] [-c N] [-m N] [-t SECONDS] [-n N] [-w SECONDS]\n"), r
 
 
 # --- B.5: one pid per queued message ---------------------------------------------------
