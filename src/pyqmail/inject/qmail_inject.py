@@ -203,11 +203,14 @@ def read_mft(path: bytes) -> frozenset[bytes] | None:
     return frozenset(boxes)
 
 
-def _control(name: str, env: bytes) -> bytes:
+def _control(name: str, env: bytes, me: str | None) -> bytes:
+    """control/name, else control/me (read once by the caller, as qmail's control_init), else name."""
     try:
-        value = control.read_default(name, name)
+        value = control.read_line(name)
     except control.ControlError:
         raise Fatal(EXIT_TEMP, MSG_READ) from None
+    if value is None:
+        value = me if me is not None else name
     override = _env(env)
     if override is not None:
         return override
@@ -224,19 +227,19 @@ def get_controls(s: hdr.Settings) -> hdr.Rewriter:
     except OSError:
         raise Fatal(EXIT_TEMP, MSG_CHDIR) from None
     try:
-        control.me()
+        me = control.me()
     except control.ControlError:
         raise Fatal(EXIT_TEMP, MSG_READ) from None
-    defaultdomain = _control("defaultdomain", b"QMAILDEFAULTDOMAIN")
+    defaultdomain = _control("defaultdomain", b"QMAILDEFAULTDOMAIN", me)
     try:
         dd = hdr.parse_fixed(b"." + defaultdomain)
-        defaulthost = _control("defaulthost", b"QMAILDEFAULTHOST")
+        defaulthost = _control("defaulthost", b"QMAILDEFAULTHOST", me)
         dh = hdr.parse_fixed(b"@" + defaulthost)
-        plusdomain = _control("plusdomain", b"QMAILPLUSDOMAIN")
+        plusdomain = _control("plusdomain", b"QMAILPLUSDOMAIN", me)
         pd = hdr.parse_fixed(b"." + plusdomain)
     except hdr.ParseError as e:
         raise Fatal(EXIT_PERM, MSG_PARSE_LINE + e.args[0]) from None
-    s.idhost = _control("idhost", b"QMAILIDHOST")
+    s.idhost = _control("idhost", b"QMAILIDHOST", me)
     return hdr.Rewriter(dh, dd, pd)
 
 
