@@ -177,10 +177,51 @@ def test_rcptcheckd_a_hung_home_holds_up_no_other_question_and_is_temporary_at_t
         assert time.monotonic() - t0 >= DEADLINE - 0.5
         # Finding 5: the parent never changes its groups for the rules (they run in a child).
         assert _groups(p.pid) == groups
+        # A lookup still hung when the daemon stops is killed with it, not left behind.
+        again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        again.connect(str(home.path / rd.SOCKET))
+        again.sendall(b"alias\0")
+        qmailp = pwd.getpwnam("qmailp").pw_uid
+        end = time.monotonic() + PATIENCE
+        while not (hung_child := [c for c in _kids(p.pid) if _uid(c) == qmailp]) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert len(hung_child) == 1
+        err = _stop(p)
+        again.close()
+        end = time.monotonic() + PATIENCE
+        while _alive(hung_child[0]) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not _alive(hung_child[0])  # gone, or a zombie if the reaper it fell to does not reap
     finally:
         mount.abort()
-        err = _stop(p)
+        if p.poll() is None:
+            err = _stop(p)
     assert b"killing the user lookup for alias" in err, err
+
+
+def _kids(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _uid(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return -1
 
 
 def test_checker_rules_restore_the_supplementary_groups(root_home: QHome) -> None:

@@ -681,6 +681,11 @@ class Daemon:
         for lk in list(self.lookups.values()):
             lk.conn.close()
             os.close(lk.fd)
+            if lk.pid not in self.reaped:
+                try:
+                    os.kill(lk.pid, signal.SIGKILL)  # a hung lookup would outlive us
+                except ProcessLookupError:
+                    pass  # safe: not reaped yet, so it is ours; nothing to end
         self.lookups.clear()
         for w in list(self.by_pid.values()):
             w.ctl.close()
