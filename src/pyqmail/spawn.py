@@ -26,62 +26,11 @@ from pyqmail.privs import Credentials, drop
 from pyqmail.proctitle import preload as _preload_title
 from pyqmail.proctitle import set_title
 
-STUB_MARKER = b"# pyqmail-program "
-_STUB_HEAD = 512
+# The stubs' text and reading: pyqmail.stubfile, re-exported under spawn's names.
+from pyqmail.stubfile import STUB_MARKER as STUB_MARKER, Stub as Stub, read_stub as read_stub, stub_text as stub_text
+
 _SPAWN_FAILED = 127
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
-
-# Cache of stub parses, keyed by (path, mtime_ns, inode): a stub can be
-# replaced by an administrator's wrapper at any time.
-_stub_cache: dict[str, tuple[tuple[int, int], Stub | None]] = {}
-
-
-class Stub:
-    """What a QMAILHOME/bin stub names: the program, its module and its home."""
-
-    __slots__ = ("name", "module", "home")
-
-    def __init__(self, name: str, module: str, home: str) -> None:
-        self.name = name
-        self.module = module
-        self.home = home
-
-
-def stub_text(python: str, sys_path: Sequence[str], name: str, module: str, home: str) -> str:
-    """Return the text of the stub for program name in home."""
-    return (
-        f"#!{python} -IS\n"
-        f"{STUB_MARKER.decode()}{name} {module} {home}\n"
-        "import sys\n"
-        f"sys.path[0:0] = {list(sys_path)!r}\n"
-        "from pyqmail.entry import stub\n"
-        f"stub({module!r}, {home!r})\n"
-    )
-
-
-def read_stub(path: str) -> Stub | None:
-    """Return the Stub that path is, or None if it is any other file."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    key = (st.st_mtime_ns, st.st_ino)
-    hit = _stub_cache.get(path)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    stub = None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_STUB_HEAD)
-    except OSError:
-        head = b""
-    lines = head.split(b"\n", 2)
-    if len(lines) >= 2 and lines[0].startswith(b"#!") and lines[1].startswith(STUB_MARKER):
-        fields = lines[1][len(STUB_MARKER):].decode("utf-8", "surrogateescape").split(" ", 2)
-        if len(fields) == 3:
-            stub = Stub(*fields)
-    _stub_cache[path] = (key, stub)
-    return stub
 
 
 def _which(path: str, env: Mapping[str, str]) -> str:

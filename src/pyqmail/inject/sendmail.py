@@ -59,9 +59,9 @@ def run_in_place(path: str, argv: list[str]) -> int:
     another interpreter); anything else is exec'd. Raise OSError, or
     ImportError for a stub whose program is missing, if path cannot be run.
     """
-    from pyqmail import spawn
+    from pyqmail.stubfile import read_stub
 
-    stub = spawn.read_stub(path)
+    stub = read_stub(path)
     if stub is None or not os.access(path, os.X_OK):
         os.execv(path, argv)  # also what fails, as exec would, on a stub that is not executable
     assert stub is not None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from pyqmail import durable, spawn
+from pyqmail import durable
 from pyqmail import home as _home
 from pyqmail.queue import exits
 
@@ -124,6 +124,8 @@ class QQ:
                 if self._conn is not None:
                     self.pid = os.getpid()  # the pid qmail-queued's Received line and `p` record name
                     return
+            from pyqmail import spawn  # here, not at the top: a hand-over needs none of it (issue 17)
+
             self._err, err_w = os.pipe2(os.O_CLOEXEC)
             try:
                 # qmail-queue runs in QMAILHOME, as qmail's programs start it.
@@ -160,7 +162,9 @@ class QQ:
         """
         if "/" not in prog or (os.geteuid() == 0) != (os.getuid() == 0):
             return None  # a setuid-root caller: qmail-queue names the real uid, qmail-queued would see 0
-        stub = spawn.read_stub(prog)
+        from pyqmail.stubfile import read_stub
+
+        stub = read_stub(prog)
         if stub is None or stub.module != QMAIL_QUEUE_MODULE or not os.access(prog, os.X_OK):
             return None
         qmail_home = _home.home()
@@ -259,6 +263,8 @@ class QQ:
                     break
                 custom += chunk
             os.close(self._err)
+            from pyqmail import spawn
+
             code = spawn.wait(self.pid)
             self.code, self.custom = code, bytes(custom)
         if code < 0:
