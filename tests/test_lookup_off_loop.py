@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IS_ROOT, TEST_USER, QHome, world_dir
+from pyqmail.local import getpwchild
 from pyqmail.local import qmail_rcptcheckd as rd
 from test_lspawn_workers import SHOW, Lspawn, _assign, _entry, _home_for
 
@@ -119,9 +120,36 @@ def test_lspawn_a_hung_home_holds_up_no_other_delivery_and_is_deferred_at_the_de
         assert got[1][1] - t0 < DEADLINE and got[2][1] - t0 < DEADLINE, (got, t0)
         assert got[0][0] == b"ZTemporary failure in qmail-lspawn.\n", got
         assert got[0][1] - t0 >= DEADLINE - 0.5, (got, t0)
+        # The miss was answered by a lookup helper, which stays for the next (the hung one was killed).
+        qmailp = pwd.getpwnam("qmailp").pw_uid
+        end = time.monotonic() + PATIENCE
+        while len(helpers := [c for c in _kids(ls.p.pid) if _uid(c) == qmailp and _alive(c)]) != 1 \
+                and time.monotonic() < end:
+            time.sleep(0.02)
+        assert len(helpers) == 1, helpers
+        ls.send(f"{TEST_USER}-g17nobox@{FQDN}", slot=4)
+        assert _reports(ls, 1)[4][0] == b"DSorry, no mailbox here by that name. (#5.1.1)\n"
+        assert [c for c in _kids(ls.p.pid) if _uid(c) == qmailp and _alive(c)] == helpers
         # The parent still answers: a second delivery to the hung user is deferred too.
         ls.send(f"alias@{FQDN}", slot=3)
         assert _reports(ls, 1)[3][0] == b"ZTemporary failure in qmail-lspawn.\n"
+    finally:
+        mount.abort()
+        ls.close()
+
+
+def test_lspawn_past_its_lookup_helpers_a_child_per_lookup(hung: tuple[QHome, Path, HungMount]) -> None:
+    # Every helper hung (HELPERS_MAX homes that hang at once): a miss still gets its own child.
+    home, _, mount = hung
+    ls = Lspawn(home, SHOW, {"PYQMAIL_LSPAWN_LOOKUP_SECONDS": str(DEADLINE)})
+    try:
+        t0 = time.monotonic()
+        for slot in range(getpwchild.HELPERS_MAX):
+            ls.send(f"alias@{FQDN}", slot=slot)
+        ls.send(f"{TEST_USER}-g17nobox@{FQDN}", slot=9)
+        got = _reports(ls, getpwchild.HELPERS_MAX + 1)
+        assert got[9][0] == b"DSorry, no mailbox here by that name. (#5.1.1)\n" and got[9][1] - t0 < DEADLINE, got
+        assert all(got[slot][0] == b"ZTemporary failure in qmail-lspawn.\n" for slot in range(getpwchild.HELPERS_MAX))
     finally:
         mount.abort()
         ls.close()
@@ -177,26 +205,55 @@ def test_rcptcheckd_a_hung_home_holds_up_no_other_question_and_is_temporary_at_t
         assert time.monotonic() - t0 >= DEADLINE - 0.5
         # Finding 5: the parent never changes its groups for the rules (they run in a child).
         assert _groups(p.pid) == groups
+        # The three misses were answered by one lookup helper (the hung one was killed): it stays.
+        qmailp = pwd.getpwnam("qmailp").pw_uid
+        helpers = [c for c in _kids(p.pid) if _uid(c) == qmailp and _alive(c)]
+        assert len(helpers) == 1, helpers
+        assert rd.ask(str(home.path), f"{TEST_USER}-g17nobox".encode(), timeout=PATIENCE).code == "D"
+        assert [c for c in _kids(p.pid) if _uid(c) == qmailp and _alive(c)] == helpers
         # A lookup still hung when the daemon stops is killed with it, not left behind.
         again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         again.connect(str(home.path / rd.SOCKET))
         again.sendall(b"alias\0")
-        qmailp = pwd.getpwnam("qmailp").pw_uid
-        end = time.monotonic() + PATIENCE
-        while not (hung_child := [c for c in _kids(p.pid) if _uid(c) == qmailp]) and time.monotonic() < end:
-            time.sleep(0.02)
-        assert len(hung_child) == 1
         err = _stop(p)
         again.close()
         end = time.monotonic() + PATIENCE
-        while _alive(hung_child[0]) and time.monotonic() < end:
+        while _alive(helpers[0]) and time.monotonic() < end:
             time.sleep(0.02)
-        assert not _alive(hung_child[0])  # gone, or a zombie if the reaper it fell to does not reap
+        assert not _alive(helpers[0])  # gone, or a zombie if the reaper it fell to does not reap
     finally:
         mount.abort()
         if p.poll() is None:
             err = _stop(p)
     assert b"killing the user lookup for alias" in err, err
+
+
+def test_rcptcheckd_past_its_lookup_helpers_a_child_per_lookup(hung: tuple[QHome, Path, HungMount]) -> None:
+    # Every helper hung (HELPERS_MAX homes that hang at once): a miss still gets its own child.
+    home, _, mount = hung
+    p = _start_rcptcheckd(home)
+    stuck = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(getpwchild.HELPERS_MAX):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(home.path / rd.SOCKET))
+            s.sendall(b"alias\0")
+            stuck.append(s)
+        qmailp = pwd.getpwnam("qmailp").pw_uid
+        end = time.monotonic() + PATIENCE
+        while len([c for c in _kids(p.pid) if _uid(c) == qmailp]) < getpwchild.HELPERS_MAX and time.monotonic() < end:
+            time.sleep(0.02)
+        assert rd.ask(str(home.path), f"{TEST_USER}-g17nobox".encode(), timeout=PATIENCE).code == "D"
+        assert time.monotonic() - t0 < DEADLINE
+        for s in stuck:
+            s.settimeout(PATIENCE)
+            assert s.recv(2048).startswith(b"Z")
+    finally:
+        for s in stuck:
+            s.close()
+        mount.abort()
+        _stop(p)
 
 
 def _kids(pid: int) -> list[int]:

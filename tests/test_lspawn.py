@@ -315,7 +315,7 @@ def _forks(home: QHome, local: str, tmp: Path) -> int:
 
 def test_root_mode_getpw_rules_in_lspawn_match_the_program(root_home: QHome, user_dir: Path) -> None:
     # bin/qmail-getpw is our stub: qmail-lspawn applies its rules, on a users/cdb miss,
-    # in a lookup child as qmailp:nofiles (no exec), then hands the delivery to the
+    # in a lookup helper as qmailp:nofiles (no exec), then hands the delivery to the
     # user's worker: two processes (review of session 5, finding 2: the rules' NSS and
     # stat stay off the parent's loop). An administrator's wrapper there is run as
     # before, and gives the same answers for the same addresses.

@@ -4,10 +4,11 @@ getpwnam goes through NSS (LDAP, sssd) and the rules stat the candidate's home
 directory (an NFS home, a FUSE file system its user mounted there): either can
 block for as long as the source or the mount likes. qmail 1.03 ran qmail-getpw
 in the delivery's child; the daemons here keep one loop for every user, so a
-users/cdb miss is looked up in a child of its own (start), with qmailp's ids
-and the one group nofiles as qmail-lspawn gave qmail-getpw, and the parent
-reads its answer without blocking, killing it past a deadline (review of
-session 5, finding 2; docs/DESIGN.md).
+users/cdb miss is looked up in a process of its own, with qmailp's ids and the
+one group nofiles as qmail-lspawn gave qmail-getpw: a long-lived helper
+(start_helper) when one is free, else a child for that lookup alone (start);
+the parent reads the answer without blocking and kills the process past a
+deadline (review of session 5, finding 2; docs/DESIGN.md).
 
 The child writes its answer on a pipe and exits: 0 and the answer, or
 qmail-getpw's exit code (QLX_NOALIAS, QLX_NFS, QLX_SYS) and nothing. The
@@ -20,6 +21,7 @@ waits for its reader.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 
 from pyqmail import sig as signal
@@ -146,3 +148,90 @@ def read_all(fd: int) -> bytes:
     finally:
         os.close(fd)
     return bytes(out)
+
+
+# A pool of long-lived lookup processes ---------------------------------------------------
+#
+# A child per lookup pays a fork, an exit and the child's first NSS call (glibc loads
+# its modules afresh in every new process) on every users/cdb miss: about 2 ms. A helper
+# is the same child kept: forked once, dropped to qmailp:nofiles for good, it answers
+# one local part after another over a socket pair, so NSS stays loaded. The parent
+# sends a helper at most one lookup at a time and keeps the same deadline: a helper
+# that has not answered by then is SIGKILLed (its lookup fails as a killed child's) and
+# another is forked when one is needed. Past HELPERS_MAX busy helpers the parent falls
+# back to a child per lookup (start), so hung lookups never queue the others.
+
+HELPERS_MAX = 4  # helpers at once; past that, a child per lookup
+HELPER_IDLE = 60.0  # seconds a helper waits for its next lookup before the parent retires it
+HELPER_LOOKUPS = 1000  # lookups a helper answers before the parent retires it
+_REQUEST = b"L"  # a request is this byte and the local part (never an empty message: that is the end)
+REQUEST_MAX = 1 << 17  # bytes of a request a helper reads (a local part is at most 64 KiB)
+
+
+def start_helper(creds: Credentials | None) -> tuple[int, socket.socket]:
+    """Fork a helper answering lookups as creds; return (pid, the parent's end, non-blocking); raise OSError."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        mine.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        code = users.QLX_SYS
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            mine.detach()
+            keep = theirs.fileno()
+            os.closerange(0, 2)
+            os.closerange(3, keep)
+            os.closerange(keep + 1, spawn._MAX_FD)
+            code = _helper(theirs, creds)
+        finally:
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    theirs.close()
+    mine.setblocking(False)
+    return pid, mine
+
+
+def request(local: bytes) -> bytes:
+    """Return the message asking a helper about local."""
+    return _REQUEST + local
+
+
+def _helper(sock: socket.socket, creds: Credentials | None) -> int:
+    """A helper's life: answer each request with its exit code byte and answer, until the parent closes."""
+    failed = False
+    if creds is not None:
+        try:
+            drop(creds)
+        except Exception:  # noqa: BLE001 - as a child's failed drop: QLX_USAGE for every lookup
+            failed = True
+    while True:
+        msg = sock.recv(REQUEST_MAX)
+        if not msg.startswith(_REQUEST):
+            return 0
+        local = msg[1:]
+        if failed:
+            answer = bytes((users.QLX_USAGE,))
+        else:
+            try:
+                answer = b"\0" + encode(users.getpw(local), local)
+            except users.GetpwError as e:
+                answer = bytes((e.code & 0xFF,))
+            except Exception:  # noqa: BLE001 - as qmail-getpw's crash: QLX_SYS
+                answer = bytes((users.QLX_SYS,))
+        sock.send(answer)
+
+
+def helper_result(answer: bytes, local: bytes) -> users.Assignment:
+    """Return a helper's answer for local; raise LookupFailed as result() does (an empty answer: it died)."""
+    if not answer:
+        raise LookupFailed(users.QLX_SYS, "the user lookup helper ended without an answer")
+    return result(answer[0] << 8, answer[1:], local)

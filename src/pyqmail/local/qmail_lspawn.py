@@ -20,8 +20,9 @@ a (uid, gid), dropped to it for good, that runs one delivery at a time, set
 up as the child would be, and waits for the next delivery of that user. See
 docs/DESIGN.md, "qmail-lspawn's per-user workers". The user is found here
 when users/cdb has them (a read of a local file); otherwise qmail-getpw's
-rules (NSS, a stat of the home) run in a short-lived child of their own
-(pyqmail.local.getpwchild), whose answer this loop takes when it exits, so a
+rules (NSS, a stat of the home) run in one of at most 4 long-lived lookup
+helpers, one lookup each at a time, else a short-lived child of their own
+(pyqmail.local.getpwchild), whose answer this loop takes when it comes, so a
 hung home or NSS source holds up only that delivery; a lookup that has not
 answered after PYQMAIL_LSPAWN_LOOKUP_SECONDS (30) is killed and the delivery
 deferred as qmail 1.03 defers on a crashed qmail-getpw ("Temporary failure
@@ -138,6 +139,8 @@ class LocalSpawner(spawnproto.Spawner):
         self.lookup_seconds = _env_float(LOOKUP_ENV, getpwchild.LOOKUP_SECONDS)
         self._lookups: dict[int, _Lookup] = {}  # user lookup children not yet reaped, by pid
         self._looking: _Lookup | None = None  # the lookup start() just began
+        self._helpers: dict[int, _Helper] = {}  # lookup helpers not yet retired, by pid
+        self._helpers_gone: set[int] = set()  # helpers retired and not yet reaped
         self._seq = 0
         self.aliasempty = aliasempty
         self.home = qmail_home
@@ -396,41 +399,129 @@ class LocalSpawner(spawnproto.Spawner):
             if acct is None or gid is None:
                 return self._verdict_child(outfd, users.QLX_USAGE, b"")
             creds = Credentials(acct.uid, gid)
+        now = time.monotonic()
+        h = self._idle_helper(creds, now)
+        if h is not None:
+            try:
+                h.sock.send(getpwchild.request(recip[:at]), socket.MSG_DONTWAIT)
+            except OSError:
+                self._retire_helper(h)  # it has gone: a child this time
+            else:
+                lk = _Lookup(h.pid, -1, os.dup(messfd), os.dup(outfd), sender, recip, at, now + self.lookup_seconds)
+                h.lookup = lk
+                self._looking = lk
+                self._arm(now)
+                return h.pid
         pid, answer = getpwchild.start(recip[:at], creds)
-        lk = _Lookup(pid, answer, os.dup(messfd), os.dup(outfd), sender, recip, at,
-                     time.monotonic() + self.lookup_seconds)
+        lk = _Lookup(pid, answer, os.dup(messfd), os.dup(outfd), sender, recip, at, now + self.lookup_seconds)
         self._lookups[pid] = lk
         self._looking = lk
-        self._arm(time.monotonic())
+        self._arm(now)
         return pid
+
+    def _idle_helper(self, creds: Credentials | None, now: float) -> _Helper | None:
+        """Return an idle lookup helper, a new one if fewer than HELPERS_MAX run, else None."""
+        for h in list(self._helpers.values()):
+            if h.lookup is None:
+                if now < h.since + getpwchild.HELPER_IDLE:
+                    return h
+                self._retire_helper(h)
+        if len(self._helpers) >= getpwchild.HELPERS_MAX:
+            return None
+        try:
+            pid, sock = getpwchild.start_helper(creds)
+        except OSError:
+            return None  # a child per lookup instead
+        h = _Helper(pid, sock, now)
+        self._helpers[pid] = h
+        return h
+
+    def _retire_helper(self, h: _Helper, reaped: bool = False) -> None:
+        """Forget a helper and end it (SIGKILL unless reaped: idle it holds nothing, busy it is late)."""
+        if self._helpers.get(h.pid) is not h:
+            return
+        del self._helpers[h.pid]
+        h.sock.close()
+        if not reaped:
+            try:
+                os.kill(h.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # safe: not reaped yet, so it is ours; nothing to end
+            self._helpers_gone.add(h.pid)
+
+    def extra_fds(self) -> list[int]:
+        return [h.sock.fileno() for h in self._helpers.values()]
+
+    def extra_ready(self, fd: int) -> None:
+        """A helper's answer (or its end): its delivery goes on."""
+        for h in self._helpers.values():
+            if h.sock.fileno() == fd:
+                break
+        else:
+            return
+        try:
+            answer = h.sock.recv(getpwchild.ANSWER_MAX + 2)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            answer = b""
+        lk, h.lookup = h.lookup, None
+        h.since = time.monotonic()
+        h.served += 1
+        if not answer or lk is None or h.served >= getpwchild.HELPER_LOOKUPS:
+            self._retire_helper(h)
+        if lk is not None:
+            self._helper_done(lk, answer)
+            self._arm(time.monotonic())
+
+    def _helper_done(self, lk: _Lookup, answer: bytes) -> None:
+        try:
+            who: users.Assignment | int = getpwchild.helper_result(answer, lk.recip[:lk.at])
+        except getpwchild.LookupFailed as e:
+            who = e.code
+        self._go_on(lk, who)
 
     def _arm(self, now: float) -> None:
         """Set the alarm for the earliest lookup deadline (none: no alarm)."""
         due = [lk.deadline for lk in self._lookups.values() if not lk.killed]
+        due += [h.lookup.deadline for h in self._helpers.values() if h.lookup is not None]
         signal.alarm(max(1, math.ceil(min(due) - now)) if due else 0)
 
     def _overdue(self, now: float) -> None:
-        """Kill every lookup child past its deadline (reaped later: a crashed qmail-getpw, QLX_SYS)."""
+        """Kill every lookup child or helper past its deadline: a crashed qmail-getpw, QLX_SYS."""
         for lk in self._lookups.values():
             if not lk.killed and now >= lk.deadline:
-                lk.killed = True
+                lk.killed = True  # reaped later, and read as killed
                 try:
                     os.kill(lk.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass  # safe: not reaped yet, so it is ours; nothing to end
+        for h in list(self._helpers.values()):
+            late = h.lookup
+            if late is not None and now >= late.deadline:
+                h.lookup = None
+                self._retire_helper(h)
+                self._go_on(late, users.QLX_SYS)
+            elif late is None and now >= h.since + getpwchild.HELPER_IDLE:
+                self._retire_helper(h)
         self._arm(now)
 
     def _looked_up(self, lk: _Lookup, status: int) -> None:
-        """The lookup child lk has ended (status): hand its delivery on, or end it with qmail-getpw's failure."""
+        """The lookup child lk has ended (status): its delivery goes on."""
+        data = getpwchild.read_all(lk.answer)
+        try:
+            who: users.Assignment | int = getpwchild.result(status, data, lk.recip[:lk.at])
+        except getpwchild.LookupFailed as e:
+            who = e.code
+        self._go_on(lk, who)
+
+    def _go_on(self, lk: _Lookup, who: users.Assignment | int) -> None:
+        """Hand lk's delivery on to who's worker (or a child), or end it with qmail-getpw's exit code who."""
         self._by_pid.pop(lk.pid, None)
-        local = lk.recip[:lk.at]
         d = lk.delivery
         try:
-            data = getpwchild.read_all(lk.answer)
-            try:
-                who = getpwchild.result(status, data, local)
-            except getpwchild.LookupFailed as e:
-                code = e.code
+            if isinstance(who, int):
+                code = who
             else:
                 code = -1
                 if d is not None:
@@ -491,6 +582,8 @@ class LocalSpawner(spawnproto.Spawner):
                 # other deliveries' pipes, other workers' sockets.
                 for other in self._wpids.values():
                     other.ctl.detach()
+                for helper in self._helpers.values():
+                    helper.sock.detach()
                 mine.detach()
                 keep = theirs.fileno()
                 os.closerange(0, keep)
@@ -580,13 +673,29 @@ class LocalSpawner(spawnproto.Spawner):
         return w.status
 
     def _reap(self) -> None:
-        if self._lookups:
+        if self._lookups or self._helpers:
             self._overdue(time.monotonic())
         for pid, status in workers.reaped():
             lk = self._lookups.pop(pid, None)
             if lk is not None:
                 self._looked_up(lk, status)
                 self._arm(time.monotonic())
+                continue
+            if pid in self._helpers_gone:
+                self._helpers_gone.discard(pid)
+                continue
+            h = self._helpers.get(pid)
+            if h is not None:
+                late, answer = h.lookup, b""
+                if late is not None:
+                    try:
+                        answer = h.sock.recv(getpwchild.ANSWER_MAX + 2, socket.MSG_DONTWAIT)
+                    except OSError:
+                        answer = b""  # ended without an answer
+                h.lookup = None
+                self._retire_helper(h, reaped=True)  # reaped: never kill its pid
+                if late is not None:
+                    self._helper_done(late, answer)
                 continue
             w = self._wpids.pop(pid, None)
             if w is None:
@@ -646,6 +755,19 @@ class _Lookup:
         self.deadline = deadline
         self.killed = False
         self.delivery: spawnproto.Delivery | None = None
+
+
+class _Helper:
+    """A long-lived user lookup process (getpwchild.start_helper) as qmail-lspawn sees it."""
+
+    __slots__ = ("pid", "sock", "lookup", "since", "served")
+
+    def __init__(self, pid: int, sock: socket.socket, now: float) -> None:
+        self.pid = pid
+        self.sock = sock  # our end of its socket pair, non-blocking
+        self.lookup: _Lookup | None = None  # the delivery waiting for its answer
+        self.since = now  # when it became idle
+        self.served = 0
 
 
 class _Worker:

@@ -16,8 +16,9 @@ The parent (root) reads questions without blocking (a poll loop: a slow
 client holds only its own connection) and finds each one's user as
 qmail-lspawn does: users/cdb here (a read of a local file), else
 qmail-getpw's rules (NSS, a stat of the home) in a short-lived child with
-qmailp's ids and the group nofiles (pyqmail.local.getpwchild), whose answer
-the loop reads when it comes; one not answered within
+qmailp's ids and the group nofiles (pyqmail.local.getpwchild: one of at most
+4 long-lived helpers, each with one lookup at a time, else a child of its
+own), whose answer the loop reads when it comes; one not answered within
 PYQMAIL_RCPTCHECKD_LOOKUP_SECONDS (30) is killed and the question answered
 ``Z`` (a hung home or NSS source holds up only its own questions). The search of the home for the .qmail file qmail-local would
 use runs as that user, in a worker: a process forked once per (uid, gid),
@@ -320,6 +321,19 @@ class _Lookup:
         self.deadline = deadline
 
 
+class _Helper:
+    """A long-lived user lookup process (getpwchild.start_helper) as the parent sees it."""
+
+    __slots__ = ("pid", "sock", "lookup", "since", "served")
+
+    def __init__(self, pid: int, sock: socket.socket, now: float) -> None:
+        self.pid = pid
+        self.sock = sock  # the parent's end of its socket pair, non-blocking
+        self.lookup: _Lookup | None = None  # the question it is answering
+        self.since = now  # when it became idle
+        self.served = 0
+
+
 class _Pending:
     """A connection whose question has not all arrived."""
 
@@ -355,6 +369,7 @@ class Daemon:
         self.lookup_seconds = lookup
         self.lookups: dict[int, _Lookup] = {}  # by the answer pipe's descriptor
         self.reaped: dict[int, int] = {}  # lookup children reaped before their answer was read: pid -> status
+        self.helpers: dict[int, _Helper] = {}  # by pid, those not yet retired
         self.sel = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}
         self.workers: dict[tuple[int, int], _Worker] = {}
@@ -385,6 +400,8 @@ class Daemon:
                     self._done(key.data)
                 elif isinstance(key.data, _Lookup) and self.lookups.get(key.fd) is key.data:
                     self._answer(key.data)
+                elif isinstance(key.data, _Helper) and self.helpers.get(key.data.pid) is key.data:
+                    self._helper_answer(key.data)
             self._tend(time.monotonic())
 
     def _timeout(self, now: float) -> float:
@@ -396,6 +413,8 @@ class Daemon:
             soon = min(soon, w.started + self.limit if w.waiting else w.last + self.idle)
         for lk in self.lookups.values():
             soon = min(soon, lk.deadline)
+        for h in self.helpers.values():
+            soon = min(soon, h.lookup.deadline if h.lookup is not None else h.since + getpwchild.HELPER_IDLE)
         return max(0.0, soon - now)
 
     def _accept(self) -> None:
@@ -450,12 +469,27 @@ class Daemon:
     # User lookups in a child (review of session 5, finding 2) -------------------------
 
     def _start_lookup(self, conn: socket.socket, local: bytes) -> None:
-        """Run qmail-getpw's rules for local in a child; conn waits for its answer (_answer) or deadline."""
-        if len(self.lookups) >= LOOKUPS_MAX:
+        """Run qmail-getpw's rules for local in a helper or a child; conn waits for its answer or deadline."""
+        busy = sum(1 for h in self.helpers.values() if h.lookup is not None)
+        if len(self.lookups) + busy >= LOOKUPS_MAX:
             _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, BUSY_LOOKUPS))
             return
         try:
             creds = self.checker.lookup_credentials()
+        except users.GetpwError as e:
+            _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, str(e)))
+            return
+        now = time.monotonic()
+        h = self._idle_helper(creds, now)
+        if h is not None:
+            try:
+                h.sock.send(getpwchild.request(local), socket.MSG_DONTWAIT)
+            except OSError:
+                self._retire_helper(h)  # it has gone: a child this time
+            else:
+                h.lookup = _Lookup(h.pid, -1, conn, local, now + self.lookup_seconds)
+                return
+        try:
             pid, fd = getpwchild.start(local, creds)
         except users.GetpwError as e:
             _reply(conn, rcptcheck.Answer(rcptcheck.TEMPORARY, str(e)))
@@ -500,6 +534,67 @@ class Daemon:
             def rules(local: bytes) -> users.Assignment:
                 return who
         self._route(lk.conn, self.checker.decide(lk.local, rules))
+
+    def _idle_helper(self, creds: Credentials | None, now: float) -> _Helper | None:
+        """Return an idle helper, a new one if fewer than HELPERS_MAX run, else None."""
+        for h in self.helpers.values():
+            if h.lookup is None:
+                return h
+        if len(self.helpers) >= getpwchild.HELPERS_MAX:
+            return None
+        try:
+            pid, sock = getpwchild.start_helper(creds)
+        except OSError as e:
+            _say(f"unable to fork a user lookup helper: {e.strerror or e}")
+            return None
+        h = _Helper(pid, sock, now)
+        self.helpers[pid] = h
+        self.sel.register(sock, selectors.EVENT_READ, h)
+        return h
+
+    def _helper_answer(self, h: _Helper) -> None:
+        """Take a helper's answer and decide its question; an end or a word out of turn retires it."""
+        try:
+            answer = h.sock.recv(getpwchild.ANSWER_MAX + 2)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            answer = b""
+        lk, h.lookup = h.lookup, None
+        h.since = time.monotonic()
+        h.served += 1
+        if not answer or lk is None or h.served >= getpwchild.HELPER_LOOKUPS:
+            self._retire_helper(h)
+        if lk is not None:
+            self._helper_decide(lk, answer)
+
+    def _helper_decide(self, lk: _Lookup, answer: bytes) -> None:
+        """Decide lk's question with a helper's answer (empty: it ended without one)."""
+        try:
+            who = getpwchild.helper_result(answer, lk.local)
+        except getpwchild.LookupFailed as e:
+            failed = e
+
+            def rules(local: bytes) -> users.Assignment:
+                raise users.GetpwError(failed.code, str(failed))
+        else:
+            def rules(local: bytes) -> users.Assignment:
+                return who
+        self._route(lk.conn, self.checker.decide(lk.local, rules))
+
+    def _retire_helper(self, h: _Helper, reaped: bool = False) -> None:
+        """Forget a helper and end it (SIGKILL unless reaped: idle it holds nothing, busy it is late)."""
+        if self.helpers.get(h.pid) is not h:
+            return
+        del self.helpers[h.pid]
+        self.sel.unregister(h.sock)
+        h.sock.close()
+        if not reaped:
+            try:
+                os.kill(h.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # safe: not reaped yet, so it is ours; nothing to end
+            self.dying.add(h.pid)
 
     def _drop_lookup(self, lk: _Lookup) -> None:
         self.sel.unregister(lk.fd)
@@ -598,6 +693,10 @@ class Daemon:
         for lk in self.lookups.values():
             lk.conn.close()
             os.close(lk.fd)
+        for h in self.helpers.values():
+            h.sock.close()
+            if h.lookup is not None:
+                h.lookup.conn.close()
 
     def _done(self, w: _Worker) -> None:
         """Count the answers a worker reports; its end of the pair closed: it has gone."""
@@ -642,10 +741,21 @@ class Daemon:
     def _tend(self, now: float) -> None:
         """Reap exited workers, kill those past their limit, retire idle and worn ones, drop late questions."""
         looking = {lk.pid for lk in self.lookups.values()}
-        for pid, status in workers.reaped() if self.by_pid or self.dying or looking else ():
+        for pid, status in workers.reaped() if self.by_pid or self.dying or looking or self.helpers else ():
             self.dying.discard(pid)
             if pid in looking:
                 self.reaped[pid] = status  # its answer is read from its pipe
+            helper = self.helpers.get(pid)
+            if helper is not None:
+                lk, answer = helper.lookup, b""
+                if lk is not None:
+                    try:
+                        answer = helper.sock.recv(getpwchild.ANSWER_MAX + 2, socket.MSG_DONTWAIT)
+                    except OSError:
+                        answer = b""  # ended without an answer
+                self._retire_helper(helper, reaped=True)  # reaped: never kill its pid
+                if lk is not None:
+                    self._helper_decide(lk, answer)
             gone = self.by_pid.get(pid)
             if gone is not None:
                 self._forget(gone)  # reaped: never kill its pid again
@@ -662,6 +772,17 @@ class Daemon:
                     self.dying.add(lk.pid)
                 _reply(lk.conn, rcptcheck.Answer(rcptcheck.TEMPORARY,
                                                  f"user lookup timed out after {self.lookup_seconds:g} seconds"))
+        for h in list(self.helpers.values()):
+            late = h.lookup
+            if late is not None and now >= late.deadline:
+                _say(f"killing the user lookup for {late.local.decode('utf-8', 'backslashreplace')}: "
+                     f"no answer in {self.lookup_seconds:g} seconds")
+                h.lookup = None
+                self._retire_helper(h)
+                _reply(late.conn, rcptcheck.Answer(rcptcheck.TEMPORARY,
+                                                   f"user lookup timed out after {self.lookup_seconds:g} seconds"))
+            elif late is None and now >= h.since + getpwchild.HELPER_IDLE:
+                self._retire_helper(h)
         for w in list(self.workers.values()):
             if w.waiting and now >= w.started + self.limit:
                 _say(f"killing the worker for uid {w.key[0]}: busy for {self.limit:g} seconds")
@@ -687,6 +808,11 @@ class Daemon:
                 except ProcessLookupError:
                     pass  # safe: not reaped yet, so it is ours; nothing to end
         self.lookups.clear()
+        for h in list(self.helpers.values()):
+            if h.lookup is not None:
+                h.lookup.conn.close()
+                h.lookup = None
+            self._retire_helper(h)
         for w in list(self.by_pid.values()):
             w.ctl.close()
         self.by_pid.clear()

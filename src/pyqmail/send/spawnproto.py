@@ -216,6 +216,13 @@ class Spawner:
         """Return a report to give at once without starting anything, or None to start a delivery."""
         return None
 
+    def extra_fds(self) -> list[int]:
+        """Return descriptors of the subclass's own that the loop also waits on (none here)."""
+        return []
+
+    def extra_ready(self, fd: int) -> None:
+        """One of extra_fds() is readable."""
+
     # The loop -------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
@@ -366,6 +373,8 @@ class Spawner:
                 if d.fd != -1:
                     rfds.append(d.fd)
                     by_fd[d.fd] = d
+            extras = self.extra_fds()
+            rfds += extras
             try:
                 ready, _, _ = select.select(rfds, [], [])
             except OSError as e:
@@ -379,6 +388,9 @@ class Spawner:
                 hit = by_fd.get(fd)
                 if hit is not None and hit.fd == fd:
                     self._read_delivery(hit)
+            for fd in extras:
+                if fd in ready:
+                    self.extra_ready(fd)
             if self.FD_COMMANDS in ready and self._reading:
                 self._read_commands()
             self._reap()
