@@ -43,9 +43,10 @@ SENDER = f"{BOUNCE_USER}@{FQDN}"
 # What the killer aims at, by the kernel's comm (pyqmail.proctitle makes it the program's name).
 KINDS = ("qmail-send", "qmail-todo", "qmail-lspawn", "qmail-local", "qmail-rspawn", "qmail-remote", "qmail-clean",
          "qmail-queued", "qmail-queued-w", "qmail-queue", "tcpserver", "qmail-smtpd", "supervise", "multilog",
-         "qmail-rcptcheck", "qmail-rcptchk-w", "qmail-lspawn-w")  # qmail-rcptcheckd: the kernel keeps 15
-# bytes of a name; qmail-queued-w, qmail-rcptchk-w: their workers; qmail-lspawn-w: an idle per-user
-# worker of qmail-lspawn (busy, it shows as qmail-local)
+         "qmail-rcptcheck", "qmail-rcptchk-w", "qmail-lspawn-w", "qmail-getpw")  # qmail-rcptcheckd: the kernel
+# keeps 15 bytes of a name; qmail-queued-w, qmail-rcptchk-w: their workers; qmail-lspawn-w: an idle per-user
+# worker of qmail-lspawn (busy, it shows as qmail-local); qmail-getpw: a user lookup helper of
+# qmail-lspawn or qmail-rcptcheckd (users/cdb misses)
 # The whole system at rest: each daemon once (qmail-queued: the service's and qmail-start's -p one;
 # qmail-clean: qmail-send's and qmail-todo's),
 # a supervise for each of the 4 services (send, queued, smtpd, rcptcheckd) and their logs, a

@@ -162,6 +162,7 @@ def read_all(fd: int) -> bytes:
 # back to a child per lookup (start), so hung lookups never queue the others.
 
 HELPERS_MAX = 4  # helpers at once; past that, a child per lookup
+HELPER_COMM = "qmail-getpw"  # a helper's name in ps: it is qmail-getpw, kept
 HELPER_IDLE = 60.0  # seconds a helper waits for its next lookup before the parent retires it
 HELPER_LOOKUPS = 1000  # lookups a helper answers before the parent retires it
 _REQUEST = b"L"  # a request is this byte and the local part (never an empty message: that is the end)
@@ -191,6 +192,9 @@ def start_helper(creds: Credentials | None) -> tuple[int, socket.socket]:
             os.closerange(0, 2)
             os.closerange(3, keep)
             os.closerange(keep + 1, spawn._MAX_FD)
+            from pyqmail.proctitle import set_title
+
+            set_title(HELPER_COMM, [HELPER_COMM, "helper"])
             code = _helper(theirs, creds)
         finally:
             os._exit(code)
