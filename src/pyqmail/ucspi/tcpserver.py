@@ -740,15 +740,19 @@ class Server:
             if w is None:
                 self.ended(pid, wstat)
                 continue
-            if w.busy:
+            if w.busy and w.sock.fileno() != -1:
                 self.hear(w)  # its last report, if it sent one before exiting
             self.drop(w)
             if w.busy:  # died inside a connection: that connection ends with the worker
                 self.ended(pid, wstat)
 
     def drop(self, w: Worker) -> None:
-        """Forget a worker: its pair closed (an idle one exits on that)."""
-        self.pool.pop(w.pid, None)
+        """Let a worker go: its pair closed (an idle one exits on that).
+
+        It stays in the pool until reaped: its exit is not a connection's end
+        (a pid missing from the pool would be logged and counted as one).
+        """
+        w.retiring = True
         if self.by_fd.pop(w.fd, None) is not None:
             self.poller.unregister(w.fd)
         if w in self.idle:
@@ -906,8 +910,13 @@ class Server:
                     pass  # drained
             for fd in ready:
                 w = self.by_fd.get(fd)
-                if w is not None and w.busy:
-                    self.hear(w)
+                if w is not None:
+                    if w.busy:
+                        self.hear(w)
+                    else:
+                        # An idle worker has nothing to say: gone, or confused (a second
+                        # report, garbage). Let it go; left registered, poll would spin on it.
+                        self.drop(w)
             # Children are reaped before each accept, as C tcpserver's
             # SIGCHLD handler runs the moment accept() waits.
             self.reap()

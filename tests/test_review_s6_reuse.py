@@ -1,0 +1,338 @@
+"""Review of session 6: tcpserver's reused qmail-smtpd workers, attacked (brief r6, issue 17).
+
+Each test drives a real tcpserver and qmail-smtpd on 127.0.0.1 (the harness of
+test_tcpserver_reuse) and checks that a connection served by a reused worker
+finds what a child per connection gives it, and that a client or a worker
+cannot make tcpserver misbehave for the next client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QHome
+from test_tcpserver_reuse import DEADLINE, FQDN, Tcpserver, _pid_of
+from ucspikit import rules_file
+
+
+@pytest.fixture
+def home(qhome: QHome) -> QHome:
+    qhome.control("rcpthosts", FQDN + "\n")
+    return qhome
+
+
+def _children(pid: int) -> list[int]:
+    """The live children of pid (zombies included)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
+    return s
+
+
+def _read_reply(s: socket.socket) -> bytes:
+    out = b""
+    while not re.search(rb"(^|\r\n)\d\d\d [^\r\n]*\r\n$", out):
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+    return out
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), as a vanished client's kernel does."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def _dialogues(server: Tcpserver) -> None:
+    """The same client dialogues, whatever tcpserver's mode; each ends before the next begins."""
+    port = server.port
+    n = 0
+
+    def done() -> None:
+        nonlocal n
+        n += 1
+        server.wait_for(r"tcpserver: end \d+ status \d+", n)
+
+    # QUIT
+    s = _connect(port)
+    _read_reply(s)
+    s.sendall(b"HELO x\r\nQUIT\r\n")
+    while s.recv(4096):
+        pass
+    s.close()
+    done()
+    # end of input without QUIT
+    s = _connect(port)
+    _read_reply(s)
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(4096):
+        pass
+    s.close()
+    done()
+    # a denied address
+    s = _connect(port, "127.0.0.3")
+    assert s.recv(4096) == b""
+    s.close()
+    done()
+    # RST in the middle of DATA
+    s = _connect(port)
+    _read_reply(s)
+    s.sendall(b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@" + FQDN.encode() + b">\r\nDATA\r\n")
+    got = b""
+    while b"354 " not in got:
+        chunk = s.recv(4096)
+        assert chunk, got
+        got += chunk
+    s.sendall(b"Subject: x\r\n\r\nhalf a message")
+    _reset(s)
+    done()
+    # silent past timeoutsmtpd
+    s = _connect(port)
+    _read_reply(s)
+    assert _read_reply(s).startswith(b"451 ")
+    s.close()
+    done()
+
+
+def _normal(lines: list[str]) -> list[str]:
+    """The log with pids and ports taken out: what must not depend on tcpserver's mode."""
+    out = []
+    for x in lines:
+        x = re.sub(r"^(tcpserver: (?:pid|ok|deny|end)) \d+", r"\1 P", x)
+        x = re.sub(r":127\.0\.0\.1:\d+ ", ":127.0.0.1:PORT ", x)
+        x = re.sub(r":\d+$", ":PORT", x)
+        out.append(x)
+    return out
+
+
+def test_log_lines_and_statuses_are_those_of_a_child_per_connection(home: QHome, tmp_path: Path) -> None:
+    home.control("timeoutsmtpd", "1\n")
+    rules = rules_file(tmp_path, "127.0.0.3:deny\n:allow\n")
+    logs = {}
+    for reuse in ("0", "100"):
+        (tmp_path / reuse).mkdir()
+        server = Tcpserver(home, tmp_path / reuse, "-x", str(rules), env={"PYQMAIL_TCPSERVER_REUSE": reuse})
+        try:
+            _dialogues(server)
+        finally:
+            server.close()
+        logs[reuse] = _normal(server.lines())
+    assert logs["100"] == logs["0"]
+    ends = [x for x in logs["0"] if x.startswith("tcpserver: end")]
+    assert ends == ["tcpserver: end P status %d" % s for s in (0, 256, 25600, 256, 256)]
+
+
+def test_a_client_that_never_reads_is_ended_by_timeoutsmtpd(home: QHome, tmp_path: Path) -> None:
+    """The worker blocked writing replies nobody reads still ends the connection, and serves the next."""
+    home.control("timeoutsmtpd", "1\n")
+    server = Tcpserver(home, tmp_path)
+    try:
+        s = _connect(server.port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        started = time.monotonic()
+        sent = 0
+        while time.monotonic() - started < 3:
+            try:
+                sent += s.send(b"NOOP\r\n" * 1000)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except ConnectionResetError:
+                break  # ended by the timeout, with NOOPs unread
+        assert sent > 100000  # the worker read on while its replies piled up
+        server.wait_for(r"tcpserver: end \d+ status 256")
+        assert time.monotonic() - started < 10
+        _reset(s)
+        c = server.connect()
+        assert c.reply().startswith(b"220 ")
+        c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0")
+    finally:
+        server.close()
+    assert len({m.group(1) for m in server.wait_for(r"tcpserver: pid (\d+) from .*", 2)}) == 1
+
+
+def test_no_process_of_a_session_outlives_it_in_the_worker(home: QHome, tmp_path: Path) -> None:
+    """After a session with AUTH (checkprogram) and an abandoned DATA (qmail-queue), the worker has no child."""
+    server = Tcpserver(home, tmp_path, env={"SMTPAUTH": "", "PYQMAIL_SMTPD_AUTH_DELAY": "0"},
+                       argv=("/bin/false",))
+    try:
+        s = _connect(server.port)
+        _read_reply(s)
+        s.sendall(b"EHLO x\r\n")
+        _read_reply(s)
+        s.sendall(b"AUTH PLAIN AHUAcA==\r\n")
+        assert _read_reply(s).startswith(b"535 ")
+        s.sendall(b"MAIL FROM:<a@b>\r\nRCPT TO:<u@" + FQDN.encode() + b">\r\nDATA\r\n")
+        got = b""
+        while b"354 " not in got:
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+        s.sendall(b"Subject: x\r\n\r\nhalf")
+        _reset(s)
+        server.wait_for(r"tcpserver: end \d+ status 256")
+        worker = _pid_of(server, 1)
+        assert _children(worker) == []
+        c = server.connect()
+        assert c.reply().startswith(b"220 ")
+        c.quit()
+    finally:
+        server.close()
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_the_parent_keeps_no_descriptor_and_little_memory_over_1000_connections(home: QHome,
+                                                                                tmp_path: Path) -> None:
+    server = Tcpserver(home, tmp_path, "-c", "4", env={"PYQMAIL_TCPSERVER_REUSE": "7"})
+    parent = server.proc.pid
+    try:
+        def churn(n: int) -> None:
+            socks = []
+            for i in range(n):
+                s = _connect(server.port)
+                s.sendall(b"QUIT\r\n")
+                socks.append(s)
+                if len(socks) == 3 or i == n - 1:  # 3 at a time: workers come, retire, go idle
+                    for x in socks:
+                        while x.recv(4096):
+                            pass
+                        x.close()
+                    socks = []
+
+        churn(50)
+        server.wait_for(r"tcpserver: end \d+ status 0", 50)
+        fds, rss = _fd_count(parent), _rss_kb(parent)
+        churn(1000)
+        server.wait_for(r"tcpserver: end \d+ status 0", 1050)
+        server.wait_for(r"tcpserver: status: 0/4", 1)
+        assert _fd_count(parent) <= fds + 4  # at most 4 workers: one pair end each
+        grown = _rss_kb(parent) - rss
+        assert grown < 2048, grown
+        assert len(_children(parent)) <= 4
+    finally:
+        server.close()
+    ends = [x for x in server.lines() if x.startswith("tcpserver: end")]
+    assert len(ends) == 1050 and all(x.endswith(" status 0") for x in ends)
+    counts = [int(m.group(1)) for m in (re.fullmatch(r"tcpserver: status: (\d+)/4", x) for x in server.lines())
+              if m]
+    assert max(counts) <= 4 and counts[-1] == 0
+
+
+def _steal_fd(pid: int, fd: int) -> int:
+    """A copy of descriptor fd of process pid (pidfd_getfd, root): what a same-uid intruder could hold."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        assert got >= 0, os.strerror(ctypes.get_errno())
+        return int(got)
+    finally:
+        os.close(pidfd)
+
+
+def _pair_fd(worker: int) -> int:
+    """The worker's end of its pair to tcpserver: its only socket while it is idle."""
+    fds = [int(n) for n in os.listdir(f"/proc/{worker}/fd")
+           if os.readlink(f"/proc/{worker}/fd/{n}").startswith("socket:")]
+    assert len(fds) == 1, fds
+    return fds[0]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd of another process needs root")
+def test_a_report_from_an_idle_worker_does_not_make_tcpserver_spin(home: QHome, tmp_path: Path) -> None:
+    """A worker that speaks while idle (garbage, a second report) is let go, not polled for ever."""
+    server = Tcpserver(home, tmp_path)
+    try:
+        c = server.connect()
+        c.reply()
+        c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0")
+        worker = _pid_of(server, 1)
+        fd = _steal_fd(worker, _pair_fd(worker))
+        try:
+            os.write(fd, b"E\0\0\0\0")
+            before = _cpu_ticks(server.proc.pid)
+            time.sleep(1.0)  # what the parent does meanwhile is the point: no clock to inject
+            spent = _cpu_ticks(server.proc.pid) - before
+        finally:
+            os.close(fd)
+        assert spent < 30, f"tcpserver used {spent} ticks of CPU in 1 s with a worker idle"
+        c = server.connect()
+        assert c.reply().startswith(b"220 ")
+        c.quit()
+        ends = server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    assert len(ends) == 2 and not any(x.startswith("tcpserver: end") and "status 0" not in x
+                                      for x in server.lines())
+
+
+def test_an_idle_worker_let_go_is_not_counted_as_a_connection_end(home: QHome, tmp_path: Path) -> None:
+    """A worker let go while idle ends no connection: no `end` line, and -c still counts the live one."""
+    server = Tcpserver(home, tmp_path, "-c", "2", env={"PYQMAIL_TCPSERVER_IDLE": "0.3"})
+    try:
+        held = server.connect()  # a connection that stays, in worker A
+        held.reply()
+        c = server.connect()  # worker B: served, then idle, then let go
+        c.reply()
+        c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0")
+        b = _pid_of(server, 2)
+        deadline = time.monotonic() + DEADLINE
+        while Path(f"/proc/{b}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{b}").exists()
+        # Two more at once: with the held one that is 3 for -c 2, so the second must wait.
+        d = server.connect()
+        assert d.reply().startswith(b"220 ")
+        e = server.connect()
+        e.sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            e.reply()
+        held.quit()
+        e.sock.settimeout(DEADLINE)
+        assert e.reply().startswith(b"220 ")
+        d.quit()
+        e.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 4)
+    finally:
+        server.close()
+    ends = [x for x in server.lines() if x.startswith("tcpserver: end")]
+    assert len(ends) == 4, server.lines()
+    counts = [x for x in server.lines() if x.startswith("tcpserver: status")]
+    assert "tcpserver: status: 3/2" not in counts
