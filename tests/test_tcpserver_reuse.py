@@ -246,7 +246,7 @@ def test_concurrent_connections_get_workers_of_their_own(home: QHome, tmp_path: 
     finally:
         server.close()
     pids = [int(m.group(1)) for m in server.wait_for(r"tcpserver: pid (\d+) from .*", 3)]
-    assert pids[0] != pids[1] and pids[2] == pids[0]
+    assert pids[0] != pids[1] and pids[2] in pids[:2]  # the first two log in either order
     assert "tcpserver: status: 2/2" in server.lines()
 
 
