@@ -464,3 +464,84 @@ def test_a_stopped_idle_worker_holds_the_next_connection_until_continued(home: Q
         server.close()
     # the stopped worker logs `pid P from` for the held connection only once continued
     assert _pid_of(server, 2) != worker and _pid_of(server, 3) == worker
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="-u needs root")
+def test_a_working_directory_the_user_cannot_reenter(home: QHome, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """tcpserver started in a directory its -u user may not search (a root-only service directory):
+    a child per connection just runs there; a worker cannot chdir back after qmail-smtpd left it, and
+    must not drop the connections after its first."""
+    import pwd
+
+    user = pwd.getpwnam("pqtest")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.chdir(private)
+    server = Tcpserver(home, tmp_path, "-u", str(user.pw_uid), "-g", str(user.pw_gid))
+    try:
+        for _ in range(3):
+            c = server.connect()
+            assert c.reply().startswith(b"220 "), server.lines()
+            assert c.say(b"HELO x").startswith(b"250 ")
+            c.quit()
+        ends = server.wait_for(r"tcpserver: end (\d+) status (\d+)", 3)
+    finally:
+        server.close()
+    assert [m.group(2) for m in ends] == ["0", "0", "0"], server.lines()
+    assert not [x for x in server.lines() if "warning" in x]
+
+
+def test_programs_start_in_tcpserver_s_directory(home: QHome, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """qmail-smtpd's preload (its warm-up sessions chdir to the home) must not move tcpserver: a program
+    named relative to the run script's directory is found, and starts there, as with ucspi-tcp."""
+    run = tmp_path / "run"
+    run.mkdir()
+    wrap = run / "wrap"
+    wrap.write_text('#!/bin/sh\npwd > "$0.pwd"\nexec "$@"\n')
+    wrap.chmod(0o755)
+    monkeypatch.chdir(run)
+    import subprocess
+
+    with open(tmp_path / "log", "wb") as err:
+        proc = subprocess.Popen([str(home.bin("tcpserver")), "-1", "-v", "-HR", "-l", FQDN, "127.0.0.1", "0",
+                                 "./wrap", str(home.bin("qmail-smtpd"))],
+                                stdout=subprocess.PIPE, stderr=err, env={"PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        s = _connect(port)
+        assert _read_reply(s).startswith(b"220 "), (tmp_path / "log").read_text()
+        s.sendall(b"QUIT\r\n")
+        while s.recv(4096):
+            pass
+        s.close()
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert (run / "wrap.pwd").read_text().strip() == str(run)
+
+
+def test_tcpserver_s_directory_removed_while_it_runs(home: QHome, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run directory removed (a service directory replaced): a child would start in the removed
+    directory; a worker cannot go back there, and must still serve the next connections."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    server = Tcpserver(home, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run.rmdir()
+    try:
+        for _ in range(3):
+            c = server.connect()
+            assert c.reply().startswith(b"220 "), server.lines()
+            c.quit()
+        ends = server.wait_for(r"tcpserver: end (\d+) status (\d+)", 3)
+    finally:
+        server.close()
+    assert [m.group(2) for m in ends] == ["0", "0", "0"], server.lines()
+    assert not [x for x in server.lines() if "warning" in x]

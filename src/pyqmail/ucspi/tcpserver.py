@@ -323,6 +323,24 @@ def preload(argv: list[str]) -> None:
     that fails to import here is left to the child, which reports the
     failure as exec would.
     """
+    # A module's warm-up may chdir (qmail-smtpd's sessions go to the home): children start in
+    # tcpserver's own directory, where the run script put it and relative program names point.
+    try:
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        here = -1
+    try:
+        _preload(argv)
+    finally:
+        if here != -1:
+            try:
+                os.fchdir(here)
+            except OSError:
+                pass  # safe: not searchable by -u's user; as before, children start where preload left
+            os.close(here)
+
+
+def _preload(argv: list[str]) -> None:
     path = os.environ.get("PATH")
     for word in [*argv, os.environ.get("QMAILQUEUE", "")]:
         if not word:
@@ -604,7 +622,10 @@ class Reuse:
         self.sock = sock
         self.uses = uses
         self.environ = dict(_ENVIRON)
-        self.cwd = os.getcwd()
+        try:
+            self.cwd: str | None = os.getcwd()
+        except OSError:
+            self.cwd = None  # removed (or unreachable): the first connection runs there; no second
         self.umask = os.umask(0o22)
         os.umask(self.umask)
         self.rss = 0
@@ -620,7 +641,8 @@ class Reuse:
         while True:
             wstat = self.serve(conn, peer) << 8
             served += 1
-            retire = served >= self.uses or not self.clean(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
+            retire = (served >= self.uses or not self.clean(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
+                      or not self.back())
             try:
                 # Reported before the client sees the end: a client that connects again at
                 # once (smtp-source, a sender's next message) finds this worker idle.
@@ -650,8 +672,6 @@ class Reuse:
         code = EXIT_TEMP
         try:
             _restore_environ(self.environ)
-            os.chdir(self.cwd)
-            os.umask(self.umask)
             conn.setblocking(True)
             deny, _ = learn(conn, peer, self.cfg, setenv)
             if deny:
@@ -681,6 +701,21 @@ class Reuse:
         except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: as a child, it ends
             os._exit(code)
         return code
+
+    def back(self) -> bool:
+        """Go back to tcpserver's directory and umask for the next connection; False if the directory is gone.
+
+        A child would start in it even when removed, or not searchable by -u's user
+        once left: a worker that cannot go back retires (the next connection gets a new one).
+        """
+        os.umask(self.umask)
+        if self.cwd is None:
+            return False
+        try:
+            os.chdir(self.cwd)
+        except OSError:
+            return False
+        return True
 
     def clean(self, conn: int) -> bool:
         """Whether the program left no descriptor open beyond 0, 1 and conn (the connection), 2, the pair, /dev/null."""
