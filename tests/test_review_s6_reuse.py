@@ -545,3 +545,22 @@ def test_tcpserver_s_directory_removed_while_it_runs(home: QHome, tmp_path: Path
         server.close()
     assert [m.group(2) for m in ends] == ["0", "0", "0"], server.lines()
     assert not [x for x in server.lines() if "warning" in x]
+
+
+def test_greylisting_does_not_retire_the_worker_after_each_connection(home: QHome, tmp_path: Path) -> None:
+    """greylist's sqlite3 connection sits in a reference cycle: open after the session until collected.
+    The worker collects before it counts descriptors, instead of retiring (a fork per connection again)."""
+    home.control("greylist", "300\n")
+    server = Tcpserver(home, tmp_path, env={"GREYLISTDB": str(tmp_path / "triplets.sqlite")})
+    try:
+        for i in range(3):
+            c = server.connect()
+            c.reply()
+            c.say(b"HELO x")
+            c.say(b"MAIL FROM:<a%d@b.example>" % i)
+            assert c.say(b"RCPT TO:<u@" + FQDN.encode() + b">").startswith(b"451 ")
+            c.quit()
+        ends = server.wait_for(r"tcpserver: end (\d+) status (\d+)", 3)
+    finally:
+        server.close()
+    assert len({m.group(1) for m in ends}) == 1, server.lines()

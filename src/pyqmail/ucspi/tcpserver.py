@@ -641,7 +641,7 @@ class Reuse:
         while True:
             wstat = self.serve(conn, peer) << 8
             served += 1
-            retire = (served >= self.uses or not self.clean(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
+            retire = (served >= self.uses or not self.tidy(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
                       or not self.back())
             try:
                 # Reported before the client sees the end: a client that connects again at
@@ -716,6 +716,20 @@ class Reuse:
         except OSError:
             return False
         return True
+
+    def tidy(self, conn: int) -> bool:
+        """Whether the session left no descriptor open, once its garbage is collected if need be.
+
+        Objects in reference cycles outlive the session until the collector runs (sqlite3's
+        connection is one: greylisting's file stayed open, and every worker retired after
+        one connection). A child's exit closes them; here one collection does.
+        """
+        if self.clean(conn):
+            return True
+        import gc
+
+        gc.collect()
+        return self.clean(conn)
 
     def clean(self, conn: int) -> bool:
         """Whether the program left no descriptor open beyond 0, 1 and conn (the connection), 2, the pair, /dev/null."""
