@@ -564,3 +564,38 @@ def test_greylisting_does_not_retire_the_worker_after_each_connection(home: QHom
     finally:
         server.close()
     assert len({m.group(1) for m in ends}) == 1, server.lines()
+
+
+def test_auth_failures_and_bad_recipients_count_per_session(home: QHome, tmp_path: Path) -> None:
+    """AUTHFAILURES and BRTLIMIT count within a session: the worker's next session starts from zero."""
+    home.control("badrcptto", f"bad@{FQDN}\n")
+    server = Tcpserver(home, tmp_path, env={"SMTPAUTH": "", "PYQMAIL_SMTPD_AUTH_DELAY": "0", "AUTHFAILURES": "2",
+                                            "BRTLIMIT": "2"}, argv=("/bin/false",))
+    bad = b"RCPT TO:<bad@" + FQDN.encode() + b">"
+    try:
+        for _ in range(2):
+            c = server.connect()
+            c.reply()
+            c.say(b"EHLO x")
+            assert c.say(b"AUTH PLAIN AHUAcA==").startswith(b"535 ")
+            c.say(b"MAIL FROM:<a@b.example>")
+            assert c.say(bad).startswith(b"5")
+            c.quit()
+        c = server.connect()  # the same worker: now each limit is reached within the session
+        c.reply()
+        c.say(b"EHLO x")
+        assert c.say(b"AUTH PLAIN AHUAcA==").startswith(b"535 ")
+        assert c.say(b"AUTH PLAIN AHUAcA==").startswith(b"421 ")
+        c.sock.close()
+        server.wait_for(r"tcpserver: end \d+ status 256")  # the 421 comes before the worker is idle again
+        c = server.connect()
+        c.reply()
+        c.say(b"HELO x")
+        c.say(b"MAIL FROM:<a@b.example>")
+        assert c.say(bad).startswith(b"5")
+        assert c.say(bad).startswith(b"421 ")
+        c.sock.close()
+        ends = server.wait_for(r"tcpserver: end (\d+) status (\d+)", 4)
+    finally:
+        server.close()
+    assert len({m.group(1) for m in ends}) == 1
