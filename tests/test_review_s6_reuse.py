@@ -599,3 +599,26 @@ def test_auth_failures_and_bad_recipients_count_per_session(home: QHome, tmp_pat
     finally:
         server.close()
     assert len({m.group(1) for m in ends}) == 1
+
+
+def test_sigint_to_an_idle_worker_drops_no_connection(home: QHome, tmp_path: Path) -> None:
+    """SIGINT to an idle worker (a ^C in the terminal that runs tcpserver): it goes quietly, as a
+    program would die of the signal; no `dropping connection` warning for a connection it does not have."""
+    server = Tcpserver(home, tmp_path)
+    try:
+        c = server.connect()
+        c.reply()
+        c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0")
+        worker = _pid_of(server, 1)
+        os.kill(worker, signal.SIGINT)
+        deadline = time.monotonic() + DEADLINE
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        c = server.connect()
+        assert c.reply().startswith(b"220 ")
+        c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    assert not [x for x in server.lines() if "warning" in x], server.lines()

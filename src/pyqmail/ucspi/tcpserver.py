@@ -641,31 +641,37 @@ class Reuse:
         while True:
             wstat = self.serve(conn, peer) << 8
             served += 1
-            retire = (served >= self.uses or not self.tidy(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
-                      or not self.back())
             try:
-                # Reported before the client sees the end: a client that connects again at
-                # once (smtp-source, a sender's next message) finds this worker idle.
-                self.sock.send((RETIRE if retire else END) + wstat.to_bytes(4, "little"))
-            except OSError:
-                os._exit(0)  # the parent is gone
-            if retire:
+                conn, peer = self.between(conn, wstat, served)
+            except KeyboardInterrupt:  # SIGINT between connections: gone quietly, no connection to drop
                 os._exit(0)
-            # The client sees the end now, as when a child exits.
-            conn.close()
-            os.dup2(self.null, 0)
-            os.dup2(self.null, 1)
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(PEER_MAX, _socket.CMSG_SPACE(4))
-            except OSError:
-                os._exit(0)
-            fds = workers.received_fds(ancillary)
-            if not data or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                os._exit(0)  # the parent closed the pair: retired, or gone
-            conn = _socket.socket(fileno=fds[0])
-            peer = _decode_peer(data)
+
+    def between(self, conn: _socket.socket, wstat: int, served: int) -> tuple[_socket.socket, tuple[str, int]]:
+        """Report a connection's end, close it and wait for the next one; exit when retiring or let go."""
+        retire = (served >= self.uses or not self.tidy(conn.fileno()) or _rss() - self.rss > GROWTH_MAX
+                  or not self.back())
+        try:
+            # Reported before the client sees the end: a client that connects again at
+            # once (smtp-source, a sender's next message) finds this worker idle.
+            self.sock.send((RETIRE if retire else END) + wstat.to_bytes(4, "little"))
+        except OSError:
+            os._exit(0)  # the parent is gone
+        if retire:
+            os._exit(0)
+        # The client sees the end now, as when a child exits.
+        conn.close()
+        os.dup2(self.null, 0)
+        os.dup2(self.null, 1)
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(PEER_MAX, _socket.CMSG_SPACE(4))
+        except OSError:
+            os._exit(0)
+        fds = workers.received_fds(ancillary)
+        if not data or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            os._exit(0)  # the parent closed the pair: retired, or gone
+        return _socket.socket(fileno=fds[0]), _decode_peer(data)
 
     def serve(self, conn: _socket.socket, peer: tuple[str, int]) -> int:
         """Serve one connection; return the program's exit code (tcpserver's own on a drop)."""
