@@ -839,23 +839,27 @@ class Server:
             w.since = self.clock()
             self.idle.append(w)
 
-    def accept_one(self) -> None:
-        """Accept a connection, if one is still there, and fork its child (or hand it to a worker)."""
+    def accept_one(self) -> bool:
+        """Accept a connection, if one is still there, and fork its child (or hand it to a worker).
+
+        Return False when none was waiting (or accept failed): the loop polls again.
+        """
         try:
             fd, peer = self.listener._accept()  # type: ignore[attr-defined]
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
+        except ConnectionAbortedError:
+            return True  # that one is gone; the next may be there
+        except (BlockingIOError, InterruptedError):
+            return False
         except OSError:
-            return  # as socket_accept4 failing: tcpserver just tries again
+            return False  # as socket_accept4 failing: tcpserver just tries again
         conn = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
         try:
             self.children += 1
             self.print_status()
             if self.uses > 1:
-                if self.hand_over(conn, peer):
-                    return
-                self.fork_worker(conn, peer)
-                return
+                if not self.hand_over(conn, peer):
+                    self.fork_worker(conn, peer)
+                return True
             conn.setblocking(True)
             try:
                 pid = os.fork()
@@ -863,12 +867,13 @@ class Server:
                 warn(self.cfg, DROP + b"unable to fork: " + describe(e))
                 self.children -= 1
                 self.print_status()
-                return
+                return False
             if pid == 0:
                 self.in_child()
                 child(conn, peer, self.cfg)
         finally:
             conn.close()
+        return True
 
     def hand_over(self, conn: _socket.socket, peer: tuple[str, int]) -> bool:
         """Give conn to an idle worker; False when none took it."""
@@ -975,8 +980,12 @@ class Server:
             # Children are reaped before each accept, as C tcpserver's
             # SIGCHLD handler runs the moment accept() waits.
             self.reap()
-            if listener in ready and self.children < self.cfg.limit:
-                self.accept_one()
+            # Accept while connections wait and children may start, as C tcpserver goes
+            # straight back to accept(): a flood drains the kernel's queue at once
+            # instead of one connection per poll, so the backlog (-b) overflows later.
+            if listener in ready:
+                while self.children < self.cfg.limit and self.accept_one():
+                    self.reap()
 
 
 def _terminate(signum: int, frame: object) -> None:
