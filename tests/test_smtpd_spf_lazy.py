@@ -107,12 +107,17 @@ bad = spf.check(s, "198.51.100.1", "a@big.example", "mx.big.example", "me").resu
 import dns.resolver
 print(before, type(sys.modules["dns.resolver"]).__name__, good, bad,
       [ns.address for ns in dns.resolver.default_resolver.nameservers])
+# The next session of a reused tcpserver worker, without $DNSCACHEIP: resolv.conf's again.
+spf._point_dns(None)
+from pyqmail.smtpd import spfdns
+spfdns._point_dnspython()
+print(dns.resolver.default_resolver.nameservers == dns.resolver.Resolver().nameservers)
 """
     with DnsServer({("big.example", "TXT"): [rdata]}) as d:
         r = subprocess.run([sys.executable, "-c", code, SRC, f"127.0.0.1:{d.port}"], capture_output=True,
                            timeout=120, env={"PATH": "/usr/bin:/bin"})
         assert r.returncode == 0, r.stderr
-        assert r.stdout.split() == [b"_Deferred", b"module", b"pass", b"fail", b"['127.0.0.1']"], r.stdout
+        assert r.stdout.split() == [b"_Deferred", b"module", b"pass", b"fail", b"['127.0.0.1']", b"True"], r.stdout
         assert "udp-truncated" in d.transports and "tcp" in d.transports, d.transports
 
 

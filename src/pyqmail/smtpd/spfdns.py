@@ -43,6 +43,7 @@ EDNS_PAYLOAD = 1232  # as pyqmail's other resolvers (issue 18.6)
 _servers: list[tuple[str, int]] = []
 _fallback: Callable[..., Any] | None = None
 _dnscacheip: str | None = None  # $DNSCACHEIP's value, for dnspython when the fallback runs
+_dnspython_pointed = False  # dnspython's default resolver was pointed at a $DNSCACHEIP by _fall
 
 
 class _Deferred(types.ModuleType):
@@ -258,12 +259,26 @@ def _fall(name: str, qtype: str, strict: object, timeout: float) -> list[tuple[t
     import spf
 
     fallback = _fallback or spf.DNSLookup_dnspython
-    if _dnscacheip:
-        from pyqmail.filter import dmarc
-
-        dmarc.use_dnscacheip({"DNSCACHEIP": _dnscacheip})  # loads dnspython's resolver, here only
+    _point_dnspython()
     with warnings.catch_warnings():
         # pyspf calls dnspython's deprecated dns.resolver.query: a warning, not a failure of the check
         # (here, not around every check: the common path never gets here).
         warnings.simplefilter("ignore", DeprecationWarning)
         return fallback(name, qtype, strict, timeout)  # type: ignore[no-any-return]
+
+
+def _point_dnspython() -> None:
+    """Point dnspython's default resolver at $DNSCACHEIP for the fallback, or back at resolv.conf's."""
+    global _dnspython_pointed
+    if _dnscacheip:
+        from pyqmail.filter import dmarc
+
+        dmarc.use_dnscacheip({"DNSCACHEIP": _dnscacheip})  # loads dnspython's resolver, here only
+        _dnspython_pointed = True
+    elif _dnspython_pointed:
+        # An earlier session of this process (a reused tcpserver worker) pointed dnspython's
+        # default resolver at its $DNSCACHEIP; this one has none: resolv.conf's, as a new process.
+        import dns.resolver
+
+        dns.resolver.reset_default_resolver()
+        _dnspython_pointed = False
