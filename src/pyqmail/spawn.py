@@ -217,9 +217,9 @@ def _enter(target: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | 
     _fresh_std_streams()
 
 
-def _run_main(mod: ModuleType, target: str, argv: Sequence[str]) -> NoReturn:
-    """Call the program's main in this process and end the process with its code."""
-    rc = 111
+def _call_main(mod: ModuleType, target: str, argv: Sequence[str]) -> int:
+    """Call the program's main in this process; return its exit code (0-255), our streams flushed."""
+    rc: int = 111
     try:
         rc = mod.main([target, *argv[1:]])
     finally:
@@ -229,7 +229,16 @@ def _run_main(mod: ModuleType, target: str, argv: Sequence[str]) -> NoReturn:
                     stream.flush()
             except BaseException:  # noqa: BLE001
                 pass
-        os._exit(rc & 0xFF)
+    return rc & 0xFF
+
+
+def _run_main(mod: ModuleType, target: str, argv: Sequence[str]) -> NoReturn:
+    """Call the program's main in this process and end the process with its code (111 if it raised)."""
+    rc = 111
+    try:
+        rc = _call_main(mod, target, argv)
+    finally:
+        os._exit(rc)
 
 
 def spawn(path: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
@@ -334,17 +343,7 @@ def call(path: str, argv: Sequence[str]) -> int | None:
     if stub is None or mod is None or getattr(mod, "REUSABLE", False) is not True:
         return None
     _enter(target, argv, os.environ, None, None, None, stub, set_env=False)
-    rc: int = 111
-    try:
-        rc = mod.main([target, *argv[1:]])
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except BaseException:  # noqa: BLE001
-                pass
-    return rc & 0xFF
+    return _call_main(mod, target, argv)
 
 
 def exit_code(status: int) -> int:

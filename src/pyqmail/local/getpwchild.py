@@ -23,11 +23,26 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 from pyqmail import sig as signal
 from pyqmail import spawn
 from pyqmail.local import users
 from pyqmail.privs import Credentials, drop
+
+TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class HelperLike(Protocol):
+        """What qmail-lspawn's and qmail-rcptcheckd's records of a helper have in common."""
+
+        sock: socket.socket
+        since: float
+        served: int
+
+        @property
+        def lookup(self) -> object | None: ...
 
 LOOKUP_SECONDS = 30.0  # a lookup child that has not answered by then is killed: temporary failure
 ANSWER_MAX = 8192  # bytes of an answer read (user 31, ids, a home path of at most PATH_MAX)
@@ -239,3 +254,21 @@ def helper_result(answer: bytes, local: bytes) -> users.Assignment:
     if not answer:
         raise LookupFailed(users.QLX_SYS, "the user lookup helper ended without an answer")
     return result(answer[0] << 8, answer[1:], local)
+
+
+def hear(h: HelperLike) -> tuple[bytes, bool] | None:
+    """Read helper h's answer (b"": it ended); None if there is nothing to read yet.
+
+    Returns (answer, retire): h has served one more lookup and is idle from now; retire
+    when it ended, spoke out of turn (no lookup of h's) or has served HELPER_LOOKUPS.
+    The caller takes h.lookup.
+    """
+    try:
+        answer = h.sock.recv(ANSWER_MAX + 2)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        answer = b""
+    h.since = time.monotonic()
+    h.served += 1
+    return answer, not answer or h.lookup is None or h.served >= HELPER_LOOKUPS

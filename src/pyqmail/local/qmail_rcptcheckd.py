@@ -554,16 +554,12 @@ class Daemon:
 
     def _helper_answer(self, h: _Helper) -> None:
         """Take a helper's answer and decide its question; an end or a word out of turn retires it."""
-        try:
-            answer = h.sock.recv(getpwchild.ANSWER_MAX + 2)
-        except (BlockingIOError, InterruptedError):
+        heard = getpwchild.hear(h)
+        if heard is None:
             return
-        except OSError:
-            answer = b""
+        answer, retire = heard
         lk, h.lookup = h.lookup, None
-        h.since = time.monotonic()
-        h.served += 1
-        if not answer or lk is None or h.served >= getpwchild.HELPER_LOOKUPS:
+        if retire:
             self._retire_helper(h)
         if lk is not None:
             self._helper_decide(lk, answer)
