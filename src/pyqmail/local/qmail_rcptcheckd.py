@@ -321,6 +321,20 @@ class _Lookup:
         self.deadline = deadline
 
 
+def _answered(lookup: Callable[[], users.Assignment]) -> Callable[[bytes], users.Assignment]:
+    """qmail-getpw's rules as a lookup child or helper answered them: its assignment, or its failure raised."""
+    try:
+        who = lookup()
+    except getpwchild.LookupFailed as e:
+        failed = e
+
+        def refused(local: bytes) -> users.Assignment:
+            raise users.GetpwError(failed.code, str(failed))
+
+        return refused
+    return lambda local: who
+
+
 class _Helper:
     """A long-lived user lookup process (getpwchild.start_helper) as the parent sees it."""
 
@@ -523,17 +537,8 @@ class Daemon:
                 _, status = os.waitpid(lk.pid, 0)
             except ChildProcessError:
                 status = users.QLX_SYS << 8
-        try:
-            who = getpwchild.result(status, lk.data, lk.local)
-        except getpwchild.LookupFailed as e:
-            failed = e
-
-            def rules(local: bytes) -> users.Assignment:
-                raise users.GetpwError(failed.code, str(failed))
-        else:
-            def rules(local: bytes) -> users.Assignment:
-                return who
-        self._route(lk.conn, self.checker.decide(lk.local, rules))
+        self._route(lk.conn, self.checker.decide(
+            lk.local, _answered(lambda: getpwchild.result(status, lk.data, lk.local))))
 
     def _idle_helper(self, creds: Credentials | None, now: float) -> _Helper | None:
         """Return an idle helper, a new one if fewer than HELPERS_MAX run, else None."""
@@ -566,17 +571,8 @@ class Daemon:
 
     def _helper_decide(self, lk: _Lookup, answer: bytes) -> None:
         """Decide lk's question with a helper's answer (empty: it ended without one)."""
-        try:
-            who = getpwchild.helper_result(answer, lk.local)
-        except getpwchild.LookupFailed as e:
-            failed = e
-
-            def rules(local: bytes) -> users.Assignment:
-                raise users.GetpwError(failed.code, str(failed))
-        else:
-            def rules(local: bytes) -> users.Assignment:
-                return who
-        self._route(lk.conn, self.checker.decide(lk.local, rules))
+        self._route(lk.conn, self.checker.decide(
+            lk.local, _answered(lambda: getpwchild.helper_result(answer, lk.local))))
 
     def _retire_helper(self, h: _Helper, reaped: bool = False) -> None:
         """Forget a helper and end it (SIGKILL unless reaped: idle it holds nothing, busy it is late)."""
