@@ -269,7 +269,15 @@ def test_an_idle_worker_killed_is_replaced_for_the_next_message(site: Site) -> N
         (worker,) = _children(q.proc.pid)
         _wait(lambda: _idle(worker), 30, "the worker to be idle")
         os.kill(worker, signal.SIGKILL)
-        assert _send(home, *_message(1)) == 0  # at once: its end is read as gone, or the hand-over fails over
+        # At once: its end is read as gone, or the hand-over fails over. One race is left: a
+        # worker still dying takes the job (the send succeeds) and drops it unanswered; the
+        # client then has no ACK, and qmail-queue's client writes the maildrop (nothing lost).
+        # This raw client retries instead, once.
+        try:
+            code = _send(home, *_message(1))
+        except (AssertionError, ConnectionError):
+            code = _send(home, *_message(1))
+        assert code == 0
         # The killed one is gone once the server has reaped it (a zombie until then).
         _wait(lambda: len(_children(q.proc.pid)) == 1 and worker not in _children(q.proc.pid), 30,
               "one worker, a new one")
