@@ -80,3 +80,29 @@ def fork_pair(pair: Callable[[], tuple[S, S]]) -> tuple[int, S, S]:
         theirs.close()
         raise
     return pid, mine, theirs
+
+
+def fork_term_blocked() -> int:
+    """fork() with SIGTERM blocked across it; return what os.fork returns.
+
+    A daemon whose TERM handler cleans up (removes its socket, stops its
+    workers) must not have it run in a child that the signal reaches before
+    the child has set its own. In the child, the handlers of TERM, CHLD, ALRM
+    and HUP become SIG_DFL and the signal wake-up descriptor is dropped
+    before the mask comes back; the parent just gets its mask back. A failed
+    fork raises OSError, the mask restored.
+    """
+    from pyqmail import sig
+
+    old = sig.pthread_sigmask(sig.SIG_BLOCK, {sig.SIGTERM})
+    try:
+        pid = os.fork()
+    except OSError:
+        sig.pthread_sigmask(sig.SIG_SETMASK, old)
+        raise
+    if pid == 0:
+        sig.set_wakeup_fd(-1)
+        for signum in (sig.SIGTERM, sig.SIGCHLD, sig.SIGALRM, sig.SIGHUP):
+            sig.signal(signum, sig.SIG_DFL)
+    sig.pthread_sigmask(sig.SIG_SETMASK, old)
+    return pid

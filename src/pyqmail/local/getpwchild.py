@@ -25,8 +25,7 @@ import socket
 import struct
 import time
 
-from pyqmail import sig as signal
-from pyqmail import spawn
+from pyqmail import spawn, workers
 from pyqmail.local import users
 from pyqmail.privs import Credentials, drop
 
@@ -85,28 +84,21 @@ def start(local: bytes, creds: Credentials | None) -> tuple[int, int]:
     handler. Raise OSError if the pipe or the fork fails.
     """
     r, w = os.pipe2(os.O_CLOEXEC)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        pid = os.fork()
+        pid = workers.fork_term_blocked()
     except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(r)
         os.close(w)
         raise
     if pid == 0:
         code = users.QLX_SYS
         try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             os.dup2(w, 1)
             os.closerange(0, 1)
             os.closerange(3, spawn._MAX_FD)
             code = _child(local, creds)
         finally:
             os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old)
     os.close(w)
     return pid, r
 
@@ -187,21 +179,15 @@ REQUEST_MAX = 1 << 17  # bytes of a request a helper reads (a local part is at m
 def start_helper(creds: Credentials | None) -> tuple[int, socket.socket]:
     """Fork a helper answering lookups as creds; return (pid, the parent's end, non-blocking); raise OSError."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        pid = os.fork()
+        pid = workers.fork_term_blocked()
     except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         mine.close()
         theirs.close()
         raise
     if pid == 0:
         code = users.QLX_SYS
         try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             mine.detach()
             keep = theirs.fileno()
             os.closerange(0, 2)
@@ -213,7 +199,6 @@ def start_helper(creds: Credentials | None) -> tuple[int, socket.socket]:
             code = _helper(theirs, creds)
         finally:
             os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old)
     theirs.close()
     mine.setblocking(False)
     return pid, mine

@@ -642,20 +642,16 @@ class Daemon:
         connection open for the worker's life).
         """
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        # TERM blocked across fork: the child must not run the parent's _Stop cleanup.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            pid = os.fork()
+            # TERM blocked across fork: the child must not run the parent's _Stop cleanup.
+            pid = workers.fork_term_blocked()
         except OSError:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             mine.close()
             theirs.close()
             raise
         if pid == 0:
             code = 111
             try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 self._forget_all()
                 conn.close()
                 mine.close()
@@ -665,7 +661,6 @@ class Daemon:
                 code = work(theirs, creds, self.limit)
             finally:
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
         mine.setblocking(False)
         w = _Worker(key, pid, mine, now)
