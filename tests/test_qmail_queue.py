@@ -22,13 +22,13 @@ def envelope(sender: bytes, *rcpts: bytes) -> bytes:
 
 
 def qq(home: QHome, message: bytes, env: bytes, extra_env: dict[str, str] | None = None,
-       user: str | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run QMAILHOME/bin/qmail-queue with message on fd 0 and envelope on fd 1."""
+       user: str | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run QMAILHOME/bin/qmail-queue with message on fd 0 and envelope on fd 1 (under prefix, e.g. strace)."""
     r, w = os.pipe()
     os.write(w, env)
     os.close(w)
     try:
-        p = subprocess.run([home.bin("qmail-queue")], input=message, stdout=r, stderr=subprocess.PIPE,
+        p = subprocess.run([*(prefix or []), home.bin("qmail-queue")], input=message, stdout=r, stderr=subprocess.PIPE,
                            env={"PATH": "/usr/bin:/bin", **(extra_env or {})}, timeout=60,
                            **({"user": user, "extra_groups": []} if user else {}))
     finally:

@@ -109,7 +109,7 @@ def test_local_user_cannot_write_queue_directly(root_home: QHome) -> None:
     assert r.returncode != 0
 
 
-# --- group commit of todo/ in qmail-queued (issue 17) ----------------------------------------
+# --- the commit order: one fsync of the envelope after the todo link (issue 17) ---------------
 
 def _queued_with(root_home: QHome, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
     sock = root_home.path / "run" / "qmail-queue.sock"
@@ -133,10 +133,10 @@ def _stop(p: subprocess.Popen[bytes], server: int = 0) -> None:
         p.stderr.close()
 
 
-def test_group_commit_failure_takes_the_message_back(root_home: QHome) -> None:
-    # The server fsyncs todo/ for its children; when that fails the child takes the message back.
+def test_envelope_fsync_failure_after_the_link_takes_the_message_back(root_home: QHome) -> None:
+    # A worker's fsync of intd/N (made after the todo link) fails: todo/N is taken back, exit 53.
     ctl = root_home.path.parent / "fsync-fail"
-    ctl.write_text("*/queue/todo\n")
+    ctl.write_text("*/queue/intd/*\n")
     ctl.chmod(0o644)
     p = _queued_with(root_home, {"PYQMAIL_TEST_FSYNC_FAIL": str(ctl)})
     try:
@@ -151,56 +151,94 @@ def test_group_commit_failure_takes_the_message_back(root_home: QHome) -> None:
         _stop(p)
 
 
-def test_group_commit_every_todo_fsync_is_the_servers(root_home: QHome, tmp_path: Path) -> None:
-    """20 clients at once: every todo/ fsync is made by the server, at most one per message."""
+def _need_strace() -> None:
     if shutil.which("strace") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("strace missing: .ci/run installs it")
         pytest.skip("strace missing")
+
+
+# strace -f -y lines (a call cut by another process's is printed "<unfinished ...>": its entry counts).
+_EVENT = re.compile(r'^(\d+) +(?:(fsync|fdatasync)\(\d+<([^>]*)>|(link|rename)\("([^"]*)", "([^"]*)"'
+                    r'|(sendto)\(\d+<.*?>, "([^"]*)", 1,|\+\+\+ exited with (\d+) \+\+\+)')
+
+
+def _events(log: Path) -> dict[int, list[tuple[str, ...]]]:
+    """Per pid, the traced calls that did not fail, in order: (call, args...) and ("exit", code)."""
+    out: dict[int, list[tuple[str, ...]]] = {}
+    for line in log.read_text().splitlines():
+        m = _EVENT.match(line)
+        if m is None or " = -1 " in line:
+            continue
+        pid = int(m.group(1))
+        if m.group(2):
+            ev: tuple[str, ...] = (m.group(2), m.group(3))
+        elif m.group(4):
+            ev = (m.group(4), m.group(5), m.group(6))
+        elif m.group(7):
+            ev = ("sendto", m.group(8))
+        else:
+            ev = ("exit", m.group(9))
+        out.setdefault(pid, []).append(ev)
+    return out
+
+
+def _check_commit_order(evs: list[tuple[str, ...]], num: int) -> int:
+    """In one process's events: mess/N fsync'd, todo/N linked, then intd/N fsync'd; return that fsync's index.
+
+    The fsync before the link is the message's (through pid/'s descriptor), the
+    first after it the envelope's; none is of a directory.
+    """
+    i_link = evs.index(("link", f"intd/{num}", f"todo/{num}"))
+    i_mess = max(i for i, e in enumerate(evs[:i_link]) if e[0] in ("fsync", "fdatasync"))
+    assert evs[i_mess][0] == "fsync" and "/queue/pid/" in evs[i_mess][1], evs
+    i_intd = next(i for i in range(i_link, len(evs)) if evs[i][0] in ("fsync", "fdatasync"))
+    assert evs[i_intd] == ("fsync", evs[i_intd][1]) and evs[i_intd][1].endswith(f"/queue/intd/{num}"), evs
+    assert all(e[0] != "rename" for e in evs[i_link:i_intd]), evs  # a flat queue: no big-todo rename
+    return i_intd
+
+
+def test_qmail_queue_commit_order_under_strace(root_home: QHome, tmp_path: Path) -> None:
+    """qmail-queue (root): mess/N fsync'd, todo/N linked, then intd/N fsync'd, and exit 0 only after it."""
+    _need_strace()
     log = tmp_path / "strace.out"
-    p = _queued_with(root_home, {}, ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", "trace=fsync"])
+    p = qq(root_home, b"Subject: o\n\no\n", envelope(b"root@x", b"a@y"),
+           prefix=["strace", "-f", "-q", "-y", "-o", str(log), "-e", "trace=link,rename,fsync,fdatasync"])
+    assert p.returncode == 0, p.stderr
+    num = int(files(root_home.queue)["todo"][0])
+    by_pid = _events(log)
+    (pid,) = [k for k, evs in by_pid.items() if any(e[0] == "fsync" for e in evs)]
+    evs = by_pid[pid]
+    assert [e[0] for e in evs if e[0] in ("fsync", "fdatasync")] == ["fsync", "fsync"], evs
+    i_intd = _check_commit_order(evs, num)
+    assert evs[i_intd + 1:] == [("exit", "0")], evs
+
+
+def test_qmail_queued_worker_commit_order_under_strace(root_home: QHome, tmp_path: Path) -> None:
+    """Through qmail-queued: the worker's two fsyncs in the same order, its answer 0 after them; nothing else fsyncs."""
+    _need_strace()
+    log = tmp_path / "strace.out"
+    p = _queued_with(root_home, {}, ["strace", "-f", "-qq", "-y", "-o", str(log), "-e",
+                                     "trace=link,rename,fsync,fdatasync,sendto"])
     server = int((root_home.queue / "lock" / "queued").read_text().split()[0])
     try:
-        pw = pwd.getpwnam(TEST_USER)
-        procs = []
-        for i in range(20):
-            r, w = os.pipe()
-            os.write(w, envelope(b"pqtest@x", f"r{i}@y".encode()))
-            os.close(w)
-            procs.append(subprocess.Popen([root_home.bin("qmail-queue")], stdin=subprocess.PIPE, stdout=r,
-                                          user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
-                                          env={"PATH": "/usr/bin:/bin"}))
-            os.close(r)
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(b"Subject: many\n\nx\n")
-            proc.stdin.close()
-        assert [proc.wait(timeout=60) for proc in procs] == [0] * 20
+        for i in range(3):
+            res = qq(root_home, b"Subject: w\n\nw\n", envelope(b"pqtest@x", f"r{i}@y".encode()), user=TEST_USER)
+            assert res.returncode == 0, res.stderr
     finally:
         _stop(p, server)
-    assert len(files(root_home.queue)["todo"]) == 20
-    todo_syncs = [line for line in log.read_text().splitlines() if re.search(r"fsync\(\d+</.*/queue/todo>\)", line)]
-    assert 1 <= len(todo_syncs) <= 20, todo_syncs
-    assert {int(line.split()[0]) for line in todo_syncs} == {server}, todo_syncs
-    print(f"{len(todo_syncs)} fsyncs of todo/ for 20 messages")
-
-
-def test_group_commit_child_without_its_server_fsyncs_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyqmail.queue import qmail_queued
-
-    (tmp_path / "todo").mkdir()
-    monkeypatch.chdir(tmp_path)
-    mine, theirs = socket.socketpair()
-    mine.close()  # the server was killed: the child's own fsync of todo/, no failure
-    qmail_queued.child_commit(theirs)()
-    theirs.close()
-    mine, theirs = socket.socketpair()
-    mine.sendall(qmail_queued.COMMIT_FAILED)
-    with pytest.raises(OSError):
-        qmail_queued.child_commit(theirs)()
-    assert mine.recv(1) == qmail_queued.COMMIT_ASK
-    mine.close()
-    theirs.close()
+    nums = sorted(int(n) for n in files(root_home.queue)["todo"])
+    assert len(nums) == 3
+    by_pid = _events(log)
+    syncs = {pid: [e for e in evs if e[0] in ("fsync", "fdatasync")] for pid, evs in by_pid.items()}
+    assert sum(len(v) for v in syncs.values()) == 6, syncs  # two per message, no directory, no group commit
+    assert not syncs.get(server), syncs  # the server itself fsyncs nothing any more
+    for num in nums:
+        link = ("link", f"intd/{num}", f"todo/{num}")
+        (pid,) = [k for k, evs in by_pid.items() if link in evs]
+        evs = by_pid[pid]
+        i_intd = _check_commit_order(evs, num)
+        assert ("sendto", "\\0") in evs[i_intd:], evs  # the exit byte 0 to the client, after the fsync
 
 
 def test_local_client_imports_no_socket_module(root_home: QHome, queued: subprocess.Popen[bytes]) -> None:

@@ -3,7 +3,8 @@
 The message comes on descriptor 0, the envelope on descriptor 1. The steps
 follow INTERNALS.md's states: pid/ file created (its inode is the message
 number), renamed to mess/ (S2), message written and fsync'd, intd/ created
-(S3) with the envelope, fsync'd, linked to todo/ (S4), trigger pulled. Any
+(S3) with the envelope, linked to todo/ (S4), then fsync'd (that one fsync
+makes the envelope and the link durable), trigger pulled. Any
 failure removes what was made and exits with the code of qmail-queue(8).
 In a big-todo queue (pyqmail.queue.layout) intd/N and todo/N are
 intd/D/N and todo/D/N, D = N modulo the split, as mess/N.
@@ -34,10 +35,6 @@ from pyqmail.queue import layout
 from pyqmail.queue.envelope import ADDR_MAX, CHUNK as _CHUNK, FD_ENVELOPE, FD_ERRSTR, FD_MESSAGE, Exit, Reader
 from pyqmail.queue.exits import QueueExit
 from pyqmail.smtputf8 import ENV_B as SMTPUTF8_ENV, flagged, todo_u
-
-TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 SUICIDE_SECONDS = 86400
 # The socket and its protocol: pyqmail.queue.handoff, whose names these are.
@@ -166,15 +163,10 @@ def _open_pid(pid: int, start: int) -> tuple[int, str]:
     raise Die(QueueExit.PID_ERROR)
 
 
-def commit_todo() -> None:
-    """Make the todo/ link just made durable: fsync the directory; raise OSError if that fails."""
-    durable.fsync_dir("todo")
-
-
 def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
                   inst: _home.Install, now: float | None = None, msg_len: int | None = None,
                   watch: Watch | None = None, env_len: int | None = None,
-                  commit: Callable[[], None] = commit_todo, utf8: bool = False, trigger: bool = True) -> int:
+                  utf8: bool = False, trigger: bool = True) -> int:
     """Queue the message on msg_fd with the envelope on env_fd; return the exit code.
 
     trigger=False: lock/trigger is not pulled; the caller pulls it (qmail-queued's
@@ -187,16 +179,13 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
     (fewer is a read error, 54); the envelope is read up to its final NUL,
     within env_len bytes if given (an envelope not ended by then: 54). The working directory becomes QMAILHOME/queue.
     With watch (qmail-queued's child), every read waits on the watch and the
-    client must still be there when the message is committed. commit makes the
-    todo/ link durable (qmail-queued's children ask their server, which fsyncs
-    todo/ once for all the children waiting: group commit). Exit 0 means
+    client must still be there when the message is committed. Exit 0 means
     the message is on disk; any other exit leaves nothing to deliver (or, in
     the one case todo/N could not be taken back, a duplicate at worst).
     """
     q = _Queuer()
     try:
-        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len, commit, utf8,
-                      trigger)
+        return _queue(q, qmail_home, msg_fd, env_fd, uid, pid, inst, now, msg_len, watch, env_len, utf8, trigger)
     except Die as e:
         q.cleanup()
         return e.code
@@ -209,8 +198,7 @@ def queue_message(qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
 
 def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid: int,
            inst: _home.Install, now: float | None, msg_len: int | None, watch: Watch | None,
-           env_len: int | None = None, commit: Callable[[], None] = commit_todo, utf8: bool = False,
-           trigger: bool = True) -> int:
+           env_len: int | None = None, utf8: bool = False, trigger: bool = True) -> int:
     if now is None:
         now = time.time()
     try:
@@ -287,14 +275,20 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
             _write(ifd, out)
             out.clear()
     _write(ifd, out)
-    _fsync(ifd)
     if watch is not None:
         watch.check()  # a client killed before this point has queued nothing, as with C's qmail-queue
 
-    # mess/N must be on disk before todo/N names it. Both files' data is
-    # fsync'd above; the two directory entries are made durable together by
-    # the fsync of todo/ below: ext4 and xfs commit metadata in order, so a
-    # journal commit that holds the todo link holds the earlier mess link.
+    # The envelope is not fsync'd before the link (qmail's order) but after
+    # it: link(2) raises intd/N's link count and the big-todo rename changes
+    # its ctime, changes to that inode made in the journal transactions that
+    # also hold the new todo entries. An fsync of the inode commits its last
+    # transaction (ext4: i_sync_tid; xfs: the log up to the inode's last
+    # LSN), and journals commit in order, so this one fsync makes the
+    # envelope's bytes, todo/N and the earlier mess/N link durable together.
+    # What a power failure before it returns can leave, a todo/N naming a
+    # torn envelope of a message never acknowledged, qmail-send removes
+    # (pyqmail.send.qmail_send, "torn envelope"). It must be fsync, not
+    # fdatasync: a link changes no data.
     todo_fn = f"todo/{messnum}"
     try:
         os.link(intd_fn, todo_fn)
@@ -302,10 +296,10 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
         raise Die(QueueExit.TODO_ERROR) from None
     if big:
         # Big-todo: todo/N moves into its subdirectory by one rename, which
-        # changes todo/ and todo/D/ in one journal transaction, so that the
-        # commit below (an fsync of todo/, here or qmail-queued's group
-        # commit) makes todo/D/N durable. Until the rename, todo/N is in the
-        # flat place, which every reader of todo/ takes too.
+        # changes todo/, todo/D/ and the inode's ctime in one journal
+        # transaction, so the fsync below makes todo/D/N durable. Until the
+        # rename, todo/N is in the flat place, which every reader of todo/
+        # takes too.
         try:
             os.rename(todo_fn, layout.todo_name("todo", messnum, inst.split, True))
         except OSError:
@@ -315,7 +309,7 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
     # S4: queued. From here on mess/N and intd/N are never removed, whatever happens.
     q.made.clear()
     try:
-        commit()
+        durable.fsync(ifd)
     except OSError:
         return _take_back(todo_fn)
     if trigger:
@@ -324,7 +318,7 @@ def _queue(q: _Queuer, qmail_home: str, msg_fd: int, env_fd: int, uid: int, pid:
 
 
 def _take_back(todo_fn: str) -> int:
-    """The todo/ fsync failed after the link: take the message back from S4; return the exit code.
+    """The envelope's fsync failed after the link: take the message back from S4; return the exit code.
 
     qmail-send may have seen todo/N already. If it is gone, qmail-send has
     preprocessed it, and qmail-send removes todo/N only after its own info/,

@@ -76,7 +76,6 @@ import stat
 import struct
 import time
 
-from pyqmail import durable
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
@@ -104,9 +103,6 @@ BACKOFF_SECONDS = 300  # a drop file the queue could not take waits this long; t
 SPARSE_SLACK = 1 << 16  # bytes a drop file may claim beyond its blocks on disk (filesystem rounding)
 WARNED_MAX = 10000  # names remembered as said: past this, nothing more is said about new ones
 EXIT_FAIL = 111
-COMMIT_ASK = b"c"  # group commit: a worker asks the server to make its todo/ link durable
-COMMIT_OK = b"+"
-COMMIT_FAILED = b"!"
 JOB = b"j"  # server to worker, with the client's connection (SCM_RIGHTS): serve it
 DONE = b"d"  # worker to server: the message is answered and every descriptor of it closed
 # Exit codes after which a worker does not serve again: the alarm (52) may have cut
@@ -132,7 +128,6 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_pid: int = 0,
               stoppable: bool = False, idle: float = IDLE_SECONDS,
-              commit: Callable[[], None] = qmail_queue.commit_todo,
               before_answer: Callable[[int], None] | None = None) -> int:
     """Answer one client connection (queue its message, or a stop request); return the exit code sent.
 
@@ -162,7 +157,7 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
             signal.alarm(qmail_queue.SUICIDE_SECONDS)
             try:
                 code = qmail_queue.queue_message(qmail_home, fds[0], fds[1], uid, client_pid, inst, watch=watch,
-                                                 commit=commit, utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8,
+                                                 utf8=msg == qmail_queue.REQUEST_QUEUE_UTF8,
                                                  trigger=False)
             finally:
                 signal.alarm(0)  # a worker's next message starts without this one's alarm
@@ -185,60 +180,6 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
 
         layout.pull_trigger(os.path.join(qmail_home, "queue"))
     return code
-
-
-class GroupCommit:
-    """The server's half of the todo/ group commit: one fsync of todo/ for every worker waiting.
-
-    Each worker has one end of a socket pair with the server. Having linked
-    todo/N it writes COMMIT_ASK and waits; the server reads every end that
-    is ready, fsyncs todo/ once, and answers COMMIT_OK (or COMMIT_FAILED) to
-    each. A link made before the fsync started is in the journal commit that
-    fsync forces, so one fsync makes all of them durable; workers asking
-    while it runs are answered by the next one. Beyond qmail, whose
-    qmail-queue never fsyncs todo/: this is what keeps that fsync from
-    costing one per message under load.
-    """
-
-    def __init__(self, todo_dir: str) -> None:
-        self.todo_dir = todo_dir
-
-    def commit(self, asking: list[socket.socket]) -> list[socket.socket]:
-        """fsync todo/ once and answer every end in asking; return the ends that could not be answered."""
-        answer = COMMIT_OK
-        try:
-            fd = os.open(self.todo_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                durable.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            answer = COMMIT_FAILED
-        gone = []
-        for end in asking:
-            try:
-                end.sendall(answer)
-            except OSError:
-                gone.append(end)  # the worker is gone: it will not wait for an answer
-        return gone
-
-
-def child_commit(end: socket.socket) -> Callable[[], None]:
-    """Return a qmail_queue commit that asks the server over end (a worker's own fsync if the server is gone)."""
-
-    def commit() -> None:
-        try:
-            end.sendall(COMMIT_ASK)
-            answer = end.recv(1)
-        except OSError:
-            answer = b""
-        if answer == COMMIT_OK:
-            return
-        if answer == COMMIT_FAILED:
-            raise OSError(errno.EIO, "fsync of todo/ failed in qmail-queued")
-        qmail_queue.commit_todo()  # no server to ask: fsync it here, as qmail-queue does
-
-    return commit
 
 
 def _stop_request(conn: socket.socket, uid: int, inst: _home.Install, server_pid: int, stoppable: bool) -> int:
@@ -268,7 +209,6 @@ def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: i
     when needed) after an exception, an exit code in _UNCERTAIN, or when it
     holds other descriptors than before its first message.
     """
-    commit = child_commit(end)
     base = workers.open_fds()
     while True:
         try:
@@ -292,7 +232,7 @@ def work(end: socket.socket, qmail_home: str, inst: _home.Install, server_pid: i
                 pass  # safe: the server is gone; recv_fds says so next
 
         try:
-            code = serve_one(conn, qmail_home, inst, server_pid, stoppable=stoppable, idle=idle, commit=commit,
+            code = serve_one(conn, qmail_home, inst, server_pid, stoppable=stoppable, idle=idle,
                              before_answer=ready_for_next)
         except Exception as e:  # noqa: BLE001 - a bug of ours: answer as qmail-queue's crash would, then go
             _say(f"warning: worker {os.getpid()}: internal error: {type(e).__name__}: {e}")
@@ -675,9 +615,8 @@ class Workers:
         while self.idle and now - self.idle[0].since >= self.idle_seconds:
             self.retire(self.idle[0])
 
-    def read(self, ready: list[int], group: GroupCommit, now: float) -> None:
-        """Read the ends in ready: DONE, COMMIT_ASK (one fsync for all that ask) or a worker gone."""
-        asking = []
+    def read(self, ready: list[int], now: float) -> None:
+        """Read the ends in ready: DONE or a worker gone."""
         for fd in ready:
             w = self.by_fd.get(fd)
             if w is None:
@@ -688,17 +627,10 @@ class Workers:
                 continue
             except OSError:
                 data = b""
-            if data == COMMIT_ASK and w.uid is not None:
-                asking.append(w)
-            elif data == DONE and w.uid is not None:
+            if data == DONE and w.uid is not None:
                 self.done(w, now)
             else:
                 self.gone(w)  # died (b""), or said what it must not: not to be trusted with another message
-        if asking:
-            broken = group.commit([w.end for w in asking])
-            for w in asking:
-                if w.end in broken:
-                    self.gone(w)
 
     def reap(self) -> None:
         """Collect every worker that has ended."""
@@ -809,7 +741,6 @@ class _Server:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         old_wake = signal.set_wakeup_fd(wake_w)
         pickup = Pickup(self.qmail_home, self.inst, self.q.uid)
-        group = GroupCommit(os.path.join(self.qmail_home, "queue", "todo"))
         workers = self.workers
         server_pid = os.getpid()
         next_scan = 0.0
@@ -828,7 +759,7 @@ class _Server:
                 except InterruptedError:
                     continue
                 if workers.by_fd:
-                    workers.read(ready, group, time.monotonic())
+                    workers.read(ready, time.monotonic())
                 if wake_r in ready:
                     try:
                         os.read(wake_r, 512)

@@ -130,6 +130,11 @@ def trouble(what: bytes, fn: bytes, later: bool = False) -> bytes:
     return b"warning: trouble " + what + b" " + fn + (b"; will try again later\n" if later else b"\n")
 
 
+def torn_envelope(fn: bytes) -> bytes:
+    """A todo/N a power failure left torn (a message never acknowledged): the message is removed."""
+    return b"warning: trouble with " + fn + b": torn envelope, removing message\n"
+
+
 def trouble_marking(fn: bytes) -> bytes:
     """A success or permanent failure could not be recorded."""
     return b"warning: trouble marking " + fn + b"; message will be delivered twice!\n"

@@ -169,6 +169,29 @@ def _records(fd: int) -> Iterator[tuple[int, bytes]]:
             raise OSError(errno.E2BIG, "envelope record too long")
 
 
+def _envelope(fd: int) -> list[bytes] | None:
+    """Return the records of the envelope todo/N on fd; None if it is torn.
+
+    Torn: empty, its last record without its NUL, ending in an empty record
+    (zeros where the data never reached the disk), or without an F record.
+    qmail-queue never writes such a file; a power failure can leave one in
+    todo/ for a message whose qmail-queue had not yet made its one envelope
+    fsync, after the todo link, so never acknowledged (pyqmail.queue.qmail_queue).
+    Raise OSError on a read error or a record longer than RECORD_MAX.
+    """
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    recs = b"".join(chunks).split(b"\0")
+    if recs.pop() or not recs or not recs[-1]:
+        return None
+    if max(map(len, recs)) > RECORD_MAX:
+        raise OSError(errno.E2BIG, "envelope record too long")
+    if not any(r[:1] == b"F" for r in recs):
+        return None
+    return recs
+
+
 class Job:
     """One pass over one message's recipient list in one channel, and its deliveries."""
 
@@ -272,6 +295,7 @@ class Send:
         # (kind, N, channels): channels None for the todo/N of a kept message (already scheduled).
         self.clean_pending: collections.deque[tuple[str, int, tuple[int, ...] | None]] = collections.deque()
         self.cleaning_todo: set[int] = set()  # preprocessed, todo/N not yet removed
+        self.torn: set[int] = set()  # torn envelopes whose todo/N is being removed (then the rest: foop)
         self.kept: dict[int, int] = {}  # kept messages (todo/N is their record): N -> when to commit
         self.unsynced: dict[int, str] = {}  # recipient lists marked, to fsync before going on
         self.closing: list[int] = []  # recipient lists of ended jobs, to close once synced
@@ -445,10 +469,18 @@ class Send:
             self.cleaning_todo.clear()
             self.cleandied()
             return
+        torn = []
         for answer in data:
             kind, messid, channels = self.clean_pending.popleft()
             if kind == "todo":
                 self.cleaning_todo.discard(messid)
+                if messid in self.torn:
+                    self.torn.discard(messid)
+                    if answer == spawnproto.CLEAN_DONE[0]:
+                        torn.append(messid)
+                    else:
+                        self.log(log.clean_trouble(f"{kind}/{messid}".encode()))  # todo/N stays: found again
+                    continue
             if answer != spawnproto.CLEAN_DONE[0]:
                 self.log(log.clean_trouble(f"{kind}/{messid}".encode()))
                 if kind == "todo" and channels is None and messid in self.kept:
@@ -462,6 +494,8 @@ class Send:
                     self.todo_say(todoproto.gone(messid))  # a todo/N of this number is a new message now
             elif kind == "todo" and channels is not None:
                 self.preprocessed(messid, channels)
+        for messid in torn:
+            self.clean("foop", messid)  # intd/N and mess/N: nothing is left of the torn message
 
     def preprocessed(self, messid: int, channels: tuple[int, ...]) -> None:
         """S5: message N is preprocessed and committed. Deliver at once."""
@@ -1114,12 +1148,28 @@ class Send:
             ok = self._prepare(prepared, fd)
         finally:
             os.close(fd)
+        if ok is None:
+            self.remove_torn(messid)
+            return None
         if not ok:
             prepared.close()
             return None
         return prepared
 
-    def _prepare(self, p: Prepared, fd: int) -> bool:
+    def remove_torn(self, messid: int) -> None:
+        """Remove message N, whose todo/N holds a torn envelope: todo/N first, then intd/N and mess/N.
+
+        Only a power failure leaves one (a message never acknowledged: _envelope).
+        qmail-clean removes intd/N and todo/N, and once that is answered intd/N
+        and mess/N (clean_answers), as qmail-queue's own failure leaves nothing;
+        a crash between the two leaves mess/N for the 36-hour cleanup.
+        """
+        self.log(log.torn_envelope(f"todo/{messid}".encode()))
+        self.torn.add(messid)
+        self.clean("todo", messid, ())
+
+    def _prepare(self, p: Prepared, fd: int) -> bool | None:
+        """Write p's files from the envelope on fd; False on trouble (logged), None if the envelope is torn."""
         messid = p.messid
         mess = self.fn_split("mess", messid)
         try:
@@ -1135,6 +1185,13 @@ class Send:
             except OSError:
                 self.log(log.unable(b"unlink", fn.encode()))
                 return False
+        try:
+            records = _envelope(fd)
+        except OSError:
+            self.log(log.trouble(b"reading", f"todo/{messid}".encode()))
+            return False
+        if records is None:
+            return None
         info_fn = self.fn_split("info", messid)
         try:
             p.add(durable.create_excl(info_fn), info_fn)
@@ -1147,37 +1204,33 @@ class Send:
         bufs = [bytearray()]
         uid = pid = 0
         utf8 = False
-        try:
-            for _, rec in _records(fd):
-                kind = rec[:1]
-                if kind == b"u":
-                    uid = _scan_ulong(rec[1:])
-                    utf8 = smtputf8.FLAG in smtputf8.u_flags(rec[1:])
-                elif kind == b"p":
-                    pid = _scan_ulong(rec[1:])
-                elif kind == b"F":
-                    bufs[0] += rec + b"\0"
-                    if utf8:  # after F, where C's qmail-send and qmail-qread do not read
-                        bufs[0] += smtputf8.INFO_RECORD + b"\0"
-                    self.log(log.info_msg(messid, size, rec[1:], pid, uid))
-                elif kind == b"T":
-                    c, addr = self.c.rewriter.rewrite(rec[1:])
-                    if chan_at[c] == -1:
-                        try:
-                            p.add(durable.create_excl(chan_fn[c]), chan_fn[c])
-                        except OSError:
-                            self.log(log.unable(b"create", chan_fn[c].encode()))
-                            return False
-                        chan_at[c] = len(bufs)
-                        bufs.append(bytearray())
-                        p.channels += (c,)
-                    bufs[chan_at[c]] += b"T" + addr + b"\0"
-                else:
-                    self.log(log.unknown_record(f"todo/{messid}".encode(), bang=False))
-                    return False
-        except OSError:
-            self.log(log.trouble(b"reading", f"todo/{messid}".encode()))
-            return False
+        for rec in records:
+            kind = rec[:1]
+            if kind == b"u":
+                uid = _scan_ulong(rec[1:])
+                utf8 = smtputf8.FLAG in smtputf8.u_flags(rec[1:])
+            elif kind == b"p":
+                pid = _scan_ulong(rec[1:])
+            elif kind == b"F":
+                bufs[0] += rec + b"\0"
+                if utf8:  # after F, where C's qmail-send and qmail-qread do not read
+                    bufs[0] += smtputf8.INFO_RECORD + b"\0"
+                self.log(log.info_msg(messid, size, rec[1:], pid, uid))
+            elif kind == b"T":
+                c, addr = self.c.rewriter.rewrite(rec[1:])
+                if chan_at[c] == -1:
+                    try:
+                        p.add(durable.create_excl(chan_fn[c]), chan_fn[c])
+                    except OSError:
+                        self.log(log.unable(b"create", chan_fn[c].encode()))
+                        return False
+                    chan_at[c] = len(bufs)
+                    bufs.append(bytearray())
+                    p.channels += (c,)
+                bufs[chan_at[c]] += b"T" + addr + b"\0"
+            else:
+                self.log(log.unknown_record(f"todo/{messid}".encode(), bang=False))
+                return False
         for (out, fn), buf in zip(p.files, bufs):
             try:
                 durable.write_all(out, buf)
