@@ -214,6 +214,30 @@ def test_qmail_queue_commit_order_under_strace(root_home: QHome, tmp_path: Path)
     assert evs[i_intd + 1:] == [("exit", "0")], evs
 
 
+def test_big_todo_rename_comes_before_the_envelope_fsync(tmp_path: Path) -> None:
+    """A big-todo queue: link intd/D/N -> todo/N, rename into todo/D/N, then the one fsync of intd/D/N."""
+    from conftest import make_home
+
+    _need_strace()
+    home = make_home("test.example.com", "--big-todo")
+    try:
+        log = tmp_path / "strace.out"
+        p = qq(home, b"Subject: b\n\nb\n", envelope(b"s@x", b"a@y"),
+               prefix=["strace", "-f", "-q", "-y", "-o", str(log), "-e", "trace=link,rename,fsync,fdatasync"])
+        assert p.returncode == 0, p.stderr
+        (name,) = files(home.queue)["todo"]
+        d, num = name.split("/")
+        by_pid = _events(log)
+        (evs,) = [v for v in by_pid.values() if any(e[0] == "fsync" for e in v)]
+        names = [e[0] for e in evs]
+        assert names == ["link", "fsync", "link", "rename", "fsync", "exit"], evs
+        assert evs[2] == ("link", f"intd/{d}/{num}", f"todo/{num}"), evs
+        assert evs[3] == ("rename", f"todo/{num}", f"todo/{d}/{num}"), evs
+        assert evs[4][1].endswith(f"/queue/intd/{d}/{num}") and evs[5] == ("exit", "0"), evs
+    finally:
+        shutil.rmtree(home.path.parent, ignore_errors=True)
+
+
 def test_qmail_queued_worker_commit_order_under_strace(root_home: QHome, tmp_path: Path) -> None:
     """Through qmail-queued: the worker's two fsyncs in the same order, its answer 0 after them; nothing else fsyncs."""
     _need_strace()
