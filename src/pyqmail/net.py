@@ -36,6 +36,8 @@ import os
 import select
 import time
 
+from pyqmail import wait
+
 TYPE_CHECKING = False  # typing costs milliseconds per connection; mypy sees the imports
 if TYPE_CHECKING:
     import ssl
@@ -143,9 +145,7 @@ class Conn:
                 m = min(int(left * 1000) + 1, POLL_MAX_MS)
                 if ms < 0 or m < ms:
                     ms = m
-        p = select.poll()
-        p.register(fd, event)
-        if not p.poll(ms):
+        if not wait.ready(fd, event, ms):
             raise Timeout(reading)
 
     def _raw_read(self, until: float | None = None) -> bytes:

@@ -50,6 +50,7 @@ the installing user's ids.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import selectors
 import socket
@@ -59,6 +60,7 @@ from collections.abc import Callable
 
 from pyqmail import home as _home
 from pyqmail import sig as signal
+from pyqmail import wait
 from pyqmail.entry import program
 from pyqmail.local import getpwchild, rcptcheck, users
 from pyqmail.privs import Credentials, PrivilegeError, drop
@@ -204,6 +206,8 @@ def ask(qmail_home: str, local: bytes, timeout: float = 20.0) -> rcptcheck.Answe
             s.sendall(local + b"\0")
             data = b""
             while not data.endswith(b"\n") and len(data) < 2048:
+                if not wait.readable(s.fileno(), timeout):
+                    raise TimeoutError(errno.ETIMEDOUT, "timed out")
                 chunk = s.recv(2048)
                 if not chunk:
                     break

@@ -69,6 +69,7 @@ def offer(qmail_home: str, msg_fd: int, env_fd: int, utf8: bool = False) -> tupl
             fds = msg_fd.to_bytes(4, sys.byteorder) + env_fd.to_bytes(4, sys.byteorder)
             s.sendmsg([REQUEST_QUEUE_UTF8 if utf8 else REQUEST_QUEUE],
                       [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)], _socket.MSG_NOSIGNAL)
+            _readable(s.fileno())
             ack = s.recv(1)
         except OSError:
             ack = b""
@@ -83,9 +84,22 @@ def offer(qmail_home: str, msg_fd: int, env_fd: int, utf8: bool = False) -> tupl
             s.close()
 
 
+def _readable(fd: int) -> None:
+    """In a tcpserver worker serving several sessions, let the others run while the server works.
+
+    Looked up, not imported: qmail-inject and qmail-queue never load pyqmail.wait.
+    """
+    import sys
+
+    w = sys.modules.get("pyqmail.wait")
+    if w is not None:
+        w.readable(fd, 86400.0)  # the server's own timeouts bound the wait; the recv follows
+
+
 def answer(conn: _socket.socket) -> int:
     """Return the exit code qmail-queued sends on conn (81 if it hangs up without one); close conn."""
     try:
+        _readable(conn.fileno())
         code = conn.recv(1)
     except OSError:
         code = b""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import select
 import time
 
+from pyqmail import wait as waiting
 from pyqmail.net import Gone
 from pyqmail.smtpd.log import field, warn
 from pyqmail.ucspi.rules import scan_ulong
@@ -48,9 +49,7 @@ def _ready(conn: Conn, seconds: float) -> bool:
     """Return whether the client sent something within seconds (what TLS holds counts)."""
     if conn.buffered():
         return True
-    p = select.poll()
-    p.register(conn.fd_in, select.POLLIN)
-    return bool(p.poll(min(int(seconds * 1000) + 1, POLL_MAX_MS)))
+    return waiting.ready(conn.fd_in, select.POLLIN, min(int(seconds * 1000) + 1, POLL_MAX_MS))
 
 
 def wait(conn: Conn, delay: float, drop: bool, ip: bytes,

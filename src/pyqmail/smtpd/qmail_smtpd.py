@@ -133,6 +133,7 @@ import time
 
 from pyqmail import control
 from pyqmail import home as _home
+from pyqmail import wait
 from pyqmail.control import ControlError
 from pyqmail.entry import program
 from pyqmail.net import Conn, Gone, NetError, Timeout, TlsFailed
@@ -203,7 +204,7 @@ class AuthRun:
     __slots__ = ("checkprogram", "limit", "delay", "timeout", "sleep", "failures")
 
     def __init__(self, checkprogram: list[str], limit: int = AUTH_FAILURES, delay: float = AUTH_DELAY,
-                 timeout: float = AUTH_CHECK_TIMEOUT, sleep: Callable[[float], None] = time.sleep) -> None:
+                 timeout: float = AUTH_CHECK_TIMEOUT, sleep: Callable[[float], None] = wait.sleep) -> None:
         self.checkprogram = checkprogram
         self.limit = limit
         self.delay = delay

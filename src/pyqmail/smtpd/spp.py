@@ -45,6 +45,7 @@ import signal
 import time
 
 from pyqmail import control
+from pyqmail import wait
 from pyqmail.control import ControlError
 from pyqmail.smtpd import policy
 from pyqmail.smtpd.policy import Check, Verdict
@@ -102,11 +103,9 @@ def run(program: bytes, env: Mapping[bytes, bytes], timeout: float) -> Result:
     deadline = time.monotonic() + timeout
     hung = False
     try:
-        poller = select.poll()
-        poller.register(r, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
+            if left <= 0 or not wait.ready(r, select.POLLIN, min(int(left * 1000) + 1, wait.POLL_MAX_MS)):
                 hung = True
                 break
             chunk = os.read(r, 4096)
@@ -139,7 +138,7 @@ def _wait(pid: int, deadline: float) -> int | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        time.sleep(min(delay, left))  # a plugin that printed its answer and lingers: poll its end
+        wait.sleep(min(delay, left))  # a plugin that printed its answer and lingers: poll its end
         delay = min(delay * 2, 0.05)
 
 

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
+    from pyqmail.ucspi.hub import Hub, Session
+
 # The process environment os.environ and os.environb wrap: bytes to bytes.
 _ENVIRON = posix.environ
 _MAX_FD = os.sysconf("SC_OPEN_MAX")
@@ -539,8 +541,11 @@ REUSE_MAX = 100  # as Postfix's max_use: a worker's leftovers (heap, caches) are
 IDLE_MAX = 60.0
 GROWTH_MAX = 32 << 20  # bytes of resident memory a worker may gain over its start before it retires
 END = b"E"  # worker -> parent: the connection has ended; 4 bytes of wait status follow
-RETIRE = b"R"  # the same, and the worker exits now (its uses, a leftover descriptor, its memory)
+RETIRE = b"R"  # the same, and the worker takes no more (its uses, a leftover descriptor, its memory)
 PEER_MAX = 512
+SESSIONS_ENV = "PYQMAIL_TCPSERVER_SESSIONS"  # connections one worker serves at once (1: one after another)
+SPREAD_ENV = "PYQMAIL_TCPSERVER_SPREAD"  # workers each given a connection before any gets a second
+SESSIONS_MAX = 32
 
 
 def _reuse_settings() -> tuple[int, float]:
@@ -559,6 +564,23 @@ def _reuse_settings() -> tuple[int, float]:
         except ValueError:
             pass
     return uses, idle
+
+
+def _share_settings() -> tuple[int, int]:
+    """Return (connections a worker serves at once, workers to spread over first) from the environment."""
+    at_once, spread = SESSIONS_MAX, max(os.cpu_count() or 1, 2)
+    for name in (SESSIONS_ENV, SPREAD_ENV):
+        value = os.environ.get(name)
+        if value is not None:
+            try:
+                number = max(int(value), 1)
+            except ValueError:
+                continue  # a malformed value keeps the default
+            if name == SESSIONS_ENV:
+                at_once = number
+            else:
+                spread = number
+    return at_once, spread
 
 
 def _rss() -> int:
@@ -592,15 +614,15 @@ def _restore_environ(base: dict[bytes, bytes]) -> None:
 
 
 class Worker:
-    """The parent's view of one worker: its pid, its end of the pair, whether it serves a connection."""
+    """The parent's view of one worker: its pid, its end of the pair, how many connections it serves."""
 
-    __slots__ = ("pid", "sock", "fd", "busy", "retiring", "since")
+    __slots__ = ("pid", "sock", "fd", "sessions", "retiring", "since")
 
     def __init__(self, pid: int, sock: _socket.socket) -> None:
         self.pid = pid
         self.sock = sock
         self.fd = sock.fileno()
-        self.busy = True
+        self.sessions = 1
         self.retiring = False
         self.since = 0.0
 
@@ -617,10 +639,14 @@ class Reuse:
     grown past GROWTH_MAX or the last of its uses retire the worker.
     """
 
-    def __init__(self, cfg: Config, sock: _socket.socket, uses: int) -> None:
+    def __init__(self, cfg: Config, sock: _socket.socket, uses: int, at_once: int = 1) -> None:
         self.cfg = cfg
         self.sock = sock
         self.uses = uses
+        self.at_once = at_once
+        self.served = 0
+        self.retiring = False
+        self.hub: Hub
         self.environ = dict(_ENVIRON)
         try:
             self.cwd: str | None = os.getcwd()
@@ -637,6 +663,8 @@ class Reuse:
         # The parent's objects stay where the fork left them: the collector no longer walks them.
         gc.freeze()
         self.rss = _rss()
+        if self.at_once > 1:
+            self.run_many(conn, peer)
         served = 0
         while True:
             wstat = self.serve(conn, peer) << 8
@@ -708,6 +736,103 @@ class Reuse:
             os._exit(code)
         return code
 
+    # -- several connections at once (pyqmail.ucspi.hub) ------------------------------
+
+    def run_many(self, conn: _socket.socket, peer: tuple[str, int]) -> NoReturn:
+        """Serve conn and every connection the parent sends, side by side, until the parent closes the pair.
+
+        Each connection is a session of the hub: the program's main in a greenlet,
+        switched only where it waits (pyqmail.wait). A worker that retires (its uses,
+        a leftover descriptor, its growth) says so with its connection's end and takes
+        no more; it exits once its last connection is over and the parent has closed
+        the pair, or at once when the parent is gone.
+        """
+        from pyqmail import wait
+        from pyqmail.ucspi.hub import Hub
+
+        h = self.hub = Hub(self.null)
+        wait.hub = h
+        pair = self.sock.fileno()
+        h.poller.register(pair, select.POLLIN)
+        closed = False
+        self.begin(conn, peer)
+        while True:
+            try:
+                for _fd, _ in h.poll(h.timeout_ms()):  # only the pair is the worker's own
+                    if not closed and not self.receive():
+                        closed = True
+                        h.poller.unregister(pair)
+            except KeyboardInterrupt:  # SIGINT: as children die of it (quietly when no connection is here)
+                os._exit(EXIT_TEMP if h.sessions else 0)
+            if closed and not h.sessions:
+                os._exit(0)
+
+    def receive(self) -> bool:
+        """Start a session for each connection the parent has sent; False once the pair is closed."""
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(PEER_MAX, _socket.CMSG_SPACE(4), _socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            fds = workers.received_fds(ancillary)
+            if not data or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                return False  # closed: retired, let go, or the parent is gone
+            self.begin(_socket.socket(fileno=fds[0]), _decode_peer(data))
+
+    def begin(self, conn: _socket.socket, peer: tuple[str, int]) -> None:
+        """Start conn's session; the hub owns its descriptor from here on."""
+        fd = conn.detach()
+        self.hub.start(fd, self.environ, lambda: self.serve_session(fd, peer), self.session_ended)
+
+    def serve_session(self, fd: int, peer: tuple[str, int]) -> int:
+        """Serve one connection in a session (its socket already on 0 and 1); return the exit code."""
+        code = EXIT_TEMP
+        try:
+            conn = _socket.socket(fileno=fd)
+            try:
+                conn.setblocking(True)
+                deny, _ = learn(conn, peer, self.cfg, setenv)
+            finally:
+                conn.detach()
+            if deny:
+                return EXIT_DENY
+            name = self.cfg.argv[0]
+            try:
+                path = _ENVIRON.get(b"PATH")
+                target = pathexec.target(name, None if path is None else os.fsdecode(path))
+                rc = spawn.call(target, self.cfg.argv)
+            except OSError as e:
+                raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
+            if rc is None:  # no longer a reusable program (replaced): its own process, once
+                raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": no longer a reusable program")
+            code = rc
+        except Die as d:
+            if d.text is not None:
+                warn(self.cfg, d.text)
+            code = d.code
+        except Exception as e:  # noqa: BLE001 - the worker goes on; the connection ends as a child's would
+            warn(self.cfg, DROP + b"internal error: " + type(e).__name__.encode() + b": "
+                 + str(e).encode("utf-8", "replace"))
+        except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: as a child, it ends
+            os._exit(code)
+        return code
+
+    def session_ended(self, s: Session) -> None:
+        """Report a session's end (its socket still open); retire when this worker should take no more."""
+        self.served += 1
+        if not self.retiring:
+            last = not self.hub.sessions
+            self.retiring = (self.served >= self.uses or _rss() - self.rss > GROWTH_MAX
+                             or (last and not (self.tidy(s.fd) and self.back())))
+        try:
+            self.sock.send((RETIRE if self.retiring else END) + (s.code << 8).to_bytes(4, "little"))
+        except OSError:
+            pass  # the parent is gone: the other sessions go on, as children outlive tcpserver
+
     def back(self) -> bool:
         """Go back to tcpserver's directory and umask for the next connection; False if the directory is gone.
 
@@ -754,7 +879,7 @@ class Server:
     """
 
     def __init__(self, cfg: Config, listener: socket.socket, uses: int = 0, idle: float = IDLE_MAX,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, at_once: int = 1, spread: int = 1) -> None:
         self.cfg = cfg
         self.listener = listener
         self.children = 0
@@ -769,6 +894,8 @@ class Server:
         self.family = int(listener.family)
         self.uses = uses
         self.idle_max = idle
+        self.at_once = at_once if uses > 1 else 1
+        self.spread = spread
         if clock is None:
             import time
 
@@ -795,11 +922,12 @@ class Server:
             if w is None:
                 self.ended(pid, wstat)
                 continue
-            if w.busy and w.sock.fileno() != -1:
-                self.hear(w)  # its last report, if it sent one before exiting
+            if w.sessions and w.sock.fileno() != -1:
+                self.hear(w)  # its last reports, if it sent them before exiting
             self.drop(w)
-            if w.busy:  # died inside a connection: that connection ends with the worker
+            for _ in range(w.sessions):  # died inside connections: they end with the worker
                 self.ended(pid, wstat)
+            w.sessions = 0
 
     def drop(self, w: Worker) -> None:
         """Let a worker go: its pair closed (an idle one exits on that).
@@ -808,36 +936,45 @@ class Server:
         (a pid missing from the pool would be logged and counted as one).
         """
         w.retiring = True
-        if self.by_fd.pop(w.fd, None) is not None:
+        # Only if the number is still its own: once its pair is closed, a newer
+        # worker's pair may have the same descriptor number.
+        if self.by_fd.get(w.fd) is w:
+            del self.by_fd[w.fd]
             self.poller.unregister(w.fd)
         if w in self.idle:
             self.idle.remove(w)
         w.sock.close()
 
     def hear(self, w: Worker) -> None:
-        """Read a busy worker's report of its connection's end, if there is one."""
-        try:
-            data = w.sock.recv(16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if len(data) != 5 or data[:1] not in (END, RETIRE):
-            if not data:
-                w.retiring = True  # gone: reap() says how, and ends its connection
-                if w.fd in self.by_fd:
-                    self.poller.unregister(w.fd)
-                    del self.by_fd[w.fd]
-            return
-        w.busy = False
-        self.ended(w.pid, int.from_bytes(data[1:], "little"))
-        if data[:1] == RETIRE:
-            w.retiring = True
-            if self.by_fd.pop(w.fd, None) is not None:
-                self.poller.unregister(w.fd)
-        else:
-            w.since = self.clock()
-            self.idle.append(w)
+        """Read a busy worker's reports of its connections' ends, as many as there are."""
+        while w.sessions:
+            try:
+                data = w.sock.recv(16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if len(data) != 5 or data[:1] not in (END, RETIRE):
+                if not data:
+                    w.retiring = True  # gone: reap() says how, and ends its connections
+                    if w in self.idle:
+                        self.idle.remove(w)
+                    if self.by_fd.get(w.fd) is w:
+                        self.poller.unregister(w.fd)
+                        del self.by_fd[w.fd]
+                return
+            w.sessions -= 1
+            self.ended(w.pid, int.from_bytes(data[1:], "little"))
+            if data[:1] == RETIRE:
+                w.retiring = True
+            if w.retiring:
+                if not w.sessions:
+                    # Its last connection is over: the pair closed, it exits (one serving a
+                    # connection at a time has exited already).
+                    self.drop(w)
+            elif not w.sessions:
+                w.since = self.clock()
+                self.idle.append(w)
 
     def accept_one(self) -> bool:
         """Accept a connection, if one is still there, and fork its child (or hand it to a worker).
@@ -875,20 +1012,47 @@ class Server:
             conn.close()
         return True
 
+    def pick(self) -> Worker | None:
+        """The worker for a new connection; None when a new one should be forked.
+
+        An idle worker first (the most recently used: it is the warmest). Workers
+        serving one connection at a time take no other. Otherwise connections are
+        spread: a new worker while fewer than spread serve; then the worker with the
+        fewest connections that has room for one more. An idle connection then
+        costs a session inside a worker, not a process; a busy one shares its
+        worker with few others.
+        """
+        if self.idle:
+            return self.idle.pop()
+        if self.at_once <= 1:
+            return None
+        best = None
+        serving = 0
+        for w in self.by_fd.values():
+            if w.retiring:
+                continue
+            serving += 1
+            if w.sessions < self.at_once and (best is None or w.sessions < best.sessions):
+                best = w
+        if serving < self.spread:
+            return None
+        return best
+
     def hand_over(self, conn: _socket.socket, peer: tuple[str, int]) -> bool:
-        """Give conn to an idle worker; False when none took it."""
+        """Give conn to a worker (pick); False when none took it."""
         data = _encode_peer(peer)
         rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, conn.fileno().to_bytes(4, sys_byteorder))]
-        while self.idle:
-            w = self.idle.pop()
+        while True:
+            w = self.pick()
+            if w is None:
+                return False
             try:
                 w.sock.sendmsg([data], rights)
             except OSError:
-                self.drop(w)  # gone while idle: reap() collects it
+                self.drop(w)  # gone: reap() collects it and ends its connections
                 continue
-            w.busy = True
+            w.sessions += 1
             return True
-        return False
 
     def fork_worker(self, conn: _socket.socket, peer: tuple[str, int]) -> None:
         """Fork a worker that serves conn first."""
@@ -913,7 +1077,7 @@ class Server:
                 sig.set_wakeup_fd(-1)
                 sig.signal(sig.SIGTERM, sig.SIG_DFL)
                 sig.signal(sig.SIGCHLD, sig.SIG_DFL)
-                Reuse(self.cfg, theirs, self.uses).run(conn, peer)
+                Reuse(self.cfg, theirs, self.uses, self.at_once).run(conn, peer)
             except BaseException as e:  # noqa: BLE001 - the worker must never return to the loop
                 warn(self.cfg, DROP + b"internal error: " + type(e).__name__.encode() + b": "
                      + str(e).encode("utf-8", "replace"))
@@ -971,7 +1135,7 @@ class Server:
             for fd in ready:
                 w = self.by_fd.get(fd)
                 if w is not None:
-                    if w.busy:
+                    if w.sessions:
                         self.hear(w)
                     else:
                         # An idle worker has nothing to say: gone, or confused (a second
@@ -1038,6 +1202,7 @@ def main(argv: list[str]) -> int:
                 uses = 0  # a program that must run in a process of its own (or an exec'd one)
         except OSError:
             uses = 0  # not found now: each child says so, as without reuse
-    server = Server(cfg, listener, uses, idle)
+    at_once, spread = _share_settings()
+    server = Server(cfg, listener, uses, idle, at_once=at_once, spread=spread)
     server.print_status()
     server.run()
