@@ -217,3 +217,42 @@ def test_the_limit_counts_connections_not_workers(home: QHome, tmp_path: Path) -
     finally:
         server.close()
     assert "tcpserver: status: 3/3" in server.lines()
+
+
+def test_a_session_waiting_for_dns_does_not_hold_the_others(home: QHome, tmp_path: Path) -> None:
+    """control/dnsbllist is asked at the first RCPT; 127.0.0.2's cache never answers (a bound UDP
+    socket nobody reads), so its session waits in pyqmail.ucspi.dnsq's first 1-second round while
+    127.0.0.1's session, in the same worker, goes on."""
+    import socket
+
+    home.control("dnsbllist", "-bl.example\n")
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    hole.bind(("127.0.0.1", 0))
+    port = hole.getsockname()[1]
+    rules = rules_file(tmp_path, f'127.0.0.2:allow,DNSCACHEIP="127.0.0.1:{port}"\n:allow,DNSBLSKIP=""\n')
+    server = Tcpserver(home, tmp_path, "-x", str(rules), env={"PYQMAIL_TCPSERVER_SPREAD": "1"})
+    try:
+        stuck = server.connect("127.0.0.2")
+        stuck.reply()
+        stuck.say(b"HELO x")
+        stuck.say(b"MAIL FROM:<a@b.example>")
+        stuck.sock.sendall(b"RCPT TO:<u@" + FQDN.encode() + b">\r\n")  # asks the hole, and waits
+        hole.settimeout(DEADLINE)
+        query, asker = hole.recvfrom(512)  # the query has been sent: the session is in its wait now
+        other = server.connect()
+        started = time.monotonic()
+        other.reply()
+        assert other.say(b"HELO x").startswith(b"250 ")
+        other.quit()
+        assert time.monotonic() - started < 0.8  # well inside the stuck one's first round (1 s)
+        assert len(set(_pids(server, 2))) == 1
+        answer = bytearray(query)
+        answer[2] |= 0x80  # QR: the query sent back as its own answer,
+        answer[3] = (answer[3] & 0xF0) | 3  # NXDOMAIN: not listed
+        hole.sendto(bytes(answer), asker)
+        assert stuck.reply().startswith(b"250 ")
+        stuck.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+        hole.close()

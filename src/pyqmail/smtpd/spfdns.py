@@ -30,6 +30,8 @@ import sys
 import time
 import types
 
+from pyqmail import wait as waiting
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -235,7 +237,10 @@ def lookup(name: str, qtype: str, strict: object = True, timeout: float = 20) ->
                     while True:
                         # One deadline for the answer: datagrams of another id (strays, or forged
                         # ones) must not restart the wait.
-                        s.settimeout(max(deadline - time.monotonic(), 0.0) or 1e-6)
+                        left = max(deadline - time.monotonic(), 0.0)
+                        if not waiting.readable(s.fileno(), left):
+                            raise TimeoutError  # the others of a tcpserver worker ran meanwhile
+                        s.settimeout(left or 1e-6)
                         reply = s.recv(65535)
                         if reply[:2] == packet[:2]:
                             break  # another id: a stray or forged datagram, ignored

@@ -23,6 +23,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import dns.message
+
 DNS_PORT = 53
 TIMEOUTS = (1.0, 3.0, 11.0, 45.0)
 RESOLV_CONF = "/etc/resolv.conf"
@@ -109,8 +111,7 @@ def _ask(name: bytes, rdtype_text: str, caches: list[tuple[str, int]]) -> list[o
         for address, port in caches:
             query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
             try:
-                response = dns.query.udp(query, address, timeout=timeout, port=port,
-                                         ignore_unexpected=True, one_rr_per_rrset=True)
+                response = _udp(query, address, port, timeout)
                 if response.flags & dns.flags.TC:
                     response = dns.query.tcp(query, address, timeout=timeout, port=port,
                                              one_rr_per_rrset=True)
@@ -124,6 +125,46 @@ def _ask(name: bytes, rdtype_text: str, caches: list[tuple[str, int]]) -> list[o
                     records.extend(rrset)
             return records
     raise Temporary("no cache answered")
+
+
+def _udp(query: dns.message.Message, address: str, port: int, timeout: float) -> dns.message.Message:
+    """Ask address over UDP; in a tcpserver worker serving several sessions, the others run meanwhile.
+
+    Elsewhere dnspython's own blocking exchange. Both ignore datagrams that are not
+    the answer (another id or question), as djbdns does, within one deadline.
+    """
+    import sys
+
+    import dns.exception
+    import dns.message
+    import dns.query
+
+    w = sys.modules.get("pyqmail.wait")
+    if w is None or w.hub is None:
+        return dns.query.udp(query, address, timeout=timeout, port=port,
+                             ignore_unexpected=True, one_rr_per_rrset=True)
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        s.connect((address, port))
+        s.send(query.to_wire())
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not w.readable(s.fileno(), left):
+                raise dns.exception.Timeout
+            try:
+                data = s.recv(65535)
+            except BlockingIOError:
+                continue
+            try:
+                response = dns.message.from_wire(data, one_rr_per_rrset=True)
+            except dns.exception.DNSException:
+                continue  # not an answer: ignored, as ignore_unexpected does
+            if query.is_response(response):
+                return response
 
 
 def _printable(data: bytes) -> bytes:
