@@ -88,9 +88,11 @@ def finish(pid: int, timeout: float | None = None) -> int:
     except OSError:
         return spawn.wait(pid)  # safe: no pidfd (old kernel): wait unbounded, as qmail does
     try:
-        p = select.poll()
-        p.register(pidfd, select.POLLIN)
-        if not p.poll(max(int(timeout * 1000), 0)):
+        from pyqmail import wait
+
+        # Through pyqmail.wait: in a tcpserver worker serving several sessions, the others run
+        # while the checkprogram works (a poll here held them all, up to timeout seconds).
+        if not wait.ready(pidfd, select.POLLIN, min(max(int(timeout * 1000), 0), wait.POLL_MAX_MS)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 POLL_MAX_MS = (1 << 31) - 1  # poll() takes a C int: a longer wait (24.8 days) is cut to this
 
@@ -25,7 +28,12 @@ class Hub(Protocol):
     def sleep(self, seconds: float) -> bool: ...
 
 
-hub: Hub | None = None  # set in a worker that serves sessions side by side
+hub: Hub | None = None  # set in a worker that serves sessions side by side; None again in its forked children
+
+# Run each time a hub puts a session back in place (its environment restored), before it runs:
+# module state a program keeps for one session (SPF's DNS servers, pyqmail.smtpd.spf) is put
+# back from that session's environment, as the environment itself is. Never run elsewhere.
+resumed: list[Callable[[], None]] = []
 
 
 def ready(fd: int, event: int, ms: int) -> bool:

@@ -445,6 +445,10 @@ def load(env: Mapping[bytes, bytes]) -> SpfCheck | None:
     if settings is None:
         return None
     _point_dns(env.get(b"DNSCACHEIP"))
+    from pyqmail import wait
+
+    if _repoint not in wait.resumed:
+        wait.resumed.append(_repoint)
     if b"TCPREMOTEIP" not in env:
         _warm()  # no client: tcpserver's parent preloading (a child always has TCPREMOTEIP)
     return SpfCheck(settings)
@@ -480,6 +484,18 @@ def _point_dns(value: bytes | None) -> None:
 
         spfdns.install(dnsq.servers({}))  # /etc/resolv.conf
     _pointed = (value, spf.DNSLookup, list(spfdns._servers))
+
+
+def _repoint() -> None:
+    """A session resumes in a tcpserver worker serving several: its $DNSCACHEIP's servers back in place.
+
+    spfdns keeps the servers in module state, which the session that started last
+    (or asked last) set; each session's environment keeps its own $DNSCACHEIP. The
+    hub runs this each time it puts a session back (pyqmail.wait.resumed), also in
+    the middle of a lookup: spfdns's loop over its servers' list, changed in place,
+    goes on over this session's again.
+    """
+    _point_dns(posix.environ.get(b"DNSCACHEIP"))
 
 
 _warmed = False

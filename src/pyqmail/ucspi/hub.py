@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _ENVIRON: dict[bytes, bytes] = posix.environ  # what os.environb wraps
+_fork_hook = False  # _forget_hub registered with os.register_at_fork (once per process)
+
+
+def _forget_hub() -> None:
+    """In a child forked inside a session (spawn's fork-and-call of qmail-queue, a checkprogram, a
+    $QMAILQUEUE filter): no hub. Its waits are a process's own; switching to the worker's loop
+    there would run the worker's other sessions in the child."""
+    _wait.hub = None
 
 
 def restore_environ(base: dict[bytes, bytes]) -> None:
@@ -63,6 +71,10 @@ class Hub:
     """The worker's loop over its sessions' waits (one poll), with their timers."""
 
     def __init__(self, null: int, clock: Callable[[], float] = time.monotonic) -> None:
+        global _fork_hook
+        if not _fork_hook:
+            os.register_at_fork(after_in_child=_forget_hub)
+            _fork_hook = True
         self.null = null
         self.clock = clock
         self.main = greenlet.getcurrent()
@@ -122,6 +134,8 @@ class Hub:
         os.dup2(s.fd, 0)
         os.dup2(s.fd, 1)
         self.installed = s
+        for put_back in _wait.resumed:
+            put_back()
 
     def resume(self, s: Session, value: bool) -> None:
         """Run s until it waits again or ends."""

@@ -1,0 +1,316 @@
+"""Hostile review of session 7: several connections served at once by one tcpserver worker.
+
+Every test here puts its connections in one worker ($PYQMAIL_TCPSERVER_SPREAD=1)
+and interleaves them, looking for what one session can see or hold of another:
+module state set per connection (SPF's DNS servers), a wait outside
+pyqmail.wait (the AUTH checkprogram), what a program a session starts
+inherits, a client that never reads, the parent's accounting when a worker
+retires with sessions still running, and a child forked by a session.
+See docs/DESIGN.md "Review of session 7 (several connections per worker)".
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QHome
+from remotekit import DnsServer
+from test_tcpserver_reuse import DEADLINE, FQDN, Client, Tcpserver
+from ucspikit import rules_file
+
+ONE = {"PYQMAIL_TCPSERVER_SPREAD": "1", "PYQMAIL_TCPSERVER_SESSIONS": "32"}
+
+
+@pytest.fixture
+def home(qhome: QHome) -> QHome:
+    qhome.control("rcpthosts", FQDN + "\n")
+    return qhome
+
+
+def _pids(server: Tcpserver, count: int) -> list[int]:
+    return [int(m.group(1)) for m in server.wait_for(r"tcpserver: pid (\d+) from .*", count)]
+
+
+def _fds(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _queued(home: QHome) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((home.queue / "mess").rglob("*")) if p.is_file()]
+
+
+# -- module state set per connection ---------------------------------------------------
+
+
+def test_spf_asks_each_sessions_own_dnscacheip(home: QHome, tmp_path: Path) -> None:
+    """$DNSCACHEIP from the rules, different per client: each session's SPF check asks its own servers
+    (spfdns keeps the servers in module state, set when a session starts)."""
+    failing = DnsServer({("x.example", "TXT"): ['"v=spf1 -all"']})
+    passing = DnsServer({("x.example", "TXT"): ['"v=spf1 +all"']})
+    home.control("spfbehavior", "3\n")
+    rules = rules_file(tmp_path, f'127.0.0.2:allow,DNSCACHEIP="127.0.0.1:{failing.port}"\n'
+                                 f'127.0.0.3:allow,DNSCACHEIP="127.0.0.1:{passing.port}"\n:allow\n')
+    server = Tcpserver(home, tmp_path, "-x", str(rules), env=ONE)
+    try:
+        a = server.connect("127.0.0.2")
+        a.reply()
+        b = server.connect("127.0.0.3")  # started after a: the servers are b's now
+        b.reply()
+        assert len(set(_pids(server, 2))) == 1
+        for c, want in ((a, b"550 "), (b, b"250 "), (a, b"550 ")):
+            assert c.say(b"MAIL FROM:<s@x.example>").startswith(b"250 ")
+            assert c.say(b"RCPT TO:<u@" + FQDN.encode() + b">").startswith(want)
+            c.say(b"RSET")
+        a.quit()
+        b.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+        failing.close()
+        passing.close()
+    assert failing.queries and passing.queries
+
+
+# -- waits outside pyqmail.wait ---------------------------------------------------------
+
+
+def test_a_slow_checkprogram_holds_neither_the_others_nor_their_sockets(home: QHome, tmp_path: Path) -> None:
+    """AUTH's checkprogram runs 2 s: meanwhile the other session answers at once; the checkprogram
+    has descriptors 0, 1, 2 and 3 only (no session's socket, not the worker's pair)."""
+    fds = tmp_path / "fds"
+    check = tmp_path / "check"
+    check.write_text(f"#!/bin/sh\nls -l /proc/$$/fd > {fds}.tmp; mv {fds}.tmp {fds}\nsleep 2\nexit 1\n")
+    check.chmod(0o755)
+    server = Tcpserver(home, tmp_path, env={**ONE, "SMTPAUTH": "", "PYQMAIL_SMTPD_AUTH_DELAY": "0"},
+                       argv=(str(check),))
+    try:
+        slow = server.connect()
+        slow.reply()
+        other = server.connect()
+        other.reply()
+        assert len(set(_pids(server, 2))) == 1
+        slow.sock.sendall(b"AUTH PLAIN AHUAcA==\r\n")  # \0u\0p
+        deadline = time.monotonic() + DEADLINE
+        while not fds.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert other.say(b"NOOP").startswith(b"250 ")
+        assert time.monotonic() - started < 1.0, "the checkprogram held the other session"
+        assert slow.reply().startswith(b"535 ")
+        slow.quit()
+        other.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    listing = fds.read_text()
+    assert "socket:" not in listing, listing  # others above 3 are the shell's own (its script)
+    assert " 3 -> pipe:" in listing
+
+
+def test_a_client_that_never_reads_holds_no_other(home: QHome, tmp_path: Path) -> None:
+    """Pipelined commands whose replies are never read fill the socket's buffers: its session waits for
+    POLLOUT in the hub, and the other session goes on."""
+    server = Tcpserver(home, tmp_path, env=ONE)
+    try:
+        deaf = server.connect()
+        deaf.reply()
+        other = server.connect()
+        other.reply()
+        assert len(set(_pids(server, 2))) == 1
+        deaf.sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < 16 << 20:
+                sent += deaf.sock.send(b"NOOP\r\n" * 4096)
+        except BlockingIOError:
+            pass  # both directions full: the session is stuck writing replies
+        deaf.sock.setblocking(True)
+        for _ in range(3):
+            assert other.say(b"NOOP").startswith(b"250 ")
+        other.quit()
+        deaf.sock.close()
+        server.wait_for(r"tcpserver: end \d+ status \d+", 2)
+    finally:
+        server.close()
+
+
+# -- data and envelopes ----------------------------------------------------------------
+
+
+def test_two_data_phases_interleaved_chunk_by_chunk(home: QHome, tmp_path: Path) -> None:
+    rules = rules_file(tmp_path, '127.0.0.2:allow,RELAYCLIENT=""\n:allow\n')
+    server = Tcpserver(home, tmp_path, "-x", str(rules), env=ONE)
+    try:
+        one = server.connect("127.0.0.1")
+        two = server.connect("127.0.0.2")
+        for c, name in ((one, b"one"), (two, b"two")):
+            c.reply()
+            assert c.say(b"HELO " + name).startswith(b"250 ")
+        assert one.say(b"MAIL FROM:<one@a.example>").startswith(b"250 ")
+        assert two.say(b"MAIL FROM:<two@b.example>").startswith(b"250 ")
+        assert one.say(b"RCPT TO:<u1@" + FQDN.encode() + b">").startswith(b"250 ")
+        assert two.say(b"RCPT TO:<u2@far.example>").startswith(b"250 ")  # relaying: two's only
+        assert one.say(b"DATA").startswith(b"354 ")
+        assert two.say(b"DATA").startswith(b"354 ")
+        for i in range(200):
+            one.sock.sendall(b"one line %d " % i + b"x" * 500 + b"\r\n")
+            two.sock.sendall(b"two line %d " % i + b"y" * 500 + b"\r\n")
+        one.sock.sendall(b".\r\n")
+        two.sock.sendall(b".\r\n")
+        assert one.reply().startswith(b"250 ok ")
+        assert two.reply().startswith(b"250 ok ")
+        one.quit()
+        two.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    (m1,) = [m for m in _queued(home) if b"one line 0 " in m]
+    (m2,) = [m for m in _queued(home) if b"two line 0 " in m]
+    assert b"two line" not in m1 and b"one line" not in m2
+    assert m1.count(b"one line") == 200 and m2.count(b"two line") == 200
+    assert b"(HELO one)" in m1 and b"(HELO two)" in m2  # each Received line names its own HELO
+    envelopes = {p.read_bytes() for p in (home.queue / "todo").rglob("*") if p.is_file()} | \
+        {p.read_bytes() for p in (home.queue / "info").rglob("*") if p.is_file()}
+    joined = b"".join(envelopes)
+    assert b"one@a.example" in joined and b"two@b.example" in joined
+
+
+# -- the parent's accounting ---------------------------------------------------------------
+
+
+def test_a_worker_retiring_with_sessions_running_serves_them_to_the_end(home: QHome, tmp_path: Path) -> None:
+    """$PYQMAIL_TCPSERVER_REUSE=2 and 3 connections at once: the second end retires the worker, the
+    third connection still goes on in it; a new connection gets a new worker; every end logged once."""
+    server = Tcpserver(home, tmp_path, env={**ONE, "PYQMAIL_TCPSERVER_REUSE": "2"})
+    try:
+        clients = [server.connect() for _ in range(3)]
+        for c in clients:
+            c.reply()
+        (worker,) = set(_pids(server, 3))
+        clients[0].quit()
+        clients[1].quit()
+        server.wait_for(rf"tcpserver: end {worker} status 0", 2)
+        assert clients[2].say(b"NOOP").startswith(b"250 ")
+        fresh = server.connect()
+        fresh.reply()
+        assert _pids(server, 4)[3] != worker
+        clients[2].quit()
+        fresh.quit()
+        ends = server.wait_for(r"tcpserver: end (\d+) status (\d+)", 4)
+        deadline = time.monotonic() + DEADLINE
+        while os.path.exists(f"/proc/{worker}") and Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the retired worker did not exit"
+            time.sleep(0.02)
+    finally:
+        server.close()
+    assert sorted(m.group(2) for m in ends) == ["0"] * 4
+    assert [int(m.group(1)) for m in ends].count(worker) == 3
+    assert len([x for x in server.lines() if x.startswith("tcpserver: end ")]) == 4
+
+
+def test_after_its_sessions_end_a_worker_holds_no_socket_and_0_1_are_dev_null(home: QHome, tmp_path: Path) -> None:
+    server = Tcpserver(home, tmp_path, env=ONE)
+    try:
+        clients = [server.connect() for _ in range(3)]
+        for c in clients:
+            c.reply()
+        (worker,) = set(_pids(server, 3))
+        before = _fds(worker)
+        for c in clients[1:]:
+            c.quit()  # each sees the end at once (quit reads EOF)
+        clients[0].quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 3)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            after = _fds(worker)
+            if after[0] == after[1] == "/dev/null" or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    finally:
+        server.close()
+    sockets = [fd for fd, t in after.items() if t.startswith("socket:")]
+    assert after[0] == "/dev/null" and after[1] == "/dev/null", after
+    assert len(sockets) <= 2, (before, after)  # the pair to the parent (and the listener, if kept)
+    assert len([fd for fd, t in before.items() if t.startswith("socket:")]) >= len(sockets) + 3
+
+
+def test_sigterm_to_tcpserver_leaves_running_sessions_to_finish(home: QHome, tmp_path: Path) -> None:
+    server = Tcpserver(home, tmp_path, env=ONE)
+    try:
+        clients = [server.connect() for _ in range(2)]
+        for c in clients:
+            c.reply()
+        (worker,) = set(_pids(server, 2))
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(DEADLINE)
+        for c in clients:
+            assert c.say(b"HELO x").startswith(b"250 ")
+            c.quit()
+        deadline = time.monotonic() + DEADLINE
+        while os.path.exists(f"/proc/{worker}"):
+            assert time.monotonic() < deadline, "the worker outlived its sessions"
+            time.sleep(0.02)
+    finally:
+        if server.proc.poll() is None:
+            server.close()
+        else:
+            assert server.proc.stdout is not None
+            server.proc.stdout.close()
+
+
+# -- a child forked inside a session ----------------------------------------------------------
+
+
+def test_a_child_forked_in_a_session_does_not_take_the_workers_hub(tmp_path: Path) -> None:
+    """spawn's fast path forks and calls a program's main (qmail-queue, a pyqmail checkpassword, a
+    pyqmail $QMAILQUEUE filter): in that child, pyqmail.wait must wait as in any process, not switch
+    to the worker's loop (which would run the other sessions in the child)."""
+    from pyqmail import wait
+    from pyqmail.ucspi.hub import Hub
+
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    a, b = os.pipe()  # the session's "socket": a descriptor of its own
+    saved = os.dup(0), os.dup(1)
+    h = Hub(null)
+    wait.hub = h
+    result = {}
+
+    def session() -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                got = wait.ready(r, select.POLLIN, 0)
+                os.write(w, b"hub" if wait.hub is not None else b"none")
+                os._exit(0 if got is False else 1)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        result["status"] = status
+        return 0
+
+    try:
+        h.start(a, dict(os.environb), session, lambda s: None)
+    finally:
+        wait.hub = None
+        os.dup2(saved[0], 0)
+        os.dup2(saved[1], 1)
+        for fd in (*saved, null, b):
+            os.close(fd)
+    os.close(w)
+    said = os.read(r, 10)
+    os.close(r)
+    assert said == b"none" and os.waitstatus_to_exitcode(result["status"]) == 0
