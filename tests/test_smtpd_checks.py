@@ -305,6 +305,18 @@ def test_dnsbl_553_refuses_every_rcpt(qhome: QHome, dns: DNSServer) -> None:
     assert [q for q in dns.queries if q[0].endswith(BL)] == [(f"1.0.0.127.{BL}", "TXT")]  # once a session
 
 
+def test_dnsbl_not_asked_without_tcpremoteip(qhome: QHome, dns: DNSServer) -> None:
+    """qmail-smtpd run without $TCPREMOTEIP (by hand, inetd, tcpserver's warm-up sessions) has no
+    address to look up: "unknown" must not become a query for unknown.ZONE."""
+    qhome.control("dnsbllist", f"-{BL}\n")
+    c = Conversation(qhome.bin("qmail-smtpd"), {"DNSCACHEIP": dns.dnscacheip})
+    c.send(b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<a@test.example.com>\r\nQUIT\r\n")
+    out = c.rest().split(b"\r\n")[:-1]
+    _, err = c.finish()
+    assert out[3] == b"250 ok", out
+    assert b"dnsbl" not in err and not dns.queries
+
+
 def test_dnsbl_451_drops_the_connection(qhome: QHome, dns: DNSServer) -> None:
     qhome.control("dnsbllist", f"{AL}:Blocked %IP%, try later\n")
     env = {"DNSCACHEIP": dns.dnscacheip}

@@ -35,6 +35,8 @@ from pyqmail.ucspi import dnsq
 from pyqmail.ucspi.rbl import ACCEPTED_CLIENT, Decision
 from pyqmail.ucspi.rules import scan_ulong
 
+UNKNOWN = b"unknown"  # qmail-smtpd's remote IP when $TCPREMOTEIP is not set
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -153,8 +155,8 @@ class Dnsbl(policy.Check):
         self.asked = False
 
     def rcpt(self, s: View, addr: bytes) -> policy.Verdict | None:
-        if s.relaying or s.authuser is not None or not s.remoteip:
-            return None
+        if s.relaying or s.authuser is not None or s.remoteip in (b"", UNKNOWN):
+            return None  # without $TCPREMOTEIP (qmail-smtpd's "unknown"): nothing to look up
         if not self.asked:  # once a session, as the patch (flagrbldns)
             self.asked = True
             d = decide(s.remoteip, self.sources, self.rblsmtpd, self.fail_closed, self.txt, self.ip4)
