@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 
 from conftest import QHome
 from remotekit import DnsServer
+from test_smtpd_tls import client_ctx, pki, tls_home  # noqa: F401 - fixtures
 from test_tcpserver_reuse import DEADLINE, FQDN, Client, Tcpserver
 from ucspikit import rules_file
 
@@ -120,6 +123,76 @@ def test_a_slow_checkprogram_holds_neither_the_others_nor_their_sockets(home: QH
     assert " 3 -> pipe:" in listing
 
 
+def test_a_slow_qmailqueue_holds_no_other(home: QHome, tmp_path: Path) -> None:
+    """A $QMAILQUEUE filter working 2 s (a scanner): qmail-smtpd waits for its answer (descriptor 6's
+    end) through pyqmail.wait, and the other session answers meanwhile."""
+    began = tmp_path / "began"
+    slow = tmp_path / "slow-queue"
+    slow.write_text(f"#!/bin/sh\ntouch {began}\nsleep 2\nexec {home.bin('qmail-queue')}\n")
+    slow.chmod(0o755)
+    server = Tcpserver(home, tmp_path, env={**ONE, "QMAILQUEUE": str(slow)})
+    try:
+        sender = server.connect()
+        sender.reply()
+        other = server.connect()
+        other.reply()
+        assert len(set(_pids(server, 2))) == 1
+        for line in (b"HELO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<u@" + FQDN.encode() + b">"):
+            assert sender.say(line).startswith(b"250 ")
+        assert sender.say(b"DATA").startswith(b"354 ")
+        sender.sock.sendall(b"Subject: slow\r\n\r\nbody\r\n.\r\n")
+        deadline = time.monotonic() + DEADLINE
+        while not began.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert other.say(b"NOOP").startswith(b"250 ")
+        assert time.monotonic() - started < 1.0, "the $QMAILQUEUE program held the other session"
+        assert sender.reply().startswith(b"250 ok ")
+        sender.quit()
+        other.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    assert any(b"Subject: slow" in m for m in _queued(home))
+
+
+def test_an_ident_lookup_that_gets_no_answer_holds_no_other(home: QHome, tmp_path: Path) -> None:
+    """tcpserver without -R asks the client's ident server (port 113) for TCPREMOTEINFO, up to -t seconds.
+    A client whose ident server accepts and never answers: the worker's other sessions go on meanwhile."""
+    mute = socket.socket()
+    try:
+        mute.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        mute.bind(("127.0.0.5", 113))
+    except OSError as e:
+        mute.close()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"port 113 on 127.0.0.5: {e}")
+    mute.listen(4)
+    server = Tcpserver(home, tmp_path, "-r", "-t", "3", env=ONE)
+    try:
+        other = server.connect("127.0.0.6")  # no ident server there: refused at once
+        other.reply()
+        asking = server.connect("127.0.0.5")
+        deadline = time.monotonic() + DEADLINE
+        while not any(x.startswith("tcpserver: pid ") and x.endswith("127.0.0.5") for x in server.lines()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)  # the ident connection is accepted by the kernel; nobody answers it
+        started = time.monotonic()
+        assert other.say(b"NOOP").startswith(b"250 ")
+        assert time.monotonic() - started < 1.0, "the ident lookup held the other session"
+        assert asking.reply().startswith(b"220 ")  # after -t's 3 seconds, without TCPREMOTEINFO
+        assert len(set(_pids(server, 2))) == 1
+        asking.quit()
+        other.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+        mute.close()
+
+
 def test_a_client_that_never_reads_holds_no_other(home: QHome, tmp_path: Path) -> None:
     """Pipelined commands whose replies are never read fill the socket's buffers: its session waits for
     POLLOUT in the hub, and the other session goes on."""
@@ -186,6 +259,74 @@ def test_two_data_phases_interleaved_chunk_by_chunk(home: QHome, tmp_path: Path)
         {p.read_bytes() for p in (home.queue / "info").rglob("*") if p.is_file()}
     joined = b"".join(envelopes)
     assert b"one@a.example" in joined and b"two@b.example" in joined
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def _tls_say(t: ssl.SSLSocket, line: bytes) -> bytes:
+    t.sendall(line + b"\r\n")
+    out = b""
+    while not (len(out) >= 4 and out.endswith(b"\r\n") and out.split(b"\r\n")[-2][3:4] == b" "):
+        chunk = t.recv(65536)
+        assert chunk, out
+        out += chunk
+    return out
+
+
+def test_two_starttls_handshakes_interleaved_beside_a_plain_session(
+        tls_home: QHome, pki: dict, tmp_path: Path) -> None:  # noqa: F811 - fixtures
+    tls_home.control("rcpthosts", FQDN + "\n")
+    server = Tcpserver(tls_home, tmp_path, env=ONE)
+    try:
+        plain = server.connect()
+        plain.reply()
+        pair = [server.connect(), server.connect()]
+        for c in pair:
+            c.reply()
+            assert b"STARTTLS" in c.say(b"EHLO x")
+            assert c.say(b"STARTTLS").startswith(b"220 ")
+        assert len(set(_pids(server, 3))) == 1
+        ctx = client_ctx(pki)
+        tls = [ctx.wrap_socket(c.sock, server_hostname=FQDN, do_handshake_on_connect=False) for c in pair]
+        for t in tls:
+            t.setblocking(False)
+        done = [False, False]
+        deadline = time.monotonic() + DEADLINE
+        while not all(done):  # one step of each handshake in turn, the plain session between them
+            assert time.monotonic() < deadline
+            for i, t in enumerate(tls):
+                if not done[i]:
+                    try:
+                        t.do_handshake()
+                        done[i] = True
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        select.select([t], [], [], 0.05)
+            assert plain.say(b"NOOP").startswith(b"250 ")
+        for t in tls:
+            t.setblocking(True)
+            t.settimeout(DEADLINE)
+        for i, t in enumerate(tls):
+            assert _tls_say(t, b"EHLO tls%d" % i).startswith(b"250")
+        for i, t in enumerate(tls):
+            assert _tls_say(t, b"MAIL FROM:<tls%d@a.example>" % i).startswith(b"250 ")
+        for t in tls:
+            assert _tls_say(t, b"RCPT TO:<u@" + FQDN.encode() + b">").startswith(b"250 ")
+        for t in tls:
+            assert _tls_say(t, b"DATA").startswith(b"354 ")
+        for i, t in enumerate(tls):
+            assert _tls_say(t, b"Subject: tls %d\r\n\r\nbody %d\r\n." % (i, i)).startswith(b"250 ok ")
+        for t in tls:
+            assert _tls_say(t, b"QUIT").startswith(b"221 ")
+            t.close()
+        plain.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 3)
+    finally:
+        server.close()
+    msgs = _queued(tls_home)
+    for i in range(2):
+        (m,) = [m for m in msgs if b"Subject: tls %d\n" % i in m]
+        assert b"(HELO tls%d)" % i in m and b"with ESMTPS" in m and b"body %d" % i in m
 
 
 # -- the parent's accounting ---------------------------------------------------------------

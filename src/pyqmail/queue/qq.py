@@ -22,6 +22,7 @@ no qmail-queued acknowledges.
 from __future__ import annotations
 
 import os
+import sys
 
 from pyqmail import durable
 from pyqmail import home as _home
@@ -254,8 +255,13 @@ class QQ:
             self.code = code
         else:
             custom = bytearray()
+            # In a tcpserver worker serving several sessions, the others run until qmail-queue (or a
+            # slow $QMAILQUEUE filter) answers; looked up, not imported, as in queue.handoff.
+            waiting = sys.modules.get("pyqmail.wait")
             while len(custom) < CUSTOM_READ:
                 try:
+                    if waiting is not None:
+                        waiting.readable(self._err, 86400.0)  # qmail-queue's own alarm bounds it
                     chunk = os.read(self._err, CUSTOM_READ - len(custom))
                 except OSError:
                     break
