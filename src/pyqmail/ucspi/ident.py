@@ -22,14 +22,15 @@ _NEWLINE = 0x0A
 
 
 def _wait(sock: socket.socket, events: int, seconds: float) -> bool:
-    """Wait up to seconds for events on sock; return False on timeout."""
-    poller = select.poll()
-    poller.register(sock.fileno(), events)
-    while True:
-        try:
-            return bool(poller.poll(max(0, int(seconds * 1000) + (1 if seconds > 0 else 0))))
-        except InterruptedError:
-            continue
+    """Wait up to seconds for events on sock; return False on timeout.
+
+    Through pyqmail.wait: in a tcpserver worker serving several sessions, the others run
+    while a client's ident server is slow to answer (up to -t seconds, 26 by default).
+    """
+    from pyqmail import wait
+
+    return wait.ready(sock.fileno(), events, min(max(0, int(seconds * 1000) + (1 if seconds > 0 else 0)),
+                                                 wait.POLL_MAX_MS))
 
 
 class Answer:
