@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,43 @@ def test_spf_asks_each_sessions_own_dnscacheip(home: QHome, tmp_path: Path) -> N
         failing.close()
         passing.close()
     assert failing.queries and passing.queries
+
+
+def test_auth_in_one_session_relays_for_that_session_only(home: QHome, tmp_path: Path) -> None:
+    """AUTH sets RELAYCLIENT and TCPREMOTEINFO in its session's environment: the other session,
+    interleaved with it, still may not relay, and each message's Received line is its own."""
+    check = tmp_path / "check"
+    check.write_text("#!/bin/sh\nexit 0\n")  # accepts everyone
+    check.chmod(0o755)
+    server = Tcpserver(home, tmp_path, env={**ONE, "SMTPAUTH": "", "PYQMAIL_SMTPD_AUTH_DELAY": "0"},
+                       argv=(str(check),))
+    try:
+        authed = server.connect()
+        authed.reply()
+        stranger = server.connect()
+        stranger.reply()
+        assert len(set(_pids(server, 2))) == 1
+        assert authed.say(b"EHLO authed").startswith(b"250")
+        assert stranger.say(b"EHLO stranger").startswith(b"250")
+        assert authed.say(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==").startswith(b"235 ")  # \0alice\0secret
+        for c, who in ((authed, b"alice"), (stranger, b"bob")):
+            assert c.say(b"MAIL FROM:<" + who + b"@a.example>").startswith(b"250 ")
+        assert stranger.say(b"RCPT TO:<x@far.example>").startswith(b"553 ")
+        assert authed.say(b"RCPT TO:<x@far.example>").startswith(b"250 ")
+        assert stranger.say(b"RCPT TO:<u@" + FQDN.encode() + b">").startswith(b"250 ")
+        for c in (authed, stranger):
+            assert c.say(b"DATA").startswith(b"354 ")
+        for c, who in ((authed, b"alice"), (stranger, b"bob")):
+            assert c.say(b"Subject: from " + who + b"\r\n\r\nx\r\n.").startswith(b"250 ok ")
+        authed.quit()
+        stranger.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    (a,) = [m for m in _queued(home) if b"Subject: from alice" in m]
+    (b,) = [m for m in _queued(home) if b"Subject: from bob" in m]
+    assert b"(HELO authed) (alice@127.0.0.1)\n  by " + FQDN.encode() + b" with ESMTPA;" in a, a
+    assert b"(HELO stranger) (127.0.0.1)\n  by " + FQDN.encode() + b" with SMTP;" in b, b
 
 
 # -- waits outside pyqmail.wait ---------------------------------------------------------
@@ -155,6 +193,44 @@ def test_a_slow_qmailqueue_holds_no_other(home: QHome, tmp_path: Path) -> None:
     finally:
         server.close()
     assert any(b"Subject: slow" in m for m in _queued(home))
+
+
+def test_a_big_message_into_a_slow_qmailqueue_holds_no_other(home: QHome, tmp_path: Path) -> None:
+    """A 512 KiB message for a $QMAILQUEUE that reads nothing for 3 s: qmail-smtpd's writes into its
+    pipe (64 KiB of buffer) wait through pyqmail.wait, and the other session answers meanwhile."""
+    began = tmp_path / "began"
+    slow = tmp_path / "slow-queue"
+    slow.write_text(f"#!/bin/sh\ntouch {began}\nsleep 3\nexec {home.bin('qmail-queue')}\n")
+    slow.chmod(0o755)
+    server = Tcpserver(home, tmp_path, env={**ONE, "QMAILQUEUE": str(slow)})
+    try:
+        sender = server.connect()
+        sender.reply()
+        other = server.connect()
+        other.reply()
+        for line in (b"HELO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<u@" + FQDN.encode() + b">"):
+            assert sender.say(line).startswith(b"250 ")
+        assert sender.say(b"DATA").startswith(b"354 ")
+        body = b"Subject: big\r\n\r\n" + (b"z" * 1000 + b"\r\n") * 512 + b".\r\n"
+        writer = threading.Thread(target=sender.sock.sendall, args=(body,))
+        writer.start()
+        deadline = time.monotonic() + DEADLINE
+        while not began.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.5)  # the pipe is full by now; the filter still sleeps
+        started = time.monotonic()
+        assert other.say(b"NOOP").startswith(b"250 ")
+        assert time.monotonic() - started < 1.0, "the write into $QMAILQUEUE's pipe held the other session"
+        writer.join(DEADLINE)
+        assert sender.reply().startswith(b"250 ok ")
+        sender.quit()
+        other.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    (m,) = [m for m in _queued(home) if b"Subject: big" in m]
+    assert m.count(b"z" * 1000 + b"\n") == 512
 
 
 def test_an_ident_lookup_that_gets_no_answer_holds_no_other(home: QHome, tmp_path: Path) -> None:

@@ -76,6 +76,32 @@ def chain_argv(filters: Sequence[Sequence[str]]) -> list[str]:
     return argv
 
 
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """Write all of data into qmail-queue's pipe fd; raise OSError as durable.write_all does.
+
+    In a tcpserver worker serving several sessions, a full pipe (qmail-queue or a
+    $QMAILQUEUE filter not reading yet: 64 KiB of buffer) lets the others run: the
+    write end is made non-blocking and each wait for room goes through pyqmail.wait
+    (looked up, not imported, as in queue.handoff). Elsewhere the blocking write.
+    """
+    waiting = sys.modules.get("pyqmail.wait")
+    if waiting is None or waiting.hub is None:
+        durable.write_all(fd, data)
+        return
+    import select
+
+    view = memoryview(data)
+    os.set_blocking(fd, False)  # our end only: the read end is another open file, qmail-queue's
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                waiting.ready(fd, select.POLLOUT, 86400 * 1000)  # qmail-queue's own alarm bounds it
+    finally:
+        os.set_blocking(fd, True)
+
 class QQ:
     """One running qmail-queue: write the message, then close() with the envelope."""
 
@@ -197,7 +223,7 @@ class QQ:
 
     def _flush(self) -> None:
         try:
-            durable.write_all(self._msg, self._buf)
+            _write_all(self._msg, self._buf)
         except OSError:
             self._failed = True
         self._buf.clear()
@@ -224,7 +250,7 @@ class QQ:
         assert env is not None
         try:
             if not (self._abandoned or self._failed):
-                durable.write_all(self._envfd, env)
+                _write_all(self._envfd, env)
         except OSError:
             self._failed = True
         env.clear()
