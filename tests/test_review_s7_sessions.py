@@ -269,6 +269,42 @@ def test_an_ident_lookup_that_gets_no_answer_holds_no_other(home: QHome, tmp_pat
         mute.close()
 
 
+def test_programs_a_session_starts_get_no_other_sessions_socket(home: QHome, tmp_path: Path) -> None:
+    """A qmail-spp plugin (posix_spawn) and the $QMAILQUEUE program (spawn) of one session, while
+    two other sessions are open in the worker: neither holds any socket (their 0 and 1 are
+    /dev/null or pipes, as qmail-spp and qmail-queue give them)."""
+    listings = tmp_path / "fds"
+    listings.mkdir()
+    spp = home.path / "plugins" / "fds"
+    spp.parent.mkdir(exist_ok=True)
+    spp.write_text(f"#!/bin/sh\nls -l /proc/$$/fd > {listings}/spp\n")
+    spp.chmod(0o755)
+    home.control("smtpplugins", "[mail]\nplugins/fds\n")
+    queue = tmp_path / "queue"
+    queue.write_text(f"#!/bin/sh\nls -l /proc/$$/fd > {listings}/qmailqueue\nexec {home.bin('qmail-queue')}\n")
+    queue.chmod(0o755)
+    server = Tcpserver(home, tmp_path, env={**ONE, "QMAILQUEUE": str(queue)})
+    try:
+        others = [server.connect(), server.connect()]
+        for c in others:
+            c.reply()
+        sender = server.connect()
+        sender.reply()
+        assert len(set(_pids(server, 3))) == 1
+        for line in (b"HELO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<u@" + FQDN.encode() + b">"):
+            assert sender.say(line).startswith(b"250 ")
+        assert sender.say(b"DATA").startswith(b"354 ")
+        assert sender.say(b"Subject: fds\r\n\r\nx\r\n.").startswith(b"250 ok ")
+        for c in [sender, *others]:
+            c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 3)
+    finally:
+        server.close()
+    for name in ("spp", "qmailqueue"):
+        listing = (listings / name).read_text()
+        assert "socket:" not in listing, (name, listing)
+
+
 def test_a_client_that_never_reads_holds_no_other(home: QHome, tmp_path: Path) -> None:
     """Pipelined commands whose replies are never read fill the socket's buffers: its session waits for
     POLLOUT in the hub, and the other session goes on."""
@@ -436,6 +472,70 @@ def test_a_worker_retiring_with_sessions_running_serves_them_to_the_end(home: QH
     assert sorted(m.group(2) for m in ends) == ["0"] * 4
     assert [int(m.group(1)) for m in ends].count(worker) == 3
     assert len([x for x in server.lines() if x.startswith("tcpserver: end ")]) == 4
+
+
+def _send_until_reset(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass  # the server is gone
+
+
+def test_sigint_to_a_worker_ends_each_of_its_sessions_as_a_childs_would(home: QHome, tmp_path: Path) -> None:
+    server = Tcpserver(home, tmp_path, env=ONE)
+    try:
+        clients = [server.connect() for _ in range(3)]
+        for c in clients:
+            c.reply()
+        (worker,) = set(_pids(server, 3))
+        for c in clients:  # each session is past its start (where SIGINT would still be its own)
+            assert c.say(b"NOOP").startswith(b"250 ")
+        # A session busy in its own code when the signal lands (a burst of pipelined commands),
+        # not waiting in the worker's poll: there SIGINT raised KeyboardInterrupt in qmail-smtpd,
+        # whose crash shim ended that session only, and the worker went on with the others.
+        burst = threading.Thread(target=_send_until_reset, args=(clients[0].sock, b"NOOP\r\n" * 200000))
+        burst.start()
+        time.sleep(0.2)
+        os.kill(worker, signal.SIGINT)
+        for c in clients:
+            try:
+                while c.sock.recv(65536):
+                    pass  # replies already sent, then the end
+            except ConnectionResetError:
+                pass  # the end, with the burst's commands unread in the worker's socket
+        burst.join(DEADLINE)
+        for c in clients:
+            c.sock.close()
+        ends = server.wait_for(r"tcpserver: end (\d+) status (\d+)", 3)
+        server.wait_for(r"tcpserver: status: 0/40", 2)
+        fresh = server.connect()
+        assert fresh.reply().startswith(b"220 ")
+        fresh.quit()
+    finally:
+        server.close()
+    assert [(int(m.group(1)), m.group(2)) for m in ends[:3]] == [(worker, str(111 << 8))] * 3
+
+
+def test_an_idle_worker_is_let_go_only_once_its_last_session_is_over(home: QHome, tmp_path: Path) -> None:
+    server = Tcpserver(home, tmp_path, env={**ONE, "PYQMAIL_TCPSERVER_IDLE": "0.5"})
+    try:
+        long, short = server.connect(), server.connect()
+        long.reply()
+        short.reply()
+        (worker,) = set(_pids(server, 2))
+        short.quit()
+        for _ in range(6):  # 1.5 s: three idle periods, the worker still serving one session
+            time.sleep(0.25)
+            assert long.say(b"NOOP").startswith(b"250 ")
+        long.quit()
+        deadline = time.monotonic() + DEADLINE
+        while os.path.exists(f"/proc/{worker}") and Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the idle worker was not let go"
+            time.sleep(0.05)
+    finally:
+        server.close()
+    ends = [x for x in server.lines() if x.startswith("tcpserver: end ")]
+    assert ends == [f"tcpserver: end {worker} status 0"] * 2, server.lines()
 
 
 def test_after_its_sessions_end_a_worker_holds_no_socket_and_0_1_are_dev_null(home: QHome, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import greenlet
 
+from pyqmail import sig as signal
 from pyqmail import wait as _wait
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Hub:
         self.current: Session | None = None
         self.installed: Session | None = None  # whose environment and descriptors 0 and 1 are in place
         self.sessions = 0
+        self.sigint: Callable[[int, object], None] | None = None  # the worker's SIGINT handler (run_many)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -148,6 +150,12 @@ class Hub:
             glet.switch(value)
         finally:
             self.current = None
+            # A session's start (spawn.call) makes SIGINT raise KeyboardInterrupt again, as in
+            # a new process; there the program's crash shim would end that one session and
+            # the worker would go on with the others. The worker's own handler is put back
+            # as soon as the session waits (a window: the session's code before its first wait).
+            if self.sigint is not None and signal.getsignal(signal.SIGINT) is not self.sigint:
+                signal.signal(signal.SIGINT, self.sigint)
 
     # -- the waits (pyqmail.wait's hub) ----------------------------------------
 

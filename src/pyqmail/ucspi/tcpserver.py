@@ -752,6 +752,15 @@ class Reuse:
 
         h = self.hub = Hub(self.null)
         wait.hub = h
+
+        def interrupted(_signum: int, _frame: object) -> None:
+            # SIGINT (a ^C where tcpserver runs in a terminal) ends the worker and with it every
+            # connection it holds, as it ends each child of C tcpserver: wherever it lands, not
+            # only in the poll (in a session, the program's crash shim would end that one only).
+            os._exit(EXIT_TEMP if h.sessions else 0)
+
+        h.sigint = interrupted
+        sig.signal(sig.SIGINT, interrupted)
         pair = self.sock.fileno()
         h.poller.register(pair, select.POLLIN)
         closed = False
