@@ -332,6 +332,31 @@ def test_a_client_that_never_reads_holds_no_other(home: QHome, tmp_path: Path) -
         server.close()
 
 
+def test_greeting_delays_of_sessions_run_side_by_side(home: QHome, tmp_path: Path) -> None:
+    """$SMTPD_GREETDELAY=1 for 4 connections of one worker: each waits its own second at the same
+    time (the hub's timers), so all are greeted after about 1 s, not 4; an early talker among them
+    is dropped without holding the others."""
+    server = Tcpserver(home, tmp_path, env={**ONE, "SMTPD_GREETDELAY": "1", "DROP_PRE_GREET": "1"})
+    try:
+        started = time.monotonic()
+        clients = [server.connect() for _ in range(4)]
+        talker = server.connect()
+        talker.sock.sendall(b"EHLO early\r\n")
+        for c in clients:
+            assert c.reply().startswith(b"220 ")
+        elapsed = time.monotonic() - started
+        assert 0.9 < elapsed < 2.5, elapsed
+        assert len(set(_pids(server, 5))) == 1
+        reply = talker.sock.recv(1000)
+        assert reply.startswith(b"554 ") or reply == b"", reply
+        talker.sock.close()
+        for c in clients:
+            c.quit()
+        server.wait_for(r"tcpserver: end \d+ status \d+", 5)
+    finally:
+        server.close()
+
+
 # -- data and envelopes ----------------------------------------------------------------
 
 
@@ -371,6 +396,38 @@ def test_two_data_phases_interleaved_chunk_by_chunk(home: QHome, tmp_path: Path)
         {p.read_bytes() for p in (home.queue / "info").rglob("*") if p.is_file()}
     joined = b"".join(envelopes)
     assert b"one@a.example" in joined and b"two@b.example" in joined
+
+
+def test_two_bdat_transfers_interleaved_chunk_by_chunk(home: QHome, tmp_path: Path) -> None:
+    """CHUNKING: each session's BDAT chunks (a CR LF split across chunks included) go to its own
+    message, exactly, while the other session's chunks arrive between them."""
+    home.control("chunking", "1\n")
+    server = Tcpserver(home, tmp_path, env=ONE)
+    try:
+        pair = [server.connect(), server.connect()]
+        for i, c in enumerate(pair):
+            c.reply()
+            assert b"CHUNKING" in c.say(b"EHLO b%d" % i)
+            assert c.say(b"MAIL FROM:<b%d@a.example>" % i).startswith(b"250 ")
+            assert c.say(b"RCPT TO:<u@" + FQDN.encode() + b">").startswith(b"250 ")
+        for k in range(50):
+            for i, c in enumerate(pair):
+                chunk = (b"Subject: bdat %d\r\n\r\n" % i if k == 0 else b"") + b"s%d c%d " % (i, k) + b"q" * 3000 + b"\r"
+                c.sock.sendall(b"BDAT %d\r\n" % len(chunk) + chunk)
+                assert c.reply().startswith(b"250 ")
+        for c in pair:
+            c.sock.sendall(b"BDAT 1 LAST\r\n\n")
+            assert c.reply().startswith(b"250 ok ")
+        for c in pair:
+            c.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+    for i in range(2):
+        (m,) = [m for m in _queued(home) if b"Subject: bdat %d\n" % i in m]
+        assert m.count(b"s%d c" % i) == 50 and b"s%d c" % (1 - i) not in m
+        assert b"\rs%d c" % i in m  # the CR before the next chunk's text stays (no LF after it)
+        assert m.endswith(b"q\n")  # the last chunk's LF makes CR LF -> LF
 
 
 # -- TLS ------------------------------------------------------------------------------------
