@@ -81,8 +81,10 @@ def test_compare_quick(tmp_path: Path) -> None:
         for key in FIGURES:
             values = got["results"][name].get(key)
             assert values and all(v > 0 for v in values), (name, key, got["results"][name])
-        # one server process per idle connection for both kinds of server
-        assert got["results"][name]["idle_procs"] == [1.0], got["results"][name]
+        # Postfix: a server process per idle connection; pyqmail: tcpserver's workers each hold
+        # several (the spread of 2 first, docs/DESIGN.md "Several connections per tcpserver worker")
+        procs = got["results"][name]["idle_procs"]
+        assert procs == [1.0] if name == "postfix" else 0 < procs[0] < 1.0, got["results"][name]
     assert got["results"]["pyqmail"]["inject_qmail-inject"][0] > 0
     assert got["cpu"]["pyqmail"].startswith(("cgroup", "process tree"))
     # nothing of the bench's systems left running: no cgroup of this run left behind
