@@ -34,11 +34,11 @@ class Tcpserver:
     """tcpserver -v running qmail-smtpd of a home on 127.0.0.1, its log in a file."""
 
     def __init__(self, home: QHome, tmp: Path, *opts: str, env: dict[str, str] | None = None,
-                 argv: tuple[str, ...] = ()) -> None:
+                 argv: tuple[str, ...] = (), flags: str = "-HR") -> None:
         self.log = tmp / "tcpserver.log"
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
-                [str(home.bin("tcpserver")), "-1", "-v", "-HR", "-l", FQDN, *opts, "127.0.0.1", "0",
+                [str(home.bin("tcpserver")), "-1", "-v", flags, "-l", FQDN, *opts, "127.0.0.1", "0",
                  str(home.bin("qmail-smtpd")), *argv],
                 stdout=subprocess.PIPE, stderr=err, env={"PATH": "/usr/bin:/bin", **(env or {})})
         assert self.proc.stdout is not None

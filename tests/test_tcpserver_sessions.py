@@ -256,3 +256,44 @@ def test_a_session_waiting_for_dns_does_not_hold_the_others(home: QHome, tmp_pat
     finally:
         server.close()
         hole.close()
+
+
+def test_a_remote_name_lookup_that_gets_no_answer_holds_no_other(home: QHome, tmp_path: Path) -> None:
+    """Without -H tcpserver looks up TCPREMOTEHOST. In a worker serving several sessions the PTR
+    query goes through pyqmail.ucspi.dnsq ($DNSCACHEIP; /etc/hosts first), so a client whose
+    reverse DNS never answers holds no other session; its name comes when the answer does."""
+    import socket
+
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    hole.bind(("127.0.0.1", 0))
+    env = {"PYQMAIL_TCPSERVER_SPREAD": "1", "DNSCACHEIP": f"127.0.0.1:{hole.getsockname()[1]}"}
+    server = Tcpserver(home, tmp_path, flags="-R", env=env)
+    try:
+        stuck = server.connect("127.0.0.9")  # not in /etc/hosts: asked of the hole
+        hole.settimeout(DEADLINE)
+        query, asker = hole.recvfrom(512)
+        assert b"\x019\x010\x010\x03127\x07in-addr\x04arpa\x00" in query
+        other = server.connect()  # 127.0.0.1: /etc/hosts names it, no query
+        started = time.monotonic()
+        assert other.reply().startswith(b"220 ")
+        assert time.monotonic() - started < 0.8  # well inside the stuck one's first round (1 s)
+        other.quit()
+        # The answer: the query sent back with one PTR record for its question.
+        answer = bytearray(query)
+        answer[2] |= 0x80
+        answer[7] = 1  # ANCOUNT 1
+        end = query.index(b"\x00\x00\x0c\x00\x01") + 5  # the question: name, type PTR, class IN
+        rdata = b"\x05slow9\x07example\x00"
+        answer = answer[:end] + b"\xc0\x0c\x00\x0c\x00\x01\x00\x00\x00\x3c" + len(rdata).to_bytes(2, "big") + rdata
+        answer[10:12] = b"\x00\x00"  # ARCOUNT 0: the query's EDNS record is not sent back
+        hole.sendto(bytes(answer), asker)
+        assert stuck.reply().startswith(b"220 ")
+        stuck.quit()
+        server.wait_for(r"tcpserver: end \d+ status 0", 2)
+    finally:
+        server.close()
+        hole.close()
+    oks = [x for x in server.lines() if x.startswith("tcpserver: ok ")]
+    assert any(" slow9.example:127.0.0.9::" in x for x in oks), oks
+    assert any(" localhost:127.0.0.1::" in x for x in oks), oks
+    assert len(set(_pids(server, 2))) == 1

@@ -194,3 +194,17 @@ def mx(name: bytes, caches: list[tuple[str, int]] | None = None) -> list[tuple[i
     records = _ask(name, "MX", servers() if caches is None else caches)
     return [(r.preference, r.exchange.to_text(omit_final_dot=True).encode("ascii"))  # type: ignore[attr-defined]
             for r in records]
+
+
+def ptr(ip: str, caches: list[tuple[str, int]] | None = None) -> str | None:
+    """Return the first PTR name of ip (lowercased, no final dot), None if it has none; raise Temporary."""
+    import ipaddress
+
+    try:
+        name = ipaddress.ip_address(ip).reverse_pointer.encode("ascii")
+    except ValueError as e:
+        raise Temporary(str(e)) from e
+    records = _ask(name, "PTR", servers() if caches is None else caches)
+    for r in records:
+        return r.target.to_text(omit_final_dot=True).lower()  # type: ignore[attr-defined,no-any-return]
+    return None

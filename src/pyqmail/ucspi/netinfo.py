@@ -1,7 +1,12 @@
 """What tcpserver and tcp-env learn about a connection's ends: addresses and host names.
 
 Names come from the system resolver (getnameinfo/getaddrinfo: /etc/hosts,
-then DNS as nsswitch.conf says), lowercased as tcp-environ(5) asks.
+then DNS as nsswitch.conf says), lowercased as tcp-environ(5) asks. In a
+tcpserver worker serving several sessions (pyqmail.ucspi.hub), where the C
+resolver's wait would hold every session, a PTR name comes from /etc/hosts,
+then from DNS through pyqmail.ucspi.dnsq ($DNSCACHEIP or resolv.conf's
+servers, djbdns's timeouts: as C tcpserver's dns_name4), whose wait lets the
+others run.
 """
 
 from __future__ import annotations
@@ -25,8 +30,50 @@ def ip_text(host: str, v6_env: bool = False) -> str:
     return host
 
 
+HOSTS = "/etc/hosts"
+
+
+def _hosts_name(ip: str, path: str = HOSTS) -> str | None:
+    """Return the first name /etc/hosts gives ip (its first line for ip), lowercased; None if none."""
+    import ipaddress
+
+    try:
+        want = ipaddress.ip_address(ip)
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except (OSError, ValueError):
+        return None
+    for line in data.split(b"\n"):
+        fields = line.split(b"#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            if ipaddress.ip_address(fields[0].decode("ascii").split("%", 1)[0]) == want:
+                return fields[1].decode("utf-8", "surrogateescape").lower()
+        except (ValueError, UnicodeError):
+            continue
+    return None
+
+
+def _in_hub() -> bool:
+    import sys
+
+    w = sys.modules.get("pyqmail.wait")
+    return w is not None and w.hub is not None
+
+
 def ptr(ip: str) -> str | None:
     """Return the lowercased host name of ip, or None if it has none; raise SoftError."""
+    if _in_hub():
+        from pyqmail.ucspi import dnsq
+
+        name = _hosts_name(ip)
+        if name is not None:
+            return name
+        try:
+            return dnsq.ptr(ip)
+        except dnsq.Temporary as e:
+            raise SoftError(str(e)) from e
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sockaddr: tuple[str, int] | tuple[str, int, int, int] = (ip, 0) if family == socket.AF_INET else (ip, 0, 0, 0)
     try:
