@@ -169,6 +169,21 @@ def _set_environ(env: Mapping[str, str]) -> None:
             current[key] = value
 
 
+def restore_environb(base: dict[bytes, bytes]) -> None:
+    """Make the environment (posix.environ, which os.environb wraps, and the C one) exactly base,
+    touching only what differs: tcpserver's workers put each connection's environment back."""
+    import posix
+
+    env = posix.environ
+    for name in [k for k in env if k not in base]:
+        os.unsetenv(name)
+        del env[name]
+    for name, value in base.items():
+        if env.get(name) != value:
+            os.putenv(name, value)
+            env[name] = value
+
+
 def _prepare(path: str, env: Mapping[str, str], fast: bool,
              preload: bool) -> tuple[str, Stub | None, ModuleType | None]:
     """Find path, decide fork-and-call or exec, flush our streams; import a stub's module."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import greenlet
 
 from pyqmail import sig as signal
+from pyqmail import spawn
 from pyqmail import wait as _wait
 
 if TYPE_CHECKING:
@@ -40,18 +41,6 @@ def _forget_hub() -> None:
     $QMAILQUEUE filter): no hub. Its waits are a process's own; switching to the worker's loop
     there would run the worker's other sessions in the child."""
     _wait.hub = None
-
-
-def restore_environ(base: dict[bytes, bytes]) -> None:
-    """Make the environment base again, touching only what differs."""
-    env = _ENVIRON
-    for name in [k for k in env if k not in base]:
-        os.unsetenv(name)
-        del env[name]
-    for name, value in base.items():
-        if env.get(name) != value:
-            os.putenv(name, value)
-            env[name] = value
 
 
 class Session:
@@ -132,7 +121,7 @@ class Hub:
         prev = self.installed
         if prev is not None:
             prev.env = dict(_ENVIRON)
-        restore_environ(s.env)
+        spawn.restore_environb(s.env)
         os.dup2(s.fd, 0)
         os.dup2(s.fd, 1)
         self.installed = s

@@ -601,18 +601,6 @@ def _decode_peer(data: bytes) -> tuple[str, int]:
     return host.decode(), int(port)
 
 
-def _restore_environ(base: dict[bytes, bytes]) -> None:
-    """Make the environment base again (what tcpserver started with), touching only what differs."""
-    env = _ENVIRON
-    for name in [k for k in env if k not in base]:
-        os.unsetenv(name)
-        del env[name]
-    for name, value in base.items():
-        if env.get(name) != value:
-            os.putenv(name, value)
-            env[name] = value
-
-
 class Worker:
     """The parent's view of one worker: its pid, its end of the pair, how many connections it serves."""
 
@@ -703,28 +691,26 @@ class Reuse:
 
     def serve(self, conn: _socket.socket, peer: tuple[str, int]) -> int:
         """Serve one connection; return the program's exit code (tcpserver's own on a drop)."""
-        code = EXIT_TEMP
-        try:
-            _restore_environ(self.environ)
+
+        def body() -> int:
+            spawn.restore_environb(self.environ)
             conn.setblocking(True)
             deny, _ = learn(conn, peer, self.cfg, setenv)
             if deny:
-                code = EXIT_DENY
-            else:
-                name = self.cfg.argv[0]
-                fd = conn.fileno()
-                os.dup2(fd, 0)
-                os.dup2(fd, 1)
-                conn.close()
-                try:
-                    path = _ENVIRON.get(b"PATH")
-                    target = pathexec.target(name, None if path is None else os.fsdecode(path))
-                    rc = spawn.call(target, self.cfg.argv)
-                    if rc is None:  # no longer a reusable program (replaced): the old way, once
-                        spawn.become(target, self.cfg.argv, fds={0: 0, 1: 1, 2: 2})
-                    code = rc
-                except OSError as e:
-                    raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
+                return EXIT_DENY
+            fd = conn.fileno()
+            os.dup2(fd, 0)
+            os.dup2(fd, 1)
+            conn.close()
+            return self.call_program(alone=True)
+
+        return self.guarded(body)
+
+    def guarded(self, body: Callable[[], int]) -> int:
+        """Run body, one connection's serving; a Die or an exception ends that connection as a child's end would."""
+        code = EXIT_TEMP
+        try:
+            code = body()
         except Die as d:
             if d.text is not None:
                 warn(self.cfg, d.text)
@@ -735,6 +721,25 @@ class Reuse:
         except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: as a child, it ends
             os._exit(code)
         return code
+
+    def call_program(self, alone: bool) -> int:
+        """Run the program (its socket on 0 and 1) and return its exit code; Die if it cannot be run.
+
+        A program that is no longer reusable (replaced while tcpserver runs) is exec'd when
+        the connection is alone in this worker, and refused in a worker serving several.
+        """
+        name = self.cfg.argv[0]
+        try:
+            path = _ENVIRON.get(b"PATH")
+            target = pathexec.target(name, None if path is None else os.fsdecode(path))
+            rc = spawn.call(target, self.cfg.argv)
+            if rc is None:
+                if alone:  # the old way, once
+                    spawn.become(target, self.cfg.argv, fds={0: 0, 1: 1, 2: 2})
+                raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": no longer a reusable program")
+        except OSError as e:
+            raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
+        return rc
 
     # -- several connections at once (pyqmail.ucspi.hub) ------------------------------
 
@@ -799,36 +804,17 @@ class Reuse:
 
     def serve_session(self, fd: int, peer: tuple[str, int]) -> int:
         """Serve one connection in a session (its socket already on 0 and 1); return the exit code."""
-        code = EXIT_TEMP
-        try:
+
+        def body() -> int:
             conn = _socket.socket(fileno=fd)
             try:
                 conn.setblocking(True)
                 deny, _ = learn(conn, peer, self.cfg, setenv)
             finally:
                 conn.detach()
-            if deny:
-                return EXIT_DENY
-            name = self.cfg.argv[0]
-            try:
-                path = _ENVIRON.get(b"PATH")
-                target = pathexec.target(name, None if path is None else os.fsdecode(path))
-                rc = spawn.call(target, self.cfg.argv)
-            except OSError as e:
-                raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": " + describe(e)) from e
-            if rc is None:  # no longer a reusable program (replaced): its own process, once
-                raise Die(EXIT_TEMP, DROP + b"unable to run " + arg(name) + b": no longer a reusable program")
-            code = rc
-        except Die as d:
-            if d.text is not None:
-                warn(self.cfg, d.text)
-            code = d.code
-        except Exception as e:  # noqa: BLE001 - the worker goes on; the connection ends as a child's would
-            warn(self.cfg, DROP + b"internal error: " + type(e).__name__.encode() + b": "
-                 + str(e).encode("utf-8", "replace"))
-        except BaseException:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: as a child, it ends
-            os._exit(code)
-        return code
+            return EXIT_DENY if deny else self.call_program(alone=False)
+
+        return self.guarded(body)
 
     def session_ended(self, s: Session) -> None:
         """Report a session's end (its socket still open); retire when this worker should take no more."""
