@@ -51,6 +51,31 @@ def _fds(pid: int) -> dict[int, str]:
     return out
 
 
+def _two(server: Tcpserver) -> tuple[Client, Client]:
+    """Two greeted connections, served by one worker."""
+    first = server.connect()
+    first.reply()
+    second = server.connect()
+    second.reply()
+    assert len(set(_pids(server, 2))) == 1
+    return first, second
+
+
+def _await(path: Path) -> None:
+    """Wait (bounded) until path exists: a program a session started has got that far."""
+    deadline = time.monotonic() + DEADLINE
+    while not path.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _answers_at_once(c: Client, what: str) -> None:
+    """c's session answers a NOOP within a second while another session of its worker waits on what."""
+    started = time.monotonic()
+    assert c.say(b"NOOP").startswith(b"250 ")
+    assert time.monotonic() - started < 1.0, f"{what} held the other session"
+
+
 def _queued(home: QHome) -> list[bytes]:
     return [p.read_bytes() for p in sorted((home.queue / "mess").rglob("*")) if p.is_file()]
 
@@ -96,11 +121,7 @@ def test_auth_in_one_session_relays_for_that_session_only(home: QHome, tmp_path:
     server = Tcpserver(home, tmp_path, env={**ONE, "SMTPAUTH": "", "PYQMAIL_SMTPD_AUTH_DELAY": "0"},
                        argv=(str(check),))
     try:
-        authed = server.connect()
-        authed.reply()
-        stranger = server.connect()
-        stranger.reply()
-        assert len(set(_pids(server, 2))) == 1
+        authed, stranger = _two(server)
         assert authed.say(b"EHLO authed").startswith(b"250")
         assert stranger.say(b"EHLO stranger").startswith(b"250")
         assert authed.say(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==").startswith(b"235 ")  # \0alice\0secret
@@ -137,19 +158,10 @@ def test_a_slow_checkprogram_holds_neither_the_others_nor_their_sockets(home: QH
     server = Tcpserver(home, tmp_path, env={**ONE, "SMTPAUTH": "", "PYQMAIL_SMTPD_AUTH_DELAY": "0"},
                        argv=(str(check),))
     try:
-        slow = server.connect()
-        slow.reply()
-        other = server.connect()
-        other.reply()
-        assert len(set(_pids(server, 2))) == 1
+        slow, other = _two(server)
         slow.sock.sendall(b"AUTH PLAIN AHUAcA==\r\n")  # \0u\0p
-        deadline = time.monotonic() + DEADLINE
-        while not fds.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        started = time.monotonic()
-        assert other.say(b"NOOP").startswith(b"250 ")
-        assert time.monotonic() - started < 1.0, "the checkprogram held the other session"
+        _await(fds)
+        _answers_at_once(other, "the checkprogram")
         assert slow.reply().startswith(b"535 ")
         slow.quit()
         other.quit()
@@ -170,22 +182,13 @@ def test_a_slow_qmailqueue_holds_no_other(home: QHome, tmp_path: Path) -> None:
     slow.chmod(0o755)
     server = Tcpserver(home, tmp_path, env={**ONE, "QMAILQUEUE": str(slow)})
     try:
-        sender = server.connect()
-        sender.reply()
-        other = server.connect()
-        other.reply()
-        assert len(set(_pids(server, 2))) == 1
+        sender, other = _two(server)
         for line in (b"HELO x", b"MAIL FROM:<a@b.example>", b"RCPT TO:<u@" + FQDN.encode() + b">"):
             assert sender.say(line).startswith(b"250 ")
         assert sender.say(b"DATA").startswith(b"354 ")
         sender.sock.sendall(b"Subject: slow\r\n\r\nbody\r\n.\r\n")
-        deadline = time.monotonic() + DEADLINE
-        while not began.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        started = time.monotonic()
-        assert other.say(b"NOOP").startswith(b"250 ")
-        assert time.monotonic() - started < 1.0, "the $QMAILQUEUE program held the other session"
+        _await(began)
+        _answers_at_once(other, "the $QMAILQUEUE program")
         assert sender.reply().startswith(b"250 ok ")
         sender.quit()
         other.quit()
@@ -214,14 +217,9 @@ def test_a_big_message_into_a_slow_qmailqueue_holds_no_other(home: QHome, tmp_pa
         body = b"Subject: big\r\n\r\n" + (b"z" * 1000 + b"\r\n") * 512 + b".\r\n"
         writer = threading.Thread(target=sender.sock.sendall, args=(body,))
         writer.start()
-        deadline = time.monotonic() + DEADLINE
-        while not began.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        _await(began)
         time.sleep(0.5)  # the pipe is full by now; the filter still sleeps
-        started = time.monotonic()
-        assert other.say(b"NOOP").startswith(b"250 ")
-        assert time.monotonic() - started < 1.0, "the write into $QMAILQUEUE's pipe held the other session"
+        _answers_at_once(other, "the write into $QMAILQUEUE's pipe")
         writer.join(DEADLINE)
         assert sender.reply().startswith(b"250 ok ")
         sender.quit()
@@ -256,9 +254,7 @@ def test_an_ident_lookup_that_gets_no_answer_holds_no_other(home: QHome, tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.02)
         time.sleep(0.2)  # the ident connection is accepted by the kernel; nobody answers it
-        started = time.monotonic()
-        assert other.say(b"NOOP").startswith(b"250 ")
-        assert time.monotonic() - started < 1.0, "the ident lookup held the other session"
+        _answers_at_once(other, "the ident lookup")
         assert asking.reply().startswith(b"220 ")  # after -t's 3 seconds, without TCPREMOTEINFO
         assert len(set(_pids(server, 2))) == 1
         asking.quit()
@@ -310,11 +306,7 @@ def test_a_client_that_never_reads_holds_no_other(home: QHome, tmp_path: Path) -
     POLLOUT in the hub, and the other session goes on."""
     server = Tcpserver(home, tmp_path, env=ONE)
     try:
-        deaf = server.connect()
-        deaf.reply()
-        other = server.connect()
-        other.reply()
-        assert len(set(_pids(server, 2))) == 1
+        deaf, other = _two(server)
         deaf.sock.setblocking(False)
         sent = 0
         try:

@@ -45,7 +45,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
+    from typing import TypeVar
+
     from pyqmail.ucspi.hub import Hub, Session
+
+    Number = TypeVar("Number", int, float)
 
 # The process environment os.environ and os.environb wrap: bytes to bytes.
 _ENVIRON = posix.environ
@@ -548,39 +552,19 @@ SPREAD_ENV = "PYQMAIL_TCPSERVER_SPREAD"  # workers each given a connection befor
 SESSIONS_MAX = 32
 
 
-def _reuse_settings() -> tuple[int, float]:
-    """Return (connections per worker, idle seconds) from the environment (test and admin seam)."""
-    uses, idle = REUSE_MAX, IDLE_MAX
-    value = os.environ.get(REUSE_ENV)
-    if value is not None:
-        try:
-            uses = max(int(value), 0)
-        except ValueError:
-            pass  # a malformed value keeps the default
-    value = os.environ.get(IDLE_ENV)
-    if value is not None:
-        try:
-            idle = max(float(value), 0.0)
-        except ValueError:
-            pass
-    return uses, idle
+def _setting(name: str, default: Number, least: Number) -> Number:
+    """Return $name as a number of default's type, at least least; default if unset or malformed.
 
-
-def _share_settings() -> tuple[int, int]:
-    """Return (connections a worker serves at once, workers to spread over first) from the environment."""
-    at_once, spread = SESSIONS_MAX, max(os.cpu_count() or 1, 2)
-    for name in (SESSIONS_ENV, SPREAD_ENV):
-        value = os.environ.get(name)
-        if value is not None:
-            try:
-                number = max(int(value), 1)
-            except ValueError:
-                continue  # a malformed value keeps the default
-            if name == SESSIONS_ENV:
-                at_once = number
-            else:
-                spread = number
-    return at_once, spread
+    The admin's (and the tests') seam for the workers' limits.
+    """
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = type(default)(value)
+    except ValueError:
+        return default
+    return max(number, least)
 
 
 def _rss() -> int:
@@ -1190,14 +1174,15 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass  # buffer_flush's result is not checked either
     _quiet_std()
-    uses, idle = _reuse_settings()
+    uses, idle = _setting(REUSE_ENV, REUSE_MAX, 0), _setting(IDLE_ENV, IDLE_MAX, 0.0)
     if uses > 1:
         try:
             if not spawn.reusable(pathexec.target(cfg.argv[0], os.environ.get("PATH"))):
                 uses = 0  # a program that must run in a process of its own (or an exec'd one)
         except OSError:
             uses = 0  # not found now: each child says so, as without reuse
-    at_once, spread = _share_settings()
+    at_once = _setting(SESSIONS_ENV, SESSIONS_MAX, 1)
+    spread = _setting(SPREAD_ENV, max(os.cpu_count() or 1, 2), 1)
     server = Server(cfg, listener, uses, idle, at_once=at_once, spread=spread)
     server.print_status()
     server.run()
