@@ -249,6 +249,13 @@ def test_a_session_waiting_for_dns_does_not_hold_the_others(home: QHome, tmp_pat
         answer = bytearray(query)
         answer[2] |= 0x80  # QR: the query sent back as its own answer,
         answer[3] = (answer[3] & 0xF0) | 3  # NXDOMAIN: not listed
+        # Hostile datagrams first: garbage, a truncated answer, an answer with another id
+        # (forged): each ignored, the wait goes on until the real answer.
+        forged = bytearray(answer)
+        forged[0] ^= 0xFF
+        forged[3] &= 0xF0
+        for junk in (b"\xff" * 7, bytes(answer[:9]), bytes(forged)):
+            hole.sendto(junk, asker)
         hole.sendto(bytes(answer), asker)
         assert stuck.reply().startswith(b"250 ")
         stuck.quit()
