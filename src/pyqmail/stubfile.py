@@ -34,13 +34,24 @@ class Stub:
         self.home = home
 
 
+# Programs whose stub first asks qmail-queued to run them (pyqmail.inject.client):
+# module -> the name qmail-queued knows the program by.
+SERVED = {"pyqmail.inject.qmail_inject": "qmail-inject", "pyqmail.inject.sendmail": "sendmail"}
+
+
 def stub_text(python: str, sys_path: Sequence[str], name: str, module: str, home: str) -> str:
     """Return the text of the stub for program name in home."""
+    served = SERVED.get(module)
+    ask = "" if served is None else (
+        "from pyqmail.inject.client import run\n"
+        f"run({served!r}, {home!r})\n"
+    )
     return (
         f"#!{python} -IS\n"
         f"{STUB_MARKER.decode()}{name} {module} {home}\n"
         "import sys\n"
         f"sys.path[0:0] = {list(sys_path)!r}\n"
+        f"{ask}"
         "from pyqmail.entry import stub\n"
         f"stub({module!r}, {home!r})\n"
     )

@@ -30,6 +30,7 @@ from pyqmail.sgetopt import Getopt
 
 TYPE_CHECKING = False  # typing costs milliseconds per process start; mypy sees the imports
 if TYPE_CHECKING:
+    from pyqmail.inject.served import Job, SpoolQQ
     from pyqmail.queue.qq import QQ
 
 EXIT_OK = 0
@@ -58,6 +59,18 @@ READ_SIZE = 65536
 OUT_SIZE = 65536
 
 
+# The request a qmail-queued worker serves (pyqmail.inject.served), None in qmail-inject's own
+# process: then the message id names the caller's pid, descriptor 0 is read only while the
+# caller is there, and the message goes to the worker's spool instead of a qmail-queue.
+_served: Job | None = None
+
+
+def serving(job: Job | None) -> None:
+    """Run the following inject() calls for job (None: in this process, as always)."""
+    global _served
+    _served = job
+
+
 class Fatal(Exception):
     """qmail-inject gives up: args are (exit code, the text after 'qmail-inject: fatal: ')."""
 
@@ -77,10 +90,13 @@ class Input:
         self.fd = fd
         self.buf = bytearray()
         self.eof = False
+        self.wait = None if _served is None else _served.wait
 
     def _fill(self) -> bool:
         if self.eof:
             return False
+        if self.wait is not None:
+            self.wait(self.fd)
         try:
             chunk = os.read(self.fd, READ_SIZE)
         except OSError as e:
@@ -121,11 +137,16 @@ class Output:
     """Where the message goes: standard output (-n, errors ignored as qmail does) or qmail-queue."""
 
     def __init__(self) -> None:
-        self.qq: QQ | None = None
+        self.qq: QQ | SpoolQQ | None = None
         self.buf = bytearray()
 
     def start_queue(self, utf8: bool = False) -> None:
         """Start qmail-queue (utf8: for a message flagged SMTPUTF8); raise Fatal if no pipe or process can be made."""
+        if _served is not None:
+            from pyqmail.inject.served import SpoolQQ
+
+            self.qq = SpoolQQ(_served, utf8)
+            return
         from pyqmail.queue.qq import QQ
 
         try:
@@ -286,7 +307,7 @@ def read_header(inp: Input, h: hdr.Header) -> bytes | None:
 def inject(argv: list[str]) -> int:
     """Run qmail-inject; raise Fatal to give up."""
     starttime = int(time.time())
-    s = settings_from_env(starttime, os.getpid())
+    s = settings_from_env(starttime, os.getpid() if _served is None else _served.pid)
     rw = get_controls(s)
 
     strategy = RECIP_DEFAULT

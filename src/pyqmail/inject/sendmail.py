@@ -136,9 +136,8 @@ def parse(argv: list[str]) -> list[str] | int:
     return qiargv + ["--"] + argv[opts.optind:]
 
 
-@program("sendmail", crash=EXIT_TEMP)
-def main(argv: list[str]) -> int:
-    """Run sendmail with argv; return its exit code (or that of the program it runs)."""
+def prepare(argv: list[str]) -> tuple[str, list[str]] | int:
+    """Go to the home and read the options; return (the program to run, its argv), or an exit code."""
     try:
         os.chdir(_home.home())
     except OSError:
@@ -148,9 +147,19 @@ def main(argv: list[str]) -> int:
         got = parse(argv)
         if isinstance(got, int):
             return got
-        raise Exec(QMAIL_INJECT, got)
+        return QMAIL_INJECT, got
     except Exec as e:
         path, args = e.args
+        return path, args
+
+
+@program("sendmail", crash=EXIT_TEMP)
+def main(argv: list[str]) -> int:
+    """Run sendmail with argv; return its exit code (or that of the program it runs)."""
+    got = prepare(argv)
+    if isinstance(got, int):
+        return got
+    path, args = got
     try:
         return run_in_place(path, args)
     except (OSError, ImportError):

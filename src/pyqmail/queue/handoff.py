@@ -6,7 +6,8 @@ the envelope's read descriptors as SCM_RIGHTS; the server answers ACK once it
 holds them (before reading either), then qmail-queue's exit code as one
 byte. No ACK means nothing has read the descriptors, so the client may still
 give the message to someone else (the maildrop, or a qmail-queue it starts).
-REQUEST_STOP (no descriptors) asks a `qmail-queued -p` to give way to a
+REQUEST_INJECT (pyqmail.inject.client) asks a worker to run qmail-inject
+or sendmail itself. REQUEST_STOP (no descriptors) asks a `qmail-queued -p` to give way to a
 standalone one: STOP_YES or STOP_NO.
 
 Two clients use it: qmail-queue run by a local user in a root-mode
@@ -29,6 +30,9 @@ SOCKET = "run/qmail-queue.sock"
 REQUEST_QUEUE = b"Q"
 REQUEST_QUEUE_UTF8 = b"U"  # as REQUEST_QUEUE, for a message flagged SMTPUTF8 ($SMTPUTF8MAIL)
 REQUEST_STOP = b"S"
+# qmail-inject or sendmail asks a worker to run it (pyqmail.inject.client, .served): the
+# caller's descriptors 0, 1 and 2 as SCM_RIGHTS, then a 4-byte length and the payload.
+REQUEST_INJECT = b"I"
 ACK = b"+"  # 43: not one of qmail-queue's exit codes
 STOP_YES = b"y"
 STOP_NO = b"n"

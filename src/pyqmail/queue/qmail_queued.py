@@ -79,6 +79,7 @@ import time
 from pyqmail import home as _home
 from pyqmail.entry import program
 from pyqmail.privs import Credentials, drop
+from pyqmail.queue import handoff as _handoff
 from pyqmail.queue import maildrop, qmail_queue
 from pyqmail.queue.exits import QueueExit
 from pyqmail.sgetopt import Getopt
@@ -146,6 +147,27 @@ def serve_one(conn: socket.socket, qmail_home: str, inst: _home.Install, server_
     try:
         if msg == qmail_queue.REQUEST_STOP and not fds:
             return _stop_request(conn, uid, inst, server_pid, stoppable)
+        if msg == _handoff.REQUEST_INJECT and len(fds) == 3:
+            from pyqmail.inject import served
+
+            outcome = served.serve(conn, fds, uid, client_pid, qmail_home, inst)
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            code = outcome.code if outcome.clean else QueueExit.BUG
+            if outcome.code < 0:
+                return code  # refused before anything was read (the client runs the program), or the client went
+            if before_answer is not None:
+                before_answer(code)
+            try:
+                conn.sendall(bytes([outcome.code]))
+            except OSError:
+                pass  # safe: the client is gone; the exit code was for it alone
+            if outcome.queued:
+                from pyqmail.queue import layout
+
+                layout.pull_trigger(os.path.join(qmail_home, "queue"))
+            return code
         if msg in (qmail_queue.REQUEST_QUEUE, qmail_queue.REQUEST_QUEUE_UTF8) and len(fds) == 2:
             try:
                 conn.sendall(qmail_queue.ACK)

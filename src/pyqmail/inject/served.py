@@ -1,0 +1,387 @@
+"""qmail-queued's side of pyqmail.inject.client: run qmail-inject or sendmail for a local caller.
+
+A worker of qmail-queued (as qmailq, in a root-mode home) gets the caller's
+request: the program's name, its argv, its environment, and its descriptors
+0, 1 and 2. `serve` checks that the program would run here as it runs in the
+caller's own process (see `_refusal`), puts the caller's descriptors on 0, 1
+and 2 and its environment in place, acknowledges, runs the program's code
+unchanged, puts the worker's own back, and answers the exit code.
+
+What differs from the caller's own process, nothing of it seen outside:
+- the pid qmail-inject puts in Message-ID is the caller's (SO_PEERCRED);
+- descriptor 0 is read only while the caller is there: a caller killed
+  while qmail-inject reads stops the work, and nothing is queued;
+- the message goes through a spool file (O_TMPFILE in queue/pid/, never
+  linked, removed by the kernel at close) that the worker's queue_message
+  then commits exactly as it commits a message handed over by QQ: the same
+  records with the caller's uid and pid, the same fsyncs, qmail-queued's
+  own environment. Streaming into the spool keeps the worker's memory
+  bounded by qmail-inject's header, as the caller's process is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyqmail import home as _home
+from pyqmail.queue import exits
+from pyqmail.queue.exits import QueueExit
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+
+    from collections.abc import Callable
+
+    from pyqmail.queue.qmail_queue import Watch
+
+PROGRAMS = {"qmail-inject": "pyqmail.inject.qmail_inject", "sendmail": "pyqmail.inject.sendmail"}
+QMAIL_QUEUE_MODULE = "pyqmail.queue.qmail_queue"
+QMAIL_INJECT_MODULE = PROGRAMS["qmail-inject"]
+PAYLOAD_MAX = 1 << 24  # client.PAYLOAD_MAX
+ARGS_MAX = 1 << 20
+SAVED_FD_MIN = 10  # where the worker's own 0, 1 and 2 wait during a request
+
+
+class Gone(Exception):
+    """The caller hung up (killed, or gave up) while its program ran: nothing more is said to it."""
+
+
+class Request:
+    """One caller's request, parsed: the program's name, argv and environment."""
+
+    __slots__ = ("name", "argv", "env")
+
+    def __init__(self, name: str, argv: list[str], env: dict[bytes, bytes]) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+
+
+def parse(data: bytes) -> Request | None:
+    """Return the request in a payload (client.payload), None if it is not one."""
+    fields = data.split(b"\0")
+    if len(fields) < 3:
+        return None
+    try:
+        name = fields[0].decode("ascii")
+        argc = int(fields[1])
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if name not in PROGRAMS or not 1 <= argc <= ARGS_MAX or len(fields) < 2 + argc + 1:
+        return None
+    enc, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    argv = [a.decode(enc, errors) for a in fields[2:2 + argc]]
+    env: dict[bytes, bytes] = {}
+    rest = fields[2 + argc:]
+    if rest[-1] != b"":
+        return None  # the environment block ends with a NUL, as /proc/self/environ
+    for entry in rest[:-1]:
+        # As Python's start builds os.environ: an entry without "=" is left out,
+        # and the first of two entries of one name wins.
+        key, eq, value = entry.partition(b"=")
+        if eq and key and key not in env:
+            env[key] = value
+    return Request(name, argv, env)
+
+
+def _own_stub(qmail_home: str, name: str, module: str) -> bool:
+    """Whether QMAILHOME/bin/name is this home's executable stub of module (else the caller runs it)."""
+    from pyqmail.stubfile import read_stub
+
+    path = os.path.join(qmail_home, "bin", name)
+    stub = read_stub(path)
+    return stub is not None and stub.module == module and stub.home == qmail_home and os.access(path, os.X_OK)
+
+
+def _refusal(req: Request, qmail_home: str, inst: _home.Install) -> str:
+    """Return why the caller must run req itself ("" if a worker may)."""
+    if inst.single:
+        return "single-user home"  # no qmail-queued between the user and the queue
+    env = req.env
+    if b"QMAILQUEUE" in env:
+        return "$QMAILQUEUE"  # a program of the caller's choosing, to run as the caller
+    if b"PYQMAIL_INJECT_LOCAL" in env:
+        return "$PYQMAIL_INJECT_LOCAL"
+    override = env.get(b"QMAILHOME")
+    if override and override != os.fsencode(qmail_home):
+        return "$QMAILHOME"
+    if not _own_stub(qmail_home, "qmail-queue", QMAIL_QUEUE_MODULE):
+        return "bin/qmail-queue is not this home's"  # an administrator's wrapper runs as the caller
+    if req.name == "sendmail" and not _own_stub(qmail_home, "qmail-inject", QMAIL_INJECT_MODULE):
+        return "bin/qmail-inject is not this home's"
+    return ""
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def read_request(conn: socket.socket) -> Request | None:
+    """Read the length and payload that follow the request byte; None for a bad or oversized one."""
+    head = _recv_exact(conn, 4)
+    if head is None:
+        return None
+    n = int.from_bytes(head, "big")
+    if n > PAYLOAD_MAX:
+        return None
+    data = _recv_exact(conn, n)
+    return None if data is None else parse(data)
+
+
+class SpoolQQ:
+    """QQ's interface for a served qmail-inject: the message into a spool, committed by queue_message at close."""
+
+    def __init__(self, job: Job, utf8: bool) -> None:
+        self.job = job
+        self.utf8 = utf8
+        self.code: int | None = None
+        self.custom = b""
+        self.fd = job.spool
+        self.size = 0
+        self.failed = False
+        self.buf = bytearray()
+
+    def _put(self, data: bytes | bytearray) -> None:
+        if self.failed:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            self.failed = True
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+        self.size += len(data)
+        if len(self.buf) >= 65536:
+            self._put(self.buf)
+            self.buf.clear()
+
+    def fail(self) -> None:
+        self.failed = True
+
+    def close(self, sender: bytes = b"", recipients: list[bytes] | tuple[bytes, ...] = ()) -> bytes:
+        """Commit the message with its envelope as qmail-queued commits a handed-over one; return the D/Z report."""
+        from pyqmail.queue import qmail_queue
+
+        self.buf += b"F" + sender + b"\0"
+        for r in recipients:
+            self.buf += b"T" + r + b"\0"
+            if len(self.buf) >= 65536:
+                self._put(self.buf)
+                self.buf.clear()
+        self.buf += b"\0"
+        self._put(self.buf)
+        self.buf.clear()
+        if self.failed:
+            self.code = QueueExit.WRITE_ERROR
+            return exits.report(self.code)
+        total = os.lseek(self.fd, 0, os.SEEK_CUR)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        job = self.job
+        code = job.commit(lambda watch: qmail_queue.queue_message(
+            job.qmail_home, self.fd, self.fd, job.uid, job.pid, job.inst, msg_len=self.size,
+            env_len=total - self.size, watch=watch, utf8=self.utf8, trigger=False))
+        self.code = code
+        return exits.report(code)
+
+
+class Job:
+    """One served request: the caller's connection, uid, pid and spool, and the worker's state to put back."""
+
+    def __init__(self, conn: socket.socket, qmail_home: str, inst: _home.Install, uid: int, pid: int,
+                 spool: int, base_env: dict[bytes, bytes], client_env: dict[bytes, bytes]) -> None:
+        import select
+
+        self.conn = conn
+        self.qmail_home = qmail_home
+        self.inst = inst
+        self.uid = uid
+        self.pid = pid
+        self.spool = spool
+        self.base_env = base_env
+        self.client_env = client_env
+        self.queued = False
+        self.uncertain = False  # a commit cut short by the alarm, or a bug of ours
+        self._poll = select.poll()
+        self._poll.register(conn.fileno(), select.POLLIN)
+        self._polled = -1
+
+    def wait(self, fd: int) -> None:
+        """Return once fd is readable; raise Gone if the caller hangs up first (it sends nothing more)."""
+        import select
+
+        if fd != self._polled:
+            if self._polled >= 0:
+                self._poll.unregister(self._polled)
+            self._poll.register(fd, select.POLLIN)
+            self._polled = fd
+        while True:
+            events = self._poll.poll()
+            if any(efd == self.conn.fileno() for efd, _ in events):
+                raise Gone()
+            if events:
+                return
+
+    def commit(self, queue: Callable[[Watch], int]) -> int:
+        """Run queue(watch) under qmail-queued's own environment, as a handed-over message is committed."""
+        from pyqmail.queue import qmail_queue
+        from pyqmail.spawn import restore_environb
+        from pyqmail import sig as signal
+
+        restore_environb(self.base_env)
+        watch = qmail_queue.Watch(self.conn.fileno(), 86400.0)
+        signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
+        signal.alarm(qmail_queue.SUICIDE_SECONDS)
+        try:
+            code = queue(watch)
+        finally:
+            signal.alarm(0)
+            restore_environb(self.client_env)
+        if code == QueueExit.OK:
+            self.queued = True
+        elif code in (QueueExit.TIMEOUT, QueueExit.BUG):
+            self.uncertain = True
+        return code
+
+
+def _open_spool(qmail_home: str) -> int:
+    """An unnamed file in queue/pid/ (the queue's file system, qmailq's): raise OSError."""
+    return os.open(os.path.join(qmail_home, "queue", "pid"), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+
+ACK = b"+"
+
+
+class Outcome:
+    """What serving a request came to: the exit code to answer (-1: none), whether a message was queued,
+    and whether the worker may serve again (False after a crash of ours or an uncertain commit)."""
+
+    __slots__ = ("code", "queued", "clean")
+
+    def __init__(self, code: int = -1, queued: bool = False, clean: bool = True) -> None:
+        self.code = code
+        self.queued = queued
+        self.clean = clean
+
+
+def serve(conn: socket.socket, fds: list[int], uid: int, pid: int, qmail_home: str,
+          inst: _home.Install) -> Outcome:
+    """Serve one request whose byte was read, up to (not including) the answer; return the Outcome.
+
+    fds are the caller's descriptors 0, 1 and 2; the caller closes them, then
+    answers Outcome.code unless it is -1 (refused before the acknowledgement:
+    the client runs the program itself; or the client is gone).
+    """
+    try:
+        req = read_request(conn)
+        conn.settimeout(None)
+    except OSError:
+        return Outcome()
+    if req is None or _refusal(req, qmail_home, inst):
+        return Outcome()  # the connection closes unacknowledged: the caller runs the program itself
+    try:
+        spool = _open_spool(qmail_home)
+    except OSError:
+        return Outcome()
+    try:
+        return _run(conn, fds, req, uid, pid, qmail_home, inst, spool)
+    finally:
+        os.close(spool)
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # safe: what the program left unwritten is as lost as in its own process
+
+
+def _run(conn: socket.socket, fds: list[int], req: Request, uid: int, pid: int, qmail_home: str,
+         inst: _home.Install, spool: int) -> Outcome:
+    import posix
+
+    from pyqmail.spawn import restore_environb
+
+    base_env = dict(posix.environ)
+    job = Job(conn, qmail_home, inst, uid, pid, spool, base_env, req.env)
+    _flush_std()
+    saved = [_dup_high(fd) for fd in (0, 1, 2)]
+    try:
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        cwd = -1
+    code = -1
+    try:
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+        restore_environb(req.env)
+        argv = req.argv
+        got: tuple[str, list[str]] | int | None = None
+        if req.name == "sendmail":
+            from pyqmail.inject import sendmail
+
+            got = sendmail.prepare(argv)
+            if not isinstance(got, int):
+                path, argv = got
+                if path != sendmail.QMAIL_INJECT:
+                    return Outcome()  # -bp, -bs, mailq: not the queue's work; the caller runs them
+        try:
+            conn.sendall(ACK)
+        except OSError:
+            return Outcome()
+        code = got if isinstance(got, int) else _inject(job, argv)
+        _flush_std()
+    finally:
+        restore_environb(base_env)
+        for i, fd in enumerate(saved):
+            os.dup2(fd, i)
+            os.close(fd)
+        if cwd >= 0:
+            try:
+                os.fchdir(cwd)
+            except OSError:
+                pass  # safe: every request chdirs where it works
+            os.close(cwd)
+    return Outcome(code & 0xFF if code >= 0 else -1, job.queued, not job.uncertain)
+
+
+def _dup_high(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SAVED_FD_MIN)
+
+
+def _inject(job: Job, argv: list[str]) -> int:
+    """Run qmail-inject's code on argv for the job; return its exit code, -1 if the caller went."""
+    from pyqmail.inject import qmail_inject
+
+    qmail_inject.serving(job)
+    try:
+        rc: int = qmail_inject.main.__wrapped__(argv)  # type: ignore[attr-defined]
+        return rc
+    except Gone:
+        return -1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else qmail_inject.EXIT_TEMP)
+    except BaseException as e:  # noqa: BLE001 - as entry.program: a crash of ours is qmail-inject's temporary failure
+        job.uncertain = True
+        reason = f"qmail-inject: fatal: internal error: {type(e).__name__}: {e}"
+        try:
+            os.write(2, (reason + "\n").encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass  # safe: stderr gone; the exit code still says temporary
+        return qmail_inject.EXIT_TEMP
+    finally:
+        qmail_inject.serving(None)
