@@ -12,7 +12,8 @@ and pid, and answers its exit code, which this process exits with.
 
 Nothing is read from descriptor 0 until the worker has acknowledged (ACK).
 Any refusal before that (no server, a server at its limits, a request it does not serve
-here, $QMAILQUEUE set: that program must run as the caller) returns, and
+here, $QMAILQUEUE or $QMAILMFTFILE set: that program must run and that
+file be read as the caller) returns, and
 the stub runs the program in this process as always. After the
 acknowledgement the worker owns the message: if it goes without an answer,
 this process says what qmail-inject says when qmail-queue goes without one
@@ -25,8 +26,6 @@ Imports only sys, posix, _signal and _socket (all in the interpreter
 or loaded by its start but _socket): this runs in every injection.
 $PYQMAIL_INJECT_LOCAL set (to anything) keeps the program in this process.
 """
-
-from __future__ import annotations
 
 import posix
 import sys
@@ -76,8 +75,8 @@ def run(name: str, home: str) -> None:
     none did, and nothing of descriptor 0 has been read.
     """
     env = posix.environ
-    if LOCAL in env or b"QMAILQUEUE" in env:
-        return
+    if LOCAL in env or b"QMAILQUEUE" in env or b"QMAILMFTFILE" in env or posix.getuid() != posix.geteuid():
+        return  # programs and files of the caller's naming, or a setuid caller: run as the caller
     override = env.get(b"QMAILHOME")
     if override and override != home.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()):
         return  # another home's program: run here, with that home's own queue

@@ -42,6 +42,8 @@ QMAIL_INJECT_MODULE = PROGRAMS["qmail-inject"]
 PAYLOAD_MAX = 1 << 24  # client.PAYLOAD_MAX
 ARGS_MAX = 1 << 20
 SAVED_FD_MIN = 10  # where the worker's own 0, 1 and 2 wait during a request
+DATA_MAX = 512 << 20  # RLIMIT_DATA of a worker that has served a request (see _bound_memory)
+RSS_RETIRE = 96 << 20  # a worker whose peak RSS passed this exits after its answer
 
 
 class Gone(Exception):
@@ -104,6 +106,8 @@ def _refusal(req: Request, qmail_home: str, inst: _home.Install) -> str:
         return "$QMAILQUEUE"  # a program of the caller's choosing, to run as the caller
     if b"PYQMAIL_INJECT_LOCAL" in env:
         return "$PYQMAIL_INJECT_LOCAL"
+    if b"QMAILMFTFILE" in env:
+        return "$QMAILMFTFILE"  # a file of the caller's naming: read with the caller's rights, not qmailq's
     override = env.get(b"QMAILHOME")
     if override and override != os.fsencode(qmail_home):
         return "$QMAILHOME"
@@ -254,6 +258,41 @@ class Job:
         return code
 
 
+def preload() -> None:
+    """Import what a served request runs, in qmail-queued before it forks workers (each has it then)."""
+    from pyqmail import control, rfc822, smtputf8  # noqa: F401
+    from pyqmail.inject import header, qmail_inject, sendmail  # noqa: F401
+    from pyqmail.spawn import restore_environb  # noqa: F401
+    from pyqmail.stubfile import read_stub  # noqa: F401
+
+
+def _bound_memory() -> None:
+    """Bound this worker's data (once): a header of gigabytes makes qmail-inject's "out of memory", as
+    a limit on its own process would, instead of growing qmailq's worker without end."""
+    global _bounded
+    if _bounded:
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = DATA_MAX if hard == resource.RLIM_INFINITY else min(DATA_MAX, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    except (OSError, ValueError):
+        pass  # safe: the limit is a bound on a hostile caller, not needed for a message
+    _bounded = True
+
+
+def _grown() -> bool:
+    """Whether this worker's peak memory is past RSS_RETIRE: it answers, then exits to give it back."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > RSS_RETIRE
+
+
+_bounded = False
+
+
 def _open_spool(qmail_home: str) -> int:
     """An unnamed file in queue/pid/ (the queue's file system, qmailq's): raise OSError."""
     return os.open(os.path.join(qmail_home, "queue", "pid"), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -293,10 +332,14 @@ def serve(conn: socket.socket, fds: list[int], uid: int, pid: int, qmail_home: s
         spool = _open_spool(qmail_home)
     except OSError:
         return Outcome()
+    _bound_memory()
     try:
-        return _run(conn, fds, req, uid, pid, qmail_home, inst, spool)
+        outcome = _run(conn, fds, req, uid, pid, qmail_home, inst, spool)
     finally:
         os.close(spool)
+    if outcome.clean and _grown():
+        outcome.clean = False
+    return outcome
 
 
 def _flush_std() -> None:

@@ -912,6 +912,9 @@ def main(argv: list[str]) -> int:
         _say("fatal: must run as root or qmailq")
         return EXIT_FAIL
     os.umask(0o033)
+    from pyqmail.inject import served
+
+    served.preload()  # the workers, forked later, have qmail-inject's code loaded (issue 17.3)
     flags = _Flags()
 
     def on_term(signum: int, frame: object) -> None:
