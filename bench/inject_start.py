@@ -21,6 +21,10 @@ at os._exit of the program and of a forked qmail-queue. The phases:
            durable commit included)
   exit     os._exit -> waitpid returns (the interpreter's teardown, the kernel's)
 
+The driver calls the stub's program in its own process, the path a stub takes
+when no qmail-queued worker serves it (docs/DESIGN.md "Injection served by
+qmail-queued"): bench/compare.py's injection loop times the served path.
+
 Several --lib give several lib dirs (a home's lib/pyqmail-VERSION-HASH) run
 alternately in one loop against the same running home, so that a change is
 measured before/after under the same load. The audit hook itself costs a few
