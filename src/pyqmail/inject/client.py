@@ -93,6 +93,11 @@ def run(name: str, home: str) -> None:
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return
+    if s.fileno() <= 2:
+        # 0, 1 or 2 was closed (the socket takes the lowest free number): passed on, the socket
+        # itself would be the program's input or output. The program runs here, with it closed.
+        s.close()
+        return
     old_int = None
     try:
         try:
@@ -105,7 +110,7 @@ def run(name: str, home: str) -> None:
             old_int = _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
             ack = s.recv(1)
         except OSError:
-            ack = b""  # no server, a closed descriptor (EBADF), a server gone: nothing was read
+            ack = b""  # no server, a server gone: nothing was read
         if ack != ACK:
             if old_int is not None:
                 _signal.signal(_signal.SIGINT, old_int)
