@@ -111,6 +111,26 @@ def go(h: QHome, stdin: bytes | None = b"", args: tuple[str, ...] | list[str] = 
     return Run(Result(argv, p.returncode, o, e), pid, t0, t1, text)
 
 
+def _out(stdout: bytes, pid: int) -> bytes:
+    """-n output with the generated Date and Message-ID's time and pid taken out."""
+    stdout = re.sub(rb"Date: \d+ \w{3} \d{4} \d\d:\d\d:\d\d -0000\n", b"Date: {DATE}\n", stdout)
+    return re.sub(rb"<\d{14}\.%d\.qmail@" % pid, b"<{STAMP}.{PID}.qmail@", stdout)
+
+
+def _plain(argv: list[bytes] | list[str], stdin: bytes, env: dict[str, str],
+           user: str = TEST_USER) -> tuple[int, bytes, bytes]:
+    """Run argv as user (no trace); its exit code, -n output (see _out) and stderr."""
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         **_as(user))  # type: ignore[call-overload]
+    try:
+        o, e = p.communicate(stdin, timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+    return p.returncode, _out(o, p.pid), e
+
+
 def check(run: Run, code: int, stdout: bytes | list[bytes], stderr: bytes = b"") -> None:
     res = run.res
     assert (res.returncode, res.stderr) == (code, stderr), res.explain()
@@ -434,7 +454,7 @@ def test_closed_descriptors_as_local(qhome: QHome, shell: str, stdin: bytes | No
     for extra in ({}, LOCAL):
         before = set(queued(qhome))
         r = go(qhome, stdin, args, extra, shell=shell)
-        out = r.res.stdout.replace(b".%d.qmail@" % r.pid, b".{PID}.qmail@")
+        out = _out(r.res.stdout, r.pid)
         got.append((r.res.returncode, out, r.res.stderr, len(set(queued(qhome)) - before)))
     assert got[0] == got[1]
 
@@ -601,3 +621,55 @@ def test_environment_does_not_leak_to_the_next_request(qhome: QHome) -> None:
     assert todo1.split(b"\0")[0].endswith(b" SMTPUTF8") and todo2.split(b"\0")[0] == b"u%d" % pwd.getpwnam(
         TEST_USER).pw_uid
     assert b"evil" not in mess2 and b"Evil" not in mess2
+
+
+def test_control_files_read_per_request(qhome: QHome) -> None:
+    """A worker reads the control files for each request: a change is seen at once, as by a new process."""
+    server: Server = qhome.server  # type: ignore[attr-defined]
+    first = go(qhome, b"To: x\n\nb\n", ("-n",))
+    assert b"To: x@silverton.berkeley.edu\n" in first.res.stdout
+    for name, text in (("me", "me.example\n"), ("defaulthost", "dh.example\n"), ("idhost", "id.example\n"),
+                       ("defaultdomain", "dd.example\n"), ("plusdomain", "pd.example\n")):
+        qhome.control(name, text)
+        runs = [go(qhome, b"To: x, w@nodots, p@q+\n\nb\n", ("-n",), extra) for extra in ({}, LOCAL)]
+        assert [r.path() for r in runs] == ["served", "local"]
+        outs = [_out(r.res.stdout, r.pid) for r in runs]
+        assert runs[0].res.returncode == 0 and outs[0] == outs[1], (name, outs)
+        assert text.strip().encode() in outs[0], (name, outs[0])
+    assert len(workers(server)) == 1  # the same worker saw every change
+
+
+def test_argument_bytes_not_utf8_as_local(qhome: QHome) -> None:
+    """Arguments that are not UTF-8 reach the envelope as the bytes the caller gave (surrogateescape both ways)."""
+    todo, _ = _both(qhome, TEST_USER, MSG, ("-f\udcfe@example.org", "-a", "j\udcffrg@example.com", "\u00e9@x.y"))
+    assert b"F\xfe@example.org\0" in todo and b"Tj\xffrg@example.com\0" in todo and b"T\xc3\xa9@x.y\0" in todo, todo
+
+
+def test_stdout_pipe_without_reader_as_local(home: QHome, server: Server) -> None:
+    got = []
+    for extra in ({}, LOCAL):
+        rfd, wfd = os.pipe()
+        os.close(rfd)
+        try:
+            p = subprocess.run([home.bin("qmail-inject"), "-n"], input=BIG, stdout=wfd, stderr=subprocess.PIPE,
+                               env={**BASE, **extra}, timeout=30, **_as(TEST_USER))  # type: ignore[call-overload]
+        finally:
+            os.close(wfd)
+        got.append((p.returncode, p.stderr))
+    assert got[0] == got[1] == (0, b"")
+
+
+def test_environment_with_duplicate_and_bare_entries_as_local(home: QHome, server: Server) -> None:
+    """execve's environment as it is: two entries of one name (the first wins, as in Python's start), one without '='."""
+    prog = os.fsencode(home.bin("qmail-inject"))
+    got = []
+    for extra in (b"", b"PYQMAIL_INJECT_LOCAL=1"):
+        envp = [b"PATH=/usr/bin:/bin", b"QMAILUSER=first", b"QMAILUSER=second", b"BARE", b"=empty",
+                b"QMAILHOST=h.example", b"QMAILHOST=i.example"] + ([extra] if extra else [])
+        code = ("import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); a = [s.encode('latin-1') for s in sys.argv[1:]]; "
+                "argv = (ctypes.c_char_p * 3)(a[0], b'-n', None); envp = (ctypes.c_char_p * (len(a)))(*a[1:], None); "
+                "libc.execve(a[0], argv, envp); sys.exit(99)")
+        got.append(_plain(["/usr/bin/python3", "-IS", "-c", code, prog.decode("latin-1"),
+                           *[e.decode("latin-1") for e in envp]], MSG, {}))
+    assert got[0] == got[1]
+    assert got[0][0] == 0 and b"From: first@h.example\n" in got[0][1], got[0]
