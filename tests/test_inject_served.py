@@ -199,6 +199,7 @@ def qhome() -> Iterator[QHome]:
     h.server = s  # type: ignore[attr-defined]
     yield h
     s.stop()
+    h.server.stop()  # type: ignore[attr-defined]  # a test may have started another
     shutil.rmtree(h.path.parent, ignore_errors=True)
 
 
@@ -673,3 +674,61 @@ def test_environment_with_duplicate_and_bare_entries_as_local(home: QHome, serve
                            *[e.decode("latin-1") for e in envp]], MSG, {}))
     assert got[0] == got[1]
     assert got[0][0] == 0 and b"From: first@h.example\n" in got[0][1], got[0]
+
+
+class LimitedServer(Server):
+    """qmail-queued with options (Server runs it without)."""
+
+    def __init__(self, home: QHome, *opts: str) -> None:
+        self.sock = home.path / "run" / "qmail-queue.sock"
+        self.proc = subprocess.Popen([home.bin("qmail-queued"), *opts], env={"PATH": "/usr/bin:/bin"},
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        _wait(lambda: self.sock.exists() or self.proc.poll() is not None, 10, "qmail-queued's socket")
+        assert self.proc.poll() is None
+
+
+def test_callers_holding_input_open_are_bounded_by_c(qhome: QHome) -> None:
+    """Served requests count against -c: past it, the caller runs qmail-inject itself, and every message is queued."""
+    qhome.server.stop()  # type: ignore[attr-defined]
+    server = LimitedServer(qhome, "-c", "2")
+    qhome.server = server  # type: ignore[attr-defined]
+    procs = []
+    held = []
+    try:
+        for i in range(4):
+            p = subprocess.Popen([qhome.bin("qmail-inject"), f"r{i}@example.com"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=BASE, cwd="/",
+                                 **_as(TEST_USER))  # type: ignore[call-overload]
+            procs.append(p)
+            assert p.stdin is not None
+            p.stdin.write(b"Subject: held\n")
+            p.stdin.flush()
+            _wait(lambda: _unread(p.stdin) == 0, 20, "qmail-inject to read")
+            held.append(_pipe_holder(server, os.fstat(p.stdin.fileno()).st_ino))
+        assert [bool(w) for w in held] == [True, True, False, False], held
+        assert len(workers(server)) == 2
+        for p in procs:
+            out, err = p.communicate(b"\nbody\n", timeout=30)
+            assert (p.returncode, out, err) == (0, b"", b"")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    _wait(lambda: len(queued(qhome)) == 4, 20, "four messages in todo/")
+
+
+@pytest.mark.parametrize("owner,group,mode", [("root", "qmail", 0o640), (TEST_USER, "root", 0o600), ("root", "root", 0o604)],
+                         ids=["qmail group only", "caller's own", "others only"])
+def test_control_file_not_readable_by_all_as_local(qhome: QHome, owner: str, group: str, mode: int) -> None:
+    """qmail-inject reads control files with the caller's rights: one that not everyone may read runs in the caller."""
+    import grp
+
+    c = qhome.path / "control" / "defaulthost"
+    c.write_text("private.example\n")
+    os.chown(c, pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid)
+    c.chmod(mode)
+    runs = [go(qhome, b"To: x\n\nb\n", ("-n",), extra) for extra in ({}, LOCAL)]
+    assert [r.path() for r in runs] == ["local", "local"]
+    assert [(r.res.returncode, _out(r.res.stdout, r.pid), r.res.stderr) for r in runs][0] == \
+        [(r.res.returncode, _out(r.res.stdout, r.pid), r.res.stderr) for r in runs][1]

@@ -97,6 +97,26 @@ def _own_stub(qmail_home: str, name: str, module: str) -> bool:
     return stub is not None and stub.module == module and stub.home == qmail_home and os.access(path, os.X_OK)
 
 
+CONTROLS = ("me", "defaultdomain", "defaulthost", "plusdomain", "idhost")  # what qmail-inject reads of control/
+
+
+def _controls_public(qmail_home: str) -> bool:
+    """Whether everyone may read qmail-inject's control files: then the caller and qmailq read the same."""
+    d = os.path.join(qmail_home, "control")
+    try:
+        if os.stat(d).st_mode & 0o111 != 0o111:
+            return False
+        for name in CONTROLS:
+            try:
+                if os.stat(os.path.join(d, name)).st_mode & 0o444 != 0o444:
+                    return False
+            except FileNotFoundError:
+                continue  # missing for the caller too
+    except OSError:
+        return False
+    return True
+
+
 def _refusal(req: Request, qmail_home: str, inst: _home.Install) -> str:
     """Return why the caller must run req itself ("" if a worker may)."""
     if inst.single:
@@ -115,6 +135,8 @@ def _refusal(req: Request, qmail_home: str, inst: _home.Install) -> str:
         return "bin/qmail-queue is not this home's"  # an administrator's wrapper runs as the caller
     if req.name == "sendmail" and not _own_stub(qmail_home, "qmail-inject", QMAIL_INJECT_MODULE):
         return "bin/qmail-inject is not this home's"
+    if not _controls_public(qmail_home):
+        return "a control file not everyone may read"  # qmailq's rights are not the caller's
     return ""
 
 
