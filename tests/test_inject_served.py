@@ -732,3 +732,25 @@ def test_control_file_not_readable_by_all_as_local(qhome: QHome, owner: str, gro
     assert [r.path() for r in runs] == ["local", "local"]
     assert [(r.res.returncode, _out(r.res.stdout, r.pid), r.res.stderr) for r in runs][0] == \
         [(r.res.returncode, _out(r.res.stdout, r.pid), r.res.stderr) for r in runs][1]
+
+
+@pytest.mark.xfail(strict=True, reason="open: a stopped caller (^Z, SIGSTOP) does not stop the worker, which goes on "
+                   "reading the caller's descriptor 0 (on a terminal, input meant for the shell); the client cannot tell "
+                   "the worker it stopped without a change to the protocol (docs/DESIGN.md)")
+def test_stopped_caller_reads_nothing(qhome: QHome) -> None:
+    server: Server = qhome.server  # type: ignore[attr-defined]
+    p, worker = _start_reading(qhome, server)
+    try:
+        p.send_signal(signal.SIGSTOP)
+        _wait(lambda: Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 10, "stopped")
+        assert p.stdin is not None
+        p.stdin.write(b"more\n")
+        p.stdin.flush()
+        # What a stopped qmail-inject would leave: the line unread. Bounded wait for a worker reading it.
+        deadline = time.monotonic() + 2
+        while _unread(p.stdin) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _unread(p.stdin) == 5
+    finally:
+        p.kill()
+        p.communicate(timeout=20)
