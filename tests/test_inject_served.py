@@ -754,3 +754,20 @@ def test_stopped_caller_reads_nothing(qhome: QHome) -> None:
     finally:
         p.kill()
         p.communicate(timeout=20)
+
+
+def test_sendmail_sender_does_not_leak_to_the_next_request(qhome: QHome) -> None:
+    """sendmail -f changes QMAILUSER/QMAILHOST and removes QMAILNAME in the worker: the next request has its own."""
+    server: Server = qhome.server  # type: ignore[attr-defined]
+    uid = pwd.getpwnam(TEST_USER).pw_uid
+    before = set(queued(qhome))
+    r = go(qhome, MSG, ("-F", "Eve", "-f", "eve@evil.example", "a@b.c"), prog="sendmail")
+    assert r.res.returncode == 0 and r.path() == "served", r.res.explain()
+    _, mess1 = _normal(r, *_new(qhome, before), uid)
+    assert b"From: eve@evil.example\n" in mess1
+    before = set(queued(qhome))
+    r = go(qhome, MSG, ("-F", "Joe Q", "a@b.c"), {"QMAILNAME": None}, prog="sendmail")
+    assert r.res.returncode == 0 and r.path() == "served", r.res.explain()
+    todo2, mess2 = _normal(r, *_new(qhome, before), uid)
+    assert b'From: "Joe Q" <joe@silverton.berkeley.edu>\n' in mess2 and b"evil" not in todo2 + mess2, mess2
+    assert len(workers(server)) == 1
