@@ -283,13 +283,14 @@ def test_queued_served_as_local(qhome: QHome, user: str, stdin: bytes, args: tup
     assert b"Message-ID: <{MSGID}@" in mess or b"Resent-Message-ID: <{MSGID}@" in mess, mess
 
 
-def test_message_id_names_the_callers_pid(qhome: QHome) -> None:
+@pytest.mark.parametrize("user", [TEST_USER, "root"])
+def test_message_id_names_the_callers_pid(qhome: QHome, user: str) -> None:
     """Not traced: the pid in Message-ID, Received and p is the one Popen got, not a worker's."""
     before = set(queued(qhome))
-    r = go(qhome, MSG, (), trace=False)
+    r = go(qhome, MSG, (), user=user, trace=False)
     assert r.res.returncode == 0, r.res.explain()
     assert r.pid not in workers(qhome.server)  # type: ignore[attr-defined]
-    _normal(r, *_new(qhome, before), pwd.getpwnam(TEST_USER).pw_uid)
+    _normal(r, *_new(qhome, before), pwd.getpwnam(user).pw_uid)
     todo, mess = _new(qhome, before)
     assert any(hdr.msgid_field(t, r.pid, FQDN.encode()) in mess for t in range(r.t0, r.t1 + 1)), mess
 
