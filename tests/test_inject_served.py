@@ -735,10 +735,8 @@ def test_control_file_not_readable_by_all_as_local(qhome: QHome, owner: str, gro
         [(r.res.returncode, _out(r.res.stdout, r.pid), r.res.stderr) for r in runs][1]
 
 
-@pytest.mark.xfail(strict=True, reason="open: a stopped caller (^Z, SIGSTOP) does not stop the worker, which goes on "
-                   "reading the caller's descriptor 0 (on a terminal, input meant for the shell); the client cannot tell "
-                   "the worker it stopped without a change to the protocol (docs/DESIGN.md)")
 def test_stopped_caller_reads_nothing(qhome: QHome) -> None:
+    """A stopped caller (^Z, SIGSTOP) reads nothing, as a stopped qmail-inject would; once continued, it reads on."""
     server: Server = qhome.server  # type: ignore[attr-defined]
     p, worker = _start_reading(qhome, server)
     try:
@@ -748,13 +746,42 @@ def test_stopped_caller_reads_nothing(qhome: QHome) -> None:
         p.stdin.write(b"more\n")
         p.stdin.flush()
         # What a stopped qmail-inject would leave: the line unread. Bounded wait for a worker reading it.
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 1
         while _unread(p.stdin) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert _unread(p.stdin) == 5
+        p.send_signal(signal.SIGCONT)
+        _wait(lambda: _unread(p.stdin) == 0, 20, "the worker to read on once its caller runs again")  # type: ignore[arg-type]
+        o, e = p.communicate(timeout=30)  # closes the pipe: the end of the message
+        assert p.returncode == 0, e
+        assert b"line\nmore\n" in b"".join(f.read_bytes() for f in (qhome.queue / "mess").rglob("*") if f.is_file())
     finally:
-        p.kill()
-        p.communicate(timeout=20)
+        if p.returncode is None:
+            p.kill()
+            p.communicate(timeout=20)
+
+
+def test_terminal_input_runs_locally(qhome: QHome) -> None:
+    """A terminal on descriptor 0 stays with the caller: job control (^Z, bg and SIGTTIN) acts on the reader."""
+    master, slave = os.openpty()
+    out = world_dir()
+    out.chmod(0o777)
+    tfile = out / "trace"
+    argv = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=read,openat", "-o", str(tfile),
+            os.fspath(qhome.bin("qmail-inject")), "-n", "x@y.z"]
+    p = subprocess.Popen(argv, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=BASE,
+                         **_as(TEST_USER))  # type: ignore[call-overload]
+    os.close(slave)
+    try:
+        os.write(master, b"Subject: tty\n\nbody\n\x04")
+        o, e = p.communicate(timeout=30)
+    finally:
+        os.close(master)
+    assert p.returncode == 0, e
+    assert b"Subject: tty\n" in o
+    run = Run(Result(argv, p.returncode, o, e), p.pid, 0, 0, tfile.read_text(errors="replace"))
+    assert run.path() == "local"
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_sendmail_sender_does_not_leak_to_the_next_request(qhome: QHome) -> None:

@@ -77,6 +77,8 @@ def run(name: str, home: str) -> None:
     env = posix.environ
     if LOCAL in env or b"QMAILQUEUE" in env or b"QMAILMFTFILE" in env or posix.getuid() != posix.geteuid():
         return  # programs and files of the caller's naming, or a setuid caller: run as the caller
+    if posix.isatty(0):
+        return  # a terminal: job control (^Z, bg, SIGTTIN) must act on the process that reads it
     override = env.get(b"QMAILHOME")
     if override and override != home.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()):
         return  # another home's program: run here, with that home's own queue

@@ -43,6 +43,7 @@ PAYLOAD_MAX = 1 << 24  # client.PAYLOAD_MAX
 ARGS_MAX = 1 << 20
 SAVED_FD_MIN = 10  # where the worker's own 0, 1 and 2 wait during a request
 DATA_MAX = 512 << 20  # RLIMIT_DATA of a worker that has served a request (see _bound_memory)
+STOP_POLL_MS = 50  # how often a worker looks whether its stopped caller runs again
 RSS_RETIRE = 96 << 20  # a worker whose peak RSS passed this exits after its answer
 
 
@@ -241,6 +242,7 @@ class Job:
         self._poll = select.poll()
         self._poll.register(conn.fileno(), select.POLLIN)
         self._polled = -1
+        self._conn_poll: select.poll | None = None
 
     def wait(self, fd: int) -> None:
         """Return once fd is readable; raise Gone if the caller hangs up first (it sends nothing more)."""
@@ -256,7 +258,31 @@ class Job:
             if any(efd == self.conn.fileno() for efd, _ in events):
                 raise Gone()
             if events:
-                return
+                if not self._stopped():
+                    return
+                self._while_stopped()
+
+    def _stopped(self) -> bool:
+        """Whether the caller is stopped (^Z, SIGSTOP): then its qmail-inject would read nothing."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False  # gone (its socket says so next), or /proc hides it: read as a running caller
+        fields = stat.rpartition(b")")[2].split()
+        return bool(fields) and fields[0] in (b"T", b"t")
+
+    def _while_stopped(self) -> None:
+        """Wait until the caller runs again; raise Gone if it hangs up meanwhile. A stop has no
+        event to wait on (a pidfd reports the exit only), so its state is looked at every STOP_POLL_MS."""
+        import select
+
+        if self._conn_poll is None:
+            self._conn_poll = select.poll()
+            self._conn_poll.register(self.conn.fileno(), select.POLLIN)
+        while self._stopped():
+            if self._conn_poll.poll(STOP_POLL_MS):
+                raise Gone()
 
     def commit(self, queue: Callable[[Watch], int]) -> int:
         """Run queue(watch) under qmail-queued's own environment, as a handed-over message is committed."""
