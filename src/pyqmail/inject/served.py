@@ -31,6 +31,7 @@ from pyqmail.queue.exits import QueueExit
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from typing import Any
 
     from collections.abc import Callable
 
@@ -138,6 +139,49 @@ def _refusal(req: Request, qmail_home: str, inst: _home.Install) -> str:
         return "bin/qmail-inject is not this home's"
     if not _controls_public(qmail_home):
         return "a control file not everyone may read"  # qmailq's rights are not the caller's
+    return ""
+
+
+# File systems whose files check the rights of the process that reads or writes them, at each
+# read or write, not those of the opener: /proc/PID/stat of a qmailq process shows its memory
+# layout to qmailq and not to pqtest. A caller's descriptor on one is used by the caller itself.
+PER_READER_FS = frozenset({
+    0x9FA0,  # proc
+    0x62656572,  # sysfs
+    0x64626720,  # debugfs
+    0x74726163,  # tracefs
+    0x73636673,  # securityfs
+    0x62656570,  # configfs
+})
+
+
+def _fs_type(fd: int) -> int | None:
+    """The f_type of fd's file system (fstatfs(2)), None if it cannot be had."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+    if _libc().fstatfs(fd, buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder)
+
+
+_LIBC: list[object] = []
+
+
+def _libc() -> Any:
+    if not _LIBC:
+        import ctypes
+
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def _fds_refusal(fds: list[int]) -> str:
+    """Return why the caller must use its descriptors itself ("" if a worker may)."""
+    for fd in fds:
+        kind = _fs_type(fd)
+        if kind is None or kind in PER_READER_FS:
+            return "a descriptor on a file system that checks its reader's rights"
     return ""
 
 
@@ -313,6 +357,8 @@ def preload() -> None:
     from pyqmail.spawn import restore_environb  # noqa: F401
     from pyqmail.stubfile import read_stub  # noqa: F401
 
+    _libc()
+
 
 def _bound_memory() -> None:
     """Bound this worker's data (once): a header of gigabytes makes qmail-inject's "out of memory", as
@@ -374,7 +420,7 @@ def serve(conn: socket.socket, fds: list[int], uid: int, pid: int, qmail_home: s
         conn.settimeout(None)
     except OSError:
         return Outcome()
-    if req is None or _refusal(req, qmail_home, inst):
+    if req is None or _refusal(req, qmail_home, inst) or _fds_refusal(fds):
         return Outcome()  # the connection closes unacknowledged: the caller runs the program itself
     try:
         spool = _open_spool(qmail_home)

@@ -1,0 +1,54 @@
+"""Session 8's review of injection served by qmail-queued (brief r8): what a hostile local user could do.
+
+Each test is a finding: something the caller's own qmail-inject could not do
+or would do otherwise. Root-only, as tests/test_inject_served.py, whose
+helpers it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import IS_ROOT, QHome, make_home, need_root_setup
+from inject_cases import FQDN
+from test_inject_served import LOCAL, go, served_works, workers
+from test_qq_handoff import Server, _need_strace
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="a root-mode home: qmail-queued's workers as qmailq")
+
+
+@pytest.fixture
+def qhome() -> Iterator[QHome]:
+    need_root_setup()
+    _need_strace()
+    h = make_home(FQDN, single=False)
+    s = Server(h)
+    h.server = s  # type: ignore[attr-defined]
+    yield h
+    s.stop()
+    import shutil
+
+    shutil.rmtree(h.path.parent, ignore_errors=True)
+
+
+def _stat_fields(out: bytes, comm: bytes) -> list[bytes]:
+    """The fields after the command name of the /proc/PID/stat line in -n output."""
+    line = next(x for x in out.split(b"\n") if b"(" + comm + b")" in x)
+    return line.rpartition(b")")[2].split()
+
+
+def test_proc_file_of_the_worker_read_with_the_callers_rights(qhome: QHome) -> None:
+    """A /proc file checks the reader's rights at each read, not the opener's: /proc/W/stat of the worker W
+    shows its memory layout (startcode, endcode, startstack: ASLR) to W itself and "1 1 0" to pqtest.
+    The caller's descriptor 0 on it must give what the caller's own qmail-inject reads."""
+    server: Server = qhome.server  # type: ignore[attr-defined]
+    served_works(qhome)
+    (w,) = workers(server)
+    runs = [go(qhome, b"", ("-n",), extra, shell=f"< /proc/{w}/stat") for extra in ({}, LOCAL)]
+    assert [r.res.returncode for r in runs] == [0, 0], [r.res.explain() for r in runs]
+    layout = [_stat_fields(r.res.stdout, b"qmail-queued-w")[23:26] for r in runs]
+    assert layout[1] == [b"1", b"1", b"0"]  # the caller's own process is not allowed to see them
+    assert layout[0] == layout[1], layout
+    assert runs[0].path() == "local"  # the worker refused: the caller reads it itself
