@@ -7,14 +7,16 @@ helpers it uses.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 
 import pytest
 
 from conftest import IS_ROOT, QHome, make_home, need_root_setup
 from inject_cases import FQDN
-from test_inject_served import LOCAL, go, served_works, workers
-from test_qq_handoff import Server, _need_strace
+from test_inject_served import LOCAL, MSG, LimitedServer, _payload, go, served_works, workers
+from test_qq_handoff import Server, _need_strace, _wait
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="a root-mode home: qmail-queued's workers as qmailq")
 
@@ -28,6 +30,7 @@ def qhome() -> Iterator[QHome]:
     h.server = s  # type: ignore[attr-defined]
     yield h
     s.stop()
+    h.server.stop()  # type: ignore[attr-defined]  # a test may have started another
     import shutil
 
     shutil.rmtree(h.path.parent, ignore_errors=True)
@@ -52,3 +55,29 @@ def test_proc_file_of_the_worker_read_with_the_callers_rights(qhome: QHome) -> N
     assert layout[1] == [b"1", b"1", b"0"]  # the caller's own process is not allowed to see them
     assert layout[0] == layout[1], layout
     assert runs[0].path() == "local"  # the worker refused: the caller reads it itself
+
+
+def test_callers_own_connection_as_input_does_not_hold_a_worker_for_ever(qhome: QHome) -> None:
+    """A client that passes its own end of the connection (or any Unix socket or anonymous inode, which can
+    hold it: a socket with it in flight, an io_uring with it registered) as descriptor 0: the worker then
+    holds the caller's end, never sees it hang up, and waited for ever after the caller had gone, with
+    nothing of the caller's left. With -m 1 no one else was served again. Now refused: the caller runs it."""
+    qhome.server.stop()  # type: ignore[attr-defined]
+    server = LimitedServer(qhome, "-m", "1")
+    qhome.server = server  # type: ignore[attr-defined]
+    null = os.open("/dev/null", os.O_RDWR)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(str(server.sock))
+        data = _payload()
+        socket.send_fds(s, [b"I" + len(data).to_bytes(4, "big") + data], [s.fileno(), null, null])
+        try:
+            answer = s.recv(1)
+        except ConnectionResetError:
+            answer = b""
+        s.close()
+    finally:
+        os.close(null)
+    _wait(lambda: go(qhome, MSG, ("-n",)).path() == "served", 10, "a worker free again")
+    assert answer != b"+"

@@ -176,12 +176,34 @@ def _libc() -> Any:
     return _LIBC[0]
 
 
+ANON_INODE_FS = 0x09041934  # eventfd, epoll, io_uring (which can hold registered files), ...
+
+
+def _holds_files(fd: int) -> bool:
+    """Whether fd can keep other open files alive: a Unix socket (descriptors in flight) or an anonymous
+    inode (an io_uring's registered files). Held by the worker, it could hold the caller's own end of
+    the connection, whose hang-up then never comes: the worker would wait for ever."""
+    import socket
+    import stat
+
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode):
+        s = socket.socket(fileno=os.dup(fd))
+        try:
+            return s.family == socket.AF_UNIX
+        finally:
+            s.close()
+    return stat.S_IFMT(mode) == 0
+
+
 def _fds_refusal(fds: list[int]) -> str:
     """Return why the caller must use its descriptors itself ("" if a worker may)."""
     for fd in fds:
         kind = _fs_type(fd)
         if kind is None or kind in PER_READER_FS:
             return "a descriptor on a file system that checks its reader's rights"
+        if kind == ANON_INODE_FS or _holds_files(fd):
+            return "a descriptor that can hold the caller's end of the connection"
     return ""
 
 
