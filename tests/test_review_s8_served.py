@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,44 @@ def test_callers_own_connection_as_input_does_not_hold_a_worker_for_ever(qhome: 
         os.close(null)
     _wait(lambda: go(qhome, MSG, ("-n",)).path() == "served", 10, "a worker free again")
     assert answer != b"+"
+
+
+def _odd_fd(kind: str, where: str) -> int:
+    if kind == "eventfd":
+        return os.eventfd(0)
+    if kind == "O_PATH of a socket":
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = os.path.join(where, "odd.sock")
+        lsock.bind(path)
+        fd = os.open(path, os.O_PATH)
+        lsock.close()
+        return fd
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["eventfd", "O_PATH of a socket"])
+def test_odd_descriptors_refused_and_the_worker_serves_on(qhome: QHome, kind: str, tmp_path: Path) -> None:
+    """An anonymous inode, and an O_PATH descriptor of a socket file (not a socket: looking at its family
+    fails), are refused unacknowledged, and the same worker serves the next request (no descriptor left)."""
+    server: Server = qhome.server  # type: ignore[attr-defined]
+    served_works(qhome)
+    before = workers(server)
+    odd = _odd_fd(kind, str(tmp_path))
+    null = os.open("/dev/null", os.O_RDWR)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(str(server.sock))
+        data = _payload()
+        socket.send_fds(s, [b"I" + len(data).to_bytes(4, "big") + data], [odd, null, null])
+        try:
+            answer = s.recv(1)
+        except ConnectionResetError:
+            answer = b""
+        s.close()
+    finally:
+        os.close(null)
+        os.close(odd)
+    assert answer != b"+"
+    served_works(qhome)
+    assert workers(server) == before

@@ -188,7 +188,12 @@ def _holds_files(fd: int) -> bool:
 
     mode = os.fstat(fd).st_mode
     if stat.S_ISSOCK(mode):
-        s = socket.socket(fileno=os.dup(fd))
+        dup = os.dup(fd)
+        try:
+            s = socket.socket(fileno=dup)  # not a socket after all (an O_PATH descriptor of one): OSError
+        except OSError:
+            os.close(dup)
+            raise
         try:
             return s.family == socket.AF_UNIX
         finally:
@@ -202,8 +207,11 @@ def _fds_refusal(fds: list[int]) -> str:
         kind = _fs_type(fd)
         if kind is None or kind in PER_READER_FS:
             return "a descriptor on a file system that checks its reader's rights"
-        if kind == ANON_INODE_FS or _holds_files(fd):
-            return "a descriptor that can hold the caller's end of the connection"
+        try:
+            if kind == ANON_INODE_FS or _holds_files(fd):
+                return "a descriptor that can hold the caller's end of the connection"
+        except OSError:
+            return "a descriptor that cannot be looked at"
     return ""
 
 
