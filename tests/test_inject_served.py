@@ -761,6 +761,39 @@ def test_stopped_caller_reads_nothing(qhome: QHome) -> None:
             p.communicate(timeout=20)
 
 
+def test_killed_caller_blocked_writing_frees_the_worker(qhome: QHome) -> None:
+    """-n output blocked on a full pipe that another process holds unread: killing the caller frees the worker
+    (SIGIO on the caller's hang-up interrupts the write), as the user's own qmail-inject would die with it."""
+    server: Server = qhome.server  # type: ignore[attr-defined]
+    r, w = os.pipe()
+    ino = os.fstat(r).st_ino
+    msg = b"Subject: big\n\n" + (b"x" * 75 + b"\n") * 14000  # 1 MB: far more than the pipe holds
+    src = world_dir() / "big"
+    src.write_bytes(msg)  # a file: the worker reads all of it, then blocks writing the output
+    p = None
+    try:
+        with open(src, "rb") as f:
+            p = subprocess.Popen([qhome.bin("qmail-inject"), "-n", "x@y.z"], stdin=f, stdout=w,
+                                 stderr=subprocess.PIPE, env=BASE, cwd="/", **_as(TEST_USER))  # type: ignore[call-overload]
+        os.close(w)
+        w = -1
+        reader = os.fdopen(os.dup(r), "rb", buffering=0)
+        _wait(lambda: _pipe_holder(server, ino) and _unread(reader) >= 65536, 20,  # type: ignore[arg-type]
+              "a worker writing into the full pipe")
+        p.kill()
+        assert p.wait(timeout=20) == -signal.SIGKILL
+        reader.close()
+        _wait(lambda: _pipe_holder(server, ino) == 0, 10, "the worker to let the caller's pipe go")
+        _wait(lambda: nothing_in_progress(qhome), 20, "nothing left half-queued")
+        served_works(qhome)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        if p is not None and p.stderr is not None:
+            p.stderr.close()
+
+
 def test_terminal_input_runs_locally(qhome: QHome) -> None:
     """A terminal on descriptor 0 stays with the caller: job control (^Z, bg and SIGTTIN) acts on the reader."""
     master, slave = os.openpty()

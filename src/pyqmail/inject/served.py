@@ -312,6 +312,7 @@ class Job:
         self.base_env = base_env
         self.client_env = client_env
         self.queued = False
+        self.committing = False
         self.uncertain = False  # a commit cut short by the alarm, or a bug of ours
         self._poll = select.poll()
         self._poll.register(conn.fileno(), select.POLLIN)
@@ -364,15 +365,19 @@ class Job:
         from pyqmail.spawn import restore_environb
         from pyqmail import sig as signal
 
-        restore_environb(self.base_env)
-        watch = qmail_queue.Watch(self.conn.fileno(), 86400.0)
-        signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
-        signal.alarm(qmail_queue.SUICIDE_SECONDS)
+        self.committing = True  # no Gone from SIGIO inside the commit: its watch looks at the caller itself
         try:
-            code = queue(watch)
+            restore_environb(self.base_env)
+            watch = qmail_queue.Watch(self.conn.fileno(), 86400.0)
+            signal.signal(signal.SIGALRM, qmail_queue._on_alarm)
+            signal.alarm(qmail_queue.SUICIDE_SECONDS)
+            try:
+                code = queue(watch)
+            finally:
+                signal.alarm(0)
+                restore_environb(self.client_env)
         finally:
-            signal.alarm(0)
-            restore_environb(self.client_env)
+            self.committing = False
         if code == QueueExit.OK:
             self.queued = True
         elif code in (QueueExit.TIMEOUT, QueueExit.BUG):
@@ -536,6 +541,7 @@ def _inject(job: Job, argv: list[str]) -> int:
 
     qmail_inject.serving(job)
     try:
+        _arm(job)
         rc: int = qmail_inject.main.__wrapped__(argv)  # type: ignore[attr-defined]
         return rc
     except Gone:
@@ -551,4 +557,54 @@ def _inject(job: Job, argv: list[str]) -> int:
             pass  # safe: stderr gone; the exit code still says temporary
         return qmail_inject.EXIT_TEMP
     finally:
+        try:
+            _disarm(job)
+        except Gone:
+            pass  # safe: a SIGIO handled before _disarm let go of the job; the caller is gone, the code unused
         qmail_inject.serving(None)
+
+
+# The job whose caller's hang-up interrupts the program (SIGIO: O_ASYNC on its connection).
+# Job.wait sees a hang-up while qmail-inject waits for its input; this covers the rest: a
+# write to descriptor 1 or 2 blocked on a full pipe, a read whose data another process took
+# after the poll. The handler raises Gone from inside the blocked system call (PEP 475 gives
+# way to a handler that raises), except during the commit, whose own watch looks.
+_armed: Job | None = None
+_handler_set = False
+
+
+def _on_sigio(signum: int, frame: object) -> None:
+    job = _armed
+    if job is not None and not job.committing:
+        raise Gone()
+
+
+def _arm(job: Job) -> None:
+    import fcntl
+    import select
+    import signal
+
+    global _armed, _handler_set
+    if not _handler_set:
+        signal.signal(signal.SIGIO, _on_sigio)  # for good: a late SIGIO finds no job and does nothing
+        _handler_set = True
+    fd = job.conn.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    _armed = job
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    if poll.poll(0):
+        raise Gone()  # hung up before O_ASYNC was set: no signal would come for it
+
+
+def _disarm(job: Job) -> None:
+    import fcntl
+
+    global _armed
+    _armed = None
+    fd = job.conn.fileno()
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+    except OSError:
+        pass  # safe: the connection is closed right after; a late SIGIO finds no job
