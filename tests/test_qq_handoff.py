@@ -52,6 +52,19 @@ def _wait(pred: object, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def _listening(path: Path) -> bool:
+    """Whether a Unix socket listens on path (/proc/net/unix: flags __SO_ACCEPTCON)."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return path.exists()
+    for line in lines:
+        f = line.split()
+        if len(f) >= 8 and f[7] == str(path) and int(f[3], 16) & 0x10000:
+            return True
+    return False
+
+
 class Server:
     """qmail-queued in a session of its own, so that a test can kill it with all its children."""
 
@@ -59,7 +72,9 @@ class Server:
         self.sock = home.path / "run" / "qmail-queue.sock"
         self.proc = subprocess.Popen([home.bin("qmail-queued")], env=ENV, stderr=subprocess.PIPE,
                                      start_new_session=True)
-        _wait(lambda: self.sock.exists() or self.proc.poll() is not None, 10, "qmail-queued's socket")
+        # Listening, not only there: bind(2) makes the file before listen(2), and a connect
+        # in between is refused.
+        _wait(lambda: _listening(self.sock) or self.proc.poll() is not None, 10, "qmail-queued's socket")
         assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else b""
 
     def kill(self) -> None:
