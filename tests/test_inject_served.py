@@ -405,12 +405,19 @@ def test_another_home_runs_locally_with_its_own_queue(qhome: QHome) -> None:
         shutil.rmtree(other.path.parent, ignore_errors=True)
 
 
-def test_administrators_qmail_queue_wrapper_runs_as_the_caller(qhome: QHome) -> None:
-    q = qhome.bin("qmail-queue")
-    q.rename(q.with_name("qmail-queue.orig"))
+def _wrap(qhome: QHome, name: str) -> Path:
+    """Replace bin/name by an administrator's wrapper that writes its uid, then runs the original; return
+    the directory it writes `uid` into."""
+    q = qhome.bin(name)
+    q.rename(q.with_name(name + ".orig"))
     d = world_dir()
     d.chmod(0o777)
-    _script(q, _uid_writer(d / "uid", os.fspath(q.with_name("qmail-queue.orig"))))
+    _script(q, _uid_writer(d / "uid", os.fspath(q.with_name(name + ".orig"))))
+    return d
+
+
+def test_administrators_qmail_queue_wrapper_runs_as_the_caller(qhome: QHome) -> None:
+    d = _wrap(qhome, "qmail-queue")
     for prog in ("qmail-inject", "sendmail"):
         (d / "uid").unlink(missing_ok=True)
         before = set(queued(qhome))
@@ -422,11 +429,7 @@ def test_administrators_qmail_queue_wrapper_runs_as_the_caller(qhome: QHome) -> 
 
 
 def test_administrators_qmail_inject_wrapper_runs_for_sendmail(qhome: QHome) -> None:
-    q = qhome.bin("qmail-inject")
-    q.rename(q.with_name("qmail-inject.orig"))
-    d = world_dir()
-    d.chmod(0o777)
-    _script(q, _uid_writer(d / "uid", os.fspath(q.with_name("qmail-inject.orig"))))
+    d = _wrap(qhome, "qmail-inject")
     before = set(queued(qhome))
     r = go(qhome, MSG, ("a@b.c",), prog="sendmail")
     assert r.res.returncode == 0, r.res.explain()

@@ -9,32 +9,32 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, QHome, make_home, need_root_setup
-from inject_cases import FQDN
-from test_inject_served import LOCAL, MSG, LimitedServer, _payload, go, served_works, workers
-from test_qq_handoff import Server, _need_strace, _wait
+from conftest import IS_ROOT, QHome
+from test_inject_served import LOCAL, MSG, LimitedServer, _payload, go, qhome, served_works, workers  # noqa: F401 (qhome: the fixture)
+from test_qq_handoff import Server, _wait
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="a root-mode home: qmail-queued's workers as qmailq")
 
 
-@pytest.fixture
-def qhome() -> Iterator[QHome]:
-    need_root_setup()
-    _need_strace()
-    h = make_home(FQDN, single=False)
-    s = Server(h)
-    h.server = s  # type: ignore[attr-defined]
-    yield h
-    s.stop()
-    h.server.stop()  # type: ignore[attr-defined]  # a test may have started another
-    import shutil
-
-    shutil.rmtree(h.path.parent, ignore_errors=True)
+def _request(server: Server, fd0: int | None, null: int) -> bytes:
+    """Send a served request straight to the socket with fd0 (None: the connection itself) and /dev/null
+    as descriptors 0, 1, 2; return the first byte answered (b"" if none)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(30)
+        s.connect(str(server.sock))
+        data = _payload()
+        socket.send_fds(s, [b"I" + len(data).to_bytes(4, "big") + data], [s.fileno() if fd0 is None else fd0, null, null])
+        try:
+            return s.recv(1)
+        except ConnectionResetError:
+            return b""
+    finally:
+        s.close()
 
 
 def _stat_fields(out: bytes, comm: bytes) -> list[bytes]:
@@ -68,16 +68,7 @@ def test_callers_own_connection_as_input_does_not_hold_a_worker_for_ever(qhome: 
     qhome.server = server  # type: ignore[attr-defined]
     null = os.open("/dev/null", os.O_RDWR)
     try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        s.connect(str(server.sock))
-        data = _payload()
-        socket.send_fds(s, [b"I" + len(data).to_bytes(4, "big") + data], [s.fileno(), null, null])
-        try:
-            answer = s.recv(1)
-        except ConnectionResetError:
-            answer = b""
-        s.close()
+        answer = _request(server, None, null)
     finally:
         os.close(null)
     _wait(lambda: go(qhome, MSG, ("-n",)).path() == "served", 10, "a worker free again")
@@ -107,16 +98,7 @@ def test_odd_descriptors_refused_and_the_worker_serves_on(qhome: QHome, kind: st
     odd = _odd_fd(kind, str(tmp_path))
     null = os.open("/dev/null", os.O_RDWR)
     try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        s.connect(str(server.sock))
-        data = _payload()
-        socket.send_fds(s, [b"I" + len(data).to_bytes(4, "big") + data], [odd, null, null])
-        try:
-            answer = s.recv(1)
-        except ConnectionResetError:
-            answer = b""
-        s.close()
+        answer = _request(server, odd, null)
     finally:
         os.close(null)
         os.close(odd)
