@@ -31,32 +31,39 @@ def _flush_std() -> bool:
     return ok
 
 
+def call(name: str, crash: int, fn: Main, argv: list[str], on_crash: Callable[[str], None] | None = None,
+         let_through: tuple[type[BaseException], ...] = ()) -> int:
+    """Run fn(argv) as a program's main: return its exit code, `crash` (after calling on_crash with
+    the reason, and saying it on descriptor 2) for an uncaught exception but those of let_through."""
+    try:
+        rc = fn(argv)
+    except let_through:
+        raise
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else crash)
+    except BaseException as e:  # noqa: BLE001 - the one place a crash is caught
+        reason = f"{name}: fatal: internal error: {type(e).__name__}: {e}"
+        if on_crash is not None:
+            try:
+                on_crash(reason)
+            except BaseException:  # noqa: BLE001
+                pass
+        try:
+            os.write(2, (reason + "\n").encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass  # safe: stderr gone, nowhere left to say it; the exit code still says temporary
+        rc = crash
+    if not _flush_std():
+        rc = crash if rc == 0 else rc
+    return rc
+
+
 def program(name: str, crash: int, on_crash: Callable[[str], None] | None = None) -> Callable[[Main], Callable[..., int]]:
     """Wrap main so that a crash exits `crash` (after calling on_crash with the reason)."""
 
     def wrap(fn: Main) -> Callable[..., int]:
         def main(argv: list[str] | None = None) -> int:
-            if argv is None:
-                argv = list(sys.argv)
-            try:
-                rc = fn(argv)
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else crash)
-            except BaseException as e:  # noqa: BLE001 - the one place a crash is caught
-                reason = f"{name}: fatal: internal error: {type(e).__name__}: {e}"
-                if on_crash is not None:
-                    try:
-                        on_crash(reason)
-                    except BaseException:  # noqa: BLE001
-                        pass
-                try:
-                    os.write(2, (reason + "\n").encode("utf-8", "backslashreplace"))
-                except OSError:
-                    pass  # safe: stderr gone, nowhere left to say it; the exit code still says temporary
-                rc = crash
-            if not _flush_std():
-                rc = crash if rc == 0 else rc
-            return rc
+            return call(name, crash, fn, list(sys.argv) if argv is None else argv, on_crash)
 
         main.__name__ = fn.__name__
         main.__doc__ = fn.__doc__

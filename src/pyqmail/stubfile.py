@@ -80,3 +80,12 @@ def read_stub(path: str) -> Stub | None:
             stub = Stub(*fields)
     _stub_cache[path] = (key, stub)
     return stub
+
+
+def runnable_stub(path: str, module: str | None = None) -> Stub | None:
+    """Return the Stub that path is if it is executable (and names module, if given), else None:
+    whatever else is there (an administrator's wrapper, a stub not executable) must be exec'd."""
+    stub = read_stub(path)
+    if stub is None or (module is not None and stub.module != module) or not os.access(path, os.X_OK):
+        return None
+    return stub

@@ -59,10 +59,10 @@ def run_in_place(path: str, argv: list[str]) -> int:
     another interpreter); anything else is exec'd. Raise OSError, or
     ImportError for a stub whose program is missing, if path cannot be run.
     """
-    from pyqmail.stubfile import read_stub
+    from pyqmail.stubfile import runnable_stub
 
-    stub = read_stub(path)
-    if stub is None or not os.access(path, os.X_OK):
+    stub = runnable_stub(path)
+    if stub is None:
         os.execv(path, argv)  # also what fails, as exec would, on a stub that is not executable
     assert stub is not None
     module = __import__(stub.module, fromlist=["main"])

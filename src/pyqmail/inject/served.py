@@ -24,9 +24,13 @@ from __future__ import annotations
 import os
 import sys
 
+from pyqmail import durable, entry
 from pyqmail import home as _home
+from pyqmail.inject.client import PAYLOAD_MAX
 from pyqmail.queue import exits
 from pyqmail.queue.exits import QueueExit
+from pyqmail.queue.handoff import ACK
+from pyqmail.queue.qq import QMAIL_QUEUE_MODULE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,9 +42,7 @@ if TYPE_CHECKING:
     from pyqmail.queue.qmail_queue import Watch
 
 PROGRAMS = {"qmail-inject": "pyqmail.inject.qmail_inject", "sendmail": "pyqmail.inject.sendmail"}
-QMAIL_QUEUE_MODULE = "pyqmail.queue.qmail_queue"
 QMAIL_INJECT_MODULE = PROGRAMS["qmail-inject"]
-PAYLOAD_MAX = 1 << 24  # client.PAYLOAD_MAX
 ARGS_MAX = 1 << 20
 SAVED_FD_MIN = 10  # where the worker's own 0, 1 and 2 wait during a request
 DATA_MAX = 512 << 20  # RLIMIT_DATA of a worker that has served a request (see _bound_memory)
@@ -92,11 +94,10 @@ def parse(data: bytes) -> Request | None:
 
 def _own_stub(qmail_home: str, name: str, module: str) -> bool:
     """Whether QMAILHOME/bin/name is this home's executable stub of module (else the caller runs it)."""
-    from pyqmail.stubfile import read_stub
+    from pyqmail.stubfile import runnable_stub
 
-    path = os.path.join(qmail_home, "bin", name)
-    stub = read_stub(path)
-    return stub is not None and stub.module == module and stub.home == qmail_home and os.access(path, os.X_OK)
+    stub = runnable_stub(os.path.join(qmail_home, "bin", name), module)
+    return stub is not None and stub.home == qmail_home
 
 
 CONTROLS = ("me", "defaultdomain", "defaulthost", "plusdomain", "idhost")  # what qmail-inject reads of control/
@@ -254,11 +255,9 @@ class SpoolQQ:
         if self.failed:
             return
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
+            durable.write_all(self.fd, data)
         except OSError:
-            self.failed = True
+            self.failed = True  # close() answers qmail-queue's write error, 53: the spool is the queue's disk
 
     def write(self, data: bytes) -> None:
         self.buf += data
@@ -427,8 +426,6 @@ def _open_spool(qmail_home: str) -> int:
     return os.open(os.path.join(qmail_home, "queue", "pid"), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
 
-ACK = b"+"
-
 
 class Outcome:
     """What serving a request came to: the exit code to answer (-1: none), whether a message was queued,
@@ -471,15 +468,6 @@ def serve(conn: socket.socket, fds: list[int], uid: int, pid: int, qmail_home: s
     return outcome
 
 
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass  # safe: what the program left unwritten is as lost as in its own process
-
-
 def _run(conn: socket.socket, fds: list[int], req: Request, uid: int, pid: int, qmail_home: str,
          inst: _home.Install, spool: int) -> Outcome:
     import posix
@@ -488,7 +476,7 @@ def _run(conn: socket.socket, fds: list[int], req: Request, uid: int, pid: int, 
 
     base_env = dict(posix.environ)
     job = Job(conn, qmail_home, inst, uid, pid, spool, base_env, req.env)
-    _flush_std()
+    entry._flush_std()  # the worker's own buffers, before its descriptors change
     saved = [_dup_high(fd) for fd in (0, 1, 2)]
     try:
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -514,7 +502,6 @@ def _run(conn: socket.socket, fds: list[int], req: Request, uid: int, pid: int, 
         except OSError:
             return Outcome()
         code = got if isinstance(got, int) else _inject(job, argv)
-        _flush_std()
     finally:
         restore_environb(base_env)
         for i, fd in enumerate(saved):
@@ -539,23 +526,17 @@ def _inject(job: Job, argv: list[str]) -> int:
     """Run qmail-inject's code on argv for the job; return its exit code, -1 if the caller went."""
     from pyqmail.inject import qmail_inject
 
+    def crashed(reason: str) -> None:
+        job.uncertain = True  # said and answered as qmail-inject's crash; then this worker exits
+
     qmail_inject.serving(job)
     try:
         _arm(job)
-        rc: int = qmail_inject.main.__wrapped__(argv)  # type: ignore[attr-defined]
-        return rc
+        # As its stub would: a crash of ours is qmail-inject's temporary failure (entry.call).
+        return entry.call("qmail-inject", qmail_inject.EXIT_TEMP, qmail_inject.main.__wrapped__,  # type: ignore[attr-defined]
+                          argv, crashed, let_through=(Gone,))
     except Gone:
         return -1
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else qmail_inject.EXIT_TEMP)
-    except BaseException as e:  # noqa: BLE001 - as entry.program: a crash of ours is qmail-inject's temporary failure
-        job.uncertain = True
-        reason = f"qmail-inject: fatal: internal error: {type(e).__name__}: {e}"
-        try:
-            os.write(2, (reason + "\n").encode("utf-8", "backslashreplace"))
-        except OSError:
-            pass  # safe: stderr gone; the exit code still says temporary
-        return qmail_inject.EXIT_TEMP
     finally:
         try:
             _disarm(job)

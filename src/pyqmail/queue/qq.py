@@ -189,10 +189,10 @@ class QQ:
         """
         if "/" not in prog or (os.geteuid() == 0) != (os.getuid() == 0):
             return None  # a setuid-root caller: qmail-queue names the real uid, qmail-queued would see 0
-        from pyqmail.stubfile import read_stub
+        from pyqmail.stubfile import runnable_stub
 
-        stub = read_stub(prog)
-        if stub is None or stub.module != QMAIL_QUEUE_MODULE or not os.access(prog, os.X_OK):
+        stub = runnable_stub(prog, QMAIL_QUEUE_MODULE)
+        if stub is None:
             return None
         qmail_home = _home.home()
         if (self._env.get("QMAILHOME") or stub.home) != qmail_home:
